@@ -1,0 +1,1 @@
+"""fsmllm: certified multimodal inference with Feature-space Smoothing."""
