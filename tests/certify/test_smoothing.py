@@ -1,0 +1,180 @@
+"""The Monte Carlo estimator's engineering contract: reproducibility, batching independence, streaming."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from fsmllm.certify import (
+    NOISE_BLOCK,
+    CosineClassifier,
+    SmoothedEncoder,
+    SmoothingConfig,
+    SmoothingRun,
+    run_batched,
+)
+
+from .analytic import RotationEncoder, TwoValueEncoder, point_at, unit_direction
+
+
+def small_net(seed: int = 0) -> torch.nn.Module:
+    """A small random conv net: features that vary smoothly and in many dimensions."""
+    torch.manual_seed(seed)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.Tanh(), torch.nn.Flatten(), torch.nn.Linear(8 * 16, 16)
+    ).eval()
+    return net.requires_grad_(False)
+
+
+def certify(batch_size: int, seed: int = 1, **kw):
+    image = torch.rand(3, 4, 4, generator=torch.Generator().manual_seed(0))
+    return SmoothedEncoder(small_net(), 0.25, batch_size=batch_size).certify(
+        image, n0=50, n=300, radii=[0.05, 0.1], seed=seed, **kw
+    )
+
+
+def test_same_seed_same_certificate_whatever_the_batch_size() -> None:
+    reference = certify(batch_size=350)
+    for batch_size in (1, 7, NOISE_BLOCK, 64):
+        other = certify(batch_size=batch_size)
+        assert other.score_lower == pytest.approx(reference.score_lower, abs=1e-6)
+        assert other.certified_fcsb == pytest.approx(reference.certified_fcsb, abs=1e-6)
+        torch.testing.assert_close(other.smoothed_feature, reference.smoothed_feature, atol=1e-6, rtol=0)
+    assert certify(batch_size=64, seed=2).score_lower != reference.score_lower
+
+
+def test_packing_many_runs_into_one_batch_equals_running_them_alone() -> None:
+    net = small_net()
+    config = SmoothingConfig(sigma=0.5, n0=20, n=100)
+    images = [torch.rand(3, 4, 4, generator=torch.Generator().manual_seed(i)) for i in range(5)]
+    alone = []
+    for i, image in enumerate(images):
+        run = SmoothingRun(image, config, seed=i)
+        run_batched([run], net, batch_size=16)
+        alone.append(run.certificate([0.1]))
+    together = [SmoothingRun(image, config, seed=i) for i, image in enumerate(images)]
+    batch_sizes: list[int] = []
+    run_batched(together, lambda x: (batch_sizes.append(len(x)), net(x))[1], batch_size=64)
+    assert max(batch_sizes) == 64  # samples of several runs really shared batches
+    for single, packed in zip(alone, (run.certificate([0.1]) for run in together)):
+        assert packed.score_lower == pytest.approx(single.score_lower, abs=1e-6)
+        torch.testing.assert_close(packed.direction, single.direction, atol=1e-6, rtol=0)
+
+
+def tensor_elements(run: SmoothingRun) -> int:
+    return sum(v.numel() for v in vars(run).values() if isinstance(v, torch.Tensor))
+
+
+def test_memory_does_not_grow_with_the_number_of_samples() -> None:
+    """The run keeps running sums and at most one block of noise, however many samples it draws."""
+    w = unit_direction(0)
+    encoder = RotationEncoder(w, a=2.0)
+    image = point_at(w, 0.1)
+    peaks = []
+    for n in (100, 5000):
+        run = SmoothingRun(image, SmoothingConfig(sigma=0.25, n0=NOISE_BLOCK, n=n), seed=0)
+        peak = 0
+
+        def encode(x: torch.Tensor) -> torch.Tensor:
+            nonlocal peak
+            peak = max(peak, tensor_elements(run))
+            return encoder(x)
+
+        run_batched([run], encode, batch_size=7)
+        peaks.append(max(peak, tensor_elements(run)))
+    assert max(peaks) <= (NOISE_BLOCK + 1) * image.numel() + 64  # image, one noise block, sums
+
+
+def test_progress_reports_every_sample_once() -> None:
+    done: list[int] = []
+    certify(batch_size=64, progress=done.append)
+    assert sum(done) == 350
+
+
+def test_selection_and_estimation_phases_are_kept_apart() -> None:
+    w = unit_direction(1)
+    run = SmoothingRun(point_at(w, 0.1), SmoothingConfig(sigma=0.25, n0=10, n=20), seed=0)
+    first = run.take(100)
+    assert first is not None and first.shape[0] == 10  # never more than the selection samples
+    assert run.take(100) is None  # the estimation samples need û: wait for the features
+    with pytest.raises(RuntimeError, match="outstanding"):
+        run.consume(torch.zeros(11, 2))
+    with pytest.raises(RuntimeError, match="not finished"):
+        run.certificate([0.1])
+    run.consume(RotationEncoder(w, 2.0)(first))
+    second = run.take(100)
+    assert second is not None and second.shape[0] == 20
+
+
+def test_noise_has_the_requested_scale() -> None:
+    image = torch.full((3, 16, 16), 0.5)
+    run = SmoothingRun(image, SmoothingConfig(sigma=0.3, n0=500, n=2), seed=0)
+    noisy = run.take(500)
+    assert noisy is not None
+    assert float((noisy - image).std()) == pytest.approx(0.3, rel=0.01)
+    assert float((noisy - image).mean()) == pytest.approx(0.0, abs=0.01)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"sigma": 0.0}, "sigma"),
+        ({"sigma": math.nan}, "sigma"),
+        ({"sigma": 0.25, "n0": 0}, "n0"),
+        ({"sigma": 0.25, "n": 1}, "at least 2"),
+        ({"sigma": 0.25, "alpha": 0.0}, "alpha"),
+        ({"sigma": 0.25, "bound": "magic"}, "unknown bound"),
+    ],
+)
+def test_config_validation(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        SmoothingConfig(**kwargs)
+
+
+def test_bad_inputs_to_certify() -> None:
+    smoother = SmoothedEncoder(small_net(), 0.25)
+    with pytest.raises(ValueError, match="radii"):
+        smoother.certify(torch.rand(3, 4, 4), radii=[-0.1], n0=10, n=10)
+    with pytest.raises(ValueError, match="one image"):
+        smoother.certify(torch.rand(2, 3, 4, 4), n0=10, n=10)
+
+
+def test_random_seed_is_reported_and_reproduces_the_certificate() -> None:
+    first = certify(batch_size=64, seed=None)
+    again = certify(batch_size=64, seed=first.seed)
+    assert again.score_lower == first.score_lower
+
+
+def test_prediction_certificate_on_a_two_label_step() -> None:
+    """f = e1 beyond a hyperplane, e2 before it: the true robust radius is the distance z to it."""
+    w = unit_direction(2)
+    encoder = TwoValueEncoder(w, b=0.0, theta=math.pi / 2)
+    classifier = CosineClassifier.from_rows(["beyond", "before"], torch.eye(2))
+    sigma, z = 0.25, 0.4
+    cert = SmoothedEncoder(encoder, sigma, batch_size=2048).certify(
+        point_at(w, z), n0=100, n=10000, radii=[0.0], seed=0, classifier=classifier
+    )
+    prediction = cert.prediction
+    assert prediction is not None and prediction.label == "beyond" and prediction.runner_up_index == 1
+    assert prediction.radius is not None and 0 < prediction.radius <= z
+    assert prediction.certified_at(prediction.radius * 0.99) and not prediction.certified_at(prediction.radius)
+    far = SmoothedEncoder(encoder, sigma, batch_size=2048).certify(
+        point_at(w, -0.01), n0=100, n=2000, radii=[0.0], seed=0, classifier=classifier
+    )
+    assert far.prediction is not None and far.prediction.abstain  # on the boundary: nothing to certify
+
+
+def test_classifier_validation() -> None:
+    with pytest.raises(ValueError, match="one row per name"):
+        CosineClassifier.from_rows(["a", "b"], torch.eye(3))
+    with pytest.raises(ValueError, match="at least two"):
+        CosineClassifier.from_rows(["a"], torch.ones(1, 3))
+    classifier = CosineClassifier.from_rows(["a", "b"], torch.eye(2) * 3)
+    torch.testing.assert_close(classifier.weights.norm(dim=1), torch.ones(2))
+    w = unit_direction(3)
+    with pytest.raises(ValueError, match="dimension"):
+        SmoothedEncoder(RotationEncoder(w, 1.0), 0.25).certify(
+            point_at(w, 0.1), n0=10, n=10, classifier=CosineClassifier.from_rows(["a", "b"], torch.eye(3)[:2])
+        )
