@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 import secrets
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
@@ -100,6 +100,28 @@ class Certificate:
     @property
     def abstain(self) -> bool:
         return self.score_lower <= 0
+
+    def to_dict(self) -> dict[str, object]:
+        """A JSON-ready summary (no tensors): every number plus what is needed to reproduce it."""
+        cfg = self.config
+        summary: dict[str, object] = {
+            "sigma": cfg.sigma,
+            "n0": cfg.n0,
+            "n": cfg.n,
+            "alpha": cfg.alpha,
+            "bound": cfg.bound,
+            "seed": self.seed,
+            "score_estimate": self.score_estimate,
+            "score_lower": self.score_lower,
+            "abstain": self.abstain,
+            "radii": [
+                {"radius": r, "certified_fcsb": c, "direction_fcsb": d, "estimated_fcsb": e}
+                for r, c, d, e in zip(self.radii, self.certified_fcsb, self.direction_fcsb, self.estimated_fcsb)
+            ],
+        }
+        if self.prediction is not None:
+            summary["prediction"] = asdict(self.prediction)
+        return summary
 
     def certified_radius(self, target_cos: float) -> float | None:
         """Largest ε at which the certified FCSB is still ≥ ``target_cos``; None if not even ε = 0 is.
