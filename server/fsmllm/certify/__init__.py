@@ -22,6 +22,8 @@ from fsmllm.certify.smoothing import (
     SmoothedEncoder,
     SmoothingConfig,
     SmoothingRun,
+    deliver,
+    fill_batch,
     new_seed,
     run_batched,
 )
@@ -38,6 +40,8 @@ __all__ = [
     "SmoothingRun",
     "certified_radius",
     "combined_cosine_bound",
+    "deliver",
+    "fill_batch",
     "fcsb",
     "mean_lower_bound",
     "mean_upper_bound",

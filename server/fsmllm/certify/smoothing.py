@@ -277,6 +277,30 @@ class SmoothingRun:
         )
 
 
+Batch = list[tuple[SmoothingRun, torch.Tensor]]
+
+
+def fill_batch(runs: Sequence[SmoothingRun], batch_size: int) -> Batch:
+    """Take noisy inputs from ``runs`` in order until ``batch_size`` samples are gathered (or none is left)."""
+    parts: Batch = []
+    room = batch_size
+    for run in runs:
+        if room == 0:
+            break
+        if not run.done and (inputs := run.take(room)) is not None:
+            parts.append((run, inputs))
+            room -= inputs.shape[0]
+    return parts
+
+
+def deliver(parts: Batch, features: torch.Tensor) -> None:
+    """Hand each run the slice of ``features`` that belongs to the inputs it contributed to the batch."""
+    start = 0
+    for run, inputs in parts:
+        run.consume(features[start : start + inputs.shape[0]])
+        start += inputs.shape[0]
+
+
 def run_batched(
     runs: Sequence[SmoothingRun],
     encode: Encode,
@@ -290,23 +314,12 @@ def run_batched(
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-    while not all(run.done for run in runs):
-        parts: list[tuple[SmoothingRun, torch.Tensor]] = []
-        room = batch_size
-        for run in runs:
-            if room == 0:
-                break
-            if not run.done and (inputs := run.take(room)) is not None:
-                parts.append((run, inputs))
-                room -= inputs.shape[0]
+    while parts := fill_batch(runs, batch_size):
         with torch.inference_mode():
             features = encode(torch.cat([inputs for _, inputs in parts]))
-        start = 0
-        for run, inputs in parts:
-            run.consume(features[start : start + inputs.shape[0]])
-            start += inputs.shape[0]
+        deliver(parts, features)
         if progress is not None:
-            progress(start)
+            progress(features.shape[0])
 
 
 def new_seed() -> int:

@@ -1,0 +1,126 @@
+"""The FastAPI application factory: routes, middleware (request ids, auth, body limit, metrics), lifecycle."""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request, Response
+from fastapi.responses import JSONResponse, PlainTextResponse
+from prometheus_client import generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from fsmllm import __version__
+from fsmllm.api.errors import RequestError, error_response, install_error_handlers
+from fsmllm.api.metrics import Metrics
+from fsmllm.api.routes_certify import router as certify_router
+from fsmllm.api.routes_openai import router as openai_router
+from fsmllm.api.settings import Settings
+from fsmllm.engine.runtime import Runtime
+
+log = logging.getLogger("fsmllm.api")
+
+#: routes that need no API key (probes and scrapers)
+OPEN_PATHS = frozenset({"/health", "/ready", "/metrics", "/docs", "/openapi.json", "/redoc"})
+
+
+class BodyLimit:
+    """Pure ASGI middleware: a body larger than ``limit`` bytes fails with 413 while it is being read."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        received = 0
+
+        async def limited() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.limit:
+                    raise RequestError(413, f"the request body exceeds the limit of {self.limit} bytes", "too_large")
+            return message
+
+        await self.app(scope, limited, send)
+
+
+def create_app(runtime: Runtime, settings: Settings, metrics: Metrics | None = None) -> FastAPI:
+    """An app serving ``runtime``; the runtime's worker starts and stops with the app's lifespan."""
+    metrics = metrics or Metrics()
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        runtime.start()
+        log.info("serving model %s (encoder %s, booster %s)", runtime.model_name, runtime.encoder.name, runtime.booster)
+        try:
+            yield
+        finally:
+            runtime.stop()
+
+    app = FastAPI(
+        title="fsmllm",
+        version=__version__,
+        description="Certified multimodal inference: answers about images from Gaussian-smoothed visual features, "
+        "with a certified lower bound (FCSB) on how far an l2 perturbation can move those features.",
+        lifespan=lifespan,
+    )
+    app.state.runtime = runtime
+    app.state.settings = settings
+    app.state.metrics = metrics
+    install_error_handlers(app)
+    app.include_router(certify_router)
+    app.include_router(openai_router)
+
+    @app.middleware("http")
+    async def request_context(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+        request.state.request_id = request_id[:64]
+        started = time.perf_counter()
+        route = request.url.path
+        if settings.api_key and route not in OPEN_PATHS:
+            supplied = request.headers.get("authorization", "")
+            if not secrets.compare_digest(supplied.encode(), f"Bearer {settings.api_key}".encode()):
+                response: Response = error_response(
+                    request, 401, "unauthorized", "missing or wrong API key: send 'Authorization: Bearer <key>'",
+                    {"WWW-Authenticate": "Bearer"},
+                )
+                response.headers["X-Request-ID"] = request.state.request_id
+                return response
+        response = await call_next(request)
+        elapsed = time.perf_counter() - started
+        response.headers["X-Request-ID"] = request.state.request_id
+        metrics.requests.labels(route=route, status=str(response.status_code)).inc()
+        metrics.latency.labels(route=route).observe(elapsed)
+        metrics.queue_depth.set(runtime.worker.depth)
+        # no body and no image data in the log: method, path, status, time, id
+        log.info("%s %s %d %.1f ms id=%s", request.method, route, response.status_code, elapsed * 1e3, request.state.request_id)
+        return response
+
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+
+    @app.get("/health", summary="Liveness: the process answers")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/ready", summary="Readiness: models loaded and the device worker running")
+    async def ready() -> JSONResponse:
+        if runtime.ready:
+            return JSONResponse({"status": "ready", "model": runtime.model_name, "encoder": runtime.encoder.name})
+        return JSONResponse({"status": "starting"}, status_code=503)
+
+    @app.get("/metrics", summary="Prometheus metrics", response_class=PlainTextResponse)
+    async def prometheus() -> Response:
+        metrics.queue_depth.set(runtime.worker.depth)
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app

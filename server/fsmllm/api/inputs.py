@@ -1,0 +1,88 @@
+"""Reading a request body as JSON or multipart into (image, validated parameters)."""
+
+from __future__ import annotations
+
+import json
+from typing import TypeVar
+
+from fastapi import Request
+from PIL import Image
+from pydantic import BaseModel, ValidationError
+from fastapi.exceptions import RequestValidationError
+from starlette.datastructures import UploadFile
+
+from fsmllm.api.errors import RequestError
+from fsmllm.api.images import decode_base64_image, open_image
+
+Params = TypeVar("Params", bound=BaseModel)
+
+#: form fields that may repeat (multipart sends lists as repeated fields)
+_LIST_FIELDS = {"radius", "stop"}
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, refused with 413 past ``limit`` bytes (checked while reading, not only from the header)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise RequestError(413, f"the request body is {declared} bytes; the limit is {limit}", "too_large")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise RequestError(413, f"the request body exceeds the limit of {limit} bytes", "too_large")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _form_value(values: list[str], name: str) -> object:
+    if name in _LIST_FIELDS:
+        parsed = [float(v) if name == "radius" else v for v in values]
+        return parsed if len(parsed) > 1 else parsed[0]
+    value = values[-1]
+    if value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    return value
+
+
+async def image_and_params(request: Request, model: type[Params], max_body: int, max_pixels: int) -> tuple[Image.Image, Params]:
+    """Parse ``model`` plus an image from JSON (``image`` as base64 or data URL) or multipart (file ``image``)."""
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type == "application/json":
+        body = await read_body(request, max_body)
+        try:
+            payload = json.loads(body or b"null")
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise RequestError(400, f"the body is not valid JSON: {error}") from None
+        if not isinstance(payload, dict):
+            raise RequestError(422, "the JSON body must be an object with an 'image' field")
+        image_text = payload.pop("image", None)
+        if not isinstance(image_text, str) or not image_text:
+            raise RequestError(422, "image: required (base64 text or a data:image/...;base64, URL)")
+        image_bytes = decode_base64_image(image_text)
+    elif content_type == "multipart/form-data":
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > max_body:
+            raise RequestError(413, f"the request body is {declared} bytes; the limit is {max_body}", "too_large")
+        form = await request.form(max_files=1, max_fields=64, max_part_size=max_body)
+        upload = form.get("image")
+        if not isinstance(upload, UploadFile):
+            raise RequestError(422, "image: required as a file field named 'image'")
+        image_bytes = await upload.read(max_body + 1)
+        if len(image_bytes) > max_body:
+            raise RequestError(413, f"the image exceeds the limit of {max_body} bytes", "too_large")
+        payload = {
+            key: _form_value([v for v in form.getlist(key) if isinstance(v, str)], key)
+            for key in form.keys()
+            if key != "image"
+        }
+    else:
+        raise RequestError(
+            415,
+            f"unsupported content type {content_type or '(none)'}: send application/json or multipart/form-data",
+            "unsupported_media_type",
+        )
+    try:
+        params = model.model_validate(payload)
+    except ValidationError as error:
+        raise RequestValidationError(error.errors()) from None
+    return open_image(image_bytes, max_pixels), params

@@ -1,0 +1,42 @@
+"""Prometheus metrics of one server (a registry per app, so several apps can live in one process)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+
+class Metrics:
+    """Requests, latency, queue depth, noise samples and batch fill (GET /metrics)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "fsmllm_requests", "HTTP requests by route and status", ["route", "status"], registry=self.registry
+        )
+        self.latency = Histogram(
+            "fsmllm_request_seconds",
+            "request latency by route",
+            ["route"],
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
+            registry=self.registry,
+        )
+        self.queue_depth = Gauge("fsmllm_queue_depth", "certification jobs queued or running", registry=self.registry)
+        self.noise_samples = Counter("fsmllm_noise_samples", "noisy images encoded", registry=self.registry)
+        self.batches = Counter("fsmllm_encoder_batches", "encoder batches run by the device worker", registry=self.registry)
+        self.batch_fill = Histogram(
+            "fsmllm_batch_fill",
+            "fraction of each encoder batch filled with samples",
+            buckets=(0.1, 0.25, 0.5, 0.75, 0.9, 1.0),
+            registry=self.registry,
+        )
+        self.samples_per_second = Gauge(
+            "fsmllm_noise_samples_per_second", "encoder throughput of the last batch", registry=self.registry
+        )
+
+    def record_batch(self, samples: int, batch_size: int, seconds: float) -> None:
+        """Called by the device worker after each encoder batch."""
+        self.noise_samples.inc(samples)
+        self.batches.inc()
+        self.batch_fill.observe(samples / batch_size)
+        if seconds > 0:
+            self.samples_per_second.set(samples / seconds)

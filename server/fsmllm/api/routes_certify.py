@@ -1,0 +1,184 @@
+"""POST /certify and POST /generate: translate HTTP into runtime calls and certificates into JSON."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+
+from fsmllm.api.inputs import image_and_params
+from fsmllm.api.schemas import (
+    CertificateOut,
+    CertifiedRadius,
+    CertifyParams,
+    CertifyRequest,
+    CertifyResponse,
+    ErrorResponse,
+    GenerateParams,
+    GenerateRequest,
+    GenerateResponse,
+    RadiusBound,
+    Timings,
+)
+from fsmllm.api.streaming import ProgressCallback, progress_stream
+from fsmllm.certify import Certificate
+from fsmllm.engine.certifier import CertifyOutcome
+from fsmllm.engine.runtime import Runtime
+
+router = APIRouter()
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse, "description": description}
+    for status, description in {
+        400: "corrupt image or body",
+        401: "missing or wrong API key",
+        413: "body or image too large",
+        415: "unsupported content type or image format",
+        422: "invalid parameters (sigma not offered, n too large, negative radius, ...)",
+        503: "queue full or shutting down (see Retry-After)",
+        504: "certification timed out",
+    }.items()
+}
+
+
+def _body_schema(model: type) -> dict[str, Any]:
+    """OpenAPI: the same fields as JSON (image as base64 / data URL) or as multipart form fields + a file."""
+    schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+    multipart = {**schema, "properties": {**schema["properties"], "image": {"type": "string", "format": "binary"}}}
+    multipart.pop("$defs", None)
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": schema}, "multipart/form-data": {"schema": multipart}},
+        }
+    }
+
+
+def certificate_out(runtime: Runtime, outcome: CertifyOutcome, target_cos: float | None = None) -> CertificateOut:
+    cert: Certificate = outcome.certificate
+    cfg = cert.config
+    return CertificateOut(
+        encoder=runtime.encoder.name,
+        booster=runtime.booster,
+        input_size=runtime.input_size,
+        sigma=cfg.sigma,
+        n0=cfg.n0,
+        n=cfg.n,
+        alpha=cfg.alpha,
+        bound=cfg.bound,
+        seed=cert.seed,
+        score_estimate=cert.score_estimate,
+        score_lower=cert.score_lower,
+        abstain=cert.abstain,
+        radii=[
+            RadiusBound(radius=r, certified_fcsb=c, direction_fcsb=d, estimated_fcsb=e)
+            for r, c, d, e in zip(cert.radii, cert.certified_fcsb, cert.direction_fcsb, cert.estimated_fcsb)
+        ],
+        certified_radius=None
+        if target_cos is None
+        else CertifiedRadius(target_cos=target_cos, radius=cert.certified_radius(target_cos)),
+        cached=outcome.cached,
+    )
+
+
+def _runtime(request: Request) -> Runtime:
+    return request.app.state.runtime
+
+
+def _limits(request: Request) -> tuple[int, int]:
+    settings = request.app.state.settings
+    return settings.max_body_bytes, settings.max_image_pixels
+
+
+def _error_event(error: BaseException) -> dict[str, Any]:
+    return {"type": type(error).__name__, "message": str(error) or type(error).__name__}
+
+
+@router.post(
+    "/certify",
+    response_model=CertifyResponse,
+    responses=ERRORS,
+    openapi_extra=_body_schema(CertifyRequest),
+    summary="Certify how far an l2 perturbation can move the image's smoothed features",
+    description="Returns the certified FCSB at each radius (or, with target_cos, the certified radius). "
+    "With stream=true the answer is a text/event-stream of progress events then a result event.",
+)
+async def certify(request: Request) -> Any:
+    runtime = _runtime(request)
+    image, params = await image_and_params(request, CertifyParams, *_limits(request))
+    config = runtime.policy.config(params.sigma, params.n0, params.n, params.alpha, params.bound)
+    radii = runtime.policy.radii(params.radii())
+    request_id = request.state.request_id
+
+    async def work(on_progress: ProgressCallback | None) -> dict[str, Any]:
+        started = time.perf_counter()
+        outcome = await runtime.certify(image, config, radii, params.seed, on_progress)
+        timings = Timings(
+            queue_ms=outcome.queue_seconds * 1e3,
+            certify_ms=outcome.compute_seconds * 1e3,
+            total_ms=(time.perf_counter() - started) * 1e3,
+        )
+        response = CertifyResponse(
+            id=request_id, certificate=certificate_out(runtime, outcome, params.target_cos), timings=timings
+        )
+        return response.model_dump()
+
+    if params.stream:
+        return progress_stream(work, _error_event)
+    return JSONResponse(await work(None))
+
+
+@router.post(
+    "/generate",
+    response_model=GenerateResponse,
+    responses=ERRORS,
+    openapi_extra=_body_schema(GenerateRequest),
+    summary="Answer a question about an image from its smoothed features, with the certificate",
+    description="The image's features are smoothed (Monte Carlo over Gaussian noise), certified, and handed "
+    "to the language model. With stream=true: progress events, then a result event.",
+)
+async def generate(request: Request) -> Any:
+    runtime = _runtime(request)
+    image, params = await image_and_params(request, GenerateParams, *_limits(request))
+    if len(params.prompt) > request.app.state.settings.max_prompt_chars:
+        raise ValueError(f"the prompt has {len(params.prompt)} characters; the limit is {request.app.state.settings.max_prompt_chars}")
+    config = runtime.policy.config(params.sigma, params.n0, params.n, params.alpha, params.bound)
+    radii = runtime.policy.radii(params.radii())
+    sampling = runtime.policy.sampling(params.max_tokens, params.temperature, params.top_p, params.seed, params.stop_list())
+    if runtime.model is None:
+        raise ValueError("this deployment serves certificates only (model 'none'); use POST /certify")
+    request_id = request.state.request_id
+
+    async def work(on_progress: ProgressCallback | None) -> dict[str, Any]:
+        started = time.perf_counter()
+        outcome = await runtime.certify(image, config, radii, params.seed, on_progress)
+        generation_started = time.perf_counter()
+        generation = await runtime.generate(outcome.certificate, params.prompt, sampling)
+        done = time.perf_counter()
+        response = GenerateResponse(
+            id=request_id,
+            model=runtime.model_name,
+            answer=generation.text,
+            finish_reason=generation.finish_reason,
+            prompt_tokens=generation.prompt_tokens,
+            completion_tokens=generation.completion_tokens,
+            certificate=certificate_out(runtime, outcome),
+            timings=Timings(
+                queue_ms=outcome.queue_seconds * 1e3,
+                certify_ms=outcome.compute_seconds * 1e3,
+                generate_ms=(done - generation_started) * 1e3,
+                total_ms=(done - started) * 1e3,
+            ),
+        )
+        return response.model_dump()
+
+    if params.stream:
+        return progress_stream(work, _error_event)
+    return JSONResponse(await work(None))
+
+
+def new_request_id() -> str:
+    return uuid.uuid4().hex

@@ -1,0 +1,140 @@
+"""OpenAI-compatible routes: POST /v1/chat/completions (with an extra ``certificate`` field), GET /v1/models.
+
+Existing OpenAI clients work unchanged: the image travels as an ``image_url`` content part holding a
+``data:image/...;base64,`` URL (remote URLs are not fetched). Certification parameters may be given in the
+extra ``certification`` object (``extra_body`` in the openai client); otherwise the deployment's defaults apply.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import StreamingResponse
+
+from fsmllm.api.images import decode_base64_image, open_image
+from fsmllm.api.routes_certify import ERRORS, certificate_out
+from fsmllm.api.schemas import (
+    CertificationParams,
+    ChatChoice,
+    ChatChoiceMessage,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ModelCard,
+    ModelList,
+    Usage,
+)
+from fsmllm.api.errors import RequestError
+from fsmllm.engine.runtime import Runtime
+
+router = APIRouter(prefix="/v1")
+
+
+def _question_and_image(chat: ChatCompletionRequest) -> tuple[str, str]:
+    """The last user message's text, and the one image of the conversation (as a data URL)."""
+    images = [
+        part.image_url.url
+        for message in chat.messages
+        if not isinstance(message.content, str)
+        for part in message.content
+        if part.type == "image_url"
+    ]
+    if len(images) != 1:
+        raise RequestError(422, f"send exactly one image (an image_url content part); this conversation has {len(images)}")
+    users = [message for message in chat.messages if message.role == "user"]
+    if not users:
+        raise RequestError(422, "the conversation has no user message")
+    content = users[-1].content
+    text = content if isinstance(content, str) else " ".join(p.text for p in content if p.type == "text")
+    if not text.strip():
+        raise RequestError(422, "the last user message has no text: ask a question about the image")
+    if not images[0].startswith("data:"):
+        raise RequestError(422, "image_url must be a data:image/...;base64, URL; this server does not fetch remote URLs")
+    return text.strip(), images[0]
+
+
+@router.post(
+    "/chat/completions",
+    response_model=ChatCompletionResponse,
+    responses=ERRORS,
+    summary="OpenAI-compatible chat completion about one image, with its certificate",
+)
+async def chat_completions(request: Request, chat: ChatCompletionRequest) -> Any:
+    runtime: Runtime = request.app.state.runtime
+    settings = request.app.state.settings
+    if chat.model is not None and chat.model != runtime.model_name:
+        raise RequestError(404, f"model {chat.model!r} is not served here; GET /v1/models lists {runtime.model_name!r}", "not_found")
+    if runtime.model is None:
+        raise RequestError(422, "this deployment serves certificates only (model 'none'); use POST /certify")
+    question, url = _question_and_image(chat)
+    image = open_image(decode_base64_image(url), settings.max_image_pixels)
+    cert_params = chat.certification or CertificationParams()
+    config = runtime.policy.config(cert_params.sigma, cert_params.n0, cert_params.n, cert_params.alpha, cert_params.bound)
+    radii = runtime.policy.radii(cert_params.radii())
+    seed = chat.seed if chat.seed is not None else cert_params.seed
+    sampling = runtime.policy.sampling(chat.max_tokens, chat.temperature, chat.top_p, seed, chat.stop_list())
+    request_id = f"chatcmpl-{request.state.request_id}"
+    created = int(time.time())
+    outcome = await runtime.certify(image, config, radii, seed)
+    certificate = certificate_out(runtime, outcome)
+
+    if not chat.stream:
+        generation = await runtime.generate(outcome.certificate, question, sampling)
+        return ChatCompletionResponse(
+            id=request_id,
+            created=created,
+            model=runtime.model_name,
+            choices=[ChatChoice(message=ChatChoiceMessage(content=generation.text), finish_reason=generation.finish_reason)],
+            usage=Usage(
+                prompt_tokens=generation.prompt_tokens,
+                completion_tokens=generation.completion_tokens,
+                total_tokens=generation.prompt_tokens + generation.completion_tokens,
+            ),
+            certificate=certificate,
+        )
+
+    def chunk(delta: dict[str, Any], finish_reason: str | None = None, **extra: Any) -> str:
+        body = {
+            "id": request_id,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": runtime.model_name,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}],
+            **extra,
+        }
+        return f"data: {json.dumps(body)}\n\n"
+
+    async def events() -> AsyncIterator[str]:
+        loop = asyncio.get_running_loop()
+        tokens = runtime.stream(outcome.certificate, question, sampling)
+        yield chunk({"role": "assistant", "content": ""})
+        finished = object()
+        count = 0
+        while (piece := await loop.run_in_executor(runtime.lm_executor, next, tokens, finished)) is not finished:
+            count += 1
+            yield chunk({"content": piece})
+        reason = "length" if count >= sampling.max_tokens else "stop"
+        yield chunk({}, reason, certificate=certificate.model_dump())
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+@router.get("/models", response_model=ModelList, summary="The served model and its certification settings")
+async def models(request: Request) -> ModelList:
+    runtime: Runtime = request.app.state.runtime
+    policy = runtime.policy
+    card = ModelCard(
+        id=runtime.model_name,
+        encoder=runtime.encoder.name,
+        booster=runtime.booster,
+        input_size=runtime.input_size,
+        allowed_sigmas=list(policy.allowed_sigmas),
+        defaults={"sigma": policy.default_sigma, "n0": policy.default_n0, "n": policy.default_n, "alpha": policy.default_alpha, "max_n": policy.max_n},
+    )
+    return ModelList(data=[card])
+

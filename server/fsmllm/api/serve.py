@@ -1,0 +1,62 @@
+"""Building a runtime from settings and running it under uvicorn (``fsmllm serve``)."""
+
+from __future__ import annotations
+
+import logging
+
+import uvicorn
+
+from fsmllm.api.app import create_app
+from fsmllm.api.metrics import Metrics
+from fsmllm.api.settings import Settings
+from fsmllm.engine.runtime import Policy, Runtime
+
+
+def policy_from(settings: Settings) -> Policy:
+    return Policy(
+        allowed_sigmas=tuple(settings.allowed_sigmas),
+        default_sigma=settings.default_sigma,
+        default_n0=settings.default_n0,
+        default_n=settings.default_n,
+        default_alpha=settings.default_alpha,
+        max_n=settings.max_n,
+        max_radii=settings.max_radii,
+        max_tokens=settings.max_tokens_limit,
+    )
+
+
+def build_runtime(settings: Settings, metrics: Metrics) -> Runtime:
+    """Load the named model (its encoder, projector and language model) and the encoder worker."""
+    from fsmllm.encoders import load_encoder
+    from fsmllm.lm.models import load_vlm
+
+    model = None if settings.model == "none" else load_vlm(settings.model, backend=settings.lm_backend, device=settings.device)
+    if settings.encoder is not None:
+        encoder = load_encoder(settings.encoder, image_size=settings.image_size, device=settings.device)
+    elif model is not None:
+        encoder = model.encoder
+    else:
+        encoder = load_encoder("dinov2-s", image_size=settings.image_size, device=settings.device)
+    if settings.booster != "none":
+        raise ValueError("no booster is available yet; use --booster none")
+    return Runtime(
+        encoder,
+        policy_from(settings),
+        model=model,
+        model_name=settings.model,
+        booster=settings.booster,
+        device=settings.device,
+        batch_size=settings.batch_size,
+        queue_capacity=settings.queue_capacity,
+        timeout_s=settings.request_timeout_s,
+        cache_size=settings.cache_size,
+        on_batch=metrics.record_batch,
+    )
+
+
+def serve(settings: Settings) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    metrics = Metrics()
+    runtime = build_runtime(settings, metrics)
+    app = create_app(runtime, settings, metrics)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level="info", timeout_graceful_shutdown=30)

@@ -1,0 +1,63 @@
+"""Server configuration: environment variables ``FSMLLM_*`` (or a ``.env`` file), overridden by CLI flags."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Every knob of a deployment. Each field is read from ``FSMLLM_<NAME>`` (e.g. ``FSMLLM_PORT=9000``)."""
+
+    model_config = SettingsConfigDict(env_prefix="FSMLLM_", env_file=".env", extra="ignore")
+
+    # what to serve
+    model: str = Field("fsmllm-demo", description="named model (fsmllm-demo) or a LLaVA-style folder; 'none' = certify only")
+    encoder: str | None = Field(None, description="vision encoder; default: the model's own")
+    image_size: int | None = Field(None, description="encoder input size in pixels; default: the encoder's")
+    booster: str = Field("none", description="Gaussian Smoothness Booster name or path, or 'none'")
+    lm_backend: Literal["transformers", "vllm"] = Field("transformers", description="language-model backend")
+    device: str = Field("cpu", description="torch device of the encoder worker: cpu, cuda, cuda:1, ...")
+
+    # HTTP
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    api_key: str | None = Field(None, description="if set, every route but health/ready/metrics needs 'Authorization: Bearer <key>'")
+
+    # certification policy
+    allowed_sigmas: list[float] = Field([0.25, 0.5], description="noise levels a request may ask for")
+    default_sigma: float = 0.25
+    default_n0: int = Field(100, ge=1)
+    default_n: int = Field(1000, ge=2)
+    max_n: int = Field(100_000, ge=2, description="largest n0 + n a request may ask for")
+    default_alpha: float = Field(0.001, gt=0, lt=1)
+    max_radii: int = Field(32, ge=1)
+
+    # the device worker
+    batch_size: int = Field(32, ge=1, description="noisy images per encoder batch (set by device memory)")
+    queue_capacity: int = Field(32, ge=1, description="jobs queued or running before new ones get 503")
+    request_timeout_s: float = Field(600.0, gt=0, description="a certification still running after this is cancelled")
+    cache_size: int = Field(256, ge=0, description="certificates kept for identical (image, parameters, seed)")
+
+    # input limits
+    max_body_bytes: int = Field(20 * 1024 * 1024, ge=1024)
+    max_image_pixels: int = Field(40_000_000, ge=1, description="decoded width x height above this is refused")
+    max_prompt_chars: int = Field(8_000, ge=1)
+    max_tokens_limit: int = Field(512, ge=1)
+
+    @field_validator("allowed_sigmas")
+    @classmethod
+    def _positive_sigmas(cls, value: list[float]) -> list[float]:
+        if not value or any(s <= 0 for s in value):
+            raise ValueError("allowed_sigmas must be a non-empty list of positive noise levels")
+        return sorted(set(value))
+
+    @model_validator(mode="after")
+    def _default_sigma_allowed(self) -> Settings:
+        if self.default_sigma not in self.allowed_sigmas:
+            raise ValueError(f"default_sigma {self.default_sigma} is not in allowed_sigmas {self.allowed_sigmas}")
+        if self.default_n0 + self.default_n > self.max_n:
+            raise ValueError("default_n0 + default_n exceeds max_n")
+        return self

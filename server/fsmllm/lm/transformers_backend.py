@@ -1,0 +1,148 @@
+"""The transformers backend: token-by-token decoding from prompt embeddings with a KV cache.
+
+The decoding loop is written out (rather than ``model.generate``) so that sampling draws from a per-call seeded
+``torch.Generator`` (reproducible and thread-safe: no global RNG state), text can be streamed as it becomes
+final, and stop strings and finish reasons follow the OpenAI/vLLM conventions (:class:`~fsmllm.lm.base.Generation`).
+Greedy decoding gives the same tokens as ``model.generate(inputs_embeds=..., do_sample=False)``.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from fsmllm.lm.base import FinishReason, Generation, SamplingParams
+from fsmllm.lm.llm_loader import load_causal_lm
+
+
+def next_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
+    """Choose the next token from logits [V]: argmax when greedy, else nucleus sampling at the temperature."""
+    if params.greedy:
+        return int(torch.argmax(logits))
+    probs = torch.softmax(logits.float() / params.temperature, dim=-1)
+    if params.top_p < 1:
+        sorted_probs, order = torch.sort(probs, descending=True)
+        # keep the smallest set of most likely tokens whose mass reaches top_p (always at least one)
+        keep = torch.cumsum(sorted_probs, dim=-1) - sorted_probs < params.top_p
+        probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_probs[keep])
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+class _Decoding:
+    """One generation in progress: iterate for final text pieces, then read :meth:`result`.
+
+    Text is decoded from all ids so far and released only when final: a trailing partial UTF-8 character, or a
+    tail that could still grow into a stop string, is held back. A stop string ends the generation and is cut
+    off with everything after it.
+    """
+
+    def __init__(self, backend: TransformersBackend, prompt_embeds: torch.Tensor, params: SamplingParams) -> None:
+        if prompt_embeds.ndim != 2 or prompt_embeds.shape[1] != backend.hidden_size:
+            raise ValueError(f"prompt_embeds must be [L, {backend.hidden_size}], got {list(prompt_embeds.shape)}")
+        self.backend = backend
+        self.prompt_embeds = prompt_embeds
+        self.params = params
+        self.token_ids: list[int] = []
+        self.text = ""
+        self.finish_reason: FinishReason = "length"
+
+    def __iter__(self) -> Iterator[str]:
+        tokenizer = self.backend.tokenizer
+        stops = self.params.stop
+        text_ids: list[int] = []
+        for token in self.backend.token_ids(self.prompt_embeds, self.params):
+            self.token_ids.append(token)
+            if token in self.backend.eos_token_ids:
+                self.finish_reason = "stop"
+                break
+            text_ids.append(token)
+            full = tokenizer.decode(text_ids, skip_special_tokens=True)
+            cut = min((i for i in (full.find(s) for s in stops) if i >= 0), default=-1)
+            if cut >= 0:
+                self.finish_reason = "stop"
+                yield from self._release(full[:cut])
+                return
+            yield from self._release(full[: len(full) - _held_back(full, stops)])
+        yield from self._release(tokenizer.decode(text_ids, skip_special_tokens=True))
+
+    def _release(self, final: str) -> Iterator[str]:
+        if len(final) > len(self.text):
+            piece = final[len(self.text):]
+            self.text = final
+            yield piece
+
+    def result(self) -> Generation:
+        return Generation(self.text, tuple(self.token_ids), self.finish_reason, self.prompt_embeds.shape[0])
+
+
+def _held_back(text: str, stops: tuple[str, ...]) -> int:
+    """How many trailing characters of ``text`` are not final yet (partial character, or a stop-string prefix)."""
+    hold = len(text) - len(text.rstrip("\ufffd"))
+    for stop in stops:
+        for k in range(min(len(stop) - 1, len(text)), 0, -1):
+            if text.endswith(stop[:k]):
+                hold = max(hold, k)
+                break
+    return hold
+
+
+class TransformersBackend:
+    """A frozen transformers causal LM behind the :class:`~fsmllm.lm.base.LanguageBackend` protocol."""
+
+    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
+        self.model = model.eval()
+        self.model.requires_grad_(False)
+        self._tokenizer = tokenizer
+        eos = model.generation_config.eos_token_id
+        eos_ids = {eos} if isinstance(eos, int) else set(eos or ())
+        if tokenizer.eos_token_id is not None:
+            eos_ids.add(tokenizer.eos_token_id)
+        self.eos_token_ids = frozenset(eos_ids)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu") -> TransformersBackend:
+        """Load a transformers model folder (e.g. the converted SmolLM2 cache) in float32 on ``device``."""
+        return cls(*load_causal_lm(directory, device=device))
+
+    @property
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        return self._tokenizer
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.model.config.hidden_size)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.get_input_embeddings().weight.device
+
+    def embed_tokens(self, token_ids: torch.Tensor) -> torch.Tensor:
+        return self.model.get_input_embeddings()(token_ids.to(self.device))
+
+    @torch.inference_mode()
+    def token_ids(self, prompt_embeds: torch.Tensor, params: SamplingParams) -> Iterator[int]:
+        """The generated token ids, one at a time (at most ``max_tokens``; an end-of-sequence id is the last)."""
+        generator = torch.Generator(device=self.device)
+        generator.manual_seed(secrets.randbits(63) if params.seed is None else params.seed)
+        dtype = self.model.get_input_embeddings().weight.dtype
+        out = self.model(inputs_embeds=prompt_embeds.to(self.device, dtype)[None], use_cache=True, logits_to_keep=1)
+        for step in range(params.max_tokens):
+            token = next_token(out.logits[0, -1], params, generator)
+            yield token
+            if token in self.eos_token_ids or step + 1 == params.max_tokens:
+                return
+            ids = torch.tensor([[token]], device=self.device)
+            out = self.model(input_ids=ids, past_key_values=out.past_key_values, use_cache=True)
+
+    def generate(self, prompt_embeds: torch.Tensor, params: SamplingParams) -> Generation:
+        decoding = _Decoding(self, prompt_embeds, params)
+        for _ in decoding:
+            pass
+        return decoding.result()
+
+    def stream(self, prompt_embeds: torch.Tensor, params: SamplingParams) -> Iterator[str]:
+        yield from _Decoding(self, prompt_embeds, params)

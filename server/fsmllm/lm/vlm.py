@@ -1,0 +1,57 @@
+"""A vision-language model assembled from parts: visual tokens -> projector -> prompt embeddings -> backend."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+
+from fsmllm.lm.base import Generation, LanguageBackend, SamplingParams
+from fsmllm.lm.projector import Projector
+from fsmllm.lm.prompt import build_prompt_embeds, chat_prompt
+
+
+class ProjectedVLM:
+    """Answers a question about an image given as visual tokens [T, W] (smoothed or clean features).
+
+    The visual tokens are projected to the language model's width and spliced into the chat prompt at the
+    image's place (:func:`~fsmllm.lm.prompt.build_prompt_embeds`); the backend generates from the embeddings.
+    """
+
+    def __init__(self, name: str, projector: Projector, backend: LanguageBackend, system: str | None = None) -> None:
+        if projector.config.hidden_size != backend.hidden_size:
+            raise ValueError(
+                f"projector outputs width {projector.config.hidden_size}, the language model takes {backend.hidden_size}"
+            )
+        self.name = name
+        self.projector = projector.eval()
+        self.backend = backend
+        self.system = system
+
+    @property
+    def num_tokens(self) -> int:
+        return self.projector.config.num_tokens
+
+    @property
+    def token_dim(self) -> int:
+        return self.projector.config.token_dim
+
+    @torch.inference_mode()
+    def prompt_embeds(self, visual_tokens: torch.Tensor, prompt: str) -> torch.Tensor:
+        """The language model's input embeddings [L, H] for one image [T, W] and question."""
+        if visual_tokens.shape != (self.num_tokens, self.token_dim):
+            raise ValueError(
+                f"visual tokens must be [{self.num_tokens}, {self.token_dim}], got {list(visual_tokens.shape)}"
+            )
+        device = self.projector.position.device
+        image_embeds = self.projector(visual_tokens.to(device, torch.float32))
+        layout = chat_prompt(self.backend.tokenizer, prompt, self.num_tokens, system=self.system)
+        return build_prompt_embeds(layout, image_embeds, self.backend.embed_tokens)
+
+    def generate(self, visual_tokens: torch.Tensor, prompt: str, params: SamplingParams) -> Generation:
+        """The answer to ``prompt`` about the image whose (smoothed) visual tokens are ``visual_tokens`` [T, W]."""
+        return self.backend.generate(self.prompt_embeds(visual_tokens, prompt), params)
+
+    def stream(self, visual_tokens: torch.Tensor, prompt: str, params: SamplingParams) -> Iterator[str]:
+        """Like :meth:`generate`, yielding the answer's text in pieces as they become final."""
+        return self.backend.stream(self.prompt_embeds(visual_tokens, prompt), params)

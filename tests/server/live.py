@@ -1,0 +1,77 @@
+"""A real uvicorn server on loopback, in a background thread, for the HTTP tests."""
+
+from __future__ import annotations
+
+import base64
+import io
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import numpy as np
+import uvicorn
+from PIL import Image
+
+from fsmllm.api.app import create_app
+from fsmllm.api.metrics import Metrics
+from fsmllm.api.serve import policy_from
+from fsmllm.api.settings import Settings
+from fsmllm.encoders import load_encoder
+from fsmllm.engine.runtime import Runtime, VisionLanguageModel
+
+
+@dataclass
+class LiveServer:
+    url: str
+    runtime: Runtime
+    settings: Settings
+    metrics: Metrics
+
+
+@contextmanager
+def live_server(
+    settings: Settings | None = None, model: VisionLanguageModel | None = None, encoder_name: str = "tiny-cnn"
+) -> Iterator[LiveServer]:
+    """Start a server on 127.0.0.1 (a free port) with a tiny encoder; stop it (gracefully) on exit."""
+    settings = settings or Settings(model="none", default_n0=20, default_n=100, batch_size=64, _env_file=None)
+    metrics = Metrics()
+    encoder = load_encoder(encoder_name, image_size=16)
+    runtime = Runtime(
+        encoder,
+        policy_from(settings),
+        model=model,
+        model_name="tiny-test" if model is not None else "none",
+        batch_size=settings.batch_size,
+        queue_capacity=settings.queue_capacity,
+        timeout_s=settings.request_timeout_s,
+        cache_size=settings.cache_size,
+        on_batch=metrics.record_batch,
+    )
+    app = create_app(runtime, settings, metrics)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("the test server did not start")
+        time.sleep(0.02)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield LiveServer(f"http://127.0.0.1:{port}", runtime, settings, metrics)
+    finally:
+        server.should_exit = True
+        thread.join(60)
+
+
+def png_bytes(seed: int = 0, size: tuple[int, int] = (24, 20)) -> bytes:
+    array = np.random.default_rng(seed).integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def data_url(data: bytes, mime: str = "image/png") -> str:
+    return f"data:{mime};base64,{base64.b64encode(data).decode()}"
