@@ -129,33 +129,17 @@ def _add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
         description="Run the certified inference server. Every option can also be set as an environment "
         "variable FSMLLM_<OPTION> (e.g. FSMLLM_PORT=9000); flags win over the environment.",
     )
-    parser.add_argument("--model", help="named model (fsmllm-demo), a LLaVA-style folder, or 'none' (certify only)")
-    parser.add_argument("--encoder", help="vision encoder (default: the model's)")
-    parser.add_argument("--image-size", type=int, help="encoder input size in pixels")
-    parser.add_argument("--booster", help="Gaussian Smoothness Booster name or path, or 'none'")
-    parser.add_argument("--lm-backend", choices=["transformers", "vllm"], help="language-model backend")
-    parser.add_argument("--device", help="cpu, cuda, cuda:1, ...")
-    parser.add_argument("--host", help="address to bind (default 127.0.0.1)")
-    parser.add_argument("--port", type=int, help="port (default 8000)")
-    parser.add_argument("--batch-size", type=int, help="noisy images per encoder batch")
-    parser.add_argument("--queue-capacity", type=int, help="certification jobs admitted before 503")
-    parser.add_argument("--allowed-sigmas", type=float, nargs="+", help="noise levels requests may use")
-    parser.add_argument("--default-sigma", type=float, help="noise level when a request names none")
-    parser.add_argument("--max-n", type=int, help="largest n0 + n per request")
-    parser.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (or set FSMLLM_API_KEY)")
+    from fsmllm.api.settings import add_arguments
+
+    add_arguments(parser)
     parser.set_defaults(handler=_serve)
 
 
 def _serve(args: argparse.Namespace) -> int:
     from fsmllm.api.serve import serve
-    from fsmllm.api.settings import Settings
+    from fsmllm.api.settings import settings_from_args
 
-    overrides = {
-        key: value
-        for key, value in vars(args).items()
-        if key not in ("command", "handler") and value is not None
-    }
-    serve(Settings(**overrides))
+    serve(settings_from_args(args))
     return 0
 
 

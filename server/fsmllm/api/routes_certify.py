@@ -23,7 +23,7 @@ from fsmllm.api.schemas import (
     RadiusBound,
     Timings,
 )
-from fsmllm.api.streaming import ProgressCallback, progress_stream
+from fsmllm.api.streaming import ProgressCallback, progress_stream, unless_disconnected
 from fsmllm.certify import Certificate
 from fsmllm.engine.certifier import CertifyOutcome
 from fsmllm.engine.runtime import Runtime
@@ -128,7 +128,7 @@ async def certify(request: Request) -> Any:
 
     if params.stream:
         return progress_stream(work, _error_event)
-    return JSONResponse(await work(None))
+    return JSONResponse(await unless_disconnected(request, work(None)))
 
 
 @router.post(
@@ -177,7 +177,7 @@ async def generate(request: Request) -> Any:
 
     if params.stream:
         return progress_stream(work, _error_event)
-    return JSONResponse(await work(None))
+    return JSONResponse(await unless_disconnected(request, work(None)))
 
 
 def new_request_id() -> str:

@@ -16,6 +16,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
+from fsmllm.api.errors import RequestError
 from fsmllm.api.images import decode_base64_image, open_image
 from fsmllm.api.routes_certify import ERRORS, certificate_out
 from fsmllm.api.schemas import (
@@ -28,7 +29,7 @@ from fsmllm.api.schemas import (
     ModelList,
     Usage,
 )
-from fsmllm.api.errors import RequestError
+from fsmllm.api.streaming import unless_disconnected
 from fsmllm.engine.runtime import Runtime
 
 router = APIRouter(prefix="/v1")
@@ -79,11 +80,11 @@ async def chat_completions(request: Request, chat: ChatCompletionRequest) -> Any
     sampling = runtime.policy.sampling(chat.max_tokens, chat.temperature, chat.top_p, seed, chat.stop_list())
     request_id = f"chatcmpl-{request.state.request_id}"
     created = int(time.time())
-    outcome = await runtime.certify(image, config, radii, seed)
+    outcome = await unless_disconnected(request, runtime.certify(image, config, radii, seed))
     certificate = certificate_out(runtime, outcome)
 
     if not chat.stream:
-        generation = await runtime.generate(outcome.certificate, question, sampling)
+        generation = await unless_disconnected(request, runtime.generate(outcome.certificate, question, sampling))
         return ChatCompletionResponse(
             id=request_id,
             created=created,

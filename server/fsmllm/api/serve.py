@@ -26,17 +26,21 @@ def policy_from(settings: Settings) -> Policy:
 
 
 def build_runtime(settings: Settings, metrics: Metrics) -> Runtime:
-    """Load the named model (its encoder, projector and language model) and the encoder worker."""
+    """Load the named model's encoder (or ``settings.encoder`` when given), its projector and language model."""
     from fsmllm.encoders import load_encoder
-    from fsmllm.lm.models import load_vlm
+    from fsmllm.lm.models import load_model, model_spec
 
-    model = None if settings.model == "none" else load_vlm(settings.model, backend=settings.lm_backend, device=settings.device)
-    if settings.encoder is not None:
-        encoder = load_encoder(settings.encoder, image_size=settings.image_size, device=settings.device)
-    elif model is not None:
-        encoder = model.encoder
-    else:
-        encoder = load_encoder("dinov2-s", image_size=settings.image_size, device=settings.device)
+    model = None
+    encoder_name, image_size = settings.encoder or "dinov2-s", settings.image_size
+    if settings.model != "none":
+        spec = model_spec(settings.model)
+        if settings.encoder is not None and settings.encoder != spec.encoder:
+            raise ValueError(f"model {spec.name!r} reads the features of encoder {spec.encoder!r}, not {settings.encoder!r}")
+        if image_size is not None and image_size != spec.image_size:
+            raise ValueError(f"model {spec.name!r} was trained at {spec.image_size} px, not {image_size}")
+        encoder_name, image_size = spec.encoder, spec.image_size
+        model = load_model(settings.model, device=settings.device, backend=settings.lm_backend)
+    encoder = load_encoder(encoder_name, image_size=image_size, device=settings.device)
     if settings.booster != "none":
         raise ValueError("no booster is available yet; use --booster none")
     return Runtime(

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Literal
+import argparse
+from typing import Any, Literal, get_args, get_origin
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -22,18 +23,18 @@ class Settings(BaseSettings):
     device: str = Field("cpu", description="torch device of the encoder worker: cpu, cuda, cuda:1, ...")
 
     # HTTP
-    host: str = "127.0.0.1"
-    port: int = Field(8000, ge=1, le=65535)
+    host: str = Field("127.0.0.1", description="address to bind; 0.0.0.0 to listen on every interface")
+    port: int = Field(8000, ge=1, le=65535, description="TCP port")
     api_key: str | None = Field(None, description="if set, every route but health/ready/metrics needs 'Authorization: Bearer <key>'")
 
     # certification policy
     allowed_sigmas: list[float] = Field([0.25, 0.5], description="noise levels a request may ask for")
-    default_sigma: float = 0.25
-    default_n0: int = Field(100, ge=1)
-    default_n: int = Field(1000, ge=2)
+    default_sigma: float = Field(0.25, description="noise level of requests that name none")
+    default_n0: int = Field(100, ge=1, description="selection samples of requests that name none")
+    default_n: int = Field(1000, ge=2, description="estimation samples of requests that name none")
     max_n: int = Field(100_000, ge=2, description="largest n0 + n a request may ask for")
-    default_alpha: float = Field(0.001, gt=0, lt=1)
-    max_radii: int = Field(32, ge=1)
+    default_alpha: float = Field(0.001, gt=0, lt=1, description="failure probability of requests that name none")
+    max_radii: int = Field(32, ge=1, description="most radii one request may ask for")
 
     # the device worker
     batch_size: int = Field(32, ge=1, description="noisy images per encoder batch (set by device memory)")
@@ -42,10 +43,10 @@ class Settings(BaseSettings):
     cache_size: int = Field(256, ge=0, description="certificates kept for identical (image, parameters, seed)")
 
     # input limits
-    max_body_bytes: int = Field(20 * 1024 * 1024, ge=1024)
+    max_body_bytes: int = Field(20 * 1024 * 1024, ge=1024, description="request bodies above this get 413")
     max_image_pixels: int = Field(40_000_000, ge=1, description="decoded width x height above this is refused")
-    max_prompt_chars: int = Field(8_000, ge=1)
-    max_tokens_limit: int = Field(512, ge=1)
+    max_prompt_chars: int = Field(8_000, ge=1, description="longest prompt accepted")
+    max_tokens_limit: int = Field(512, ge=1, description="largest max_tokens a request may ask for")
 
     @field_validator("allowed_sigmas")
     @classmethod
@@ -61,3 +62,25 @@ class Settings(BaseSettings):
         if self.default_n0 + self.default_n > self.max_n:
             raise ValueError("default_n0 + default_n exceeds max_n")
         return self
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """One ``--flag`` per :class:`Settings` field (``max_n`` -> ``--max-n``), typed and documented from it."""
+    for name, field in Settings.model_fields.items():
+        kind = field.annotation
+        options: dict[str, Any] = {"help": f"{field.description or name} (env FSMLLM_{name.upper()}, default {field.default})"}
+        if get_origin(kind) is Literal:
+            options["choices"] = list(get_args(kind))
+        elif get_origin(kind) is list:
+            options.update(type=get_args(kind)[0], nargs="+")
+        elif kind in (int, float):
+            options["type"] = kind
+        elif int in get_args(kind):  # int | None
+            options["type"] = int
+        parser.add_argument(f"--{name.replace('_', '-')}", dest=name, default=None, **options)
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    """Settings from the environment, overridden by the flags that were given."""
+    given = {name: value for name in Settings.model_fields if (value := getattr(args, name, None)) is not None}
+    return Settings(**given)

@@ -1,15 +1,40 @@
-"""Server-sent events: progress of a long certification, then its result (or its error)."""
+"""Long-running work behind HTTP: cancelled when the client goes away; SSE progress then a result."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
 
+from fastapi import Request
 from fastapi.responses import StreamingResponse
 
 ProgressCallback = Callable[[int, int], None]
+T = TypeVar("T")
+
+
+async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """Await ``work``; if the client disconnects first, cancel it (freeing the job's remaining samples).
+
+    Starlette does not cancel a plain route when its client goes away, so the ASGI ``receive`` channel is
+    watched for ``http.disconnect`` (the body has already been read, so nothing else can arrive on it).
+    """
+    task = asyncio.ensure_future(work)
+
+    async def watch() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(watch())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+    if not task.done():
+        task.cancel()
+        raise asyncio.CancelledError("the client disconnected")
+    return task.result()
 
 
 def sse(event: str, data: Any) -> str:
