@@ -143,11 +143,48 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_evaluate_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "evaluate",
+        help="attacks and certified curves on held-out images",
+        description="White-box PGD against the encoder without FS, with FS and with FS + booster, and certified "
+        "FCSB curves; writes results.json, report.md and curves.png into --out.",
+    )
+    parser.add_argument("--encoder", default="dinov2-s")
+    parser.add_argument("--booster", nargs="*", default=[], help="boosters to compare; {sigma} is replaced by σ")
+    parser.add_argument("--sigma", type=float, nargs="+", default=[0.25, 0.5])
+    parser.add_argument("--n", type=int, nargs="+", default=[100, 1000])
+    parser.add_argument("--n0", type=int, default=100)
+    parser.add_argument("--alpha", type=float, default=0.001)
+    parser.add_argument("--radius", type=float, nargs="+", default=[0.1, 0.25, 0.5])
+    parser.add_argument("--images", type=int, default=16, help="held-out Fashion-MNIST test images (+ bundled photos)")
+    parser.add_argument("--attack-images", type=int, default=8)
+    parser.add_argument("--attack-steps", type=int, default=10)
+    parser.add_argument("--attack-samples", type=int, default=8)
+    parser.add_argument("--model", default=None, help="also compare generated answers (e.g. fsmllm-demo)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="eval-out")
+    parser.set_defaults(handler=_evaluate)
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from fsmllm.evaluate import AttackSettings, run
+
+    run(
+        args.encoder, args.booster, args.sigma, args.n, args.radius, args.images, args.attack_images,
+        AttackSettings(steps=args.attack_steps, samples=args.attack_samples), args.n0, args.alpha, args.model,
+        args.out, seed=args.seed, progress=lambda line: print(line, file=sys.stderr),
+    )
+    print(open(f"{args.out}/report.md").read())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fsmllm", description="Certified multimodal inference (Feature-space Smoothing)")
     subparsers = parser.add_subparsers(dest="command", required=True)
     _add_certify_parser(subparsers)
     _add_serve_parser(subparsers)
+    _add_evaluate_parser(subparsers)
     return parser
 
 

@@ -24,7 +24,9 @@ def sample_image(name: str) -> Image.Image:
         raise ValueError(f"unknown sample image {name!r}; choose one of {', '.join(SAMPLE_IMAGES)}")
     from skimage import data  # imported lazily: only the CLI and tests use the samples
 
-    return Image.fromarray(getattr(data, name)()).convert("RGB")
+    # the left view of the stereo pair is the motorcycle photo; the others are plain loaders
+    array = data.stereo_motorcycle()[0] if name == "motorcycle_left" else getattr(data, name)()
+    return Image.fromarray(array).convert("RGB")
 
 
 def load_image(source: str | Path) -> Image.Image:

@@ -1,0 +1,391 @@
+"""Robustness evaluation: white-box attacks against the encoder with and without smoothing, and certified curves.
+
+For held-out images x and radii ε (l2, pixel space, method.md "Objects") three defences are compared:
+
+* **none**: the base encoder f; the attack (PGD, :func:`fsmllm.attacks.feature_attack`) minimises
+  cos(f(x), f(x')) and the observed cosine is that one;
+* **FS**: the smoothed encoder F; the attack minimises the Monte Carlo estimate of cos(F(x), F(x'))
+  (expectation over the noise), and the observed cosine is re-estimated with fresh samples;
+* **FS+booster**: the same with the booster in front of (and behind) the encoder.
+
+For the smoothed defences each image is certified (n0, n, α) and the fraction of attacked images whose
+observed cosine fell below the certified FCSB at that ε is reported: it must stay ≤ α, up to the Monte Carlo
+error of the observed cosine. With a language model, the answers generated from the clean and attacked
+features are compared with the image's true answer: the attack success rate is the fraction of images answered
+correctly from clean features whose answer under attack is wrong.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from fsmllm.attacks import feature_attack, smoothed_feature, unit_features
+from fsmllm.certify import SmoothedEncoder
+from fsmllm.encoders.base import VisionEncoder
+from fsmllm.lm.base import SamplingParams
+from fsmllm.lm.vlm import ProjectedVLM
+
+Encode = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class AttackSettings:
+    """PGD: ``steps`` steps, ``samples`` noisy copies per step for smoothed targets; ``observe`` samples to
+    re-estimate smoothed features afterwards."""
+
+    steps: int = 10
+    samples: int = 8
+    observe: int = 256
+
+
+@dataclass(frozen=True)
+class AttackRow:
+    """One (image, defence, ε) outcome."""
+
+    image: int
+    defence: str
+    radius: float
+    observed_cos: float
+    certified_fcsb: float | None
+    below_certificate: bool
+    answer_clean: str | None = None
+    answer_attacked: str | None = None
+    correct_clean: bool | None = None
+    correct_attacked: bool | None = None
+
+
+def _tokens(encoder: VisionEncoder, unit_flat: torch.Tensor) -> torch.Tensor:
+    return unit_flat.reshape(encoder.num_tokens, encoder.token_dim)
+
+
+def attack_image(
+    index: int,
+    x: torch.Tensor,
+    defences: dict[str, VisionEncoder | None],
+    base: VisionEncoder,
+    sigma: float,
+    radii: Sequence[float],
+    attack: AttackSettings,
+    n0: int,
+    n: int,
+    alpha: float,
+    seed: int,
+    model: ProjectedVLM | None = None,
+    answer: str | None = None,
+    prompt: str = "What is this?",
+) -> list[AttackRow]:
+    """Attack one image [3, S, S] at every radius under every defence (``None`` = the undefended ``base``)."""
+    rows: list[AttackRow] = []
+    greedy = SamplingParams(max_tokens=16)
+
+    def ask(encoder: VisionEncoder, feature: torch.Tensor) -> tuple[str | None, bool | None]:
+        if model is None:
+            return None, None
+        text = model.generate(_tokens(encoder, feature), prompt, greedy).text
+        return text, None if answer is None else answer.lower().rstrip(".") in text.lower()
+
+    for defence, encoder in defences.items():
+        smoothed = encoder is not None
+        encode = encoder if encoder is not None else base
+        if smoothed:
+            certificate = SmoothedEncoder(encode, sigma, batch_size=64).certify(
+                x, n0=n0, n=n, alpha=alpha, radii=list(radii), seed=seed
+            )
+            clean = smoothed_feature(encode, x, sigma, attack.observe, seed=seed + 1)
+        else:
+            with torch.inference_mode():
+                clean = unit_features(encode, x[None])[0]
+        answer_clean, correct_clean = ask(encode, clean)
+        for i, radius in enumerate(radii):
+            adversarial = feature_attack(
+                encode, x, radius, sigma if smoothed else None, samples=attack.samples, steps=attack.steps, seed=seed
+            )
+            if smoothed:
+                attacked = smoothed_feature(encode, adversarial, sigma, attack.observe, seed=seed + 2)
+                bound = certificate.certified_fcsb[i]
+            else:
+                with torch.inference_mode():
+                    attacked = unit_features(encode, adversarial[None])[0]
+                bound = None
+            observed = float(F.cosine_similarity(clean, attacked, dim=0))
+            answer_attacked, correct_attacked = ask(encode, attacked)
+            rows.append(
+                AttackRow(
+                    image=index,
+                    defence=defence,
+                    radius=float(radius),
+                    observed_cos=observed,
+                    certified_fcsb=bound,
+                    below_certificate=bound is not None and observed < bound,
+                    answer_clean=answer_clean,
+                    answer_attacked=answer_attacked,
+                    correct_clean=correct_clean,
+                    correct_attacked=correct_attacked,
+                )
+            )
+    return rows
+
+
+@dataclass(frozen=True)
+class AttackSummary:
+    """Aggregates over images of one (defence, ε)."""
+
+    defence: str
+    radius: float
+    images: int
+    mean_observed_cos: float
+    min_observed_cos: float
+    mean_certified_fcsb: float | None
+    certified_fraction: float
+    below_certificate_fraction: float
+    attack_success_rate: float | None
+
+
+def summarise(rows: Sequence[AttackRow]) -> list[AttackSummary]:
+    """One :class:`AttackSummary` per (defence, radius), in first-seen order."""
+    keys = list(dict.fromkeys((row.defence, row.radius) for row in rows))
+    summaries = []
+    for defence, radius in keys:
+        group = [row for row in rows if row.defence == defence and row.radius == radius]
+        observed = np.array([row.observed_cos for row in group])
+        bounds = [row.certified_fcsb for row in group if row.certified_fcsb is not None]
+        answered = [row for row in group if row.correct_clean]
+        success = None
+        if group[0].correct_clean is not None:
+            success = sum(not row.correct_attacked for row in answered) / len(answered) if answered else math.nan
+        summaries.append(
+            AttackSummary(
+                defence=defence,
+                radius=radius,
+                images=len(group),
+                mean_observed_cos=float(observed.mean()),
+                min_observed_cos=float(observed.min()),
+                mean_certified_fcsb=float(np.mean(bounds)) if bounds else None,
+                certified_fraction=len(bounds) / len(group),
+                below_certificate_fraction=sum(row.below_certificate for row in group) / len(group),
+                attack_success_rate=success,
+            )
+        )
+    return summaries
+
+
+@dataclass(frozen=True)
+class CurvePoint:
+    """Certified FCSB at one radius over images: mean (abstentions count as 0), quantiles, certified share."""
+
+    setting: str
+    sigma: float
+    n: int
+    radius: float
+    mean: float
+    q10: float
+    median: float
+    q90: float
+    certified_fraction: float
+    mean_score: float
+
+
+def certified_curve(
+    setting: str,
+    encode: Encode,
+    images: torch.Tensor,
+    sigma: float,
+    n0: int,
+    n: int,
+    alpha: float,
+    radii: Sequence[float],
+    seed: int = 0,
+    batch_size: int = 64,
+) -> list[CurvePoint]:
+    """Certify every image [N, 3, S, S] and summarise the certified FCSB per radius (abstain counts as 0)."""
+    smoothed = SmoothedEncoder(encode, sigma, batch_size=batch_size)
+    values = np.zeros((len(images), len(radii)))
+    scores = []
+    for i, x in enumerate(images):
+        certificate = smoothed.certify(x, n0=n0, n=n, alpha=alpha, radii=list(radii), seed=seed + i)
+        values[i] = [0.0 if c is None else c for c in certificate.certified_fcsb]
+        scores.append(certificate.score_estimate)
+    certified = np.array([[c is not None and c > 0 for c in row] for row in values])
+    return [
+        CurvePoint(
+            setting=setting,
+            sigma=sigma,
+            n=n,
+            radius=float(radius),
+            mean=float(values[:, j].mean()),
+            q10=float(np.quantile(values[:, j], 0.1)),
+            median=float(np.median(values[:, j])),
+            q90=float(np.quantile(values[:, j], 0.9)),
+            certified_fraction=float(certified[:, j].mean()),
+            mean_score=float(np.mean(scores)),
+        )
+        for j, radius in enumerate(radii)
+    ]
+
+
+def as_dicts(items: Sequence[object]) -> list[dict[str, object]]:
+    return [asdict(item) for item in items]  # type: ignore[call-overload]
+
+
+def held_out_images(count: int, size: int, photos: bool = True, seed: int = 0) -> tuple[torch.Tensor, list[str]]:
+    """``count`` Fashion-MNIST *test* images (never used in training) and, with ``photos``, the bundled photos,
+    as pixels [N, 3, size, size] with their true answers (the phrases the demo model is taught)."""
+    from fsmllm.images import load_image, to_pixels
+    from fsmllm.lm.data import FASHION_MNIST_PHRASES, SAMPLE_PHOTO_PHRASES, grey_to_pixels, load_fashion_mnist
+
+    images, labels = load_fashion_mnist("test")
+    chosen = np.random.default_rng(seed).choice(len(images), size=count, replace=False)
+    pixels = [grey_to_pixels(images[chosen], size)]
+    answers = [FASHION_MNIST_PHRASES[int(label)] for label in labels[chosen]]
+    if photos:
+        for name, phrase in SAMPLE_PHOTO_PHRASES.items():
+            pixels.append(to_pixels(load_image(f"sample:{name}"), size)[None])
+            answers.append(phrase)
+    return torch.cat(pixels), answers
+
+
+def markdown_attacks(summaries: Sequence[AttackSummary]) -> str:
+    lines = [
+        "| defence | ε | images | mean cos under attack | min cos | mean certified FCSB | certified share "
+        "| observed < certified | attack success (answers) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for s in summaries:
+        bound = "—" if s.mean_certified_fcsb is None else f"{s.mean_certified_fcsb:.3f}"
+        success = "—" if s.attack_success_rate is None else f"{s.attack_success_rate:.1%}"
+        below = "—" if s.defence == "none" else f"{s.below_certificate_fraction:.1%}"
+        lines.append(
+            f"| {s.defence} | {s.radius:g} | {s.images} | {s.mean_observed_cos:.3f} | {s.min_observed_cos:.3f} "
+            f"| {bound} | {s.certified_fraction:.0%} | {below} | {success} |"
+        )
+    return "\n".join(lines)
+
+
+def markdown_curves(points: Sequence[CurvePoint]) -> str:
+    lines = [
+        "| setting | σ | n | ε | mean certified FCSB | q10 | median | q90 | certified share | mean score S |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for p in points:
+        lines.append(
+            f"| {p.setting} | {p.sigma:g} | {p.n} | {p.radius:g} | {p.mean:.3f} | {p.q10:.3f} | {p.median:.3f} "
+            f"| {p.q90:.3f} | {p.certified_fraction:.0%} | {p.mean_score:.3f} |"
+        )
+    return "\n".join(lines)
+
+
+def plot_curves(points: Sequence[CurvePoint], path: str, title: str) -> None:
+    """Mean certified FCSB against ε, one line per (setting, σ, n), with the 10-90 % band."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(7, 4.5))
+    for key in dict.fromkeys((p.setting, p.sigma, p.n) for p in points):
+        line = sorted((p for p in points if (p.setting, p.sigma, p.n) == key), key=lambda p: p.radius)
+        radii = [p.radius for p in line]
+        drawn = axes.plot(radii, [p.mean for p in line], marker="o", label=f"{key[0]}, σ={key[1]:g}, n={key[2]}")
+        axes.fill_between(radii, [p.q10 for p in line], [p.q90 for p in line], alpha=0.15, color=drawn[0].get_color())
+    axes.set_xlabel("l2 radius ε (pixels in [0, 1])")
+    axes.set_ylabel("certified FCSB (abstain = 0)")
+    axes.set_ylim(0, 1)
+    axes.set_title(title)
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def run(
+    encoder_name: str,
+    boosters: Sequence[str],
+    sigmas: Sequence[float],
+    ns: Sequence[int],
+    radii: Sequence[float],
+    images: int,
+    attack_images: int,
+    attack: AttackSettings,
+    n0: int,
+    alpha: float,
+    model_name: str | None,
+    out: str,
+    seed: int = 0,
+    progress: Callable[[str], None] = print,
+) -> dict[str, object]:
+    """The whole evaluation; writes ``results.json``, ``report.md`` and ``curves.png`` into ``out``."""
+    import json
+    from pathlib import Path
+
+    from fsmllm.encoders import load_encoder
+
+    encoder = load_encoder(encoder_name).eval()
+    for parameter in encoder.parameters():
+        parameter.requires_grad_(False)
+    pixels, answers = held_out_images(images, encoder.image_size, seed=seed)
+    model = None
+    if model_name:
+        from fsmllm.lm.models import load_model
+
+        model = load_model(model_name)
+
+    def boosted(name: str, sigma: float) -> VisionEncoder:
+        from fsmllm.booster import load_booster
+
+        return load_booster(name.format(sigma=sigma), encoder)
+
+    points: list[CurvePoint] = []
+    rows: list[AttackRow] = []
+    for sigma in sigmas:
+        variants: dict[str, VisionEncoder | None] = {"none": None, "FS": encoder}
+        variants.update({f"FS+{b.format(sigma=sigma)}": boosted(b, sigma) for b in boosters})
+        for n in ns:
+            for setting, variant in variants.items():
+                if variant is None:
+                    continue
+                progress(f"certified curve: {setting}, σ={sigma}, n={n}, {len(pixels)} images")
+                points += certified_curve(setting, variant, pixels, sigma, n0, n, alpha, radii, seed=seed)
+        for i in range(min(attack_images, len(pixels))):
+            progress(f"attacks: σ={sigma}, image {i + 1}/{min(attack_images, len(pixels))}")
+            rows += [
+                row
+                for row in attack_image(
+                    i, pixels[i], variants, encoder, sigma, radii, attack, n0, max(ns), alpha, seed + i,
+                    model=model, answer=answers[i],
+                )
+                if sigma == sigmas[0] or row.defence != "none"  # the undefended encoder does not depend on σ
+            ]
+    summaries = summarise(rows)
+    directory = Path(out)
+    directory.mkdir(parents=True, exist_ok=True)
+    results = {
+        "encoder": encoder.name,
+        "image_size": encoder.image_size,
+        "model": model_name,
+        "images": len(pixels),
+        "attack_images": min(attack_images, len(pixels)),
+        "attack": asdict(attack),
+        "n0": n0,
+        "alpha": alpha,
+        "seed": seed,
+        "curves": as_dicts(points),
+        "attacks": as_dicts(summaries),
+        "attack_rows": as_dicts(rows),
+    }
+    (directory / "results.json").write_text(json.dumps(results, indent=1))
+    title = f"{encoder.name} @ {encoder.image_size}px, α={alpha}, n0={n0}, {len(pixels)} held-out images"
+    plot_curves(points, str(directory / "curves.png"), title)
+    report = (
+        f"# Evaluation: {title}\n\n## Certified FCSB against ε\n\n{markdown_curves(points)}\n\n"
+        f"![certified curves](curves.png)\n\n## White-box PGD (l2, {attack.steps} steps, {attack.samples} noise "
+        f"samples per step, observed with {attack.observe})\n\n{markdown_attacks(summaries)}\n"
+    )
+    (directory / "report.md").write_text(report)
+    return results
