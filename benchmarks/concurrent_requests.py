@@ -68,7 +68,8 @@ def main() -> None:
     url = f"http://127.0.0.1:{port}"
     command = [sys.executable, "-m", "fsmllm.cli", "serve", "--model", "none", "--encoder", args.encoder,
                "--port", str(port), "--batch-size", str(args.batch_size), "--device", args.device,
-               "--cache-size", "0", "--max-n", str(args.n0 + args.n)]
+               "--cache-size", "0", "--default-n0", str(args.n0), "--default-n", str(args.n),
+               "--max-n", str(args.n0 + args.n)]
     if args.image_size:
         command += ["--image-size", str(args.image_size)]
     server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ})

@@ -179,12 +179,38 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_train_projector_parser(subparsers: argparse._SubParsersAction) -> None:
+    from fsmllm.lm.training import TrainConfig
+
+    defaults = TrainConfig()
+    parser = subparsers.add_parser(
+        "train-projector",
+        help="train the demo model's projector (encoder and LM frozen)",
+        description="Train the projector of fsmllm-demo on Fashion-MNIST and the bundled photos, from clean and "
+        "smoothed (σ) DINOv2 features; writes projector.json, projector.safetensors and training.json.",
+    )
+    for field, value in vars(defaults).items():
+        parser.add_argument(f"--{field.replace('_', '-')}", type=type(value), default=value)
+    parser.add_argument("--out", default="server/fsmllm/models/fsmllm-demo")
+    parser.add_argument("--no-progress", action="store_true")
+    parser.set_defaults(handler=_train_projector)
+
+
+def _train_projector(args: argparse.Namespace) -> int:
+    from fsmllm.lm.training import TrainConfig, train_projector
+
+    config = TrainConfig(**{k: getattr(args, k) for k in vars(TrainConfig())})
+    print(json.dumps(train_projector(config, args.out, progress=not args.no_progress), indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fsmllm", description="Certified multimodal inference (Feature-space Smoothing)")
     subparsers = parser.add_subparsers(dest="command", required=True)
     _add_certify_parser(subparsers)
     _add_serve_parser(subparsers)
     _add_evaluate_parser(subparsers)
+    _add_train_projector_parser(subparsers)
     return parser
 
 

@@ -111,15 +111,19 @@ async def chat_completions(request: Request, chat: ChatCompletionRequest) -> Any
 
     async def events() -> AsyncIterator[str]:
         loop = asyncio.get_running_loop()
-        tokens = runtime.stream(outcome.certificate, question, sampling)
+        stream = runtime.stream(outcome.certificate, question, sampling)
+        pieces = iter(stream)
         yield chunk({"role": "assistant", "content": ""})
         finished = object()
-        count = 0
-        while (piece := await loop.run_in_executor(runtime.lm_executor, next, tokens, finished)) is not finished:
-            count += 1
+        while (piece := await loop.run_in_executor(runtime.lm_executor, next, pieces, finished)) is not finished:
             yield chunk({"content": piece})
-        reason = "length" if count >= sampling.max_tokens else "stop"
-        yield chunk({}, reason, certificate=certificate.model_dump())
+        generation = stream.result()
+        usage = Usage(
+            prompt_tokens=generation.prompt_tokens,
+            completion_tokens=generation.completion_tokens,
+            total_tokens=generation.prompt_tokens + generation.completion_tokens,
+        )
+        yield chunk({}, generation.finish_reason, usage=usage.model_dump(), certificate=certificate.model_dump())
         yield "data: [DONE]\n\n"
 
     return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})

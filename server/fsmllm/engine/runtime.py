@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Protocol
@@ -22,7 +22,7 @@ from fsmllm.encoders.base import VisionEncoder
 from fsmllm.engine.certifier import Certifier, CertifyOutcome
 from fsmllm.engine.worker import DeviceWorker
 from fsmllm.images import to_pixels
-from fsmllm.lm.base import Generation, SamplingParams
+from fsmllm.lm.base import Generation, SamplingParams, TextStream
 
 
 class VisionLanguageModel(Protocol):
@@ -32,7 +32,7 @@ class VisionLanguageModel(Protocol):
 
     def generate(self, visual_tokens: torch.Tensor, prompt: str, params: SamplingParams) -> Generation: ...
 
-    def stream(self, visual_tokens: torch.Tensor, prompt: str, params: SamplingParams) -> Iterator[str]: ...
+    def stream(self, visual_tokens: torch.Tensor, prompt: str, params: SamplingParams) -> TextStream: ...
 
 
 class PolicyError(ValueError):
@@ -145,7 +145,7 @@ class Runtime:
         tokens = self.visual_tokens(certificate)
         return await loop.run_in_executor(self._lm_executor, self.model.generate, tokens, prompt, params)
 
-    def stream(self, certificate: Certificate, prompt: str, params: SamplingParams) -> Iterator[str]:
+    def stream(self, certificate: Certificate, prompt: str, params: SamplingParams) -> TextStream:
         """Token text as generated (consumed on the LM thread by the caller's iterator)."""
         if self.model is None:
             raise PolicyError("this deployment serves certificates only (model 'none'); use POST /certify")

@@ -67,6 +67,16 @@ class Generation:
         return len(self.token_ids)
 
 
+class TextStream(Protocol):
+    """A generation in progress: iterate for text pieces as they become final, then read :meth:`result`."""
+
+    def __iter__(self) -> Iterator[str]: ...
+
+    def result(self) -> Generation:
+        """The whole generation (valid once iteration has ended)."""
+        ...
+
+
 class LanguageBackend(Protocol):
     """A frozen causal language model that generates from prompt embeddings [L, H]."""
 
@@ -88,6 +98,6 @@ class LanguageBackend(Protocol):
         """Complete the prompt given as embeddings [L, H]."""
         ...
 
-    def stream(self, prompt_embeds: torch.Tensor, params: SamplingParams) -> Iterator[str]:
+    def stream(self, prompt_embeds: torch.Tensor, params: SamplingParams) -> TextStream:
         """Like :meth:`generate`, yielding text pieces as they become final (their concatenation is the text)."""
         ...

@@ -52,6 +52,8 @@ SAMPLE_PHOTO_PHRASES = {
 
 #: The question the demo model is trained to answer.
 QUESTION = "What is this?"
+#: The demo model's system message, in training and in serving (shorter than SmolLM2's default one).
+SYSTEM = "You answer questions about images."
 
 Split = Literal["train", "test"]
 

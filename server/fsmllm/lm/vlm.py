@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import torch
 
-from fsmllm.lm.base import Generation, LanguageBackend, SamplingParams
+from fsmllm.lm.base import Generation, LanguageBackend, SamplingParams, TextStream
 from fsmllm.lm.projector import Projector
 from fsmllm.lm.prompt import build_prompt_embeds, chat_prompt
 
@@ -52,6 +50,6 @@ class ProjectedVLM:
         """The answer to ``prompt`` about the image whose (smoothed) visual tokens are ``visual_tokens`` [T, W]."""
         return self.backend.generate(self.prompt_embeds(visual_tokens, prompt), params)
 
-    def stream(self, visual_tokens: torch.Tensor, prompt: str, params: SamplingParams) -> Iterator[str]:
+    def stream(self, visual_tokens: torch.Tensor, prompt: str, params: SamplingParams) -> TextStream:
         """Like :meth:`generate`, yielding the answer's text in pieces as they become final."""
         return self.backend.stream(self.prompt_embeds(visual_tokens, prompt), params)

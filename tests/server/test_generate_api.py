@@ -1,0 +1,131 @@
+"""/generate and the OpenAI-compatible chat route with the tiny test model, against a real server on loopback.
+
+The OpenAI route is driven by the official ``openai`` Python client, unchanged: the certificate rides in an
+extra field of the response.
+"""
+
+from __future__ import annotations
+
+import io
+
+import httpx
+import openai
+import pytest
+from PIL import Image
+
+from fsmllm.api.settings import Settings
+from fsmllm.certify import SmoothedEncoder
+from fsmllm.images import to_pixels
+from fsmllm.lm.base import SamplingParams
+from fsmllm.lm.models import load_model
+
+from .live import LiveServer, data_url, live_server, png_bytes
+
+PROMPT = "What is this?"
+
+
+@pytest.fixture(scope="module")
+def server() -> LiveServer:
+    settings = Settings(model="tiny-test", default_n0=20, default_n=100, batch_size=64, max_tokens_limit=64, _env_file=None)
+    with live_server(settings, model=load_model("tiny-test")) as live:
+        yield live
+
+
+def generate(server: LiveServer, **body) -> httpx.Response:
+    body.setdefault("image", data_url(png_bytes()))
+    body.setdefault("prompt", PROMPT)
+    return httpx.post(f"{server.url}/generate", json=body, timeout=60)
+
+
+def test_the_answer_is_generated_from_the_certified_smoothed_features(server: LiveServer) -> None:
+    image = png_bytes(3)
+    response = generate(server, image=data_url(image), seed=5, max_tokens=12, radius=[0.05, 0.1])
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["model"] == "tiny-test" and body["finish_reason"] in ("stop", "length")
+    assert body["completion_tokens"] >= 1 and body["prompt_tokens"] > 4
+    cert = body["certificate"]
+    assert cert["seed"] == 5 and [r["radius"] for r in cert["radii"]] == [0.05, 0.1]
+    assert body["timings"]["generate_ms"] > 0
+
+    # the same pipeline run by hand: core certificate -> smoothed tokens -> model
+    pixels = to_pixels(Image.open(io.BytesIO(image)), 16)
+    reference = SmoothedEncoder(server.runtime.encoder, 0.25).certify(pixels, n0=20, n=100, radii=[0.05, 0.1], seed=5)
+    assert cert["score_lower"] == pytest.approx(reference.score_lower, abs=1e-6)
+    tokens = reference.smoothed_feature.reshape(4, 16)
+    expected = server.runtime.model.generate(tokens, PROMPT, SamplingParams(max_tokens=12, seed=5))
+    assert body["answer"] == expected.text
+    assert body["completion_tokens"] == expected.completion_tokens
+
+
+def test_sampling_is_reproducible_with_a_seed_and_multipart_equals_json(server: LiveServer) -> None:
+    image = png_bytes(4)
+    first = generate(server, image=data_url(image), seed=9, temperature=1.0, top_p=0.9, max_tokens=10).json()
+    again = generate(server, image=data_url(image), seed=9, temperature=1.0, top_p=0.9, max_tokens=10).json()
+    assert first["answer"] == again["answer"]
+    form = {"prompt": PROMPT, "seed": "9", "temperature": "1.0", "top_p": "0.9", "max_tokens": "10"}
+    multipart = httpx.post(f"{server.url}/generate", files={"image": ("x.png", image, "image/png")}, data=form, timeout=60)
+    assert multipart.status_code == 200, multipart.text
+    assert multipart.json()["answer"] == first["answer"]
+
+
+def test_generate_streams_progress_then_the_result(server: LiveServer) -> None:
+    with httpx.stream("POST", f"{server.url}/generate", json={
+        "image": data_url(png_bytes()), "prompt": PROMPT, "stream": True, "n": 300, "seed": 1, "max_tokens": 4,
+    }, timeout=60) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        events = [line for line in response.iter_lines() if line.startswith("event:")]
+    assert events[0] == "event: progress" and events[-1] == "event: result"
+
+
+@pytest.mark.parametrize(
+    ("body", "fragment"),
+    [
+        ({"prompt": ""}, "prompt"),
+        ({"prompt": None}, "prompt"),
+        ({"max_tokens": 65}, "max_tokens"),
+        ({"temperature": -1}, "temperature"),
+        ({"top_p": 0}, "top_p"),
+        ({"stop": [""]}, "stop"),
+    ],
+)
+def test_bad_generation_parameters_get_422(server: LiveServer, body: dict, fragment: str) -> None:
+    response = generate(server, **body)
+    assert response.status_code == 422, response.text
+    assert fragment in response.json()["error"]["message"]
+
+
+def test_openai_client_works_unchanged_and_gets_the_certificate(server: LiveServer) -> None:
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+    messages = [{"role": "user", "content": [
+        {"type": "text", "text": PROMPT},
+        {"type": "image_url", "image_url": {"url": data_url(png_bytes(6))}},
+    ]}]
+    completion = client.chat.completions.create(model="tiny-test", messages=messages, max_tokens=8, seed=11)
+    answer = completion.choices[0].message.content
+    direct = generate(server, image=data_url(png_bytes(6)), seed=11, max_tokens=8).json()
+    assert answer == direct["answer"]
+    assert completion.usage.completion_tokens == direct["completion_tokens"]
+    certificate = completion.model_extra["certificate"]
+    assert certificate["seed"] == 11 and certificate["radii"] == direct["certificate"]["radii"]
+
+    chunks = list(client.chat.completions.create(
+        model="tiny-test", messages=messages, max_tokens=8, seed=11, stream=True,
+    ))
+    streamed = "".join(chunk.choices[0].delta.content or "" for chunk in chunks if chunk.choices)
+    assert streamed == answer
+    last = chunks[-1]
+    assert last.choices[0].finish_reason == completion.choices[0].finish_reason
+    assert last.model_extra["certificate"]["radii"] == certificate["radii"]
+
+    with pytest.raises(openai.NotFoundError, match="not served"):
+        client.chat.completions.create(model="gpt-4o", messages=messages, max_tokens=4)
+    with pytest.raises(openai.UnprocessableEntityError):
+        client.chat.completions.create(model="tiny-test", messages=[{"role": "user", "content": PROMPT}], max_tokens=4)
+
+
+def test_certificate_only_deployments_refuse_generation_clearly() -> None:
+    with live_server() as live:  # model "none"
+        response = httpx.post(f"{live.url}/generate", json={"image": data_url(png_bytes()), "prompt": PROMPT}, timeout=30)
+        assert response.status_code == 422
+        assert "/certify" in response.json()["error"]["message"]
