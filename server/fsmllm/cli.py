@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import sys
@@ -10,7 +11,8 @@ from collections.abc import Sequence
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a model hub: every weight ships in a package
 
-from fsmllm.certify import BOUND_METHODS, Certificate  # noqa: E402
+from fsmllm.certify import BOUND_METHODS, Certificate, CosineClassifier  # noqa: E402
+from fsmllm.encoders.base import VisionEncoder  # noqa: E402
 
 
 def _add_certify_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -26,37 +28,40 @@ def _add_certify_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("image", help="an image file, or sample:NAME for a bundled photo (sample:chelsea is a cat)")
     parser.add_argument("--encoder", default="dinov2-s", help="encoder name (see --list-encoders) or hf:/path")
     parser.add_argument("--image-size", type=int, default=None, help="encoder input size S (default: the encoder's)")
-    parser.add_argument("--sigma", type=float, default=0.25, help="noise level σ (l2 per pixel value, default 0.25)")
-    parser.add_argument("--radius", type=float, nargs="+", default=[0.1, 0.25, 0.5], help="radii ε to certify")
     parser.add_argument(
         "--target-cos", type=float, nargs="*", default=[], help="also print the largest radius keeping these cosines"
     )
+    parser.add_argument(
+        "--booster", default="none", help="Gaussian Smoothness Booster: a shipped name, a folder, or none"
+    )
+    parser.add_argument("--classify", action="store_true", help="also certify the encoder's cosine classifier")
+    _add_smoothing_arguments(parser)
+    parser.set_defaults(handler=_certify)
+
+
+def _add_smoothing_arguments(parser: argparse.ArgumentParser) -> None:
+    """The Monte Carlo and output options shared by ``certify`` and ``generate``."""
+    parser.add_argument("--sigma", type=float, default=0.25, help="noise level σ (l2 per pixel value, default 0.25)")
+    parser.add_argument("--radius", type=float, nargs="+", default=[0.1, 0.25, 0.5], help="radii ε to certify")
     parser.add_argument("--n0", type=int, default=100, help="selection samples (fix the direction)")
     parser.add_argument("--n", type=int, default=1000, help="estimation samples (bound the score)")
     parser.add_argument("--alpha", type=float, default=0.001, help="failure probability of the certificate")
     parser.add_argument("--bound", choices=BOUND_METHODS, default="empirical-bernstein", help="confidence bound")
-    parser.add_argument("--booster", default="none", help="Gaussian Smoothness Booster in front of the encoder")
-    parser.add_argument("--classify", action="store_true", help="also certify the encoder's cosine classifier")
     parser.add_argument("--batch-size", type=int, default=32, help="noisy images per encoder batch")
     parser.add_argument("--seed", type=int, default=None, help="noise seed (default: random, printed)")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     parser.add_argument("--json", action="store_true", help="print the certificate as JSON")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    parser.set_defaults(handler=_certify)
 
 
-def _certify(args: argparse.Namespace) -> int:
+def _smooth(args: argparse.Namespace, encoder: VisionEncoder, image: str, classifier: CosineClassifier | None = None) -> tuple[Certificate, tuple[int, ...]]:
+    """Certify ``image`` with ``encoder`` under the smoothing options, with a progress bar on stderr."""
     from tqdm import tqdm
 
     from fsmllm.certify import SmoothedEncoder
-    from fsmllm.encoders import load_classifier, load_encoder
     from fsmllm.images import load_image, to_pixels
 
-    if args.booster != "none":
-        raise SystemExit("error: no booster is available yet; use --booster none")
-    encoder = load_encoder(args.encoder, image_size=args.image_size, device=args.device)
-    classifier = load_classifier(args.encoder) if args.classify else None
-    pixels = to_pixels(load_image(args.image), encoder.image_size)
+    pixels = to_pixels(load_image(image), encoder.image_size)
     smoother = SmoothedEncoder(encoder, args.sigma, batch_size=args.batch_size, device=args.device)
     with tqdm(
         total=args.n0 + args.n, unit="sample", desc="sampling", disable=args.no_progress, file=sys.stderr
@@ -72,18 +77,30 @@ def _certify(args: argparse.Namespace) -> int:
             classifier=classifier,
             progress=bar.update,
         )
+    return cert, tuple(pixels.shape)
+
+
+def _certify(args: argparse.Namespace) -> int:
+    from fsmllm.encoders import load_classifier, load_encoder
+
+    from fsmllm.booster import load_booster
+
+    base = load_encoder(args.encoder, image_size=args.image_size, device=args.device)
+    encoder = load_booster(args.booster, base)
+    classifier = load_classifier(args.encoder) if args.classify else None
+    cert, shape = _smooth(args, encoder, args.image, classifier)
     radii_for_targets = {target: cert.certified_radius(target) for target in args.target_cos}
     if args.json:
         summary = cert.to_dict() | {
-            "encoder": encoder.name,
+            "encoder": base.name,
             "booster": args.booster,
             "image": args.image,
-            "input_shape": list(pixels.shape),
+            "input_shape": list(shape),
             "certified_radius": [{"target_cos": t, "radius": r} for t, r in radii_for_targets.items()],
         }
         print(json.dumps(summary, indent=2))
     else:
-        print(_format_table(cert, encoder.name, args.booster, tuple(pixels.shape), radii_for_targets))
+        print(_format_table(cert, base.name, args.booster, shape, radii_for_targets))
     return 0
 
 
@@ -179,28 +196,98 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_train_projector_parser(subparsers: argparse._SubParsersAction) -> None:
+def _add_training_parser(
+    subparsers: argparse._SubParsersAction,
+    name: str,
+    config_cls: type,
+    train: str,
+    out: str,
+    help: str,
+    description: str,
+    resumable: bool = False,
+) -> None:
+    """A training subcommand whose flags are the fields of the dataclass ``config_cls`` (``--steps`` ...)."""
+    parser = subparsers.add_parser(name, help=help, description=description)
+    for field, value in vars(config_cls()).items():
+        parser.add_argument(f"--{field.replace('_', '-')}", type=type(value), default=value)
+    parser.add_argument("--out", default=out, help=f"output folder (default {out})")
+    parser.add_argument("--no-progress", action="store_true")
+    if resumable:
+        parser.add_argument("--stop-at", type=int, default=None, help="stop after this step, keeping the checkpoint")
+
+    def handler(args: argparse.Namespace) -> int:
+        module, function = train.rsplit(".", 1)
+        config = config_cls(**{k: getattr(args, k) for k in vars(config_cls())})
+        options = {"stop_at": args.stop_at} if resumable else {}
+        summary = getattr(importlib.import_module(module), function)(
+            config, args.out, progress=not args.no_progress, **options
+        )
+        print(json.dumps(summary, indent=2))
+        return 0
+
+    parser.set_defaults(handler=handler)
+
+
+def _add_training_parsers(subparsers: argparse._SubParsersAction) -> None:
+    from fsmllm.booster.training import BoosterTrainConfig
     from fsmllm.lm.training import TrainConfig
 
-    defaults = TrainConfig()
-    parser = subparsers.add_parser(
-        "train-projector",
+    _add_training_parser(
+        subparsers, "train-projector", TrainConfig, "fsmllm.lm.training.train_projector",
+        "server/fsmllm/models/fsmllm-demo",
         help="train the demo model's projector (encoder and LM frozen)",
         description="Train the projector of fsmllm-demo on Fashion-MNIST and the bundled photos, from clean and "
         "smoothed (σ) DINOv2 features; writes projector.json, projector.safetensors and training.json.",
     )
-    for field, value in vars(defaults).items():
-        parser.add_argument(f"--{field.replace('_', '-')}", type=type(value), default=value)
-    parser.add_argument("--out", default="server/fsmllm/models/fsmllm-demo")
-    parser.add_argument("--no-progress", action="store_true")
-    parser.set_defaults(handler=_train_projector)
+    _add_training_parser(
+        subparsers, "train-booster", BoosterTrainConfig, "fsmllm.booster.training.train_booster",
+        "boosters/gsb-dinov2-s-0.25",
+        help="train a Gaussian Smoothness Booster (encoder, projector and LM frozen)",
+        description="Train a purifier + smoothness mapper in front of / behind the frozen encoder at noise level "
+        "σ, to raise the Gaussian robustness score (and so the certificate) while keeping answers right; writes "
+        "booster.json, booster.safetensors and training.json (checkpoints every --checkpoint-every steps, resumed "
+        "on restart). Ship it under server/fsmllm/models/boosters/NAME to use it as --booster NAME.",
+        resumable=True,
+    )
 
 
-def _train_projector(args: argparse.Namespace) -> int:
-    from fsmllm.lm.training import TrainConfig, train_projector
+def _add_generate_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "generate",
+        help="answer a question about an image from its smoothed features, with the certificate",
+        description="Smooth and certify the model's encoder at IMAGE, then answer PROMPT from the smoothed features.",
+    )
+    parser.add_argument("image", help="an image file, or sample:NAME for a bundled photo")
+    parser.add_argument("prompt", help="the question, e.g. 'What is this?'")
+    parser.add_argument("--model", default="fsmllm-demo", help="named model")
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--booster", default="none", help="Gaussian Smoothness Booster name or folder, or none")
+    _add_smoothing_arguments(parser)
+    parser.set_defaults(handler=_generate)
 
-    config = TrainConfig(**{k: getattr(args, k) for k in vars(TrainConfig())})
-    print(json.dumps(train_projector(config, args.out, progress=not args.no_progress), indent=2))
+
+def _generate(args: argparse.Namespace) -> int:
+    from fsmllm.encoders import load_encoder
+    from fsmllm.lm.base import SamplingParams
+    from fsmllm.lm.models import load_model, model_spec
+
+    spec = model_spec(args.model)
+    params = SamplingParams(args.max_tokens, args.temperature, args.top_p, args.seed)
+    from fsmllm.booster import load_booster
+
+    encoder = load_booster(args.booster, load_encoder(spec.encoder, image_size=spec.image_size, device=args.device))
+    model = load_model(args.model, device=args.device)
+    cert, shape = _smooth(args, encoder, args.image)
+    answer = model.generate(cert.smoothed_feature.reshape(encoder.num_tokens, encoder.token_dim), args.prompt, params)
+    if args.json:
+        print(json.dumps({"model": spec.name, "answer": answer.text, "finish_reason": answer.finish_reason,
+                          "certificate": cert.to_dict() | {"encoder": spec.encoder, "booster": args.booster,
+                                                           "input_shape": list(shape)}}, indent=2))
+    else:
+        print(f"answer: {answer.text}\n")
+        print(_format_table(cert, spec.encoder, args.booster, shape, {}))
     return 0
 
 
@@ -208,9 +295,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fsmllm", description="Certified multimodal inference (Feature-space Smoothing)")
     subparsers = parser.add_subparsers(dest="command", required=True)
     _add_certify_parser(subparsers)
+    _add_generate_parser(subparsers)
     _add_serve_parser(subparsers)
     _add_evaluate_parser(subparsers)
-    _add_train_projector_parser(subparsers)
+    _add_training_parsers(subparsers)
     return parser
 
 

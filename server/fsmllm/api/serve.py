@@ -11,6 +11,8 @@ from fsmllm.api.metrics import Metrics
 from fsmllm.api.settings import Settings
 from fsmllm.engine.runtime import Policy, Runtime
 
+log = logging.getLogger("fsmllm.serve")
+
 
 def policy_from(settings: Settings) -> Policy:
     return Policy(
@@ -26,7 +28,9 @@ def policy_from(settings: Settings) -> Policy:
 
 
 def build_runtime(settings: Settings, metrics: Metrics) -> Runtime:
-    """Load the named model's encoder (or ``settings.encoder`` when given), its projector and language model."""
+    """Load the named model's encoder (or ``settings.encoder`` when given) behind ``settings.booster``, and the
+    model's projector and language model."""
+    from fsmllm.booster import load_booster
     from fsmllm.encoders import load_encoder
     from fsmllm.lm.models import load_model, model_spec
 
@@ -40,9 +44,13 @@ def build_runtime(settings: Settings, metrics: Metrics) -> Runtime:
             raise ValueError(f"model {spec.name!r} was trained at {spec.image_size} px, not {image_size}")
         encoder_name, image_size = spec.encoder, spec.image_size
         model = load_model(settings.model, device=settings.device, backend=settings.lm_backend)
-    encoder = load_encoder(encoder_name, image_size=image_size, device=settings.device)
-    if settings.booster != "none":
-        raise ValueError("no booster is available yet; use --booster none")
+    encoder = load_booster(settings.booster, load_encoder(encoder_name, image_size=image_size, device=settings.device))
+    trained_for = getattr(getattr(encoder, "booster", None), "config", None)
+    if trained_for is not None and trained_for.sigma != settings.default_sigma:
+        log.warning(
+            "booster %s was trained at sigma %g, the default sigma is %g: certificates stay valid, but the booster "
+            "helps most at the sigma it was trained for", settings.booster, trained_for.sigma, settings.default_sigma,
+        )
     return Runtime(
         encoder,
         policy_from(settings),

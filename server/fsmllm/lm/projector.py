@@ -9,16 +9,15 @@ per-position embedding (the 17 tokens of the demo encoder are a CLS token and a 
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
-CONFIG_FILE = "projector.json"
-WEIGHTS_FILE = "projector.safetensors"
+from fsmllm.weights import load_weights, read_config, save_module
+
+STEM = "projector"
 
 
 @dataclass(frozen=True)
@@ -41,7 +40,8 @@ class Projector(nn.Module):
     def __init__(self, config: ProjectorConfig) -> None:
         super().__init__()
         self.config = config
-        self.norm = nn.LayerNorm(config.token_dim)
+        # eps far below the variance of a unit feature's entries (~1/(T·W)), so that the scale drops out
+        self.norm = nn.LayerNorm(config.token_dim, eps=1e-10)
         self.fc1 = nn.Linear(config.token_dim, config.hidden_size)
         self.act = nn.GELU()
         self.fc2 = nn.Linear(config.hidden_size, config.hidden_size)
@@ -55,21 +55,14 @@ class Projector(nn.Module):
 
     def save(self, directory: str | Path) -> Path:
         """Write ``projector.json`` (config) and ``projector.safetensors`` (float32 weights) into ``directory``."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        (directory / CONFIG_FILE).write_text(json.dumps(asdict(self.config), indent=2) + "\n")
-        weights = {name: value.detach().float().cpu().contiguous() for name, value in self.state_dict().items()}
-        save_file(weights, directory / WEIGHTS_FILE)
-        return directory
+        return save_module(self, asdict(self.config), directory, STEM)
 
     @classmethod
     def load(cls, directory: str | Path, device: str | torch.device = "cpu") -> Projector:
         """A projector saved by :meth:`save`, in eval mode on ``device``."""
-        directory = Path(directory)
-        config = ProjectorConfig(**json.loads((directory / CONFIG_FILE).read_text()))
-        projector = cls(config)
-        projector.load_state_dict(load_file(directory / WEIGHTS_FILE))
-        return projector.to(device).eval()
+        projector = cls(ProjectorConfig(**read_config(directory, STEM)))
+        load_weights(projector, directory, STEM, device)
+        return projector
 
 
 def unit_feature_tokens(tokens: torch.Tensor) -> torch.Tensor:

@@ -29,10 +29,9 @@ from fsmllm.lm.data import (
     QUESTION,
     SAMPLE_PHOTO_PHRASES,
     SYSTEM,
-    answer_for,
     grey_to_pixels,
     load_fashion_mnist,
-    sample_photo_set,
+    training_set,
 )
 from fsmllm.lm.llm_loader import ensure_converted
 from fsmllm.lm.projector import Projector, ProjectorConfig, unit_feature_tokens
@@ -74,16 +73,6 @@ def encode_features(
     return torch.cat(clean), torch.cat(smoothed)
 
 
-def _dataset(config: TrainConfig) -> tuple[torch.Tensor, list[str]]:
-    images, labels = load_fashion_mnist("train")
-    rng = np.random.default_rng(config.seed)
-    chosen = rng.choice(len(images), size=config.train_images, replace=False)
-    photos, photo_answers = sample_photo_set(config.image_size, config.photo_copies, rng)
-    pixels = torch.cat([grey_to_pixels(images[chosen], config.image_size), photos])
-    answers = [answer_for(FASHION_MNIST_PHRASES[int(k)]) for k in labels[chosen]] + photo_answers
-    return pixels, answers
-
-
 def cached_features(config: TrainConfig) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """The training set's clean and smoothed features and answers, computed once per data configuration."""
     key = {k: v for k, v in asdict(config).items() if k not in ("steps", "batch_size", "lr")}
@@ -92,7 +81,7 @@ def cached_features(config: TrainConfig) -> tuple[torch.Tensor, torch.Tensor, li
     if path.is_file():
         saved = torch.load(path)
         return saved["clean"], saved["smoothed"], saved["answers"]
-    pixels, answers = _dataset(config)
+    pixels, answers = training_set(config.image_size, config.train_images, config.photo_copies, config.seed)
     encoder = load_encoder(config.encoder, image_size=config.image_size).eval()
     clean, smoothed = encode_features(encoder, pixels, config.sigma, config.copies, config.seed)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -100,7 +89,15 @@ def cached_features(config: TrainConfig) -> tuple[torch.Tensor, torch.Tensor, li
     return clean, smoothed, answers
 
 
-def _answer_batch(
+def warmup_cosine(optimiser: torch.optim.Optimizer, steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up over the first tenth of ``steps``, then cosine decay to zero."""
+    warmup = max(1, steps // 10)
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimiser, lambda step: min(1.0, (step + 1) / warmup) * 0.5 * (1 + np.cos(np.pi * step / steps))
+    )
+
+
+def answer_batch(
     backend: TransformersBackend, layout_ids: tuple[Sequence[int], Sequence[int]], image_embeds: torch.Tensor,
     answers: Sequence[list[int]],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -136,10 +133,7 @@ def train_projector(config: TrainConfig, out: str | Path, progress: bool = True)
     answer_ids = [list(tokenizer(a, add_special_tokens=False)["input_ids"]) + [tokenizer.eos_token_id] for a in answers]
     projector = Projector(ProjectorConfig(clean.shape[1], clean.shape[2], backend.hidden_size))
     optimiser = torch.optim.AdamW(projector.parameters(), lr=config.lr, weight_decay=0.01)
-    warmup = max(1, config.steps // 10)  # linear warm-up, then cosine decay to zero
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimiser, lambda step: min(1.0, (step + 1) / warmup) * 0.5 * (1 + np.cos(np.pi * step / config.steps))
-    )
+    schedule = warmup_cosine(optimiser, config.steps)
     generator = torch.Generator().manual_seed(config.seed)
     losses: list[float] = []
     bar = tqdm(range(config.steps), desc="train-projector", disable=not progress)
@@ -147,7 +141,7 @@ def train_projector(config: TrainConfig, out: str | Path, progress: bool = True)
         index = torch.randint(len(answers), (config.batch_size,), generator=generator)
         use_smoothed = torch.rand(config.batch_size, generator=generator) < 0.5
         features = torch.where(use_smoothed[:, None, None], smoothed[index], clean[index])
-        embeds, mask, labels = _answer_batch(
+        embeds, mask, labels = answer_batch(
             backend, (layout.prefix_ids, layout.suffix_ids), projector(features), [answer_ids[i] for i in index]
         )
         loss = backend.model(inputs_embeds=embeds, attention_mask=mask, labels=labels).loss
@@ -181,19 +175,25 @@ def label_accuracy(
 
 
 def evaluate_projector(
-    model: ProjectedVLM, images: int = 100, sigma: float = 0.25, copies: int = 64, seed: int = 1
+    model: ProjectedVLM,
+    images: int = 100,
+    sigma: float = 0.25,
+    copies: int = 64,
+    seed: int = 1,
+    encoder: VisionEncoder | None = None,
 ) -> dict[str, object]:
     """Held-out accuracy of the generated label, from clean features and from smoothed ones (``copies`` draws),
-    on Fashion-MNIST *test* images and the bundled photos (whole, uncropped)."""
+    on Fashion-MNIST *test* images and the bundled photos (whole, uncropped). ``encoder`` defaults to the
+    demo's DINOv2-S at 112 px; pass a boosted one to measure a booster's effect on the answers."""
     from fsmllm.images import load_image, to_pixels
 
     test_images, test_labels = load_fashion_mnist("test")
     chosen = np.random.default_rng(seed).choice(len(test_images), size=images, replace=False)
-    encoder = load_encoder("dinov2-s", image_size=112).eval()
-    pixels = grey_to_pixels(test_images[chosen], 112)
+    encoder = encoder if encoder is not None else load_encoder("dinov2-s", image_size=112).eval()
+    pixels = grey_to_pixels(test_images[chosen], encoder.image_size)
     phrases = [FASHION_MNIST_PHRASES[int(k)] for k in test_labels[chosen]]
     clean, smoothed = encode_features(encoder, pixels, sigma, copies, seed)
-    photo_pixels = torch.stack([to_pixels(load_image(f"sample:{name}"), 112) for name in SAMPLE_PHOTO_PHRASES])
+    photo_pixels = torch.stack([to_pixels(load_image(f"sample:{name}"), encoder.image_size) for name in SAMPLE_PHOTO_PHRASES])
     photo_clean, photo_smoothed = encode_features(encoder, photo_pixels, sigma, copies, seed)
     clean_accuracy, _ = label_accuracy(model, clean, phrases)
     smoothed_accuracy, _ = label_accuracy(model, smoothed, phrases)

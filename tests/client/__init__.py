@@ -1,0 +1,1 @@
+"""Tests of the Python client and its CLI, against a real server on loopback."""

@@ -1,0 +1,97 @@
+"""The transformers backend, the prompt layout and the projector, on the tiny test model (real transformers code)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fsmllm.lm.base import SamplingParams
+from fsmllm.lm.models import load_model, model_spec
+from fsmllm.lm.projector import Projector, ProjectorConfig, unit_feature_tokens
+from fsmllm.lm.prompt import IMAGE_PLACEHOLDER, build_prompt_embeds, chat_prompt
+
+
+@pytest.fixture(scope="module")
+def model():
+    return load_model("tiny-test")
+
+
+def tokens(seed: int = 0) -> torch.Tensor:
+    return torch.randn(4, 16, generator=torch.Generator().manual_seed(seed))
+
+
+def test_greedy_equals_transformers_generate(model) -> None:
+    embeds = model.prompt_embeds(tokens(), "What is this?")
+    ours = model.backend.generate(embeds, SamplingParams(max_tokens=10))
+    with torch.inference_mode():
+        reference = model.backend.model.generate(
+            inputs_embeds=embeds[None], attention_mask=torch.ones(1, embeds.shape[0], dtype=torch.long),
+            max_new_tokens=10, do_sample=False, pad_token_id=model.backend.tokenizer.eos_token_id,
+        )
+    assert list(ours.token_ids) == reference[0].tolist()[: len(ours.token_ids)]
+    assert ours.prompt_tokens == embeds.shape[0]
+
+
+def test_sampling_is_seeded_and_differs_across_seeds(model) -> None:
+    params = SamplingParams(max_tokens=12, temperature=1.0, top_p=0.95, seed=3)
+    a = model.generate(tokens(), "What is this?", params)
+    b = model.generate(tokens(), "What is this?", params)
+    c = model.generate(tokens(), "What is this?", SamplingParams(max_tokens=12, temperature=1.0, top_p=0.95, seed=4))
+    assert a == b and a.token_ids != c.token_ids
+
+
+def test_max_tokens_and_finish_reason(model) -> None:
+    result = model.generate(tokens(), "What is this?", SamplingParams(max_tokens=5))
+    assert result.completion_tokens == 5 and result.finish_reason == "length"
+
+
+def test_stop_string_cuts_the_text_and_ends_generation(model) -> None:
+    full = model.generate(tokens(1), "What is this?", SamplingParams(max_tokens=12))
+    stop = full.text[len(full.text) // 2 : len(full.text) // 2 + 2]
+    assert stop.strip(), full.text
+    cut = model.generate(tokens(1), "What is this?", SamplingParams(max_tokens=12, stop=(stop,)))
+    assert cut.finish_reason == "stop" and stop not in cut.text
+    assert full.text.startswith(cut.text) and len(cut.text) == full.text.find(stop)
+
+
+def test_stream_pieces_concatenate_to_the_generated_text(model) -> None:
+    params = SamplingParams(max_tokens=12, temperature=0.8, seed=1)
+    stream = model.stream(tokens(2), "Describe it.", params)
+    pieces = list(stream)
+    assert "".join(pieces) == model.generate(tokens(2), "Describe it.", params).text
+    assert stream.result() == model.generate(tokens(2), "Describe it.", params)
+
+
+def test_prompt_layout_splices_the_image_tokens(model) -> None:
+    tokenizer = model.backend.tokenizer
+    layout = chat_prompt(tokenizer, "What is this?", 4)
+    text = tokenizer.decode(list(layout.prefix_ids) + list(layout.suffix_ids))
+    assert "What is this?" in text and "assistant" in text
+    image = torch.randn(2, 4, 32)
+    embeds = build_prompt_embeds(layout, image, model.backend.embed_tokens)
+    assert embeds.shape == (2, layout.length, 32)
+    assert torch.equal(embeds[:, layout.image_slice], image)
+    with pytest.raises(ValueError, match="reserved"):
+        chat_prompt(tokenizer, f"look {IMAGE_PLACEHOLDER}", 4)
+    with pytest.raises(ValueError, match="visual tokens"):
+        model.prompt_embeds(torch.randn(5, 16), "What is this?")
+
+
+def test_projector_round_trip_and_scale_invariance(tmp_path) -> None:
+    projector = Projector(ProjectorConfig(num_tokens=4, token_dim=16, hidden_size=8))
+    loaded = Projector.load(projector.save(tmp_path))
+    x = torch.randn(3, 4, 16)
+    assert torch.equal(projector.eval()(x), loaded(x))
+    unit = unit_feature_tokens(x)
+    assert torch.allclose(unit.flatten(1).norm(dim=1), torch.ones(3))
+    # a smoothed feature is a shrunk mean of unit features: the per-token LayerNorm reads it like a clean one
+    assert torch.allclose(loaded(unit), loaded(0.3 * unit), atol=1e-4)
+
+
+def test_unknown_models_and_backends_are_named_errors() -> None:
+    with pytest.raises(ValueError, match="fsmllm-demo"):
+        model_spec("llava-13b")
+    with pytest.raises(ValueError, match="backend"):
+        load_model("tiny-test", backend="onnx")
+    with pytest.raises(ValueError):
+        SamplingParams(max_tokens=0)
