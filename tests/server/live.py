@@ -18,6 +18,7 @@ from fsmllm.api.app import create_app
 from fsmllm.api.metrics import Metrics
 from fsmllm.api.serve import policy_from
 from fsmllm.api.settings import Settings
+from fsmllm.booster import load_booster
 from fsmllm.encoders import load_encoder
 from fsmllm.engine.runtime import Runtime, VisionLanguageModel
 
@@ -32,17 +33,23 @@ class LiveServer:
 
 @contextmanager
 def live_server(
-    settings: Settings | None = None, model: VisionLanguageModel | None = None, encoder_name: str = "tiny-cnn"
+    settings: Settings | None = None,
+    model: VisionLanguageModel | None = None,
+    encoder_name: str = "tiny-cnn",
+    image_size: int = 16,
+    booster: str = "none",
 ) -> Iterator[LiveServer]:
-    """Start a server on 127.0.0.1 (a free port) with a tiny encoder; stop it (gracefully) on exit."""
+    """Start a server on 127.0.0.1 (a free port), by default with a tiny encoder at 16 px; stop it (gracefully)
+    on exit. ``booster``: a booster name or folder put in front of the encoder."""
     settings = settings or Settings(model="none", default_n0=20, default_n=100, batch_size=64, _env_file=None)
     metrics = Metrics()
-    encoder = load_encoder(encoder_name, image_size=16)
+    encoder = load_booster(booster, load_encoder(encoder_name, image_size=image_size))
     runtime = Runtime(
         encoder,
         policy_from(settings),
         model=model,
-        model_name="tiny-test" if model is not None else "none",
+        model_name=getattr(model, "name", "none"),
+        booster=booster,
         batch_size=settings.batch_size,
         queue_capacity=settings.queue_capacity,
         timeout_s=settings.request_timeout_s,

@@ -10,6 +10,7 @@ from fsmllm.api.app import create_app
 from fsmllm.api.metrics import Metrics
 from fsmllm.api.settings import Settings
 from fsmllm.engine.runtime import Policy, Runtime
+from fsmllm.lm.vllm_backend import VllmOptions
 
 log = logging.getLogger("fsmllm.serve")
 
@@ -24,6 +25,17 @@ def policy_from(settings: Settings) -> Policy:
         max_n=settings.max_n,
         max_radii=settings.max_radii,
         max_tokens=settings.max_tokens_limit,
+    )
+
+
+def vllm_options(settings: Settings) -> VllmOptions:
+    """The ``vllm_*`` settings as engine options of the vllm backend."""
+    return VllmOptions(
+        dtype=settings.vllm_dtype,
+        max_model_len=settings.vllm_max_model_len,
+        kv_cache_bytes=settings.vllm_kv_cache_bytes,
+        enforce_eager=settings.vllm_enforce_eager,
+        tensor_parallel_size=settings.vllm_tensor_parallel_size,
     )
 
 
@@ -43,7 +55,7 @@ def build_runtime(settings: Settings, metrics: Metrics) -> Runtime:
         if image_size is not None and image_size != spec.image_size:
             raise ValueError(f"model {spec.name!r} was trained at {spec.image_size} px, not {image_size}")
         encoder_name, image_size = spec.encoder, spec.image_size
-        model = load_model(settings.model, device=settings.device, backend=settings.lm_backend)
+        model = load_model(settings.model, settings.device, settings.lm_backend, vllm_options(settings))
     encoder = load_booster(settings.booster, load_encoder(encoder_name, image_size=image_size, device=settings.device))
     trained_for = getattr(getattr(encoder, "booster", None), "config", None)
     if trained_for is not None and trained_for.sigma != settings.default_sigma:

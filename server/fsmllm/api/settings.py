@@ -21,6 +21,11 @@ class Settings(BaseSettings):
     booster: str = Field("none", description="Gaussian Smoothness Booster name or path, or 'none'")
     lm_backend: Literal["transformers", "vllm"] = Field("transformers", description="language-model backend")
     device: str = Field("cpu", description="torch device of the encoder worker: cpu, cuda, cuda:1, ...")
+    vllm_dtype: str = Field("auto", description="vllm backend: weight dtype (auto, float16, bfloat16, float32)")
+    vllm_max_model_len: int = Field(2048, ge=64, description="vllm backend: longest prompt + answer in tokens")
+    vllm_kv_cache_bytes: int | None = Field(None, ge=1, description="vllm backend: KV cache size; default vLLM's share")
+    vllm_enforce_eager: bool = Field(False, description="vllm backend: no CUDA graphs (faster start, slower decode)")
+    vllm_tensor_parallel_size: int = Field(1, ge=1, description="vllm backend: GPUs to split the language model over")
 
     # HTTP
     host: str = Field("127.0.0.1", description="address to bind; 0.0.0.0 to listen on every interface")
@@ -73,6 +78,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             options["choices"] = list(get_args(kind))
         elif get_origin(kind) is list:
             options.update(type=get_args(kind)[0], nargs="+")
+        elif kind is bool:
+            options["action"] = argparse.BooleanOptionalAction
         elif kind in (int, float):
             options["type"] = kind
         elif int in get_args(kind):  # int | None

@@ -14,14 +14,19 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
+from fsmllm.lm.base import LanguageBackend
 from fsmllm.lm.data import SYSTEM
 from fsmllm.lm.llm_loader import ensure_converted
 from fsmllm.lm.projector import Projector, ProjectorConfig
 from fsmllm.lm.transformers_backend import TransformersBackend
 from fsmllm.lm.vlm import ProjectedVLM
+
+if TYPE_CHECKING:
+    from fsmllm.lm.vllm_backend import VllmOptions
 
 BACKENDS = ("transformers", "vllm")
 
@@ -39,23 +44,23 @@ class ModelSpec:
     encoder: str
     image_size: int
     description: str
-    load: Callable[[torch.device, str], ProjectedVLM]
+    load: Callable[[torch.device, str, VllmOptions | None], ProjectedVLM]
 
 
-def _backend(directory: Path, device: torch.device, backend: str) -> TransformersBackend:
+def _backend(directory: Path, device: torch.device, backend: str, options: VllmOptions | None) -> LanguageBackend:
     if backend == "vllm":
         from fsmllm.lm.vllm_backend import VllmBackend
 
-        return VllmBackend.from_pretrained(directory)  # type: ignore[return-value]
+        return VllmBackend.from_pretrained(directory, options)
     return TransformersBackend.from_pretrained(directory, device=device)
 
 
-def _load_demo(device: torch.device, backend: str) -> ProjectedVLM:
+def _load_demo(device: torch.device, backend: str, options: VllmOptions | None) -> ProjectedVLM:
     projector = Projector.load(shipped_model_dir("fsmllm-demo"), device=device)
-    return ProjectedVLM("fsmllm-demo", projector, _backend(ensure_converted(), device, backend), system=SYSTEM)
+    return ProjectedVLM("fsmllm-demo", projector, _backend(ensure_converted(), device, backend, options), system=SYSTEM)
 
 
-def _load_tiny(device: torch.device, backend: str) -> ProjectedVLM:
+def _load_tiny(device: torch.device, backend: str, options: VllmOptions | None) -> ProjectedVLM:
     if backend != "transformers":
         raise ValueError("the tiny-test model runs on the transformers backend only")
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
@@ -103,11 +108,17 @@ def model_spec(name: str) -> ModelSpec:
         raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)} (or 'none')") from None
 
 
-def load_model(name: str = "fsmllm-demo", device: str | torch.device = "cpu", backend: str = "transformers") -> ProjectedVLM:
-    """The named model's projector and language model on ``device`` behind ``backend``.
+def load_model(
+    name: str = "fsmllm-demo",
+    device: str | torch.device = "cpu",
+    backend: str = "transformers",
+    vllm_options: VllmOptions | None = None,
+) -> ProjectedVLM:
+    """The named model's projector and language model on ``device`` behind ``backend`` (``vllm_options``: the
+    engine options of the ``vllm`` backend).
 
     The encoder is not loaded here: whoever computes the (smoothed) visual tokens owns it (``spec.encoder``).
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown language-model backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-    return model_spec(name).load(torch.device(device), backend)
+    return model_spec(name).load(torch.device(device), backend, vllm_options)
