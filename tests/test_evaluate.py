@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 import torch.nn.functional as F
+
+from fsmllm.booster.training import BoosterTrainConfig, train_booster
 
 from fsmllm.attacks import unit_features
 from fsmllm.encoders import load_encoder
 from fsmllm.evaluate import AttackSettings, attack_image, certified_curve, run, summarise
+from fsmllm.lm.data import FASHION_MNIST_DIR
 
 
 def test_pgd_beats_random_noise_and_smoothed_attacks_respect_the_certificate() -> None:
@@ -42,10 +46,19 @@ def test_certified_curve_falls_with_the_radius() -> None:
     assert all(p.q10 <= p.median <= p.q90 for p in points)
 
 
+@pytest.mark.skipif(not FASHION_MNIST_DIR.is_dir(), reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
 def test_run_writes_the_report(tmp_path) -> None:
-    results = run("tiny-cnn", [], [0.25], [200], [0.1], images=2, attack_images=1, attack=AttackSettings(steps=2),
-                  n0=50, alpha=0.01, model_name=None, out=str(tmp_path), progress=lambda _: None)
+    booster = tmp_path / "booster"
+    train_booster(
+        BoosterTrainConfig(encoder="tiny-cnn", image_size=32, model="none", fashion_images=0, photo_crops=2, steps=3,
+                           width=4, mapper_hidden=8), booster, progress=False,
+    )
+    results = run("tiny-cnn", [str(booster)], [0.25], [200], [0.1], images=2, attack_images=1,
+                  attack=AttackSettings(steps=2), n0=50, alpha=0.01, model_name=None, out=str(tmp_path / "report"),
+                  progress=lambda _: None)
+    tmp_path = tmp_path / "report"
     saved = json.loads((tmp_path / "results.json").read_text())
-    assert saved["curves"] == results["curves"] and len(saved["curves"]) == 1
+    assert saved["curves"] == results["curves"] and len(saved["curves"]) == 2
+    assert {curve["setting"] for curve in saved["curves"]} == {"FS", f"FS+{booster}"}
     assert (tmp_path / "curves.png").stat().st_size > 5000
     assert "White-box PGD" in (tmp_path / "report.md").read_text()
