@@ -135,7 +135,8 @@ def test_full_queue_is_overloaded_then_retried_until_admitted() -> None:
 
         thread = threading.Thread(target=hog)
         thread.start()
-        while live.runtime.worker.depth == 0:
+        deadline = time.monotonic() + 10
+        while live.runtime.worker.depth == 0 and time.monotonic() < deadline:
             time.sleep(0.01)
         with Client(live.url, max_retries=0) as impatient, pytest.raises(Overloaded) as refused:
             impatient.certify(png_bytes())
@@ -176,14 +177,13 @@ def test_retry_honours_retry_after_and_caps_the_sleep() -> None:
     assert refused.value.retry_after == 120 and refused.value.request_id == "r1"
 
     async def async_health() -> str:
-        async_transport = httpx.MockTransport(_flaky("0", failures=2)[0].handler)
-        async with AsyncClient("http://fsmllm.test", transport=async_transport) as client:
+        async with AsyncClient("http://fsmllm.test", transport=_flaky("0", failures=2)[0]) as client:
             return (await client.health()).status
 
     assert asyncio.run(async_health()) == "ok"
 
 
-def test_api_key() -> None:
+def test_api_key(image_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
     settings = Settings(model="none", default_n0=20, default_n=100, api_key="s3cret", _env_file=None)
     with live_server(settings) as live:
         with Client(live.url) as anonymous:
@@ -194,18 +194,19 @@ def test_api_key() -> None:
         with Client(live.url, api_key="s3cret") as client:
             assert client.models().data[0].encoder == "tiny-cnn"
             assert client.certify(png_bytes(), seed=2).certificate.seed == 2
-        assert main(["--url", live.url, "--api-key", "wrong", "certify", "-", "--json"]) == 1
+        assert main(["--url", live.url, "--api-key", "wrong", "certify", str(image_file), "--json"]) == 1
+        assert "HTTP 401: missing or wrong API key" in capsys.readouterr().err
 
 
 def test_generate_and_chat_match_the_server(lm_server: LiveServer) -> None:
-    expected = raw(lm_server, "/generate", image=data_url(png_bytes(6)), prompt=PROMPT, seed=11, max_tokens=8).json()
     seen: list[tuple[int, int]] = []
-    with Client(lm_server.url) as client:
+    with Client(lm_server.url) as client:  # first, so that the certificate is not served from the cache
         result = client.generate(png_bytes(6), PROMPT, seed=11, max_tokens=8, progress=lambda d, t: seen.append((d, t)))
         chat = client.chat([user_message(PROMPT, png_bytes(6))], model="tiny-test", seed=11, max_tokens=8)
         card = client.models().data[0]
+    expected = raw(lm_server, "/generate", image=data_url(png_bytes(6)), prompt=PROMPT, seed=11, max_tokens=8).json()
     assert result.answer == expected["answer"] and result.model == "tiny-test"
-    assert result.certificate.radii == [r for r in chat.certificate.radii]
+    assert result.certificate.radii == chat.certificate.radii
     assert seen and seen[-1][0] == seen[-1][1] == 120
     assert chat.content == expected["answer"] and chat.usage.completion_tokens == expected["completion_tokens"]
     assert card.id == "tiny-test" and card.allowed_sigmas == [0.25, 0.5]

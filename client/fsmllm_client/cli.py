@@ -1,0 +1,171 @@
+"""fsmllm-client: certify images and ask questions about them on a running fsmllm server."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+from fsmllm_client._protocol import DEFAULT_URL
+from fsmllm_client.client import Client
+from fsmllm_client.errors import FsmllmError
+from fsmllm_client.models import Certificate
+from fsmllm_client.plot import PlotUnavailable, plot_certificate, radius_grid, require_matplotlib
+
+#: the server's default radii (when a request names none) and its default max_radii per request
+SERVER_DEFAULT_RADII = (0.1, 0.25, 0.5)
+SERVER_MAX_RADII = 32
+#: radii of the dense grid that --plot asks for in addition to the requested ones
+PLOT_POINTS = 21
+
+
+def _add_certification_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--sigma", type=float, help="noise level σ (one of the server's allowed sigmas)")
+    parser.add_argument("--n0", type=int, help="selection samples")
+    parser.add_argument("--n", type=int, help="estimation samples")
+    parser.add_argument("--alpha", type=float, help="failure probability of the certificate")
+    parser.add_argument("--seed", type=int, help="noise seed (the same seed reproduces the certificate)")
+    parser.add_argument("--json", action="store_true", help="print the server's JSON answer (no progress bar)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``fsmllm-client``."""
+    parser = argparse.ArgumentParser(prog="fsmllm-client", description=__doc__)
+    parser.add_argument("--url", default=os.environ.get("FSMLLM_URL", DEFAULT_URL), help="server URL (env FSMLLM_URL)")
+    parser.add_argument("--api-key", default=os.environ.get("FSMLLM_API_KEY"), help="bearer token (env FSMLLM_API_KEY)")
+    parser.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    commands.add_parser("health", help="liveness and readiness of the server")
+
+    certify = commands.add_parser("certify", help="the certificate of an image: certified FCSB at each radius")
+    certify.add_argument("image", help="image file (PNG, JPEG, WebP, GIF, BMP, TIFF)")
+    target = certify.add_mutually_exclusive_group()
+    target.add_argument("--radius", type=float, nargs="+", help="l2 radii ε (server default 0.1 0.25 0.5)")
+    target.add_argument("--target-cosine", type=float, help="also find the largest radius certified at this cosine")
+    _add_certification_arguments(certify)
+    certify.add_argument("--plot", metavar="PNG", help="draw certified and estimated FCSB against radius")
+
+    generate = commands.add_parser("generate", help="answer a question about an image, with the certificate")
+    generate.add_argument("image", help="image file")
+    generate.add_argument("prompt", help="the question, e.g. 'What is this?'")
+    generate.add_argument("--max-tokens", type=int, help="largest number of new tokens")
+    generate.add_argument("--temperature", type=float, help="0 = greedy")
+    generate.add_argument("--top-p", type=float)
+    generate.add_argument("--stop", nargs="+", help="stop strings")
+    generate.add_argument("--radius", type=float, nargs="+", help="l2 radii ε to certify")
+    _add_certification_arguments(generate)
+    return parser
+
+
+@contextmanager
+def _progress_bar(enabled: bool) -> Iterator[Callable[[int, int], None] | None]:
+    """A progress callback drawing a tqdm bar on stderr (``None`` when disabled or tqdm is missing)."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        enabled = False
+    if not enabled:
+        yield None
+        return
+    bars: list[Any] = []
+
+    def update(done: int, total: int) -> None:
+        if not bars:
+            bars.append(tqdm(total=total, unit="sample", desc="noise samples", file=sys.stderr, leave=False))
+        bars[0].update(done - bars[0].n)
+
+    try:
+        yield update
+    finally:
+        for progress_bar in bars:
+            progress_bar.close()
+
+
+def _number(value: float | None) -> str:
+    return "abstain" if value is None else f"{value:.4f}"
+
+
+def _print_certificate(certificate: Certificate, shown: Sequence[float] | None) -> None:
+    c = certificate
+    print(f"encoder {c.encoder}, booster {c.booster}, input {c.input_size} px")
+    print(f"σ={c.sigma:g}  n0={c.n0}  n={c.n}  α={c.alpha:g} ({c.bound})  seed={c.seed}{'  (cached)' if c.cached else ''}")
+    print(f"robustness score S: estimate {c.score_estimate:.4f}, lower bound {c.score_lower:.4f}")
+    print(f"{'radius ε':>10}  {'certified FCSB':>15}  {'estimated FCSB':>15}")
+    for bound in c.radii:
+        if shown is None or any(abs(bound.radius - r) < 1e-9 for r in shown):
+            print(f"{bound.radius:>10.4g}  {_number(bound.certified_fcsb):>15}  {bound.estimated_fcsb:>15.4f}")
+    if c.certified_radius is not None:
+        radius = c.certified_radius.radius
+        print(f"certified radius at cosine ≥ {c.certified_radius.target_cos:g}: {'none' if radius is None else f'{radius:.4g}'}")
+
+
+def _certify(client: Client, args: argparse.Namespace) -> int:
+    requested = args.radius
+    radii = requested
+    if args.plot:
+        require_matplotlib()
+        sigma = args.sigma if args.sigma is not None else client.models().data[0].defaults["sigma"]
+        requested = requested or list(SERVER_DEFAULT_RADII)
+        grid = radius_grid(sigma, min(PLOT_POINTS, SERVER_MAX_RADII - len(requested)))
+        radii = sorted(set(requested) | set(grid))
+    options: dict[str, Any] = {"radii": radii, "target_cosine": args.target_cosine, "sigma": args.sigma, "n0": args.n0, "n": args.n, "alpha": args.alpha, "seed": args.seed}
+    with _progress_bar(not args.json) as progress:
+        options["progress"] = progress  # None: no stream
+        result = client.certify(args.image, **options)
+    if args.plot:
+        plot_certificate(result.certificate, args.plot, requested)
+    if args.json:
+        print(result.model_dump_json(indent=2))
+    else:
+        _print_certificate(result.certificate, requested)
+        if args.plot:
+            print(f"plot written to {args.plot}")
+    return 0
+
+
+def _generate(client: Client, args: argparse.Namespace) -> int:
+    options: dict[str, Any] = {
+        "max_tokens": args.max_tokens, "temperature": args.temperature, "top_p": args.top_p, "stop": args.stop,
+        "radii": args.radius, "sigma": args.sigma, "n0": args.n0, "n": args.n, "alpha": args.alpha, "seed": args.seed,
+    }
+    with _progress_bar(not args.json) as progress:
+        options["progress"] = progress  # None: no stream
+        result = client.generate(args.image, args.prompt, **options)
+    if args.json:
+        print(result.model_dump_json(indent=2))
+    else:
+        print(result.answer)
+        print(f"({result.model}, {result.completion_tokens} tokens, finish: {result.finish_reason})\n")
+        _print_certificate(result.certificate, None)
+    return 0
+
+
+def _health(client: Client) -> int:
+    print(f"health: {client.health().status}")
+    readiness = client.ready()
+    details = f" (model {readiness.model}, encoder {readiness.encoder})" if readiness.ready else ""
+    print(f"ready: {readiness.status}{details}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``fsmllm-client``; the exit code is 1 with the server's message on stderr when a request fails."""
+    args = build_parser().parse_args(argv)
+    try:
+        with Client(args.url, api_key=args.api_key, timeout=args.timeout) as client:
+            if args.command == "certify":
+                return _certify(client, args)
+            if args.command == "generate":
+                return _generate(client, args)
+            return _health(client)
+    except (FsmllmError, PlotUnavailable, OSError) as error:
+        print(f"fsmllm-client: error: {error}", file=sys.stderr)
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

