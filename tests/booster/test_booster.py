@@ -18,6 +18,7 @@ from fsmllm.certify import SmoothedEncoder
 from fsmllm.cli import main
 from fsmllm.encoders import load_encoder
 from fsmllm.images import load_image, to_pixels
+from fsmllm.lm.data import FASHION_MNIST_DIR
 
 SIZE = 32
 
@@ -182,3 +183,17 @@ def test_shipped_boosters_load_and_raise_the_score(name: str) -> None:
     base = SmoothedEncoder(dinov2, sigma, batch_size=50).certify(x, **options)
     better = SmoothedEncoder(boosted, sigma, batch_size=50).certify(x, **options)
     assert better.score_estimate > base.score_estimate
+
+
+@pytest.mark.skipif(not FASHION_MNIST_DIR.is_dir(), reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
+def test_the_utility_term_backpropagates_through_the_frozen_language_model(tmp_path: Path) -> None:
+    """With tiny-test (tiny-cnn at 16 px -> projector -> 2-layer Llama) and only the utility term, the answer's
+    cross-entropy is the loss and its gradient reaches the purifier's zero-initialised last layer."""
+    config = tiny_config(encoder="tiny-cnn", image_size=16, model="tiny-test", fashion_images=16, photo_crops=1,
+                         steps=4, weight_smooth=0.0, weight_clean=0.0, weight_utility=1.0)
+    summary = train_booster(config, tmp_path / "b", progress=False)
+    assert summary["labelled_examples"] == 16
+    assert summary["first_20"]["utility"] > 1.0  # a random LM is far from the answers
+    assert summary["first_20"]["loss"] == pytest.approx(summary["first_20"]["utility"])
+    weights = Booster.load(tmp_path / "b").state_dict()
+    assert any(float(value.abs().max()) > 0 for key, value in weights.items() if key.startswith("purifier.head.2"))

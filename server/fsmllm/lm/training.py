@@ -113,13 +113,12 @@ def answer_batch(
         labels.append(label)
     length = max(s.shape[0] for s in sequences)
     mask = torch.zeros(len(sequences), length, dtype=torch.long)
-    padded = torch.zeros(len(sequences), length, sequences[0].shape[1])
+    padded = torch.nn.utils.rnn.pad_sequence(sequences, batch_first=True)
     padded_labels = torch.full((len(sequences), length), -100)
     for i, (sequence, label) in enumerate(zip(sequences, labels)):
-        padded[i, : len(sequence)] = sequence
         mask[i, : len(sequence)] = 1
         padded_labels[i, : len(label)] = label
-    return padded, mask, padded_labels
+    return padded, mask.to(padded.device), padded_labels.to(padded.device)
 
 
 def train_projector(config: TrainConfig, out: str | Path, progress: bool = True) -> dict[str, object]:
