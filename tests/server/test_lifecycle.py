@@ -23,7 +23,7 @@ def _free_port() -> int:
 
 def _start(port: int) -> subprocess.Popen[bytes]:
     command = [sys.executable, "-m", "fsmllm.cli", "serve", "--model", "none", "--encoder", "tiny-cnn",
-               "--image-size", "16", "--port", str(port), "--batch-size", "8", "--max-n", "1000000"]
+               "--image-size", "16", "--port", str(port), "--batch-size", "32", "--max-n", "1000000"]
     server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ})
     deadline = time.monotonic() + 60
     while True:

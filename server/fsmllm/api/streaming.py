@@ -58,19 +58,29 @@ def progress_stream(
 
     async def events() -> AsyncIterator[str]:
         task = asyncio.ensure_future(work(on_progress))
+        last = (0, 0)
         try:
             while not task.done():
                 waiter = asyncio.ensure_future(updates.get())
                 await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
                 if waiter.done():
-                    done, total = waiter.result()
-                    yield sse("progress", {"done": done, "total": total})
+                    last = waiter.result()
+                    yield sse("progress", {"done": last[0], "total": last[1]})
                 else:
                     waiter.cancel()
             try:
-                yield sse("result", task.result())
+                result = task.result()
             except Exception as error:  # noqa: BLE001 - the stream has started: report in-band
                 yield sse("error", describe_error(error))
+                return
+            # updates still queued when the work finished, and the final count: the work is complete, so every
+            # sample is done even if the worker's last callback has not reached this loop yet
+            while not updates.empty():
+                last = updates.get_nowait()
+                yield sse("progress", {"done": last[0], "total": last[1]})
+            if last[1] and last[0] != last[1]:
+                yield sse("progress", {"done": last[1], "total": last[1]})
+            yield sse("result", result)
         finally:
             task.cancel()
 
