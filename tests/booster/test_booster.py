@@ -178,22 +178,12 @@ def test_shipped_boosters_load_and_raise_the_score(name: str) -> None:
     boosted = load_booster(name, dinov2)
     sigma = boosted.booster.config.sigma
     assert math.isclose(sigma, float(name.rsplit("-", 1)[1]))
-    x = to_pixels(load_image("sample:coffee"), 112)  # an evaluation photo, never a booster training image
-    options = dict(n0=50, n=300, alpha=0.001, radii=(0.1,), seed=0)
-    base = SmoothedEncoder(dinov2, sigma, batch_size=50).certify(x, **options)
-    better = SmoothedEncoder(boosted, sigma, batch_size=50).certify(x, **options)
-    assert better.score_estimate > base.score_estimate
-
-
-@pytest.mark.skipif(not FASHION_MNIST_DIR.is_dir(), reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
-def test_the_utility_term_backpropagates_through_the_frozen_language_model(tmp_path: Path) -> None:
-    """With tiny-test (tiny-cnn at 16 px -> projector -> 2-layer Llama) and only the utility term, the answer's
-    cross-entropy is the loss and its gradient reaches the purifier's zero-initialised last layer."""
-    config = tiny_config(encoder="tiny-cnn", image_size=16, model="tiny-test", fashion_images=16, photo_crops=1,
-                         steps=4, weight_smooth=0.0, weight_clean=0.0, weight_utility=1.0)
-    summary = train_booster(config, tmp_path / "b", progress=False)
-    assert summary["labelled_examples"] == 16
-    assert summary["first_20"]["utility"] > 1.0  # a random LM is far from the answers
-    assert summary["first_20"]["loss"] == pytest.approx(summary["first_20"]["utility"])
-    weights = Booster.load(tmp_path / "b").state_dict()
-    assert any(float(value.abs().max()) > 0 for key, value in weights.items() if key.startswith("purifier.head.2"))
+    # evaluation photos, never booster training images; the mean score over them must rise (docs/booster-card.md:
+    # +0.010 at σ = 0.25, +0.005 at σ = 0.5 over ten held-out images)
+    scores = {"base": [], "boosted": []}
+    for name in ("chelsea", "coffee", "rocket"):
+        x = to_pixels(load_image(f"sample:{name}"), 112)
+        options = dict(n0=50, n=250, alpha=0.001, radii=(0.1,), seed=0)
+        scores["base"].append(SmoothedEncoder(dinov2, sigma, batch_size=50).certify(x, **options).score_estimate)
+        scores["boosted"].append(SmoothedEncoder(boosted, sigma, batch_size=50).certify(x, **options).score_estimate)
+    assert sum(scores["boosted"]) > sum(scores["base"]), scores
