@@ -80,19 +80,24 @@ def _smooth(args: argparse.Namespace, encoder: VisionEncoder, image: str, classi
     return cert, tuple(pixels.shape)
 
 
-def _certify(args: argparse.Namespace) -> int:
-    from fsmllm.encoders import load_classifier, load_encoder
-
+def _boosted_encoder(name: str, image_size: int | None, booster: str, device: str) -> VisionEncoder:
+    """The encoder ``name`` behind ``booster`` (``"none"``: the encoder itself) on ``device``."""
     from fsmllm.booster import load_booster
+    from fsmllm.encoders import load_encoder
 
-    base = load_encoder(args.encoder, image_size=args.image_size, device=args.device)
-    encoder = load_booster(args.booster, base)
+    return load_booster(booster, load_encoder(name, image_size=image_size, device=device))
+
+
+def _certify(args: argparse.Namespace) -> int:
+    from fsmllm.encoders import load_classifier
+
+    encoder = _boosted_encoder(args.encoder, args.image_size, args.booster, args.device)
     classifier = load_classifier(args.encoder) if args.classify else None
     cert, shape = _smooth(args, encoder, args.image, classifier)
     radii_for_targets = {target: cert.certified_radius(target) for target in args.target_cos}
     if args.json:
         summary = cert.to_dict() | {
-            "encoder": base.name,
+            "encoder": encoder.name,
             "booster": args.booster,
             "image": args.image,
             "input_shape": list(shape),
@@ -100,7 +105,7 @@ def _certify(args: argparse.Namespace) -> int:
         }
         print(json.dumps(summary, indent=2))
     else:
-        print(_format_table(cert, base.name, args.booster, shape, radii_for_targets))
+        print(_format_table(cert, encoder.name, args.booster, shape, radii_for_targets))
     return 0
 
 
@@ -269,15 +274,12 @@ def _add_generate_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from fsmllm.encoders import load_encoder
     from fsmllm.lm.base import SamplingParams
     from fsmllm.lm.models import load_model, model_spec
 
     spec = model_spec(args.model)
     params = SamplingParams(args.max_tokens, args.temperature, args.top_p, args.seed)
-    from fsmllm.booster import load_booster
-
-    encoder = load_booster(args.booster, load_encoder(spec.encoder, image_size=spec.image_size, device=args.device))
+    encoder = _boosted_encoder(spec.encoder, spec.image_size, args.booster, args.device)
     model = load_model(args.model, device=args.device)
     cert, shape = _smooth(args, encoder, args.image)
     answer = model.generate(cert.smoothed_feature.reshape(encoder.num_tokens, encoder.token_dim), args.prompt, params)

@@ -42,7 +42,7 @@ def vllm_options(settings: Settings) -> VllmOptions:
 def build_runtime(settings: Settings, metrics: Metrics) -> Runtime:
     """Load the named model's encoder (or ``settings.encoder`` when given) behind ``settings.booster``, and the
     model's projector and language model."""
-    from fsmllm.booster import load_booster
+    from fsmllm.booster import BoostedEncoder, load_booster
     from fsmllm.encoders import load_encoder
     from fsmllm.lm.models import load_model, model_spec
 
@@ -57,11 +57,11 @@ def build_runtime(settings: Settings, metrics: Metrics) -> Runtime:
         encoder_name, image_size = spec.encoder, spec.image_size
         model = load_model(settings.model, settings.device, settings.lm_backend, vllm_options(settings))
     encoder = load_booster(settings.booster, load_encoder(encoder_name, image_size=image_size, device=settings.device))
-    trained_for = getattr(getattr(encoder, "booster", None), "config", None)
-    if trained_for is not None and trained_for.sigma != settings.default_sigma:
+    if isinstance(encoder, BoostedEncoder) and encoder.booster.config.sigma != settings.default_sigma:
         log.warning(
             "booster %s was trained at sigma %g, the default sigma is %g: certificates stay valid, but the booster "
-            "helps most at the sigma it was trained for", settings.booster, trained_for.sigma, settings.default_sigma,
+            "helps most at the sigma it was trained for", settings.booster, encoder.booster.config.sigma,
+            settings.default_sigma,
         )
     return Runtime(
         encoder,

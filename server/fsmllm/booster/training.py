@@ -30,14 +30,7 @@ from tqdm import tqdm
 from fsmllm.booster.boosted import BoostedEncoder
 from fsmllm.booster.modules import Booster, BoosterConfig
 from fsmllm.encoders import VisionEncoder, load_encoder
-from fsmllm.lm.data import (
-    FASHION_MNIST_PHRASES,
-    QUESTION,
-    answer_for,
-    augmented_photo,
-    grey_to_pixels,
-    load_fashion_mnist,
-)
+from fsmllm.lm.data import QUESTION, augmented_photo, fashion_train_set
 from fsmllm.lm.projector import unit_feature_tokens
 from fsmllm.lm.prompt import chat_prompt
 from fsmllm.lm.training import answer_batch, warmup_cosine
@@ -96,10 +89,9 @@ def booster_training_set(config: BoosterTrainConfig) -> tuple[torch.Tensor, list
     pixels: list[torch.Tensor] = []
     answers: list[str | None] = []
     if config.fashion_images:
-        images, labels = load_fashion_mnist("train")
-        chosen = rng.choice(len(images), size=config.fashion_images, replace=False)
-        pixels.append(grey_to_pixels(images[chosen], config.image_size))
-        answers.extend(answer_for(FASHION_MNIST_PHRASES[int(k)]) for k in labels[chosen])
+        fashion, labelled = fashion_train_set(config.image_size, config.fashion_images, rng)
+        pixels.append(fashion)
+        answers.extend(labelled)
     for name in TRAINING_PHOTOS:
         photo = Image.fromarray(getattr(data, name)()).convert("RGB")
         pixels.append(torch.stack([augmented_photo(photo, config.image_size, rng) for _ in range(config.photo_crops)]))

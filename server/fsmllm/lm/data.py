@@ -113,13 +113,17 @@ def sample_photo_set(size: int, per_photo: int, rng: np.random.Generator) -> tup
     return torch.stack(pixels), answers
 
 
+def fashion_train_set(size: int, count: int, rng: np.random.Generator) -> tuple[torch.Tensor, list[str]]:
+    """``count`` random Fashion-MNIST *train* images as pixels [count, 3, size, size], with their answers."""
+    images, labels = load_fashion_mnist("train")
+    chosen = rng.choice(len(images), size=count, replace=False)
+    return grey_to_pixels(images[chosen], size), [answer_for(FASHION_MNIST_PHRASES[int(k)]) for k in labels[chosen]]
+
+
 def training_set(size: int, fashion_images: int, photo_copies: int, seed: int) -> tuple[torch.Tensor, list[str]]:
     """``fashion_images`` random Fashion-MNIST *train* images and ``photo_copies`` views of each bundled photo,
     as pixels [N, 3, size, size] with their answers (the demo model's training set)."""
-    images, labels = load_fashion_mnist("train")
     rng = np.random.default_rng(seed)
-    chosen = rng.choice(len(images), size=fashion_images, replace=False)
+    fashion, answers = fashion_train_set(size, fashion_images, rng)
     photos, photo_answers = sample_photo_set(size, photo_copies, rng)
-    pixels = torch.cat([grey_to_pixels(images[chosen], size), photos])
-    answers = [answer_for(FASHION_MNIST_PHRASES[int(k)]) for k in labels[chosen]] + photo_answers
-    return pixels, answers
+    return torch.cat([fashion, photos]), answers + photo_answers
