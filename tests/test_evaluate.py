@@ -10,10 +10,12 @@ import torch.nn.functional as F
 
 from fsmllm.booster.training import BoosterTrainConfig, train_booster
 
-from fsmllm.attacks import unit_features
+from fsmllm.attacks import feature_space_attack, unit_features
 from fsmllm.encoders import load_encoder
-from fsmllm.evaluate import AttackSettings, attack_image, certified_curve, run, summarise
-from fsmllm.lm.data import FASHION_MNIST_DIR
+from fsmllm.evaluate import AttackSettings, attack_image, certified_curve, run, summarise, target_phrase
+from fsmllm.lm.data import FASHION_MNIST_DIR, answer_for
+from fsmllm.lm.models import load_model
+from fsmllm.lm.training import answer_loss
 
 
 def test_pgd_beats_random_noise_and_smoothed_attacks_respect_the_certificate() -> None:
@@ -34,7 +36,44 @@ def test_pgd_beats_random_noise_and_smoothed_attacks_respect_the_certificate() -
     assert any(r.certified_fcsb is not None for r in smoothed)
     assert not any(r.below_certificate for r in smoothed)
     summaries = summarise(rows)
-    assert [(s.defence, s.radius) for s in summaries] == [("none", 0.1), ("none", 2.0), ("FS", 0.1), ("FS", 2.0)]
+    assert [(s.defence, s.goal, s.radius) for s in summaries] == [
+        ("none", "feature", 0.1), ("none", "feature", 2.0), ("FS", "feature", 0.1), ("FS", "feature", 2.0)
+    ]
+
+
+def test_the_targeted_answer_attack_lowers_the_target_loss_and_the_certificate_still_holds() -> None:
+    model = load_model("tiny-test")
+    encoder = load_encoder("tiny-cnn", image_size=16)
+    x = torch.rand(3, 16, 16, generator=torch.Generator().manual_seed(1))
+    target = [answer_for(target_phrase("a pullover"))]
+    assert target == ["A photo of a dress."]
+
+    def loss(image: torch.Tensor) -> float:
+        with torch.no_grad():
+            feature = unit_features(encoder, image[None])[0].reshape(1, encoder.num_tokens, encoder.token_dim)
+            return float(answer_loss(model, feature, target))
+
+    adversarial = feature_space_attack(
+        encoder, x, 2.0, lambda f: answer_loss(model, f.reshape(1, encoder.num_tokens, encoder.token_dim), target),
+        steps=15,
+    )
+    noise = torch.randn(3, 16, 16, generator=torch.Generator().manual_seed(2))
+    assert float((adversarial - x).norm()) <= 2.0 + 1e-4
+    # the tiny random LM barely reads the image (loss ≈ log V); the attack must still move it the right way
+    assert loss(adversarial) < min(loss(x), loss((x + 2.0 * noise / noise.norm()).clamp(0, 1)))
+
+    rows = attack_image(
+        0, x, {"none": None, "FS": encoder}, encoder, 0.25, [0.1, 1.0], AttackSettings(steps=5, samples=8, observe=512),
+        n0=100, n=1000, alpha=0.001, seed=0, model=model, answer="a pullover", goals=("feature", "answer"),
+    )
+    answer_rows = [r for r in rows if r.goal == "answer"]
+    assert len(answer_rows) == 4 and all(r.target == "a dress" and r.names_target is not None for r in answer_rows)
+    assert not any(r.below_certificate for r in rows)
+    summaries = summarise(rows)
+    assert {(s.defence, s.goal) for s in summaries} == {(d, g) for d in ("none", "FS") for g in ("feature", "answer")}
+    assert all((s.targeted_success_rate is None) == (s.goal == "feature") for s in summaries)
+    with pytest.raises(ValueError, match="needs a language model"):
+        attack_image(0, x, {"none": None}, encoder, 0.25, [0.1], AttackSettings(steps=1), 50, 100, 0.01, 0, goals=("answer",))
 
 
 def test_certified_curve_falls_with_the_radius() -> None:

@@ -1,9 +1,11 @@
 """White-box l2 attacks on (smoothed) encoders, used to test certificates and to evaluate robustness.
 
 :func:`pgd_l2` is projected gradient descent in the l2 ball of radius ε around x intersected with the pixel
-box [0, 1] (Madry et al. 2018), with normalised-gradient steps. :func:`feature_attack` applies it to the
-cosine between the clean and the perturbed feature, either of the base encoder or of the smoothed encoder
-estimated with a fixed number of noise samples per step (expectation over transformation, Athalye et al. 2018).
+box [0, 1] (Madry et al. 2018), with normalised-gradient steps. :func:`feature_space_attack` applies it to
+any objective of the feature the defence hands on: the base encoder's, or the smoothed encoder's estimated with
+a fixed number of noise samples per step (expectation over transformation, Athalye et al. 2018).
+:func:`feature_attack` is the untargeted goal (the cosine between clean and perturbed features); the
+targeted-answer goal (a language model's cross-entropy of a chosen answer) is in :mod:`fsmllm.evaluate`.
 """
 
 from __future__ import annotations
@@ -72,6 +74,39 @@ def unit_features(encode: Encode, batch: torch.Tensor) -> torch.Tensor:
     return F.normalize(encode(batch).reshape(batch.shape[0], -1).float(), dim=1)
 
 
+def feature_space_attack(
+    encode: Encode,
+    x: torch.Tensor,
+    eps: float,
+    objective: Callable[[torch.Tensor], torch.Tensor],
+    sigma: float | None = None,
+    samples: int = 8,
+    steps: int = 20,
+    seed: int = 0,
+    restarts: int = 1,
+) -> torch.Tensor:
+    """PGD (:func:`pgd_l2`) minimising ``objective`` of the feature of x' the defence hands on.
+
+    Without ``sigma`` that is the base encoder's unit feature u(f(x')); with it, the smoothed feature
+    F(x') = E[u(f(x' + δ))], estimated at each step from ``samples`` fresh noisy copies (expectation over the
+    noise). ``objective`` maps the flattened feature [D] to a scalar.
+    """
+    generator = torch.Generator(device=x.device).manual_seed(seed)
+
+    def loss(candidate: torch.Tensor) -> torch.Tensor:
+        return objective(unit_features(encode, noisy_copies(candidate, sigma, samples, generator)).mean(0))
+
+    return pgd_l2(loss, x, eps, steps=steps, seed=seed, restarts=restarts)
+
+
+def noisy_copies(image: torch.Tensor, sigma: float | None, count: int, generator: torch.Generator) -> torch.Tensor:
+    """``count`` copies x + σδ [count, ...] (δ standard normal from ``generator``); just [x] without ``sigma``."""
+    if sigma is None:
+        return image[None]
+    noise = torch.randn((count, *image.shape), generator=generator, device=image.device, dtype=image.dtype)
+    return image[None] + sigma * noise
+
+
 def feature_attack(
     encode: Encode,
     x: torch.Tensor,
@@ -88,22 +123,12 @@ def feature_attack(
     from ``samples`` fresh noisy copies (expectation over the noise) and minimises its cosine with the
     smoothed feature of x, estimated once from ``4 * samples`` copies. ``restarts``: see :func:`pgd_l2`.
     """
-    generator = torch.Generator(device=x.device).manual_seed(seed)
-
-    def noisy(image: torch.Tensor, count: int) -> torch.Tensor:
-        if sigma is None:
-            return image[None]
-        noise = torch.randn((count, *image.shape), generator=generator, device=image.device, dtype=image.dtype)
-        return image[None] + sigma * noise
-
+    generator = torch.Generator(device=x.device).manual_seed(seed + 1)
     with torch.no_grad():
-        clean = unit_features(encode, noisy(x, 4 * samples)).mean(0)
-
-    def cosine_to_clean(candidate: torch.Tensor) -> torch.Tensor:
-        feature = unit_features(encode, noisy(candidate, samples)).mean(0)
-        return F.cosine_similarity(feature, clean, dim=0)
-
-    return pgd_l2(cosine_to_clean, x, eps, steps=steps, seed=seed, restarts=restarts)
+        clean = unit_features(encode, noisy_copies(x, sigma, 4 * samples, generator)).mean(0)
+    return feature_space_attack(
+        encode, x, eps, lambda feature: F.cosine_similarity(feature, clean, dim=0), sigma, samples, steps, seed, restarts
+    )
 
 
 def smoothed_feature(

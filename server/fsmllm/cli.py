@@ -184,6 +184,10 @@ def _add_evaluate_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--attack-steps", type=int, default=10)
     parser.add_argument("--attack-samples", type=int, default=8)
     parser.add_argument("--model", default=None, help="also compare generated answers (e.g. fsmllm-demo)")
+    parser.add_argument(
+        "--attack-goals", nargs="+", choices=["feature", "answer"], default=None,
+        help="untargeted feature distortion and/or targeted wrong answer (default: both with --model, else feature)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="eval-out")
     parser.set_defaults(handler=_evaluate)
@@ -195,7 +199,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     run(
         args.encoder, args.booster, args.sigma, args.n, args.radius, args.images, args.attack_images,
         AttackSettings(steps=args.attack_steps, samples=args.attack_samples), args.n0, args.alpha, args.model,
-        args.out, seed=args.seed, progress=lambda line: print(line, file=sys.stderr),
+        args.out, seed=args.seed, progress=lambda line: print(line, file=sys.stderr), goals=args.attack_goals,
     )
     print(open(f"{args.out}/report.md").read())
     return 0
@@ -214,8 +218,12 @@ def _add_training_parser(
     """A training subcommand whose flags are the fields of the dataclass ``config_cls`` (``--steps`` ...)."""
     parser = subparsers.add_parser(name, help=help, description=description)
     for field, value in vars(config_cls()).items():
-        parser.add_argument(f"--{field.replace('_', '-')}", type=type(value), default=value)
-    parser.add_argument("--out", default=out, help=f"output folder (default {out})")
+        flag = f"--{field.replace('_', '-')}"
+        if isinstance(value, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=value)
+        else:
+            parser.add_argument(flag, type=type(value), default=value)
+    parser.add_argument("--out", default=None, help=f"output folder (default {out})")
     parser.add_argument("--no-progress", action="store_true")
     if resumable:
         parser.add_argument("--stop-at", type=int, default=None, help="stop after this step, keeping the checkpoint")
@@ -224,8 +232,9 @@ def _add_training_parser(
         module, function = train.rsplit(".", 1)
         config = config_cls(**{k: getattr(args, k) for k in vars(config_cls())})
         options = {"stop_at": args.stop_at} if resumable else {}
+        folder = args.out if args.out is not None else out.format(**vars(config))
         summary = getattr(importlib.import_module(module), function)(
-            config, args.out, progress=not args.no_progress, **options
+            config, folder, progress=not args.no_progress, **options
         )
         print(json.dumps(summary, indent=2))
         return 0
@@ -246,7 +255,7 @@ def _add_training_parsers(subparsers: argparse._SubParsersAction) -> None:
     )
     _add_training_parser(
         subparsers, "train-booster", BoosterTrainConfig, "fsmllm.booster.training.train_booster",
-        "boosters/gsb-dinov2-s-0.25",
+        "boosters/gsb-{encoder}-{sigma}",
         help="train a Gaussian Smoothness Booster (encoder, projector and LM frozen)",
         description="Train a purifier + smoothness mapper in front of / behind the frozen encoder at noise level "
         "σ, to raise the Gaussian robustness score (and so the certificate) while keeping answers right; writes "

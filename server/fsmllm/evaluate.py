@@ -8,15 +8,24 @@ For held-out images x and radii ε (l2, pixel space, method.md "Objects") three 
   (expectation over the noise), and the observed cosine is re-estimated with fresh samples;
 * **FS+booster**: the same with the booster in front of (and behind) the encoder.
 
+Two attack goals (white-box: the attacker knows the encoder, the booster and the language model):
+
+* **feature** (untargeted): minimise the cosine between the clean and the perturbed feature;
+* **answer** (targeted, needs a language model): minimise the language model's cross-entropy of a wrong
+  answer ("A photo of {target}.", the next Fashion-MNIST class after the true one) given the perturbed
+  feature, through the projector and the frozen LM.
+
 For the smoothed defences each image is certified (n0, n, α) and the fraction of attacked images whose
-observed cosine fell below the certified FCSB at that ε is reported: it must stay ≤ α, up to the Monte Carlo
-error of the observed cosine. With a language model, the answers generated from the clean and attacked
-features are compared with the image's true answer: the attack success rate is the fraction of images answered
-correctly from clean features whose answer under attack is wrong.
+observed cosine fell below the certified FCSB at that ε is reported, for both goals: it must stay ≤ α, up to
+the Monte Carlo error of the observed cosine. With a language model, the answers generated from the clean and
+attacked features are compared with the image's true answer: the attack success rate is the fraction of images
+answered correctly from clean features whose answer under attack is wrong; for the answer goal, the targeted
+success rate is the fraction of those whose answer under attack names the target.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -25,13 +34,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fsmllm.attacks import feature_attack, smoothed_feature, unit_features
+from fsmllm.attacks import feature_attack, feature_space_attack, smoothed_feature, unit_features
 from fsmllm.certify import SmoothedEncoder
 from fsmllm.encoders.base import VisionEncoder
 from fsmllm.lm.base import SamplingParams
+from fsmllm.lm.data import FASHION_MNIST_PHRASES, answer_for
+from fsmllm.lm.training import answer_loss
 from fsmllm.lm.vlm import ProjectedVLM
 
 Encode = Callable[[torch.Tensor], torch.Tensor]
+GOALS = ("feature", "answer")
 
 
 @dataclass(frozen=True)
@@ -58,6 +70,9 @@ class AttackRow:
     answer_attacked: str | None = None
     correct_clean: bool | None = None
     correct_attacked: bool | None = None
+    goal: str = "feature"
+    target: str | None = None
+    names_target: bool | None = None
 
 
 def _tokens(encoder: VisionEncoder, unit_flat: torch.Tensor) -> torch.Tensor:
@@ -79,10 +94,18 @@ def attack_image(
     model: ProjectedVLM | None = None,
     answer: str | None = None,
     prompt: str = "What is this?",
+    goals: Sequence[str] = ("feature",),
 ) -> list[AttackRow]:
-    """Attack one image [3, S, S] at every radius under every defence (``None`` = the undefended ``base``)."""
+    """Attack one image [3, S, S] at every radius under every defence (``None`` = the undefended ``base``),
+    with every goal in ``goals`` ("answer" needs ``model`` and the true ``answer``)."""
+    unknown = set(goals) - set(GOALS)
+    if unknown:
+        raise ValueError(f"unknown attack goals {sorted(unknown)}; choose from {', '.join(GOALS)}")
+    if "answer" in goals and (model is None or answer is None):
+        raise ValueError("the answer goal needs a language model and the image's true answer")
     rows: list[AttackRow] = []
     greedy = SamplingParams(max_tokens=16)
+    target = target_phrase(answer) if answer is not None else None
 
     def ask(encoder: VisionEncoder, feature: torch.Tensor) -> tuple[str | None, bool | None]:
         if model is None:
@@ -102,10 +125,19 @@ def attack_image(
             with torch.inference_mode():
                 clean = unit_features(encode, x[None])[0]
         answer_clean, correct_clean = ask(encode, clean)
-        for i, radius in enumerate(radii):
-            adversarial = feature_attack(
-                encode, x, radius, sigma if smoothed else None, samples=attack.samples, steps=attack.steps, seed=seed
-            )
+        for (i, radius), goal in itertools.product(enumerate(radii), goals):
+            if goal == "feature":
+                adversarial = feature_attack(
+                    encode, x, radius, sigma if smoothed else None, attack.samples, attack.steps, seed=seed
+                )
+            else:
+                assert model is not None and target is not None
+                tokens = (1, encode.num_tokens, encode.token_dim)
+                wanted = [answer_for(target)]
+                adversarial = feature_space_attack(
+                    encode, x, radius, lambda feature: answer_loss(model, feature.reshape(tokens), wanted, prompt),
+                    sigma if smoothed else None, attack.samples, attack.steps, seed=seed,
+                )
             if smoothed:
                 attacked = smoothed_feature(encode, adversarial, sigma, attack.observe, seed=seed + 2)
                 bound = certificate.certified_fcsb[i]
@@ -127,9 +159,22 @@ def attack_image(
                     answer_attacked=answer_attacked,
                     correct_clean=correct_clean,
                     correct_attacked=correct_attacked,
+                    goal=goal,
+                    target=target if goal == "answer" else None,
+                    names_target=(
+                        None if goal != "answer" or answer_attacked is None
+                        else target is not None and target.lower() in answer_attacked.lower()
+                    ),
                 )
             )
     return rows
+
+
+def target_phrase(answer: str) -> str:
+    """The targeted-answer attack's goal for an image whose true answer is ``answer``: the next Fashion-MNIST
+    class (cyclically), or the first one for other images."""
+    phrases = list(FASHION_MNIST_PHRASES)
+    return phrases[(phrases.index(answer) + 1) % len(phrases)] if answer in phrases else phrases[0]
 
 
 @dataclass(frozen=True)
@@ -137,6 +182,7 @@ class AttackSummary:
     """Aggregates over images of one (defence, ε)."""
 
     defence: str
+    goal: str
     radius: float
     images: int
     mean_observed_cos: float
@@ -145,23 +191,27 @@ class AttackSummary:
     certified_fraction: float
     below_certificate_fraction: float
     attack_success_rate: float | None
+    targeted_success_rate: float | None
 
 
 def summarise(rows: Sequence[AttackRow]) -> list[AttackSummary]:
-    """One :class:`AttackSummary` per (defence, radius), in first-seen order."""
-    keys = list(dict.fromkeys((row.defence, row.radius) for row in rows))
+    """One :class:`AttackSummary` per (defence, goal, radius), in first-seen order."""
+    keys = list(dict.fromkeys((row.defence, row.goal, row.radius) for row in rows))
     summaries = []
-    for defence, radius in keys:
-        group = [row for row in rows if row.defence == defence and row.radius == radius]
+    for defence, goal, radius in keys:
+        group = [row for row in rows if (row.defence, row.goal, row.radius) == (defence, goal, radius)]
         observed = np.array([row.observed_cos for row in group])
         bounds = [row.certified_fcsb for row in group if row.certified_fcsb is not None]
         answered = [row for row in group if row.correct_clean]
-        success = None
+        success = targeted = None
         if group[0].correct_clean is not None:
             success = sum(not row.correct_attacked for row in answered) / len(answered) if answered else math.nan
+        if goal == "answer":
+            targeted = sum(bool(row.names_target) for row in answered) / len(answered) if answered else math.nan
         summaries.append(
             AttackSummary(
                 defence=defence,
+                goal=goal,
                 radius=radius,
                 images=len(group),
                 mean_observed_cos=float(observed.mean()),
@@ -170,6 +220,7 @@ def summarise(rows: Sequence[AttackRow]) -> list[AttackSummary]:
                 certified_fraction=len(bounds) / len(group),
                 below_certificate_fraction=sum(row.below_certificate for row in group) / len(group),
                 attack_success_rate=success,
+                targeted_success_rate=targeted,
             )
         )
     return summaries
@@ -237,7 +288,7 @@ def held_out_images(count: int, size: int, photos: bool = True, seed: int = 0) -
     """``count`` Fashion-MNIST *test* images (never used in training) and, with ``photos``, the bundled photos,
     as pixels [N, 3, size, size] with their true answers (the phrases the demo model is taught)."""
     from fsmllm.images import load_image, to_pixels
-    from fsmllm.lm.data import FASHION_MNIST_PHRASES, SAMPLE_PHOTO_PHRASES, grey_to_pixels, load_fashion_mnist
+    from fsmllm.lm.data import SAMPLE_PHOTO_PHRASES, grey_to_pixels, load_fashion_mnist
 
     images, labels = load_fashion_mnist("test")
     chosen = np.random.default_rng(seed).choice(len(images), size=count, replace=False)
@@ -252,17 +303,18 @@ def held_out_images(count: int, size: int, photos: bool = True, seed: int = 0) -
 
 def markdown_attacks(summaries: Sequence[AttackSummary]) -> str:
     lines = [
-        "| defence | ε | images | mean cos under attack | min cos | mean certified FCSB | certified share "
-        "| observed < certified | attack success (answers) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| defence | goal | ε | images | mean cos under attack | min cos | mean certified FCSB | certified share "
+        "| observed < certified | attack success (answers) | targeted success |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for s in summaries:
         bound = "—" if s.mean_certified_fcsb is None else f"{s.mean_certified_fcsb:.3f}"
         success = "—" if s.attack_success_rate is None else f"{s.attack_success_rate:.1%}"
+        targeted = "—" if s.targeted_success_rate is None else f"{s.targeted_success_rate:.1%}"
         below = "—" if s.defence == "none" else f"{s.below_certificate_fraction:.1%}"
         lines.append(
-            f"| {s.defence} | {s.radius:g} | {s.images} | {s.mean_observed_cos:.3f} | {s.min_observed_cos:.3f} "
-            f"| {bound} | {s.certified_fraction:.0%} | {below} | {success} |"
+            f"| {s.defence} | {s.goal} | {s.radius:g} | {s.images} | {s.mean_observed_cos:.3f} "
+            f"| {s.min_observed_cos:.3f} | {bound} | {s.certified_fraction:.0%} | {below} | {success} | {targeted} |"
         )
     return "\n".join(lines)
 
@@ -319,8 +371,11 @@ def run(
     out: str,
     seed: int = 0,
     progress: Callable[[str], None] = print,
+    goals: Sequence[str] | None = None,
 ) -> dict[str, object]:
-    """The whole evaluation; writes ``results.json``, ``report.md`` and ``curves.png`` into ``out``."""
+    """The whole evaluation; writes ``results.json``, ``report.md`` and ``curves.png`` into ``out``.
+
+    ``goals``: the attack goals (default: both with a model, the feature goal without)."""
     import json
     from pathlib import Path
 
@@ -330,6 +385,7 @@ def run(
     for parameter in encoder.parameters():
         parameter.requires_grad_(False)
     pixels, answers = held_out_images(images, encoder.image_size, seed=seed)
+    goals = tuple(goals or (GOALS if model_name else ("feature",)))
     model = None
     if model_name:
         from fsmllm.lm.models import load_model
@@ -358,7 +414,7 @@ def run(
                 row
                 for row in attack_image(
                     i, pixels[i], variants, encoder, sigma, radii, attack, n0, max(ns), alpha, seed + i,
-                    model=model, answer=answers[i],
+                    model=model, answer=answers[i], goals=goals,
                 )
                 if sigma == sigmas[0] or row.defence != "none"  # the undefended encoder does not depend on σ
             ]
@@ -372,6 +428,7 @@ def run(
         "images": len(pixels),
         "attack_images": min(attack_images, len(pixels)),
         "attack": asdict(attack),
+        "goals": list(goals),
         "n0": n0,
         "alpha": alpha,
         "seed": seed,

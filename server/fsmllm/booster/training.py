@@ -9,8 +9,11 @@ objective is the sum of three weighted terms (method.md, "The Gaussian Smoothnes
   FCSB (method.md, "The bound");
 * clean agreement: 1 − mean_k <u_bk, c_b>: noisy boosted features stay close to the features the projector
   of the language model was trained on (and the trivial S = 1 solution, a constant feature, is excluded);
-* utility: the language model's cross-entropy of the right answer ("A photo of {phrase}.") given the
-  smoothed boosted feature mean_k u_bk, through the frozen projector and LM of ``model`` (labelled images only).
+* utility: the language model's cross-entropy of the target answer given the smoothed boosted feature
+  mean_k u_bk, through the frozen projector and LM of ``model``. The target is the right answer ("A photo of
+  {phrase}.") for labelled images and, with ``pseudo_labels``, the frozen model's own greedy answer from the base
+  encoder's clean feature for unlabelled ones (self-distillation: the booster should not change what the model
+  says about an image, labelled or not).
 
 Images: Fashion-MNIST *train* images (labelled) and random crops of scikit-image photos that are *not* among
 the evaluation photos (unlabelled), so that every evaluation image stays held out.
@@ -32,8 +35,7 @@ from fsmllm.booster.modules import Booster, BoosterConfig
 from fsmllm.encoders import VisionEncoder, load_encoder
 from fsmllm.lm.data import QUESTION, augmented_photo, fashion_train_set
 from fsmllm.lm.projector import unit_feature_tokens
-from fsmllm.lm.prompt import chat_prompt
-from fsmllm.lm.training import answer_batch, warmup_cosine
+from fsmllm.lm.training import answer_loss, warmup_cosine
 from fsmllm.lm.vlm import ProjectedVLM
 
 #: scikit-image photos used (as random crops) to train boosters; disjoint from fsmllm.images.SAMPLE_IMAGES.
@@ -59,13 +61,14 @@ class BoosterTrainConfig:
     model: str = "fsmllm-demo"
     fashion_images: int = 2000
     photo_crops: int = 20
-    steps: int = 200
+    steps: int = 300
     batch_size: int = 8
     copies: int = 4
     lr: float = 1e-3
     weight_smooth: float = 0.25
     weight_clean: float = 1.0
-    weight_utility: float = 0.1
+    weight_utility: float = 1.0
+    pseudo_labels: bool = True
     width: int = 32
     mapper_hidden: int = 384
     checkpoint_every: int = 50
@@ -116,17 +119,11 @@ def booster_losses(
 
 
 def _utility(model: ProjectedVLM, smoothed: torch.Tensor, answers: list[str | None]) -> torch.Tensor:
-    """The LM's cross-entropy of the right answers given the smoothed features (labelled rows only)."""
+    """The LM's cross-entropy of the target answers given the smoothed features (rows with an answer only)."""
     rows = [i for i, a in enumerate(answers) if a is not None]
     if not rows:
         return smoothed.new_zeros(())
-    tokenizer = model.backend.tokenizer
-    layout = chat_prompt(tokenizer, QUESTION, model.num_tokens, system=model.system)
-    ids = [list(tokenizer(answers[i], add_special_tokens=False)["input_ids"]) + [tokenizer.eos_token_id] for i in rows]
-    embeds, mask, labels = answer_batch(
-        model.backend, (layout.prefix_ids, layout.suffix_ids), model.projector(smoothed[rows]), ids
-    )
-    return model.backend.model(inputs_embeds=embeds, attention_mask=mask, labels=labels).loss
+    return answer_loss(model, smoothed[rows], [answers[i] for i in rows])
 
 
 def train_booster(
@@ -156,6 +153,8 @@ def train_booster(
     boosted = BoostedEncoder(encoder, booster, out.name)
     model = _frozen_model(config, device)
     pixels, answers = booster_training_set(config)
+    if model is not None and config.pseudo_labels:
+        answers = pseudo_labelled(model, encoder, pixels, answers, progress)
     optimiser = torch.optim.AdamW(booster.parameters(), lr=config.lr, weight_decay=0.01)
     schedule = warmup_cosine(optimiser, config.steps)
     generator = torch.Generator().manual_seed(config.seed)
@@ -198,6 +197,23 @@ def train_booster(
     }
     (out / "training.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def pseudo_labelled(
+    model: ProjectedVLM, encoder: VisionEncoder, pixels: torch.Tensor, answers: list[str | None], progress: bool
+) -> list[str | None]:
+    """``answers`` with each None replaced by the frozen model's greedy answer to the question from the base
+    encoder's clean feature of that image (the utility term's self-distillation target)."""
+    from fsmllm.lm.base import SamplingParams
+
+    rows = [i for i, a in enumerate(answers) if a is None]
+    labelled = list(answers)
+    device = next(model.projector.parameters()).device
+    for i in tqdm(rows, desc="pseudo-labels", disable=not progress):
+        with torch.no_grad():
+            feature = unit_feature_tokens(encoder(pixels[i : i + 1].to(device)))[0]
+        labelled[i] = model.generate(feature, QUESTION, SamplingParams(max_tokens=16)).text.strip()
+    return labelled
 
 
 def _frozen_model(config: BoosterTrainConfig, device: torch.device) -> ProjectedVLM | None:

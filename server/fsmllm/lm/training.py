@@ -121,6 +121,21 @@ def answer_batch(
     return padded, mask.to(padded.device), padded_labels.to(padded.device)
 
 
+def answer_loss(
+    model: ProjectedVLM, visual_tokens: torch.Tensor, answers: Sequence[str], question: str = QUESTION
+) -> torch.Tensor:
+    """Mean next-token cross-entropy of ``answers`` (each followed by end-of-sequence) given the visual tokens
+    [B, T, W] of B images and ``question``, through ``model``'s projector and language model, differentiable in
+    the visual tokens (the booster's utility term; the targeted-answer attack)."""
+    tokenizer = model.backend.tokenizer
+    layout = chat_prompt(tokenizer, question, model.num_tokens, system=model.system)
+    ids = [list(tokenizer(a, add_special_tokens=False)["input_ids"]) + [tokenizer.eos_token_id] for a in answers]
+    embeds, mask, labels = answer_batch(
+        model.backend, (layout.prefix_ids, layout.suffix_ids), model.projector(visual_tokens), ids
+    )
+    return model.backend.model(inputs_embeds=embeds, attention_mask=mask, labels=labels).loss
+
+
 def train_projector(config: TrainConfig, out: str | Path, progress: bool = True) -> dict[str, object]:
     """Train the projector; save it (``projector.json``, ``projector.safetensors``, ``training.json``) to ``out``."""
     torch.manual_seed(config.seed)
