@@ -1,20 +1,44 @@
-"""Answer accuracy from smoothed features with and without the shipped boosters (held-out Fashion-MNIST test + photos).
+"""Answer accuracy from smoothed features with and without boosters (held-out Fashion-MNIST test + photos).
 
-    python benchmarks/booster_answers.py IMAGES COPIES     # docs/booster-card.md: 40 32
+    python benchmarks/booster_answers.py --images 200 --copies 32          # docs/booster-card.md
+    python benchmarks/booster_answers.py --sigma 0.25 --booster none /tmp/my-booster
+
+``--booster`` takes names or folders; ``{sigma}`` in a name is replaced by σ (default: none and the shipped
+gsb-dinov2-s-{sigma}). Prints one line per (booster, σ) to stderr and the whole result as JSON to stdout. The
+same images and noise draws are used for every booster, so differences are paired (McNemar counts printed).
 """
-import json, sys
+
+import argparse
+import json
+import sys
+
 from fsmllm.booster import load_booster
 from fsmllm.encoders import load_encoder
 from fsmllm.lm.models import load_model
 from fsmllm.lm.training import evaluate_projector
 
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser.add_argument("--images", type=int, default=200)
+parser.add_argument("--copies", type=int, default=32)
+parser.add_argument("--sigma", type=float, nargs="+", default=[0.25, 0.5])
+parser.add_argument("--booster", nargs="+", default=["none", "gsb-dinov2-s-{sigma}"])
+args = parser.parse_args()
+
 model = load_model("fsmllm-demo")
 base = load_encoder("dinov2-s", image_size=112).requires_grad_(False)
 out = {}
-for sigma in (0.25, 0.5):
-    for name in ("none", f"gsb-dinov2-s-{sigma}"):
-        encoder = load_booster(name, base)
-        result = evaluate_projector(model, images=int(sys.argv[1]), sigma=sigma, copies=int(sys.argv[2]), encoder=encoder)
+for sigma in args.sigma:
+    first = None
+    for name in (b.format(sigma=sigma) for b in args.booster):
+        result = evaluate_projector(model, images=args.images, sigma=sigma, copies=args.copies, encoder=load_booster(name, base))
         out[f"{name}@{sigma}"] = result
-        print(name, sigma, result["accuracy_clean"], result["accuracy_smoothed"], file=sys.stderr, flush=True)
+        photos = sum(p["smoothed_right"] for p in result["photos"].values())
+        line = f"{name} σ={sigma}: clean {result['accuracy_clean']:.3f} smoothed {result['accuracy_smoothed']:.3f} photos {photos}/6"
+        if first is None:
+            first = result
+        else:  # paired comparison with the first booster listed: images it gets right that the first gets wrong, and back
+            gained = sum(b and not a for a, b in zip(first["hits_smoothed"], result["hits_smoothed"]))
+            lost = sum(a and not b for a, b in zip(first["hits_smoothed"], result["hits_smoothed"]))
+            line += f" (vs first: +{gained} / -{lost} images)"
+        print(line, file=sys.stderr, flush=True)
 print(json.dumps(out, indent=2))

@@ -39,7 +39,7 @@ from fsmllm.certify import SmoothedEncoder
 from fsmllm.encoders.base import VisionEncoder
 from fsmllm.lm.base import SamplingParams
 from fsmllm.lm.data import FASHION_MNIST_PHRASES, answer_for
-from fsmllm.lm.training import answer_loss
+from fsmllm.lm.training import answer_loss, names
 from fsmllm.lm.vlm import ProjectedVLM
 
 Encode = Callable[[torch.Tensor], torch.Tensor]
@@ -111,7 +111,7 @@ def attack_image(
         if model is None:
             return None, None
         text = model.generate(_tokens(encoder, feature), prompt, greedy).text
-        return text, None if answer is None else answer.lower().rstrip(".") in text.lower()
+        return text, None if answer is None else names(text, answer)
 
     for defence, encoder in defences.items():
         smoothed = encoder is not None
@@ -163,7 +163,7 @@ def attack_image(
                     target=target if goal == "answer" else None,
                     names_target=(
                         None if goal != "answer" or answer_attacked is None
-                        else target is not None and target.lower() in answer_attacked.lower()
+                        else target is not None and names(answer_attacked, target)
                     ),
                 )
             )

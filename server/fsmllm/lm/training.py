@@ -184,8 +184,12 @@ def label_accuracy(
 ) -> tuple[float, list[str]]:
     """Fraction of greedy answers to "What is this?" that name the right phrase, and the answers."""
     texts = [model.generate(f, QUESTION, SamplingParams(max_tokens=max_tokens)).text for f in features]
-    hits = [phrase.lower() in text.lower() for text, phrase in zip(texts, phrases)]
-    return float(np.mean(hits)), texts
+    return float(np.mean([names(text, phrase) for text, phrase in zip(texts, phrases)])), texts
+
+
+def names(answer: str, phrase: str) -> bool:
+    """Whether a generated answer names the phrase (case-insensitive substring: "A photo of a cat." names "a cat")."""
+    return phrase.lower() in answer.lower()
 
 
 def evaluate_projector(
@@ -210,7 +214,7 @@ def evaluate_projector(
     photo_pixels = torch.stack([to_pixels(load_image(f"sample:{name}"), encoder.image_size) for name in SAMPLE_PHOTO_PHRASES])
     photo_clean, photo_smoothed = encode_features(encoder, photo_pixels, sigma, copies, seed)
     clean_accuracy, _ = label_accuracy(model, clean, phrases)
-    smoothed_accuracy, _ = label_accuracy(model, smoothed, phrases)
+    smoothed_accuracy, smoothed_answers = label_accuracy(model, smoothed, phrases)
     photo_phrases = list(SAMPLE_PHOTO_PHRASES.values())
     _, photo_clean_answers = label_accuracy(model, photo_clean, photo_phrases)
     _, photo_smoothed_answers = label_accuracy(model, photo_smoothed, photo_phrases)
@@ -221,9 +225,10 @@ def evaluate_projector(
         "accuracy_clean": clean_accuracy,
         "accuracy_smoothed": smoothed_accuracy,
         "chance": 1 / len(FASHION_MNIST_PHRASES),
+        "hits_smoothed": [names(text, phrase) for text, phrase in zip(smoothed_answers, phrases)],
         "photos": {
-            name: {"clean": a, "smoothed": b}
-            for name, a, b in zip(SAMPLE_PHOTO_PHRASES, photo_clean_answers, photo_smoothed_answers)
+            name: {"clean": a, "smoothed": b, "smoothed_right": names(b, phrase)}
+            for (name, phrase), a, b in zip(SAMPLE_PHOTO_PHRASES.items(), photo_clean_answers, photo_smoothed_answers)
         },
     }
 
