@@ -273,7 +273,7 @@ def _add_generate_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("image", help="an image file, or sample:NAME for a bundled photo")
     parser.add_argument("prompt", help="the question, e.g. 'What is this?'")
-    parser.add_argument("--model", default="fsmllm-demo", help="named model")
+    parser.add_argument("--model", default="fsmllm-demo", help="named model, or a LLaVA checkpoint folder")
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     parser.add_argument("--top-p", type=float, default=1.0)

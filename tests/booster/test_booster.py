@@ -187,3 +187,22 @@ def test_shipped_boosters_load_and_raise_the_score(name: str) -> None:
         scores["base"].append(SmoothedEncoder(dinov2, sigma, batch_size=50).certify(x, **options).score_estimate)
         scores["boosted"].append(SmoothedEncoder(boosted, sigma, batch_size=50).certify(x, **options).score_estimate)
     assert sum(scores["boosted"]) > sum(scores["base"]), scores
+
+
+def test_pseudo_labels_are_the_frozen_models_answers_from_clean_base_features() -> None:
+    from fsmllm.booster.training import pseudo_labelled
+    from fsmllm.lm.base import SamplingParams
+    from fsmllm.lm.data import QUESTION
+    from fsmllm.lm.models import load_model, model_spec
+    from fsmllm.lm.projector import unit_feature_tokens
+
+    spec = model_spec("tiny-test")
+    model = load_model("tiny-test")
+    base = load_encoder(spec.encoder, image_size=spec.image_size)
+    pixels = torch.rand(3, 3, spec.image_size, spec.image_size, generator=torch.Generator().manual_seed(3))
+    labels = pseudo_labelled(model, base, pixels, ["A photo of a bag.", None, None], progress=False)
+    assert labels[0] == "A photo of a bag."
+    for i in (1, 2):
+        feature = unit_feature_tokens(base(pixels[i : i + 1]))[0]
+        expected = model.generate(feature, QUESTION, SamplingParams(max_tokens=16)).text.strip()
+        assert labels[i] == expected and labels[i]

@@ -15,7 +15,10 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="FSMLLM_", env_file=".env", extra="ignore")
 
     # what to serve
-    model: str = Field("fsmllm-demo", description="named model (fsmllm-demo, tiny-test), or 'none' = certify only")
+    model: str = Field(
+        "fsmllm-demo",
+        description="named model (fsmllm-demo, tiny-test), a LLaVA checkpoint folder, or 'none' = certify only",
+    )
     encoder: str | None = Field(None, description="vision encoder; default: the model's own")
     image_size: int | None = Field(None, description="encoder input size in pixels; default: the encoder's")
     booster: str = Field("none", description="Gaussian Smoothness Booster name or path, or 'none'")

@@ -61,14 +61,14 @@ class BoosterTrainConfig:
     model: str = "fsmllm-demo"
     fashion_images: int = 2000
     photo_crops: int = 20
-    steps: int = 300
+    steps: int = 200
     batch_size: int = 8
     copies: int = 4
     lr: float = 1e-3
     weight_smooth: float = 0.25
     weight_clean: float = 1.0
-    weight_utility: float = 1.0
-    pseudo_labels: bool = True
+    weight_utility: float = 0.1
+    pseudo_labels: bool = False
     width: int = 32
     mapper_hidden: int = 384
     checkpoint_every: int = 50

@@ -146,6 +146,15 @@ def load_hf_vision_encoder(
     )
 
 
+def default_image_size(folder: str | Path) -> int:
+    """The input side :func:`load_hf_vision_encoder` chooses for ``folder`` without an ``image_size``: the
+    preprocessor's, else the vision config's."""
+    path = Path(folder).expanduser()
+    config = AutoConfig.from_pretrained(path)
+    vision_config = getattr(config, "vision_config", None) or config
+    return _preprocessing(path, vision_config)[0] or _side(getattr(vision_config, "image_size", 0))
+
+
 def _as_layers(feature_layer: int | Sequence[int]) -> tuple[int, ...]:
     return (feature_layer,) if isinstance(feature_layer, int) else tuple(int(layer) for layer in feature_layer)
 

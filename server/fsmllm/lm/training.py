@@ -128,7 +128,7 @@ def answer_loss(
     [B, T, W] of B images and ``question``, through ``model``'s projector and language model, differentiable in
     the visual tokens (the booster's utility term; the targeted-answer attack)."""
     tokenizer = model.backend.tokenizer
-    layout = chat_prompt(tokenizer, question, model.num_tokens, system=model.system)
+    layout = model.layout(question)
     ids = [list(tokenizer(a, add_special_tokens=False)["input_ids"]) + [tokenizer.eos_token_id] for a in answers]
     embeds, mask, labels = answer_batch(
         model.backend, (layout.prefix_ids, layout.suffix_ids), model.projector(visual_tokens), ids

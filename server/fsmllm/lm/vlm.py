@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
+from torch import nn
 
 from fsmllm.lm.base import Generation, LanguageBackend, SamplingParams, TextStream
-from fsmllm.lm.projector import Projector
-from fsmllm.lm.prompt import build_prompt_embeds, chat_prompt
+from fsmllm.lm.prompt import PromptLayout, build_prompt_embeds, chat_prompt
+
+#: ``layout(question) -> PromptLayout``: where the text tokens and the visual tokens go in the prompt.
+LayoutFn = Callable[[str], PromptLayout]
 
 
 class ProjectedVLM:
@@ -14,9 +19,17 @@ class ProjectedVLM:
 
     The visual tokens are projected to the language model's width and spliced into the chat prompt at the
     image's place (:func:`~fsmllm.lm.prompt.build_prompt_embeds`); the backend generates from the embeddings.
+
+    ``projector``: any module mapping [..., T, W] to [..., T, H] whose ``config`` has ``num_tokens``,
+    ``token_dim`` and ``hidden_size`` (:class:`~fsmllm.lm.projector.Projector`, or the LLaVA projector of
+    :mod:`fsmllm.lm.llava`). ``layout``: the prompt layout of a question; default
+    :func:`~fsmllm.lm.prompt.chat_prompt` with ``system``.
     """
 
-    def __init__(self, name: str, projector: Projector, backend: LanguageBackend, system: str | None = None) -> None:
+    def __init__(
+        self, name: str, projector: nn.Module, backend: LanguageBackend, system: str | None = None,
+        layout: LayoutFn | None = None,
+    ) -> None:
         if projector.config.hidden_size != backend.hidden_size:
             raise ValueError(
                 f"projector outputs width {projector.config.hidden_size}, the language model takes {backend.hidden_size}"
@@ -25,6 +38,7 @@ class ProjectedVLM:
         self.projector = projector.eval()
         self.backend = backend
         self.system = system
+        self._layout = layout
 
     @property
     def num_tokens(self) -> int:
@@ -34,6 +48,12 @@ class ProjectedVLM:
     def token_dim(self) -> int:
         return self.projector.config.token_dim
 
+    def layout(self, question: str) -> PromptLayout:
+        """The prompt layout (text ids before and after the image, and T) of one question."""
+        if self._layout is not None:
+            return self._layout(question)
+        return chat_prompt(self.backend.tokenizer, question, self.num_tokens, system=self.system)
+
     @torch.inference_mode()
     def prompt_embeds(self, visual_tokens: torch.Tensor, prompt: str) -> torch.Tensor:
         """The language model's input embeddings [L, H] for one image [T, W] and question."""
@@ -41,10 +61,9 @@ class ProjectedVLM:
             raise ValueError(
                 f"visual tokens must be [{self.num_tokens}, {self.token_dim}], got {list(visual_tokens.shape)}"
             )
-        device = self.projector.position.device
+        device = next(self.projector.parameters()).device
         image_embeds = self.projector(visual_tokens.to(device, torch.float32))
-        layout = chat_prompt(self.backend.tokenizer, prompt, self.num_tokens, system=self.system)
-        return build_prompt_embeds(layout, image_embeds, self.backend.embed_tokens)
+        return build_prompt_embeds(self.layout(prompt), image_embeds, self.backend.embed_tokens)
 
     def generate(self, visual_tokens: torch.Tensor, prompt: str, params: SamplingParams) -> Generation:
         """The answer to ``prompt`` about the image whose (smoothed) visual tokens are ``visual_tokens`` [T, W]."""
