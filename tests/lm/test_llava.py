@@ -15,61 +15,24 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from transformers import (
-    AutoTokenizer,
-    CLIPImageProcessor,
-    CLIPVisionConfig,
-    LlamaConfig,
-    LlavaConfig,
-    LlavaForConditionalGeneration,
-    LlavaProcessor,
-)
+from transformers import AutoTokenizer, CLIPImageProcessor, LlavaForConditionalGeneration, LlavaProcessor
 
 from fsmllm.encoders import load_encoder
 from fsmllm.lm.base import SamplingParams
 from fsmllm.lm.llava import calibration_scale, is_llava_folder, load_language_model
-from fsmllm.lm.llm_loader import ensure_converted
 from fsmllm.lm.models import load_model, model_spec
 from fsmllm.lm.projector import unit_feature_tokens
 
-VISION = dict(
-    hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2, image_size=32, patch_size=8
-)
-# LLaVA's processor templates: list content, the image as a "<image>" token before the text
-TEMPLATE = (
-    "{% for message in messages %}{{ message['role'].upper() + ': ' }}"
-    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
-    "{% for item in message['content'] %}{% if item['type'] == 'image' %}{{ '<image>\n' }}"
-    "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}{% endif %}{{ ' ' }}{% endfor %}"
-    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
-)
+from .tiny_llava import TEMPLATE, save_tiny_llava
+
 QUESTION = "What is this?"
 CLIP_MEAN, CLIP_STD = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
 
 
 @pytest.fixture(scope="module")
 def llava_folder(tmp_path_factory) -> tuple[Path, LlavaForConditionalGeneration]:
-    tokenizer = AutoTokenizer.from_pretrained(ensure_converted())
-    tokenizer.add_tokens(["<image>"], special_tokens=True)
-    tokenizer.chat_template = TEMPLATE
-    image_token_id = tokenizer.convert_tokens_to_ids("<image>")
-    torch.manual_seed(0)
-    config = LlavaConfig(
-        vision_config=CLIPVisionConfig(**VISION),
-        text_config=LlamaConfig(
-            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-            vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
-        ),
-        image_token_index=image_token_id,
-        vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
-    )
-    llava = LlavaForConditionalGeneration(config).eval()
     folder = tmp_path_factory.mktemp("llava")
-    llava.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
-    return folder, llava
+    return folder, save_tiny_llava(folder)
 
 
 @pytest.fixture(scope="module")

