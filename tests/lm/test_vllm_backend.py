@@ -10,7 +10,9 @@ the same answers through either backend.
 from __future__ import annotations
 
 import os
+from concurrent.futures import ThreadPoolExecutor
 
+import httpx
 import pytest
 import torch
 
@@ -71,6 +73,33 @@ def test_stop_strings_and_seeded_sampling(backends: tuple[TransformersBackend, V
     assert "".join(vllm.stream(embeds, SamplingParams(max_tokens=8))) == vllm.generate(embeds, SamplingParams(max_tokens=8)).text
 
 
+def test_concurrent_requests_decode_together_and_answer_as_alone(
+    backends: tuple[TransformersBackend, VllmBackend],
+) -> None:
+    reference, vllm = backends
+    embeds = prompts(reference, 5)
+    params = SamplingParams(max_tokens=16)
+    alone = [vllm.generate(e, params).token_ids for e in embeds]
+    assert vllm.max_running == 1
+    with ThreadPoolExecutor(len(embeds)) as pool:
+        together = list(pool.map(lambda e: vllm.generate(e, params).token_ids, embeds))
+    assert together == alone
+    assert vllm.max_running > 1  # the engine decoded several requests in one step
+
+
+def test_streams_yield_text_as_it_is_generated(backends: tuple[TransformersBackend, VllmBackend]) -> None:
+    reference, vllm = backends
+    embeds = prompts(reference, 1)[-1]
+    params = SamplingParams(max_tokens=24)
+    stream = vllm.stream(embeds, params)
+    pieces = list(stream)
+    assert len(pieces) > 1 and "".join(pieces) == stream.result().text == reference.generate(embeds, params).text
+    too_long = embeds.repeat(OPTIONS.max_model_len, 1)
+    with pytest.raises(Exception, match="(?i)length|long"):
+        vllm.generate(too_long, params)  # the engine's error reaches the caller; the engine goes on serving
+    assert vllm.generate(embeds, params).text == stream.result().text
+
+
 def test_a_llava_folder_answers_alike_through_both_backends(tmp_path, monkeypatch) -> None:
     from fsmllm.lm.llava import load_llava
 
@@ -88,3 +117,49 @@ def test_a_llava_folder_answers_alike_through_both_backends(tmp_path, monkeypatc
         torch.testing.assert_close(served.prompt_embeds(tokens, QUESTION), reference.prompt_embeds(tokens, QUESTION))
         params = SamplingParams(max_tokens=12)
         assert served.generate(tokens, QUESTION, params).token_ids == reference.generate(tokens, QUESTION, params).token_ids
+
+
+def test_a_server_on_the_vllm_backend_answers_concurrent_streaming_requests() -> None:
+    """The demo model (DINOv2-S -> projector -> SmolLM2 in vLLM) behind a real server: four OpenAI streaming
+    requests at once each stream the answer /generate gives for the same image and seed."""
+    import base64
+    import io
+
+    import openai
+    from PIL import Image
+
+    from fsmllm.api.settings import Settings
+    from fsmllm.images import sample_image
+    from fsmllm.lm.models import load_model
+
+    from ..server.live import live_server
+
+    model = load_model("fsmllm-demo", backend="vllm", vllm_options=OPTIONS)
+    assert model.max_concurrency > 1
+    settings = Settings(default_n0=20, default_n=60, batch_size=40, lm_backend="vllm", _env_file=None)
+    photos = ["chelsea", "coffee", "astronaut", "rocket"]
+
+    def url(name: str) -> str:
+        buffer = io.BytesIO()
+        sample_image(name).convert("RGB").save(buffer, format="PNG")
+        return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+    with live_server(settings, model=model, encoder_name="dinov2-s", image_size=112) as live:
+        client = openai.OpenAI(base_url=f"{live.url}/v1", api_key="unused", max_retries=0)
+
+        def streamed(name: str) -> str:
+            messages = [{"role": "user", "content": [
+                {"type": "text", "text": QUESTION}, {"type": "image_url", "image_url": {"url": url(name)}},
+            ]}]
+            chunks = client.chat.completions.create(
+                model="fsmllm-demo", messages=messages, max_tokens=16, seed=0, stream=True
+            )
+            return "".join(chunk.choices[0].delta.content or "" for chunk in chunks if chunk.choices)
+
+        with ThreadPoolExecutor(len(photos)) as pool:
+            answers = list(pool.map(streamed, photos))
+        for name, answer in zip(photos, answers):
+            body = {"image": url(name), "prompt": QUESTION, "seed": 0, "max_tokens": 16}
+            direct = httpx.post(f"{live.url}/generate", json=body, timeout=120).json()
+            assert answer == direct["answer"], name
+    assert "cat" in answers[0].lower(), answers[0]

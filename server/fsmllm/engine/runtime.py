@@ -29,6 +29,8 @@ class VisionLanguageModel(Protocol):
     """A language model that answers from smoothed visual tokens [T, W] (the encoder's token layout)."""
 
     name: str
+    #: generations run at once (1 for the transformers backend; vLLM batches many)
+    max_concurrency: int
 
     def generate(self, visual_tokens: torch.Tensor, prompt: str, params: SamplingParams) -> Generation: ...
 
@@ -103,7 +105,9 @@ class Runtime:
             self.encoder, device=device, batch_size=batch_size, capacity=queue_capacity, on_batch=on_batch
         )
         self.certifier = Certifier(self.worker, timeout_s=timeout_s, cache_size=cache_size)
-        self._lm_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fsmllm-lm")
+        self._lm_executor = ThreadPoolExecutor(
+            max_workers=model.max_concurrency if model is not None else 1, thread_name_prefix="fsmllm-lm"
+        )
         self.ready = False
 
     def start(self) -> None:

@@ -78,7 +78,13 @@ class TextStream(Protocol):
 
 
 class LanguageBackend(Protocol):
-    """A frozen causal language model that generates from prompt embeddings [L, H]."""
+    """A frozen causal language model that generates from prompt embeddings [L, H].
+
+    ``max_concurrency``: how many generations a caller may run at once from different threads (1: calls must
+    not overlap; a batching engine such as vLLM decodes concurrent calls together).
+    """
+
+    max_concurrency: int
 
     @property
     def tokenizer(self) -> PreTrainedTokenizerBase:

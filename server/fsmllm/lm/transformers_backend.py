@@ -93,6 +93,8 @@ def _held_back(text: str, stops: tuple[str, ...]) -> int:
 class TransformersBackend:
     """A frozen transformers causal LM behind the :class:`~fsmllm.lm.base.LanguageBackend` protocol."""
 
+    max_concurrency = 1  # one decoding loop at a time (the server's LM thread)
+
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
         self.model = model.eval()
         self.model.requires_grad_(False)

