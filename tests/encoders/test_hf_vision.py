@@ -27,9 +27,7 @@ from transformers import (
 
 from fsmllm.encoders import load_encoder
 
-VISION = dict(
-    hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2, image_size=32, patch_size=8
-)
+from ..lm.tiny_llava import VISION
 TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, vocab_size=100)
 
 

