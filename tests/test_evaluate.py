@@ -12,8 +12,10 @@ from fsmllm.booster.training import BoosterTrainConfig, train_booster
 
 from fsmllm.attacks import feature_space_attack, unit_features
 from fsmllm.encoders import load_encoder
-from fsmllm.evaluate import AttackSettings, attack_image, certified_curve, run, summarise, target_phrase
-from fsmllm.lm.data import FASHION_MNIST_DIR, answer_for
+from fsmllm.evaluate import (
+    AttackSettings, attack_image, certified_curve, held_out_images, run, summarise, target_phrase,
+)
+from fsmllm.lm.data import FASHION_MNIST_DIR, SAMPLE_PHOTO_PHRASES, answer_for
 from fsmllm.lm.models import load_model
 from fsmllm.lm.training import answer_loss
 
@@ -98,6 +100,17 @@ def test_run_writes_the_report(tmp_path) -> None:
     tmp_path = tmp_path / "report"
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["curves"] == results["curves"] and len(saved["curves"]) == 2
+    for curve in saved["curves"]:  # 2 Fashion-MNIST images + the 6 photos, each kept
+        assert len(curve["per_image"]) == 8 and curve["mean"] == pytest.approx(sum(curve["per_image"]) / 8)
     assert {curve["setting"] for curve in saved["curves"]} == {"FS", f"FS+{booster}"}
     assert (tmp_path / "curves.png").stat().st_size > 5000
     assert "White-box PGD" in (tmp_path / "report.md").read_text()
+
+
+@pytest.mark.skipif(not FASHION_MNIST_DIR.is_dir(), reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
+def test_held_out_images_take_the_first_photos_asked_for() -> None:
+    every, answers = held_out_images(2, 16)
+    assert every.shape == (8, 3, 16, 16) and answers[2:] == list(SAMPLE_PHOTO_PHRASES.values())
+    some, some_answers = held_out_images(2, 16, photos=1)
+    assert torch.equal(some, every[:3]) and some_answers == answers[:3]
+    assert held_out_images(2, 16, photos=0)[0].shape[0] == 2

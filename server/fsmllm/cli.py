@@ -180,6 +180,7 @@ def _add_evaluate_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--alpha", type=float, default=0.001)
     parser.add_argument("--radius", type=float, nargs="+", default=[0.1, 0.25, 0.5])
     parser.add_argument("--images", type=int, default=16, help="held-out Fashion-MNIST test images (+ bundled photos)")
+    parser.add_argument("--photos", type=int, default=None, help="bundled photos added to the images (default: all 6)")
     parser.add_argument("--attack-images", type=int, default=8)
     parser.add_argument("--attack-steps", type=int, default=10)
     parser.add_argument("--attack-samples", type=int, default=8)
@@ -200,6 +201,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         args.encoder, args.booster, args.sigma, args.n, args.radius, args.images, args.attack_images,
         AttackSettings(steps=args.attack_steps, samples=args.attack_samples), args.n0, args.alpha, args.model,
         args.out, seed=args.seed, progress=lambda line: print(line, file=sys.stderr), goals=args.attack_goals,
+        photos=args.photos,
     )
     print(open(f"{args.out}/report.md").read())
     return 0

@@ -28,7 +28,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
@@ -240,6 +240,7 @@ class CurvePoint:
     q90: float
     certified_fraction: float
     mean_score: float
+    per_image: list[float] = field(default_factory=list)
 
 
 def certified_curve(
@@ -254,7 +255,8 @@ def certified_curve(
     seed: int = 0,
     batch_size: int = 64,
 ) -> list[CurvePoint]:
-    """Certify every image [N, 3, S, S] and summarise the certified FCSB per radius (abstain counts as 0)."""
+    """Certify every image [N, 3, S, S] and summarise the certified FCSB per radius (abstain counts as 0);
+    each point keeps the per-image values, in image order, so runs at different n can be compared image by image."""
     smoothed = SmoothedEncoder(encode, sigma, batch_size=batch_size)
     values = np.zeros((len(images), len(radii)))
     scores = []
@@ -275,6 +277,7 @@ def certified_curve(
             q90=float(np.quantile(values[:, j], 0.9)),
             certified_fraction=float(certified[:, j].mean()),
             mean_score=float(np.mean(scores)),
+            per_image=[float(v) for v in values[:, j]],
         )
         for j, radius in enumerate(radii)
     ]
@@ -284,9 +287,12 @@ def as_dicts(items: Sequence[object]) -> list[dict[str, object]]:
     return [asdict(item) for item in items]  # type: ignore[call-overload]
 
 
-def held_out_images(count: int, size: int, photos: bool = True, seed: int = 0) -> tuple[torch.Tensor, list[str]]:
-    """``count`` Fashion-MNIST *test* images (never used in training) and, with ``photos``, the bundled photos,
-    as pixels [N, 3, size, size] with their true answers (the phrases the demo model is taught)."""
+def held_out_images(
+    count: int, size: int, photos: int | None = None, seed: int = 0
+) -> tuple[torch.Tensor, list[str]]:
+    """``count`` Fashion-MNIST *test* images (never used in training) and the first ``photos`` bundled photos
+    (``None``: all six), as pixels [N, 3, size, size] with their true answers (the phrases the demo model is
+    taught)."""
     from fsmllm.images import load_image, to_pixels
     from fsmllm.lm.data import SAMPLE_PHOTO_PHRASES, grey_to_pixels, load_fashion_mnist
 
@@ -294,10 +300,9 @@ def held_out_images(count: int, size: int, photos: bool = True, seed: int = 0) -
     chosen = np.random.default_rng(seed).choice(len(images), size=count, replace=False)
     pixels = [grey_to_pixels(images[chosen], size)]
     answers = [FASHION_MNIST_PHRASES[int(label)] for label in labels[chosen]]
-    if photos:
-        for name, phrase in SAMPLE_PHOTO_PHRASES.items():
-            pixels.append(to_pixels(load_image(f"sample:{name}"), size)[None])
-            answers.append(phrase)
+    for name, phrase in list(SAMPLE_PHOTO_PHRASES.items())[:photos]:
+        pixels.append(to_pixels(load_image(f"sample:{name}"), size)[None])
+        answers.append(phrase)
     return torch.cat(pixels), answers
 
 
@@ -372,10 +377,12 @@ def run(
     seed: int = 0,
     progress: Callable[[str], None] = print,
     goals: Sequence[str] | None = None,
+    photos: int | None = None,
 ) -> dict[str, object]:
     """The whole evaluation; writes ``results.json``, ``report.md`` and ``curves.png`` into ``out``.
 
-    ``goals``: the attack goals (default: both with a model, the feature goal without)."""
+    ``goals``: the attack goals (default: both with a model, the feature goal without); ``photos``: how many
+    bundled photos join the ``images`` Fashion-MNIST test images (default: all six)."""
     import json
     from pathlib import Path
 
@@ -384,7 +391,7 @@ def run(
     encoder = load_encoder(encoder_name).eval()
     for parameter in encoder.parameters():
         parameter.requires_grad_(False)
-    pixels, answers = held_out_images(images, encoder.image_size, seed=seed)
+    pixels, answers = held_out_images(images, encoder.image_size, photos=photos, seed=seed)
     goals = tuple(goals or (GOALS if model_name else ("feature",)))
     model = None
     if model_name:

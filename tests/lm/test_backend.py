@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fsmllm.lm.base import SamplingParams
+from fsmllm.lm.base import GenerationCancelled, SamplingParams
 from fsmllm.lm.models import load_model, model_spec
 from fsmllm.lm.projector import Projector, ProjectorConfig, unit_feature_tokens
 from fsmllm.lm.prompt import IMAGE_PLACEHOLDER, build_prompt_embeds, chat_prompt
@@ -60,6 +60,36 @@ def test_stream_pieces_concatenate_to_the_generated_text(model) -> None:
     pieces = list(stream)
     assert "".join(pieces) == model.generate(tokens(2), "Describe it.", params).text
     assert stream.result() == model.generate(tokens(2), "Describe it.", params)
+
+
+def test_result_continues_a_partly_read_stream(model) -> None:
+    params = SamplingParams(max_tokens=12)
+    stream = model.stream(tokens(2), "Describe it.", params)
+    first = next(iter(stream))
+    whole = stream.result()
+    assert whole == model.generate(tokens(2), "Describe it.", params)
+    assert whole.text.startswith(first) and whole.completion_tokens == 12
+
+
+def test_cancel_stops_the_generation_at_the_next_token(model) -> None:
+    stream = model.stream(tokens(0), "What is this?", SamplingParams(max_tokens=200))
+    pieces = iter(stream)
+    next(pieces)
+    stream.cancel()
+    with pytest.raises(GenerationCancelled) as stopped:
+        list(pieces)
+    assert 1 <= stopped.value.tokens <= 2  # the token in flight at most, not the 200 asked for
+    with pytest.raises(GenerationCancelled):
+        stream.result()  # a cancelled generation never passes for a whole one
+    assert model.generate(tokens(0), "What is this?", SamplingParams(max_tokens=200)).completion_tokens == 200
+
+
+def test_cancel_before_the_start_generates_nothing(model) -> None:
+    stream = model.stream(tokens(0), "What is this?", SamplingParams(max_tokens=200))
+    stream.cancel()
+    with pytest.raises(GenerationCancelled) as stopped:
+        stream.result()
+    assert stopped.value.tokens == 0
 
 
 def test_prompt_layout_splices_the_image_tokens(model) -> None:

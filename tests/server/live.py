@@ -55,6 +55,7 @@ def live_server(
         timeout_s=settings.request_timeout_s,
         cache_size=settings.cache_size,
         on_batch=metrics.record_batch,
+        on_generation=metrics.record_generation,
     )
     app = create_app(runtime, settings, metrics)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on"))

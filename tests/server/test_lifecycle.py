@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -24,7 +25,9 @@ def _free_port() -> int:
 def _start(port: int) -> subprocess.Popen[bytes]:
     command = [sys.executable, "-m", "fsmllm.cli", "serve", "--model", "none", "--encoder", "tiny-cnn",
                "--image-size", "16", "--port", str(port), "--batch-size", "32", "--max-n", "1000000"]
-    server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ})
+    # the log goes to a file: a pipe nobody reads would fill up and stall the server's event loop
+    log = tempfile.TemporaryFile()
+    server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ})
     deadline = time.monotonic() + 60
     while True:
         try:
@@ -34,7 +37,9 @@ def _start(port: int) -> subprocess.Popen[bytes]:
             pass
         if time.monotonic() > deadline or server.poll() is not None:
             server.kill()
-            raise RuntimeError(f"fsmllm serve did not start: {server.communicate()[0].decode()[-2000:]}")
+            server.wait()
+            log.seek(0)
+            raise RuntimeError(f"fsmllm serve did not start: {log.read().decode()[-2000:]}")
         time.sleep(0.2)
 
 
@@ -67,6 +72,48 @@ def test_sigterm_finishes_accepted_requests_then_a_restart_serves_again() -> Non
         again = httpx.post(f"{url}/certify", json=body, timeout=120)
         assert again.status_code == 200
         assert again.json()["certificate"]["radii"] == first["radii"]  # same seed, fresh process, same certificate
+    finally:
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(60) in (0, -signal.SIGTERM)
+
+
+def test_sigkill_mid_request_fails_the_client_at_once_and_a_restart_starts_clean() -> None:
+    """A crash (SIGKILL: no graceful shutdown) while a certification runs: the waiting client gets a transport
+    error at once, not a hang until its timeout, and a restarted server starts with an empty queue and serves."""
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    server = _start(port)
+    outcome: list[httpx.Response | httpx.HTTPError] = []
+    body = {"image": data_url(png_bytes()), "n0": 100, "n": 900_000, "seed": 3}
+
+    def call() -> None:
+        try:
+            outcome.append(httpx.post(f"{url}/certify", json=body, timeout=300))
+        except httpx.HTTPError as error:
+            outcome.append(error)
+
+    client = threading.Thread(target=call)
+    try:
+        client.start()
+        deadline = time.monotonic() + 30
+        while "fsmllm_queue_depth 1.0" not in httpx.get(f"{url}/metrics").text:
+            assert time.monotonic() < deadline, "the long request never reached the worker"
+            time.sleep(0.05)
+        server.kill()
+        assert server.wait(30) == -signal.SIGKILL
+        client.join(30)
+        assert not client.is_alive(), "the client still waits for a server that is gone"
+    finally:
+        if server.poll() is None:
+            server.kill()
+    assert len(outcome) == 1 and isinstance(outcome[0], httpx.TransportError)
+    assert not isinstance(outcome[0], httpx.TimeoutException)
+
+    server = _start(port)
+    try:
+        assert "fsmllm_queue_depth 0.0" in httpx.get(f"{url}/metrics").text  # nothing survives the crash
+        again = httpx.post(f"{url}/certify", json={**body, "n": 2000}, timeout=120)
+        assert again.status_code == 200 and again.json()["certificate"]["n"] == 2000
     finally:
         server.send_signal(signal.SIGTERM)
         assert server.wait(60) in (0, -signal.SIGTERM)

@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from fsmllm.api.images import ImageError
+from fsmllm.api.streaming import ClientDisconnected
 from fsmllm.engine.jobs import JobCancelled
 from fsmllm.engine.runtime import PolicyError
 from fsmllm.engine.worker import QueueFull, WorkerStopped
@@ -79,6 +80,11 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(JobCancelled)
     async def _cancelled(request: Request, error: JobCancelled) -> JSONResponse:
         return error_response(request, 503, "cancelled", f"the job was cancelled: {error}", {"Retry-After": "5"})
+
+    @app.exception_handler(ClientDisconnected)
+    async def _disconnected(request: Request, error: ClientDisconnected) -> JSONResponse:
+        # nobody reads it; the status (nginx's "client closed request") reaches the log and the metrics
+        return error_response(request, 499, "client_closed", str(error))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, error: StarletteHTTPException) -> JSONResponse:

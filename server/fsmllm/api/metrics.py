@@ -6,7 +6,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 
 class Metrics:
-    """Requests, latency, queue depth, noise samples and batch fill (GET /metrics)."""
+    """Requests, latency, queue depth, noise samples, batch fill and generations (GET /metrics)."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
@@ -32,6 +32,27 @@ class Metrics:
         self.samples_per_second = Gauge(
             "fsmllm_noise_samples_per_second", "encoder throughput of the last batch", registry=self.registry
         )
+        self.generations = Counter(
+            "fsmllm_generations",
+            "language-model generations by outcome: completed, cancelled (the client went away), failed",
+            ["outcome"],
+            registry=self.registry,
+        )
+        self.generated_tokens = Counter(
+            "fsmllm_generated_tokens", "tokens generated, cancelled generations included", registry=self.registry
+        )
+        self.generations_running = Gauge(
+            "fsmllm_generations_running", "language-model generations in progress", registry=self.registry
+        )
+
+    def record_generation(self, event: str, tokens: int) -> None:
+        """Called by the runtime when a generation starts ("started") and when it ends (its outcome)."""
+        if event == "started":
+            self.generations_running.inc()
+            return
+        self.generations_running.dec()
+        self.generations.labels(event).inc()
+        self.generated_tokens.inc(tokens)
 
     def record_batch(self, samples: int, batch_size: int, seconds: float) -> None:
         """Called by the device worker after each encoder batch."""

@@ -7,10 +7,10 @@ extra ``certification`` object (``extra_body`` in the openai client); otherwise 
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -110,13 +110,11 @@ async def chat_completions(request: Request, chat: ChatCompletionRequest) -> Any
         return f"data: {json.dumps(body)}\n\n"
 
     async def events() -> AsyncIterator[str]:
-        loop = asyncio.get_running_loop()
-        stream = runtime.stream(outcome.certificate, question, sampling)
-        pieces = iter(stream)
         yield chunk({"role": "assistant", "content": ""})
-        finished = object()
-        while (piece := await loop.run_in_executor(runtime.lm_executor, next, pieces, finished)) is not finished:
-            yield chunk({"content": piece})
+        stream = runtime.stream(outcome.certificate, question, sampling)
+        async with aclosing(runtime.pieces(stream)) as pieces:  # closed early (client gone): generation cancelled
+            async for piece in pieces:
+                yield chunk({"content": piece})
         generation = stream.result()
         usage = Usage(
             prompt_tokens=generation.prompt_tokens,

@@ -75,6 +75,7 @@ def build_runtime(settings: Settings, metrics: Metrics) -> Runtime:
         timeout_s=settings.request_timeout_s,
         cache_size=settings.cache_size,
         on_batch=metrics.record_batch,
+        on_generation=metrics.record_generation,
     )
 
 

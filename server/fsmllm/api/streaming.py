@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
@@ -14,8 +15,13 @@ ProgressCallback = Callable[[int, int], None]
 T = TypeVar("T")
 
 
+class ClientDisconnected(Exception):
+    """The client went away before its answer was ready; its work has been cancelled (answered 499, unread)."""
+
+
 async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
-    """Await ``work``; if the client disconnects first, cancel it (freeing the job's remaining samples).
+    """Await ``work``; if the client disconnects first, cancel it (freeing the job's remaining samples or
+    stopping its generation) and raise :class:`ClientDisconnected`.
 
     Starlette does not cancel a plain route when its client goes away, so the ASGI ``receive`` channel is
     watched for ``http.disconnect`` (the body has already been read, so nothing else can arrive on it).
@@ -33,7 +39,9 @@ async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
         watcher.cancel()
     if not task.done():
         task.cancel()
-        raise asyncio.CancelledError("the client disconnected")
+        with contextlib.suppress(asyncio.CancelledError):
+            await task  # its clean-up (cancelling the job or the generation) runs before the answer
+        raise ClientDisconnected("the client disconnected")
     return task.result()
 
 
@@ -58,6 +66,7 @@ def progress_stream(
 
     async def events() -> AsyncIterator[str]:
         task = asyncio.ensure_future(work(on_progress))
+        waiter: asyncio.Future[tuple[int, int]] | None = None
         last = (0, 0)
         try:
             while not task.done():
@@ -81,8 +90,10 @@ def progress_stream(
             if last[1] and last[0] != last[1]:
                 yield sse("progress", {"done": last[1], "total": last[1]})
             yield sse("result", result)
-        finally:
+        finally:  # also when the client has gone: stop the work and the wait for its progress
             task.cancel()
+            if waiter is not None:
+                waiter.cancel()
 
     return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 

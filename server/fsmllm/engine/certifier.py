@@ -94,6 +94,7 @@ class Certifier:
             certificate = await asyncio.wait_for(asyncio.shield(job.future), self.timeout_s)
         except BaseException:  # timeout, client disconnect (CancelledError), shutdown: free the device
             job.cancel()
+            job.future.cancel()  # nobody will read it: the worker's late answer is dropped
             raise
         done = time.perf_counter()
         started = job.started if job.started is not None else done

@@ -2,14 +2,16 @@
 
 The HTTP layer (``fsmllm.api``) only translates requests into calls on :class:`Runtime`; the runtime owns the
 devices: the encoder's through the :class:`~fsmllm.engine.worker.DeviceWorker`, the language model's
-through a single-thread executor (one generation at a time per model instance).
+through an executor of ``model.max_concurrency`` threads. A generation whose caller goes away (the awaiting
+task is cancelled: client disconnect, timeout) is cancelled in the language model too, so it stops holding the
+LM's thread and memory instead of decoding on to ``max_tokens``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Protocol
@@ -22,7 +24,7 @@ from fsmllm.encoders.base import VisionEncoder
 from fsmllm.engine.certifier import Certifier, CertifyOutcome
 from fsmllm.engine.worker import DeviceWorker
 from fsmllm.images import to_pixels
-from fsmllm.lm.base import Generation, SamplingParams, TextStream
+from fsmllm.lm.base import Generation, GenerationCancelled, SamplingParams, TextStream
 
 
 class VisionLanguageModel(Protocol):
@@ -95,7 +97,11 @@ class Runtime:
         timeout_s: float = 600.0,
         cache_size: int = 256,
         on_batch: Callable[[int, int, float], None] | None = None,
+        on_generation: Callable[[str, int], None] | None = None,
     ) -> None:
+        """``on_batch(samples, batch_size, seconds)`` after each encoder batch and ``on_generation(event,
+        tokens)`` when a generation starts ("started", 0) and when it ends ("completed", "cancelled" or "failed",
+        with the tokens it generated) feed the metrics."""
         self.encoder = encoder.to(device).eval()
         self.policy = policy
         self.model = model
@@ -108,6 +114,7 @@ class Runtime:
         self._lm_executor = ThreadPoolExecutor(
             max_workers=model.max_concurrency if model is not None else 1, thread_name_prefix="fsmllm-lm"
         )
+        self._on_generation = on_generation
         self.ready = False
 
     def start(self) -> None:
@@ -142,19 +149,65 @@ class Runtime:
         """The smoothed feature in the encoder's token layout [T, W], as the language model reads it."""
         return certificate.smoothed_feature.reshape(self.encoder.num_tokens, self.encoder.token_dim)
 
-    async def generate(self, certificate: Certificate, prompt: str, params: SamplingParams) -> Generation:
-        if self.model is None:
-            raise PolicyError("this deployment serves certificates only (model 'none'); use POST /certify")
-        loop = asyncio.get_running_loop()
-        tokens = self.visual_tokens(certificate)
-        return await loop.run_in_executor(self._lm_executor, self.model.generate, tokens, prompt, params)
-
     def stream(self, certificate: Certificate, prompt: str, params: SamplingParams) -> TextStream:
-        """Token text as generated (consumed on the LM thread by the caller's iterator)."""
+        """Open a generation about ``certificate``'s smoothed features; consume it with :meth:`pieces` (which
+        runs it on the LM threads)."""
         if self.model is None:
             raise PolicyError("this deployment serves certificates only (model 'none'); use POST /certify")
         return self.model.stream(self.visual_tokens(certificate), prompt, params)
 
-    @property
-    def lm_executor(self) -> ThreadPoolExecutor:
-        return self._lm_executor
+    async def generate(self, certificate: Certificate, prompt: str, params: SamplingParams) -> Generation:
+        """The whole answer, generated on an LM thread; cancelling the awaiting task cancels the generation."""
+        stream = self.stream(certificate, prompt, params)
+        self._account("started", 0)
+        job = self._lm_executor.submit(self._complete, stream)
+        try:
+            return await asyncio.wrap_future(job)
+        except asyncio.CancelledError:
+            stream.cancel()
+            if job.cancel():  # it never reached an LM thread, so it ends here
+                self._account("cancelled", 0)
+            raise
+
+    async def pieces(self, stream: TextStream) -> AsyncIterator[str]:
+        """The text of ``stream`` as generated, each piece computed on an LM thread, then read
+        ``stream.result()``. If the consumer stops early (the client went away) the generation is cancelled
+        and its end is accounted on an LM thread. Use it inside ``contextlib.aclosing``, right after
+        :meth:`stream` (vLLM starts decoding when the stream opens)."""
+        loop = asyncio.get_running_loop()
+        iterator, finished = iter(stream), object()
+        self._account("started", 0)
+        complete = False
+        try:
+            while (piece := await loop.run_in_executor(self._lm_executor, next, iterator, finished)) is not finished:
+                yield piece
+            complete = True
+        finally:
+            if complete:
+                self._complete(stream)  # already generated: this only accounts it
+            else:
+                stream.cancel()
+                self._lm_executor.submit(self._complete_quietly, stream)
+
+    def _complete(self, stream: TextStream) -> Generation:
+        """On an LM thread: the generation to its end (or its cancellation), accounted for the metrics."""
+        try:
+            generation = stream.result()
+        except GenerationCancelled as cancelled:
+            self._account("cancelled", cancelled.tokens)
+            raise
+        except Exception:
+            self._account("failed", 0)
+            raise
+        self._account("completed", generation.completion_tokens)
+        return generation
+
+    def _complete_quietly(self, stream: TextStream) -> None:
+        try:
+            self._complete(stream)
+        except Exception:  # noqa: BLE001 - nobody awaits a cancelled stream; its end is in the metrics
+            pass
+
+    def _account(self, event: str, tokens: int) -> None:
+        if self._on_generation is not None:
+            self._on_generation(event, tokens)

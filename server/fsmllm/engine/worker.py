@@ -133,13 +133,18 @@ class DeviceWorker:
                     self._condition.wait()
                 if self._stopping and not self._pending and not self._active:
                     return
-                admitted = list(self._pending)
-                self._pending.clear()
-            for job in admitted:
-                self._admit(job)
+            self._admit_pending()
             self._drop_cancelled()
             if self._active:
                 self._step()
+
+    def _admit_pending(self) -> None:
+        """Move the queued jobs to the active ones (a method, so no local of the loop keeps a finished job)."""
+        with self._condition:
+            admitted = list(self._pending)
+            self._pending.clear()
+        for job in admitted:
+            self._admit(job)
 
     def _admit(self, job: CertifyJob) -> None:
         if job.cancelled:

@@ -67,13 +67,30 @@ class Generation:
         return len(self.token_ids)
 
 
+class GenerationCancelled(Exception):
+    """A generation stopped by :meth:`TextStream.cancel` before its end, after ``tokens`` generated tokens."""
+
+    def __init__(self, tokens: int) -> None:
+        super().__init__(f"the generation was cancelled after {tokens} tokens")
+        self.tokens = tokens
+
+
 class TextStream(Protocol):
-    """A generation in progress: iterate for text pieces as they become final, then read :meth:`result`."""
+    """A generation in progress: iterate for text pieces as they become final, then read :meth:`result`.
+
+    Iterating again continues where the last iteration stopped; :meth:`result` runs the generation to its end.
+    :meth:`cancel` (from any thread) stops it at the next token: the iteration, and :meth:`result`, then raise
+    :class:`GenerationCancelled`, and the backend frees what the generation held.
+    """
 
     def __iter__(self) -> Iterator[str]: ...
 
     def result(self) -> Generation:
-        """The whole generation (valid once iteration has ended)."""
+        """The whole generation (waits for its end)."""
+        ...
+
+    def cancel(self) -> None:
+        """Stop generating (the caller has gone); a no-op once the generation has ended."""
         ...
 
 

@@ -9,13 +9,14 @@ Greedy decoding gives the same tokens as ``model.generate(inputs_embeds=..., do_
 from __future__ import annotations
 
 import secrets
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from fsmllm.lm.base import FinishReason, Generation, SamplingParams, TextStream
+from fsmllm.lm.base import FinishReason, Generation, GenerationCancelled, SamplingParams, TextStream
 from fsmllm.lm.llm_loader import load_causal_lm
 
 
@@ -37,7 +38,7 @@ class _Decoding:
 
     Text is decoded from all ids so far and released only when final: a trailing partial UTF-8 character, or a
     tail that could still grow into a stop string, is held back. A stop string ends the generation and is cut
-    off with everything after it.
+    off with everything after it. :meth:`cancel` stops the decoding loop before its next forward pass.
     """
 
     def __init__(self, backend: TransformersBackend, prompt_embeds: torch.Tensor, params: SamplingParams) -> None:
@@ -49,11 +50,27 @@ class _Decoding:
         self.token_ids: list[int] = []
         self.text = ""
         self.finish_reason: FinishReason = "length"
+        self._pieces: Iterator[str] | None = None
+        self._cancelled = threading.Event()
+        self._finished = False
 
     def __iter__(self) -> Iterator[str]:
+        if self._pieces is None:
+            self._pieces = self._decode()
+        return self._pieces
+
+    def cancel(self) -> None:
+        self._cancelled.set()
+
+    def _check_cancelled(self) -> None:
+        if self._cancelled.is_set():
+            raise GenerationCancelled(len(self.token_ids))
+
+    def _decode(self) -> Iterator[str]:
         tokenizer = self.backend.tokenizer
         stops = self.params.stop
         text_ids: list[int] = []
+        self._check_cancelled()
         for token in self.backend.token_ids(self.prompt_embeds, self.params):
             self.token_ids.append(token)
             if token in self.backend.eos_token_ids:
@@ -64,9 +81,12 @@ class _Decoding:
             cut = min((i for i in (full.find(s) for s in stops) if i >= 0), default=-1)
             if cut >= 0:
                 self.finish_reason = "stop"
+                self._finished = True
                 yield from self._release(full[:cut])
                 return
             yield from self._release(full[: len(full) - _held_back(full, stops)])
+            self._check_cancelled()
+        self._finished = True
         yield from self._release(tokenizer.decode(text_ids, skip_special_tokens=True))
 
     def _release(self, final: str) -> Iterator[str]:
@@ -76,6 +96,10 @@ class _Decoding:
             yield piece
 
     def result(self) -> Generation:
+        for _ in self:
+            pass
+        if not self._finished:
+            raise GenerationCancelled(len(self.token_ids))
         return Generation(self.text, tuple(self.token_ids), self.finish_reason, self.prompt_embeds.shape[0])
 
 
@@ -141,10 +165,7 @@ class TransformersBackend:
             out = self.model(input_ids=ids, past_key_values=out.past_key_values, use_cache=True)
 
     def generate(self, prompt_embeds: torch.Tensor, params: SamplingParams) -> Generation:
-        decoding = _Decoding(self, prompt_embeds, params)
-        for _ in decoding:
-            pass
-        return decoding.result()
+        return _Decoding(self, prompt_embeds, params).result()
 
     def stream(self, prompt_embeds: torch.Tensor, params: SamplingParams) -> TextStream:
         return _Decoding(self, prompt_embeds, params)

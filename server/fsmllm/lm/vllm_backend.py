@@ -12,9 +12,10 @@ the rest of the model in transformers. Greedy decoding gives the transformers ba
 from __future__ import annotations
 
 import itertools
+import logging
 import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,9 @@ import torch
 from safetensors import safe_open
 from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
 
-from fsmllm.lm.base import FinishReason, Generation, SamplingParams
+from fsmllm.lm.base import FinishReason, Generation, GenerationCancelled, SamplingParams
+
+log = logging.getLogger(__name__)
 
 EMBEDDING_KEYS = ("model.embed_tokens.weight", "embed_tokens.weight", "model.language_model.embed_tokens.weight")
 
@@ -66,23 +69,38 @@ def load_input_embeddings(directory: str | Path) -> torch.Tensor:
 
 class _Request:
     """One generation inside the engine, as a :class:`~fsmllm.lm.base.TextStream`: iterate for the text as it
-    grows (pieces final: vLLM holds back text that could still become a stop string), then :meth:`result`."""
+    grows (pieces final: vLLM holds back text that could still become a stop string), then :meth:`result`;
+    :meth:`cancel` aborts it in the engine."""
 
-    def __init__(self, prompt_tokens: int) -> None:
+    def __init__(self, request_id: str, prompt_tokens: int, abort: Callable[[str], None]) -> None:
+        self.request_id = request_id
         self.prompt_tokens = prompt_tokens
+        self.tokens = 0  # generated so far, as the engine last reported
+        self._abort = abort
         self._updates: queue.SimpleQueue[tuple[Any, bool] | BaseException] = queue.SimpleQueue()
         self._sent = 0
         self._generation: Generation | None = None
+        self._error: BaseException | None = None
 
     def put(self, update: tuple[Any, bool] | BaseException) -> None:
         """From the engine thread: (cumulative ``CompletionOutput``, finished), or the error that ended it."""
+        if not isinstance(update, BaseException):
+            self.tokens = len(update[0].token_ids)
         self._updates.put(update)
+
+    def cancel(self) -> None:
+        if self._generation is None and self._error is None:
+            self._abort(self.request_id)
 
     def __iter__(self) -> Iterator[str]:
         while self._generation is None:
+            if self._error is not None:
+                raise self._error
             update = self._updates.get()
             if isinstance(update, BaseException):
-                raise update
+                self._error = update  # every later iteration ends the same way, and so does one waiting on
+                self._updates.put(update)  # another thread (a cancelled stream is drained there)
+                continue
             completion, finished = update
             if len(completion.text) > self._sent:
                 piece, self._sent = completion.text[self._sent :], len(completion.text)
@@ -99,22 +117,28 @@ class _Request:
 
 
 class _EngineLoop:
-    """The thread that owns vLLM's ``LLMEngine``: it adds submitted requests between engine steps, so concurrent
-    requests decode together in the engine's batches (continuous batching), and hands each step's outputs to
-    their requests."""
+    """The thread that owns vLLM's ``LLMEngine``: it adds submitted requests (and aborts cancelled ones) between
+    engine steps, so concurrent requests decode together in the engine's batches (continuous batching), and
+    hands each step's outputs to their requests."""
 
     def __init__(self, engine: Any) -> None:
         self.engine = engine
-        self._inbox: queue.SimpleQueue[tuple[dict[str, torch.Tensor], Any, _Request]] = queue.SimpleQueue()
+        #: ("add", prompt, sampling, request) or ("abort", request id)
+        self._inbox: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
         self._running: dict[str, _Request] = {}
         self._ids = itertools.count()
         self.max_running = 0  # the most requests decoded in one step so far
         threading.Thread(target=self._serve, name="fsmllm-vllm-engine", daemon=True).start()
 
     def submit(self, prompt: dict[str, torch.Tensor], sampling: Any, prompt_tokens: int) -> _Request:
-        request = _Request(prompt_tokens)
-        self._inbox.put((prompt, sampling, request))
+        request = _Request(str(next(self._ids)), prompt_tokens, lambda request_id: self._inbox.put(("abort", request_id)))
+        self._inbox.put(("add", prompt, sampling, request))
         return request
+
+    @property
+    def running(self) -> int:
+        """Requests inside the engine now."""
+        return len(self._running)
 
     def _serve(self) -> None:
         while True:
@@ -125,13 +149,21 @@ class _EngineLoop:
             try:
                 outputs = self.engine.step()
             except Exception as error:  # the engine failed: every request in it fails, the loop goes on
-                for request in self._running.values():
-                    request.put(error)
-                self._running.clear()
+                self._end(list(self._running), error)
                 continue
             for output in outputs:
                 request = self._running.pop(output.request_id) if output.finished else self._running[output.request_id]
                 request.put((output.outputs[0], output.finished))
+
+    def _end(self, request_ids: list[str], error: BaseException) -> None:
+        """Abort these requests in the engine (freeing their KV cache) and end them with ``error``."""
+        try:
+            self.engine.abort_request(request_ids)
+        except Exception:  # noqa: BLE001 - a broken engine may refuse; the callers must hear of it regardless
+            log.exception("vLLM could not abort requests %s", request_ids)
+        for request_id in request_ids:
+            request = self._running.pop(request_id)
+            request.put(error)
 
     def _admit(self, block: bool) -> None:
         try:
@@ -139,14 +171,18 @@ class _EngineLoop:
         except queue.Empty:
             return
         while True:
-            prompt, sampling, request = item
-            request_id = str(next(self._ids))
-            try:
-                self.engine.add_request(request_id, prompt, sampling)
-            except Exception as error:  # e.g. a prompt longer than max_model_len
-                request.put(error)
+            if item[0] == "abort":
+                request_id = item[1]
+                if request_id in self._running:  # else it has finished (or failed) already
+                    self._end([request_id], GenerationCancelled(self._running[request_id].tokens))
             else:
-                self._running[request_id] = request
+                _, prompt, sampling, request = item
+                try:
+                    self.engine.add_request(request.request_id, prompt, sampling)
+                except Exception as error:  # e.g. a prompt longer than max_model_len
+                    request.put(error)
+                else:
+                    self._running[request.request_id] = request
             try:
                 item = self._inbox.get_nowait()
             except queue.Empty:
@@ -190,6 +226,11 @@ class VllmBackend:
     def max_running(self) -> int:
         """The most requests the engine has decoded in one step so far."""
         return self._loop.max_running
+
+    @property
+    def running(self) -> int:
+        """Requests inside the engine now (finished, failed and cancelled ones have left it)."""
+        return self._loop.running
 
     @property
     def tokenizer(self) -> PreTrainedTokenizerBase:
