@@ -4,13 +4,18 @@ Pass criteria: every request answered (zero lost), zero 5xx; 503 (queue full) an
 Retry-After and counted. Prints p50 / p99 latency, throughput, and the server's RSS before and after (a leak
 shows as growth that does not level off across ``--rounds``).
 
+``--abandon F``: that fraction of the clients hang up after a random 20-500 ms (queued, sampling, or about to
+be answered); they are counted apart and must leave nothing behind: the queue ends empty and the RSS flat.
+
     python benchmarks/load_test.py --encoder tiny-cnn --requests 200 --concurrency 16
+    python benchmarks/load_test.py --encoder tiny-cnn --requests 200 --concurrency 16 --abandon 0.5 --rounds 4
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import random
 import statistics
 import subprocess
 import sys
@@ -29,29 +34,43 @@ def rss_mib(pid: int) -> float:
     return float("nan")
 
 
-async def load(url: str, image: bytes, args) -> tuple[list[float], dict[int, int], int]:
+async def load(url: str, image: bytes, args) -> tuple[list[float], dict[int, int], int, int]:
+    """Latencies of the answered requests, status counts, 503 retries, and how many clients hung up."""
     latencies: list[float] = []
     statuses: dict[int, int] = {}
-    retries = 0
+    retries = abandoned = 0
     gate = asyncio.Semaphore(args.concurrency)
-    async with httpx.AsyncClient(timeout=600) as client:
-        async def one(i: int) -> None:
-            nonlocal retries
-            async with gate:
-                start = time.perf_counter()
-                while True:
-                    files = {"image": ("x.png", image, "image/png")}
-                    data = {"n0": str(args.n0), "n": str(args.n), "seed": str(i), "radius": "0.25"}
-                    response = await client.post(f"{url}/certify", files=files, data=data)
-                    statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
-                    if response.status_code != 503:
-                        break
-                    retries += 1
-                    await asyncio.sleep(float(response.headers.get("retry-after", "1")))
-                latencies.append(time.perf_counter() - start)
+    chance = random.Random(0)
 
-        await asyncio.gather(*(one(i) for i in range(args.requests)))
-    return latencies, statuses, retries
+    async def one(client: httpx.AsyncClient, i: int) -> None:
+        nonlocal retries
+        async with gate:
+            start = time.perf_counter()
+            while True:
+                files = {"image": ("x.png", image, "image/png")}
+                data = {"n0": str(args.n0), "n": str(args.n), "seed": str(i), "radius": "0.25"}
+                response = await client.post(f"{url}/certify", files=files, data=data)
+                statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
+                if response.status_code != 503:
+                    break
+                retries += 1
+                await asyncio.sleep(float(response.headers.get("retry-after", "1")))
+            latencies.append(time.perf_counter() - start)
+
+    async with httpx.AsyncClient(timeout=600) as shared:
+        async def maybe_abandoned(i: int) -> None:
+            nonlocal abandoned
+            if chance.random() >= args.abandon:
+                return await one(shared, i)
+            # a client that hangs up, on a connection of its own: it closes mid-request
+            async with httpx.AsyncClient(timeout=600) as own:
+                try:
+                    await asyncio.wait_for(one(own, i), timeout=chance.uniform(0.02, 0.5))
+                except asyncio.TimeoutError:
+                    abandoned += 1
+
+        await asyncio.gather(*(maybe_abandoned(i) for i in range(args.requests)))
+    return latencies, statuses, retries, abandoned
 
 
 def main() -> None:
@@ -62,6 +81,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=256)
     parser.add_argument("--queue-capacity", type=int, default=8, help="small, so that backpressure is exercised")
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--abandon", type=float, default=0.0, help="fraction of clients that hang up early")
     args = parser.parse_args()
     encoder, pixels = setup(args)
     image = png(pixels)
@@ -90,18 +110,22 @@ def main() -> None:
         for round_ in range(1, args.rounds + 1):
             before = rss_mib(server.pid)
             start = time.perf_counter()
-            latencies, statuses, retries = asyncio.run(load(url, image, args))
+            latencies, statuses, retries, abandoned = asyncio.run(load(url, image, args))
             wall = time.perf_counter() - start
             answered = len(latencies)
             server_errors = sum(count for status, count in statuses.items() if status >= 500 and status != 503)
             ok = statuses.get(200, 0)
             cuts = statistics.quantiles(latencies, n=100)
-            print(f"round {round_}: answered {answered}/{args.requests}, 200: {ok}, 5xx (not 503): {server_errors}, "
-                  f"503 retried: {retries}; p50 {cuts[49] * 1e3:.0f} ms, p99 {cuts[98] * 1e3:.0f} ms, "
-                  f"{answered / wall:.1f} req/s; server RSS {before:.0f} -> {rss_mib(server.pid):.0f} MiB")
-            failed |= answered != args.requests or server_errors > 0 or ok != args.requests
+            print(f"round {round_}: answered {answered}/{args.requests - abandoned} (+{abandoned} hung up), 200: {ok}, "
+                  f"5xx (not 503): {server_errors}, 503 retried: {retries}; p50 {cuts[49] * 1e3:.0f} ms, "
+                  f"p99 {cuts[98] * 1e3:.0f} ms, {answered / wall:.1f} req/s; "
+                  f"server RSS {before:.0f} -> {rss_mib(server.pid):.0f} MiB")
+            expected = args.requests - abandoned
+            failed |= answered != expected or server_errors > 0 or ok != expected
+        time.sleep(1)  # the last hang-ups reach the server
         depth = [line for line in httpx.get(f"{url}/metrics").text.splitlines() if line.startswith("fsmllm_queue_depth")]
         print(f"after the load: {depth[0] if depth else 'queue depth metric missing'}")
+        failed |= not depth or depth[0] != "fsmllm_queue_depth 0.0"
     finally:
         server.terminate()
         server.wait()
