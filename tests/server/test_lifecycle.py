@@ -48,7 +48,7 @@ def test_sigterm_finishes_accepted_requests_then_a_restart_serves_again() -> Non
     url = f"http://127.0.0.1:{port}"
     server = _start(port)
     answers: list[httpx.Response] = []
-    body = {"image": data_url(png_bytes()), "n0": 100, "n": 20_000, "seed": 3}
+    body = {"image": data_url(png_bytes()), "n0": 100, "n": 8_000, "seed": 3}
     client = threading.Thread(target=lambda: answers.append(httpx.post(f"{url}/certify", json=body, timeout=120)))
     try:
         client.start()
@@ -65,7 +65,7 @@ def test_sigterm_finishes_accepted_requests_then_a_restart_serves_again() -> Non
             server.kill()
     assert answers and answers[0].status_code == 200, answers and answers[0].text
     first = answers[0].json()["certificate"]
-    assert first["n"] == 20_000 and not first["cached"]
+    assert first["n"] == 8_000 and not first["cached"]
 
     server = _start(port)
     try:
