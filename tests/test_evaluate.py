@@ -87,24 +87,63 @@ def test_certified_curve_falls_with_the_radius() -> None:
     assert all(p.q10 <= p.median <= p.q90 for p in points)
 
 
-@pytest.mark.skipif(not FASHION_MNIST_DIR.is_dir(), reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
-def test_run_writes_the_report(tmp_path) -> None:
-    booster = tmp_path / "booster"
+@pytest.fixture(scope="module")
+def tiny_booster(tmp_path_factory):
+    booster = tmp_path_factory.mktemp("booster")
     train_booster(
         BoosterTrainConfig(encoder="tiny-cnn", image_size=32, model="none", fashion_images=0, photo_crops=2, steps=3,
                            width=4, mapper_hidden=8), booster, progress=False,
     )
-    results = run("tiny-cnn", [str(booster)], [0.25], [200], [0.1], images=2, attack_images=1,
-                  attack=AttackSettings(steps=2), n0=50, alpha=0.01, model_name=None, out=str(tmp_path / "report"),
-                  progress=lambda _: None)
-    tmp_path = tmp_path / "report"
+    return booster
+
+
+def tiny_run(out, booster, sigmas=(0.25,), resume=False, progress=lambda _: None, alpha=0.01):
+    return run("tiny-cnn", [str(booster)], list(sigmas), [200], [0.1], images=2, attack_images=1,
+               attack=AttackSettings(steps=2), n0=50, alpha=alpha, model_name=None, out=str(out),
+               progress=progress, resume=resume, photos=1)
+
+
+@pytest.mark.skipif(not FASHION_MNIST_DIR.is_dir(), reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
+def test_run_writes_the_report(tmp_path, tiny_booster) -> None:
+    results = tiny_run(tmp_path, tiny_booster, sigmas=(0.25, 0.5))
     saved = json.loads((tmp_path / "results.json").read_text())
-    assert saved["curves"] == results["curves"] and len(saved["curves"]) == 2
-    for curve in saved["curves"]:  # 2 Fashion-MNIST images + the 6 photos, each kept
-        assert len(curve["per_image"]) == 8 and curve["mean"] == pytest.approx(sum(curve["per_image"]) / 8)
-    assert {curve["setting"] for curve in saved["curves"]} == {"FS", f"FS+{booster}"}
+    assert saved["curves"] == results["curves"] and len(saved["curves"]) == 4 and saved["complete"]
+    for curve in saved["curves"]:  # 2 Fashion-MNIST images + 1 photo, each kept
+        assert len(curve["per_image"]) == 3 and curve["mean"] == pytest.approx(sum(curve["per_image"]) / 3)
+    assert {curve["setting"] for curve in saved["curves"]} == {"FS", f"FS+{tiny_booster}"}
+    # each σ's smoothed defences are summarised apart; the undefended encoder once
+    assert sorted((a["defence"], a["sigma"] or 0) for a in saved["attacks"] if a["defence"] in ("FS", "none")) == [
+        ("FS", 0.25), ("FS", 0.5), ("none", 0)
+    ]
+    assert all(a["images"] == 1 for a in saved["attacks"])
     assert (tmp_path / "curves.png").stat().st_size > 5000
-    assert "White-box PGD" in (tmp_path / "report.md").read_text()
+    report = (tmp_path / "report.md").read_text()
+    assert "White-box PGD" in report and "Unfinished" not in report
+
+
+@pytest.mark.skipif(not FASHION_MNIST_DIR.is_dir(), reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
+def test_a_stopped_run_leaves_its_results_and_resume_finishes_it(tmp_path, tiny_booster) -> None:
+    whole = tiny_run(tmp_path / "whole", tiny_booster)
+
+    class Stop(Exception):
+        pass
+
+    def stop_at_the_attacks(line: str) -> None:
+        if line.startswith("attacks"):
+            raise Stop
+
+    with pytest.raises(Stop):
+        tiny_run(tmp_path / "part", tiny_booster, progress=stop_at_the_attacks)
+    partial = json.loads((tmp_path / "part" / "results.json").read_text())
+    assert not partial["complete"] and partial["curves"] == whole["curves"] and partial["attack_rows"] == []
+    assert "Unfinished" in (tmp_path / "part" / "report.md").read_text()
+
+    lines: list[str] = []
+    resumed = tiny_run(tmp_path / "part", tiny_booster, resume=True, progress=lines.append)
+    assert lines == ["attacks: σ=0.25, image 1/1"]  # the curves were kept, not computed again
+    assert resumed == whole  # seeded: the same numbers as the run that never stopped
+    with pytest.raises(ValueError, match="alpha differ"):
+        tiny_run(tmp_path / "part", tiny_booster, resume=True, alpha=0.05)
 
 
 @pytest.mark.skipif(not FASHION_MNIST_DIR.is_dir(), reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")

@@ -191,6 +191,10 @@ def _add_evaluate_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="eval-out")
+    parser.add_argument(
+        "--resume", action="store_true",
+        help="keep what OUT/results.json already holds (a run with the same settings that stopped early) and compute the rest",
+    )
     parser.set_defaults(handler=_evaluate)
 
 
@@ -201,7 +205,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         args.encoder, args.booster, args.sigma, args.n, args.radius, args.images, args.attack_images,
         AttackSettings(steps=args.attack_steps, samples=args.attack_samples), args.n0, args.alpha, args.model,
         args.out, seed=args.seed, progress=lambda line: print(line, file=sys.stderr), goals=args.attack_goals,
-        photos=args.photos,
+        photos=args.photos, resume=args.resume,
     )
     print(open(f"{args.out}/report.md").read())
     return 0

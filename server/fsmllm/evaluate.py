@@ -26,9 +26,11 @@ success rate is the fraction of those whose answer under attack names the target
 from __future__ import annotations
 
 import itertools
+import json
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -58,7 +60,7 @@ class AttackSettings:
 
 @dataclass(frozen=True)
 class AttackRow:
-    """One (image, defence, ε) outcome."""
+    """One (image, defence, goal, ε) outcome; ``sigma`` is the smoothing σ (``None`` for the undefended encoder)."""
 
     image: int
     defence: str
@@ -73,6 +75,7 @@ class AttackRow:
     goal: str = "feature"
     target: str | None = None
     names_target: bool | None = None
+    sigma: float | None = None
 
 
 def _tokens(encoder: VisionEncoder, unit_flat: torch.Tensor) -> torch.Tensor:
@@ -165,6 +168,7 @@ def attack_image(
                         None if goal != "answer" or answer_attacked is None
                         else target is not None and names(answer_attacked, target)
                     ),
+                    sigma=sigma if smoothed else None,
                 )
             )
     return rows
@@ -179,9 +183,10 @@ def target_phrase(answer: str) -> str:
 
 @dataclass(frozen=True)
 class AttackSummary:
-    """Aggregates over images of one (defence, ε)."""
+    """Aggregates over images of one (defence, σ, goal, ε)."""
 
     defence: str
+    sigma: float | None
     goal: str
     radius: float
     images: int
@@ -195,11 +200,11 @@ class AttackSummary:
 
 
 def summarise(rows: Sequence[AttackRow]) -> list[AttackSummary]:
-    """One :class:`AttackSummary` per (defence, goal, radius), in first-seen order."""
-    keys = list(dict.fromkeys((row.defence, row.goal, row.radius) for row in rows))
+    """One :class:`AttackSummary` per (defence, σ, goal, radius), in first-seen order."""
+    keys = list(dict.fromkeys((row.defence, row.sigma, row.goal, row.radius) for row in rows))
     summaries = []
-    for defence, goal, radius in keys:
-        group = [row for row in rows if (row.defence, row.goal, row.radius) == (defence, goal, radius)]
+    for defence, sigma, goal, radius in keys:
+        group = [row for row in rows if (row.defence, row.sigma, row.goal, row.radius) == (defence, sigma, goal, radius)]
         observed = np.array([row.observed_cos for row in group])
         bounds = [row.certified_fcsb for row in group if row.certified_fcsb is not None]
         answered = [row for row in group if row.correct_clean]
@@ -211,6 +216,7 @@ def summarise(rows: Sequence[AttackRow]) -> list[AttackSummary]:
         summaries.append(
             AttackSummary(
                 defence=defence,
+                sigma=sigma,
                 goal=goal,
                 radius=radius,
                 images=len(group),
@@ -308,20 +314,28 @@ def held_out_images(
 
 def markdown_attacks(summaries: Sequence[AttackSummary]) -> str:
     lines = [
-        "| defence | goal | ε | images | mean cos under attack | min cos | mean certified FCSB | certified share "
+        "| defence | σ | goal | ε | images | mean cos under attack | min cos | mean certified FCSB | certified share "
         "| observed < certified | attack success (answers) | targeted success |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for s in summaries:
         bound = "—" if s.mean_certified_fcsb is None else f"{s.mean_certified_fcsb:.3f}"
-        success = "—" if s.attack_success_rate is None else f"{s.attack_success_rate:.1%}"
-        targeted = "—" if s.targeted_success_rate is None else f"{s.targeted_success_rate:.1%}"
+        success, targeted = _rate(s.attack_success_rate), _rate(s.targeted_success_rate)
         below = "—" if s.defence == "none" else f"{s.below_certificate_fraction:.1%}"
+        sigma = "—" if s.sigma is None else f"{s.sigma:g}"
         lines.append(
-            f"| {s.defence} | {s.goal} | {s.radius:g} | {s.images} | {s.mean_observed_cos:.3f} "
+            f"| {s.defence} | {sigma} | {s.goal} | {s.radius:g} | {s.images} | {s.mean_observed_cos:.3f} "
             f"| {s.min_observed_cos:.3f} | {bound} | {s.certified_fraction:.0%} | {below} | {success} | {targeted} |"
         )
     return "\n".join(lines)
+
+
+def _rate(rate: float | None) -> str:
+    """A success rate for the report: "—" without answers, and said plainly when no image was answered right
+    from clean features (the rate's denominator)."""
+    if rate is None:
+        return "—"
+    return "none right before the attack" if math.isnan(rate) else f"{rate:.1%}"
 
 
 def markdown_curves(points: Sequence[CurvePoint]) -> str:
@@ -378,14 +392,15 @@ def run(
     progress: Callable[[str], None] = print,
     goals: Sequence[str] | None = None,
     photos: int | None = None,
+    resume: bool = False,
 ) -> dict[str, object]:
-    """The whole evaluation; writes ``results.json``, ``report.md`` and ``curves.png`` into ``out``.
+    """The whole evaluation; writes ``results.json``, ``report.md`` and ``curves.png`` into ``out`` after every
+    finished curve and attacked image (``"complete": false`` until the end).
 
     ``goals``: the attack goals (default: both with a model, the feature goal without); ``photos``: how many
-    bundled photos join the ``images`` Fashion-MNIST test images (default: all six)."""
-    import json
-    from pathlib import Path
-
+    bundled photos join the ``images`` Fashion-MNIST test images (default: all six); ``resume``: keep the curves
+    and attacked images already in ``out/results.json`` (from a run with the same settings that stopped early, or
+    one with fewer σ, n or boosters) and compute only the rest."""
     from fsmllm.encoders import load_encoder
 
     encoder = load_encoder(encoder_name).eval()
@@ -393,6 +408,21 @@ def run(
         parameter.requires_grad_(False)
     pixels, answers = held_out_images(images, encoder.image_size, photos=photos, seed=seed)
     goals = tuple(goals or (GOALS if model_name else ("feature",)))
+    attacked_images = min(attack_images, len(pixels))
+    settings = {
+        "encoder": encoder.name,
+        "image_size": encoder.image_size,
+        "model": model_name,
+        "images": len(pixels),
+        "photos": photos,
+        "attack": asdict(attack),
+        "goals": list(goals),
+        "n0": n0,
+        "alpha": alpha,
+        "seed": seed,
+        "radii": [float(r) for r in radii],
+    }
+    report = _Report(Path(out), settings, resume)
     model = None
     if model_name:
         from fsmllm.lm.models import load_model
@@ -404,52 +434,93 @@ def run(
 
         return load_booster(name.format(sigma=sigma), encoder)
 
-    points: list[CurvePoint] = []
-    rows: list[AttackRow] = []
     for sigma in sigmas:
         variants: dict[str, VisionEncoder | None] = {"none": None, "FS": encoder}
         variants.update({f"FS+{b.format(sigma=sigma)}": boosted(b, sigma) for b in boosters})
         for n in ns:
             for setting, variant in variants.items():
-                if variant is None:
+                if variant is None or report.has_curve(setting, sigma, n):
                     continue
                 progress(f"certified curve: {setting}, σ={sigma}, n={n}, {len(pixels)} images")
-                points += certified_curve(setting, variant, pixels, sigma, n0, n, alpha, radii, seed=seed)
-        for i in range(min(attack_images, len(pixels))):
-            progress(f"attacks: σ={sigma}, image {i + 1}/{min(attack_images, len(pixels))}")
-            rows += [
-                row
-                for row in attack_image(
-                    i, pixels[i], variants, encoder, sigma, radii, attack, n0, max(ns), alpha, seed + i,
-                    model=model, answer=answers[i], goals=goals,
+                report.add_curve(certified_curve(setting, variant, pixels, sigma, n0, n, alpha, radii, seed=seed))
+        for i in range(attacked_images):
+            if report.has_attacked(sigma, i):
+                continue
+            progress(f"attacks: σ={sigma}, image {i + 1}/{attacked_images}")
+            rows = attack_image(
+                i, pixels[i], variants, encoder, sigma, radii, attack, n0, max(ns), alpha, seed + i,
+                model=model, answer=answers[i], goals=goals,
+            )
+            # the undefended encoder does not depend on σ: attacked once, with the first σ
+            report.add_attacked(sigma, i, [row for row in rows if sigma == sigmas[0] or row.defence != "none"])
+    return report.finish()
+
+
+class _Report:
+    """The results of :func:`run` so far, rewritten to ``directory`` (results.json, report.md, curves.png) after
+    each addition, so that a run that stops early leaves what it finished, and ``resume`` can go on from it."""
+
+    def __init__(self, directory: Path, settings: dict[str, object], resume: bool) -> None:
+        self.directory = directory
+        self.settings = settings
+        self.points: list[CurvePoint] = []
+        self.rows: list[AttackRow] = []
+        self.attacked: list[tuple[float, int]] = []
+        saved = directory / "results.json"
+        if resume and saved.exists():
+            previous = json.loads(saved.read_text())
+            differing = sorted(key for key, value in settings.items() if previous.get(key) != value)
+            if differing:
+                raise ValueError(
+                    f"{saved} holds a run with other settings ({', '.join(differing)} differ): resume it with the "
+                    "same settings, or write to another --out"
                 )
-                if sigma == sigmas[0] or row.defence != "none"  # the undefended encoder does not depend on σ
-            ]
-    summaries = summarise(rows)
-    directory = Path(out)
-    directory.mkdir(parents=True, exist_ok=True)
-    results = {
-        "encoder": encoder.name,
-        "image_size": encoder.image_size,
-        "model": model_name,
-        "images": len(pixels),
-        "attack_images": min(attack_images, len(pixels)),
-        "attack": asdict(attack),
-        "goals": list(goals),
-        "n0": n0,
-        "alpha": alpha,
-        "seed": seed,
-        "curves": as_dicts(points),
-        "attacks": as_dicts(summaries),
-        "attack_rows": as_dicts(rows),
-    }
-    (directory / "results.json").write_text(json.dumps(results, indent=1))
-    title = f"{encoder.name} @ {encoder.image_size}px, α={alpha}, n0={n0}, {len(pixels)} held-out images"
-    plot_curves(points, str(directory / "curves.png"), title)
-    report = (
-        f"# Evaluation: {title}\n\n## Certified FCSB against ε\n\n{markdown_curves(points)}\n\n"
-        f"![certified curves](curves.png)\n\n## White-box PGD (l2, {attack.steps} steps, {attack.samples} noise "
-        f"samples per step, observed with {attack.observe})\n\n{markdown_attacks(summaries)}\n"
-    )
-    (directory / "report.md").write_text(report)
-    return results
+            self.points = [CurvePoint(**point) for point in previous["curves"]]
+            self.rows = [AttackRow(**row) for row in previous["attack_rows"]]
+            self.attacked = [(float(sigma), int(image)) for sigma, image in previous["attacked"]]
+        directory.mkdir(parents=True, exist_ok=True)
+
+    def has_curve(self, setting: str, sigma: float, n: int) -> bool:
+        return any((p.setting, p.sigma, p.n) == (setting, sigma, n) for p in self.points)
+
+    def has_attacked(self, sigma: float, image: int) -> bool:
+        return (sigma, image) in self.attacked
+
+    def add_curve(self, points: list[CurvePoint]) -> None:
+        self.points += points
+        self._write(complete=False)
+
+    def add_attacked(self, sigma: float, image: int, rows: list[AttackRow]) -> None:
+        self.rows += rows
+        self.attacked.append((sigma, image))
+        self._write(complete=False)
+
+    def finish(self) -> dict[str, object]:
+        return self._write(complete=True)
+
+    def _write(self, complete: bool) -> dict[str, object]:
+        summaries = summarise(self.rows)
+        results = {
+            **self.settings,
+            "complete": complete,
+            "attack_images": len({image for _, image in self.attacked}),
+            "curves": as_dicts(self.points),
+            "attacks": as_dicts(summaries),
+            "attack_rows": as_dicts(self.rows),
+            "attacked": [list(done) for done in self.attacked],
+        }
+        (self.directory / "results.json").write_text(json.dumps(results, indent=1))
+        s = self.settings
+        title = f"{s['encoder']} @ {s['image_size']}px, α={s['alpha']}, n0={s['n0']}, {s['images']} held-out images"
+        if self.points:
+            plot_curves(self.points, str(self.directory / "curves.png"), title)
+        attack = s["attack"]
+        assert isinstance(attack, dict)
+        (self.directory / "report.md").write_text(
+            f"# Evaluation: {title}\n\n"
+            + ("" if complete else "**Unfinished**: the run stopped or is still going; `--resume` continues it.\n\n")
+            + f"## Certified FCSB against ε\n\n{markdown_curves(self.points)}\n\n"
+            f"![certified curves](curves.png)\n\n## White-box PGD (l2, {attack['steps']} steps, {attack['samples']} "
+            f"noise samples per step, observed with {attack['observe']})\n\n{markdown_attacks(summaries)}\n"
+        )
+        return results

@@ -92,6 +92,27 @@ def test_cancel_before_the_start_generates_nothing(model) -> None:
     assert stopped.value.tokens == 0
 
 
+def test_a_failure_mid_generation_is_not_mistaken_for_a_cancellation(model) -> None:
+    calls = 0
+
+    def fail_on_the_fourth_forward(module, args, output):
+        nonlocal calls
+        calls += 1
+        if calls == 4:
+            raise RuntimeError("device lost")
+
+    handle = model.backend.model.register_forward_hook(fail_on_the_fourth_forward)
+    try:
+        stream = model.stream(tokens(0), "What is this?", SamplingParams(max_tokens=50))
+        with pytest.raises(RuntimeError, match="device lost"):
+            list(stream)
+        with pytest.raises(RuntimeError, match="device lost"):
+            stream.result()  # the stream ended early because it failed, and says so again
+    finally:
+        handle.remove()
+    assert model.generate(tokens(0), "What is this?", SamplingParams(max_tokens=5)).completion_tokens == 5
+
+
 def test_prompt_layout_splices_the_image_tokens(model) -> None:
     tokenizer = model.backend.tokenizer
     layout = chat_prompt(tokenizer, "What is this?", 4)

@@ -53,11 +53,21 @@ class _Decoding:
         self._pieces: Iterator[str] | None = None
         self._cancelled = threading.Event()
         self._finished = False
+        self._error: Exception | None = None
 
     def __iter__(self) -> Iterator[str]:
         if self._pieces is None:
-            self._pieces = self._decode()
+            self._pieces = self._failures_kept(self._decode())
         return self._pieces
+
+    def _failures_kept(self, pieces: Iterator[str]) -> Iterator[str]:
+        """``pieces``, remembering the error that ended them: a generator that raised is exhausted, and
+        :meth:`result` must raise that error again rather than mistake the early end for a cancellation."""
+        try:
+            yield from pieces
+        except Exception as error:
+            self._error = error
+            raise
 
     def cancel(self) -> None:
         self._cancelled.set()
@@ -98,6 +108,8 @@ class _Decoding:
     def result(self) -> Generation:
         for _ in self:
             pass
+        if self._error is not None:
+            raise self._error
         if not self._finished:
             raise GenerationCancelled(len(self.token_ids))
         return Generation(self.text, tuple(self.token_ids), self.finish_reason, self.prompt_embeds.shape[0])
