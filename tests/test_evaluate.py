@@ -13,7 +13,8 @@ from fsmllm.booster.training import BoosterTrainConfig, train_booster
 from fsmllm.attacks import feature_space_attack, unit_features
 from fsmllm.encoders import load_encoder
 from fsmllm.evaluate import (
-    AttackSettings, attack_image, certified_curve, held_out_images, run, summarise, target_phrase,
+    AttackRow, AttackSettings, attack_image, certified_curve, held_out_images, markdown_attacks, run, summarise,
+    target_phrase,
 )
 from fsmllm.lm.data import FASHION_MNIST_DIR, SAMPLE_PHOTO_PHRASES, answer_for
 from fsmllm.lm.models import load_model
@@ -73,9 +74,25 @@ def test_the_targeted_answer_attack_lowers_the_target_loss_and_the_certificate_s
     assert not any(r.below_certificate for r in rows)
     summaries = summarise(rows)
     assert {(s.defence, s.goal) for s in summaries} == {(d, g) for d in ("none", "FS") for g in ("feature", "answer")}
-    assert all((s.targeted_success_rate is None) == (s.goal == "feature") for s in summaries)
+    assert all((s.targeted_successes is None) == (s.goal == "feature") for s in summaries)
+    assert all(s.answered_right is not None and s.attack_successes <= s.answered_right for s in summaries)
     with pytest.raises(ValueError, match="needs a language model"):
         attack_image(0, x, {"none": None}, encoder, 0.25, [0.1], AttackSettings(steps=1), 50, 100, 0.01, 0, goals=("answer",))
+
+
+def test_attack_success_is_counted_over_images_answered_right_with_an_exact_interval() -> None:
+    def row(image: int, right: bool, wrong_after: bool, target: bool) -> AttackRow:
+        return AttackRow(image, "FS", 1.0, 0.9, None, False, "a", "b", right, right and not wrong_after, "answer",
+                         "a dress", target, sigma=0.25)
+
+    rows = [row(0, True, True, True), row(1, True, True, False), row(2, True, False, False), row(3, True, False, False),
+            row(4, True, False, False), row(5, True, False, False), row(6, False, True, True)]
+    (summary,) = summarise(rows)
+    assert (summary.images, summary.answered_right, summary.attack_successes, summary.targeted_successes) == (7, 6, 2, 1)
+    # Clopper-Pearson 95 % for 2 of 6 is [0.043, 0.777]; for 1 of 6 [0.004, 0.641]
+    assert "| 2/6 = 33% [4%, 78%] | 1/6 = 17% [0%, 64%] |" in markdown_attacks([summary])
+    (none_right,) = summarise([row(0, False, True, True)])
+    assert "none right before the attack" in markdown_attacks([none_right])
 
 
 def test_certified_curve_falls_with_the_radius() -> None:

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -35,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy.stats import binomtest
 
 from fsmllm.attacks import feature_attack, feature_space_attack, smoothed_feature, unit_features
 from fsmllm.certify import SmoothedEncoder
@@ -195,8 +195,9 @@ class AttackSummary:
     mean_certified_fcsb: float | None
     certified_fraction: float
     below_certificate_fraction: float
-    attack_success_rate: float | None
-    targeted_success_rate: float | None
+    answered_right: int | None  # images answered right from clean features: the success rates' denominator
+    attack_successes: int | None  # of those, answered wrong under attack
+    targeted_successes: int | None  # of those, answered with the target (the answer goal)
 
 
 def summarise(rows: Sequence[AttackRow]) -> list[AttackSummary]:
@@ -208,11 +209,7 @@ def summarise(rows: Sequence[AttackRow]) -> list[AttackSummary]:
         observed = np.array([row.observed_cos for row in group])
         bounds = [row.certified_fcsb for row in group if row.certified_fcsb is not None]
         answered = [row for row in group if row.correct_clean]
-        success = targeted = None
-        if group[0].correct_clean is not None:
-            success = sum(not row.correct_attacked for row in answered) / len(answered) if answered else math.nan
-        if goal == "answer":
-            targeted = sum(bool(row.names_target) for row in answered) / len(answered) if answered else math.nan
+        with_answers = group[0].correct_clean is not None
         summaries.append(
             AttackSummary(
                 defence=defence,
@@ -225,8 +222,11 @@ def summarise(rows: Sequence[AttackRow]) -> list[AttackSummary]:
                 mean_certified_fcsb=float(np.mean(bounds)) if bounds else None,
                 certified_fraction=len(bounds) / len(group),
                 below_certificate_fraction=sum(row.below_certificate for row in group) / len(group),
-                attack_success_rate=success,
-                targeted_success_rate=targeted,
+                answered_right=len(answered) if with_answers else None,
+                attack_successes=sum(not row.correct_attacked for row in answered) if with_answers else None,
+                targeted_successes=(
+                    sum(bool(row.names_target) for row in answered) if with_answers and goal == "answer" else None
+                ),
             )
         )
     return summaries
@@ -315,12 +315,13 @@ def held_out_images(
 def markdown_attacks(summaries: Sequence[AttackSummary]) -> str:
     lines = [
         "| defence | σ | goal | ε | images | mean cos under attack | min cos | mean certified FCSB | certified share "
-        "| observed < certified | attack success (answers) | targeted success |",
+        "| observed < certified | attack success (answers) [95 % CI] | targeted success [95 % CI] |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for s in summaries:
         bound = "—" if s.mean_certified_fcsb is None else f"{s.mean_certified_fcsb:.3f}"
-        success, targeted = _rate(s.attack_success_rate), _rate(s.targeted_success_rate)
+        success = _successes(s.attack_successes, s.answered_right)
+        targeted = _successes(s.targeted_successes, s.answered_right)
         below = "—" if s.defence == "none" else f"{s.below_certificate_fraction:.1%}"
         sigma = "—" if s.sigma is None else f"{s.sigma:g}"
         lines.append(
@@ -330,12 +331,15 @@ def markdown_attacks(summaries: Sequence[AttackSummary]) -> str:
     return "\n".join(lines)
 
 
-def _rate(rate: float | None) -> str:
-    """A success rate for the report: "—" without answers, and said plainly when no image was answered right
-    from clean features (the rate's denominator)."""
-    if rate is None:
+def _successes(count: int | None, of: int | None) -> str:
+    """``count`` of ``of`` images, the rate and its exact (Clopper-Pearson) 95 % confidence interval: on a few
+    images the interval is wide, and the report says so."""
+    if count is None or of is None:
         return "—"
-    return "none right before the attack" if math.isnan(rate) else f"{rate:.1%}"
+    if of == 0:
+        return "none right before the attack"
+    interval = binomtest(count, of).proportion_ci(0.95, method="exact")
+    return f"{count}/{of} = {count / of:.0%} [{interval.low:.0%}, {interval.high:.0%}]"
 
 
 def markdown_curves(points: Sequence[CurvePoint]) -> str:
