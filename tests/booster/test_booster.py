@@ -100,9 +100,9 @@ def test_losses_match_brute_force(encoder: torch.nn.Module) -> None:
     pairs = [
         float(units[j, b] @ units[k, b]) for b in range(batch) for j in range(copies) for k in range(copies) if j != k
     ]
-    assert float(smooth) == pytest.approx(1 - sum(pairs) / len(pairs), abs=1e-5)
+    assert float(smooth.detach()) == pytest.approx(1 - sum(pairs) / len(pairs), abs=1e-5)
     cosines = [float(units[k, b] @ clean[b]) for b in range(batch) for k in range(copies)]
-    assert float(agree) == pytest.approx(1 - sum(cosines) / len(cosines), abs=1e-5)
+    assert float(agree.detach()) == pytest.approx(1 - sum(cosines) / len(cosines), abs=1e-5)
     assert torch.allclose(smoothed.flatten(1), units.mean(0), atol=1e-6)
 
 
