@@ -20,7 +20,8 @@ observed cosine fell below the certified FCSB at that ε is reported, for both g
 the Monte Carlo error of the observed cosine. With a language model, the answers generated from the clean and
 attacked features are compared with the image's true answer: the attack success rate is the fraction of images
 answered correctly from clean features whose answer under attack is wrong; for the answer goal, the targeted
-success rate is the fraction of those whose answer under attack names the target.
+success rate is the fraction of those whose answer under attack names the target. Both are reported as counts
+with their exact (Clopper-Pearson) 95 % interval, since an evaluation on a CPU attacks a handful of images.
 """
 
 from __future__ import annotations
