@@ -457,7 +457,7 @@ def run(
                 model=model, answer=answers[i], goals=goals,
             )
             # the undefended encoder does not depend on σ: attacked once, with the first σ
-            report.add_attacked(sigma, i, [row for row in rows if sigma == sigmas[0] or row.defence != "none"])
+            report.add_attacked([row for row in rows if sigma == sigmas[0] or row.defence != "none"])
     return report.finish()
 
 
@@ -470,7 +470,6 @@ class _Report:
         self.settings = settings
         self.points: list[CurvePoint] = []
         self.rows: list[AttackRow] = []
-        self.attacked: list[tuple[float, int]] = []
         saved = directory / "results.json"
         if resume and saved.exists():
             previous = json.loads(saved.read_text())
@@ -482,22 +481,21 @@ class _Report:
                 )
             self.points = [CurvePoint(**point) for point in previous["curves"]]
             self.rows = [AttackRow(**row) for row in previous["attack_rows"]]
-            self.attacked = [(float(sigma), int(image)) for sigma, image in previous["attacked"]]
         directory.mkdir(parents=True, exist_ok=True)
 
     def has_curve(self, setting: str, sigma: float, n: int) -> bool:
         return any((p.setting, p.sigma, p.n) == (setting, sigma, n) for p in self.points)
 
     def has_attacked(self, sigma: float, image: int) -> bool:
-        return (sigma, image) in self.attacked
+        """Whether ``image`` was attacked at ``sigma``: then its plain-FS rows (every attack has them) are here."""
+        return any((row.sigma, row.image) == (sigma, image) for row in self.rows)
 
     def add_curve(self, points: list[CurvePoint]) -> None:
         self.points += points
         self._write(complete=False)
 
-    def add_attacked(self, sigma: float, image: int, rows: list[AttackRow]) -> None:
+    def add_attacked(self, rows: list[AttackRow]) -> None:
         self.rows += rows
-        self.attacked.append((sigma, image))
         self._write(complete=False)
 
     def finish(self) -> dict[str, object]:
@@ -508,11 +506,10 @@ class _Report:
         results = {
             **self.settings,
             "complete": complete,
-            "attack_images": len({image for _, image in self.attacked}),
+            "attack_images": len({row.image for row in self.rows}),
             "curves": as_dicts(self.points),
             "attacks": as_dicts(summaries),
             "attack_rows": as_dicts(self.rows),
-            "attacked": [list(done) for done in self.attacked],
         }
         (self.directory / "results.json").write_text(json.dumps(results, indent=1))
         s = self.settings
