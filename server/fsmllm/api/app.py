@@ -11,6 +11,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi_offline import FastAPIOffline
 from prometheus_client import generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -26,7 +27,9 @@ from fsmllm.engine.runtime import Runtime
 log = logging.getLogger("fsmllm.api")
 
 #: routes that need no API key (probes and scrapers)
-OPEN_PATHS = frozenset({"/health", "/ready", "/metrics", "/docs", "/openapi.json", "/redoc"})
+OPEN_PATHS = frozenset({"/health", "/ready", "/metrics", "/docs", "/docs/oauth2-redirect", "/openapi.json", "/redoc"})
+#: where /docs and /redoc load their scripts and styles from: files of the fastapi-offline package, not a CDN
+DOCS_ASSETS = "/static-offline-docs/"
 
 
 class BodyLimit:
@@ -67,7 +70,8 @@ def create_app(runtime: Runtime, settings: Settings, metrics: Metrics | None = N
         finally:
             runtime.stop()
 
-    app = FastAPI(
+    app = FastAPIOffline(  # a FastAPI app whose /docs and /redoc work offline (assets under DOCS_ASSETS)
+        static_url=DOCS_ASSETS.rstrip("/"),
         title="fsmllm",
         version=__version__,
         description="Certified multimodal inference: answers about images from Gaussian-smoothed visual features, "
@@ -87,7 +91,8 @@ def create_app(runtime: Runtime, settings: Settings, metrics: Metrics | None = N
         request.state.request_id = request_id[:64]
         started = time.perf_counter()
         route = request.url.path
-        if settings.api_key and route not in OPEN_PATHS:
+        docs_asset = route.startswith(DOCS_ASSETS) and ".." not in route
+        if settings.api_key and route not in OPEN_PATHS and not docs_asset:
             supplied = request.headers.get("authorization", "")
             if not secrets.compare_digest(supplied.encode(), f"Bearer {settings.api_key}".encode()):
                 response: Response = error_response(
