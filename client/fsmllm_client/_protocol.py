@@ -224,10 +224,20 @@ class EventStream:
     def _dispatch(self) -> None:
         if not self._data:
             return
-        event, data = self._event, json.loads("\n".join(self._data))
+        event, text = self._event, "\n".join(self._data)
         self._event, self._data = "message", []
+        try:
+            data = json.loads(text)
+            if event == "progress":
+                done, total = int(data["done"]), int(data["total"])
+        except (ValueError, KeyError, TypeError):
+            raise ServerError(
+                f"unreadable {event} event in the progress stream: {text[:200]}",
+                self._status,
+                self._headers.get("x-request-id"),
+            ) from None
         if event == "progress":
-            self._progress(int(data["done"]), int(data["total"]))
+            self._progress(done, total)
         elif event == "result":
             self._reply = Reply(self._status, self._headers, data)
         elif event == "error":
@@ -261,6 +271,8 @@ def _retry_after(headers: Mapping[str, str]) -> float | None:
             when = email.utils.parsedate_to_datetime(value)
         except (TypeError, ValueError):
             return None
+        if when.tzinfo is None:  # "-0000": no zone information; HTTP dates are in UTC
+            when = when.replace(tzinfo=timezone.utc)
         return max(0.0, (when - datetime.now(timezone.utc)).total_seconds())
 
 
@@ -278,6 +290,10 @@ def error_from(reply: Reply) -> FsmllmError:
     if 400 <= reply.status < 500:
         return BadRequest(message, reply.status, request_id, kind)
     return ServerError(message, reply.status, request_id, kind)
+
+
+#: transport errors raised before the request left the client: even a POST may be sent again after them
+_NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
 
 
 @dataclass(frozen=True)
@@ -302,7 +318,7 @@ class RetryPolicy:
         Raises the matching :class:`FsmllmError` when the call failed for good.
         """
         if isinstance(outcome, httpx.TransportError):
-            if attempt < self.max_retries and (call.idempotent or isinstance(outcome, httpx.ConnectError)):
+            if attempt < self.max_retries and (call.idempotent or isinstance(outcome, _NOT_SENT)):
                 return self._wait(None, attempt)
             raise Unreachable(f"{call.method} {call.path}: {type(outcome).__name__}: {outcome}") from outcome
         if outcome.status in call.accept:

@@ -1,7 +1,8 @@
 """The Python client and ``fsmllm-client`` against a real uvicorn server on loopback (tiny encoder and model).
 
-Only the retry-timing tests use an ``httpx.MockTransport``: a real server cannot be made to answer a chosen
-``Retry-After`` on cue. Queue-full behaviour itself is checked against the real server.
+Only the retry tests use an ``httpx.MockTransport``: a real server cannot be made to answer a chosen
+``Retry-After`` on cue. Queue-full behaviour itself is checked against the real server. The clients' sleeps
+between tries are recorded, not timed (the ``sleeps`` fixture).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import fsmllm_client.client
 import httpx
 import pytest
 from PIL import Image
@@ -25,7 +27,7 @@ from fsmllm_client import AsyncClient, AuthError, BadRequest, CertifyResult, Cli
 from fsmllm_client.cli import main
 from fsmllm_client.plot import DPI, FIGSIZE
 
-from ..server.live import LiveServer, data_url, live_server, png_bytes
+from ..server.live import LiveServer, data_url, live_server, open_request, png_bytes, wait_until
 
 PROMPT = "What is this?"
 
@@ -125,62 +127,80 @@ def test_errors_carry_the_servers_message_and_request_id(server: LiveServer) -> 
         client.certify(png_bytes(), radius=0.1)  # type: ignore[call-arg]  # the option is ``radii``
 
 
-def test_full_queue_is_overloaded_then_retried_until_admitted() -> None:
-    """A long job fills a one-slot queue until its own client gives up (which cancels it)."""
-    settings = Settings(model="none", default_n0=20, default_n=100, batch_size=8, queue_capacity=1, max_n=10_000_000, _env_file=None)
+def test_full_queue_is_overloaded_then_retried_until_admitted(sleeps: list[float]) -> None:
+    """A long job holds a one-slot queue until its client hangs up (which cancels it). No timing: the patient
+    client is refused until the test ends the long job, and must then be admitted."""
+    settings = Settings(model="none", default_n0=20, default_n=100, batch_size=8, queue_capacity=1, max_n=100_000_000, _env_file=None)
     with live_server(settings) as live:
-        def hog() -> None:
-            with pytest.raises(httpx.ReadTimeout):
-                httpx.post(f"{live.url}/certify", json={"image": data_url(png_bytes()), "n": 5_000_000}, timeout=2.5)
+        refusals = live.metrics.requests.labels(route="/certify", status="503")
+        long_job = json.dumps({"image": data_url(png_bytes()), "n": 50_000_000}).encode()
+        with open_request(live.url, "/certify", long_job):
+            wait_until(lambda: live.runtime.worker.depth == 1, "the long job to be admitted")
+            with Client(live.url, max_retries=0) as impatient, pytest.raises(Overloaded) as refused:
+                impatient.certify(png_bytes())
+            assert refused.value.status_code == 503 and "queue is full" in refused.value.message
+            assert refused.value.retry_after is not None and refused.value.retry_after >= 1
+            assert sleeps == [] and refusals._value.get() == 1
 
-        thread = threading.Thread(target=hog)
-        thread.start()
-        deadline = time.monotonic() + 10
-        while live.runtime.worker.depth == 0 and time.monotonic() < deadline:
-            time.sleep(0.01)
-        with Client(live.url, max_retries=0) as impatient, pytest.raises(Overloaded) as refused:
-            impatient.certify(png_bytes())
-        assert refused.value.status_code == 503 and "queue is full" in refused.value.message
-        assert refused.value.retry_after is not None and refused.value.retry_after >= 1
-        with Client(live.url, max_retries=30, max_retry_sleep=0.25) as patient:
-            assert patient.certify(png_bytes(), seed=1).certificate.seed == 1
-        thread.join()
-        refusals = live.metrics.requests.labels(route="/certify", status="503")._value.get()
-        assert refusals >= 3  # the impatient one, and the patient one's first tries
+            admitted: list[int] = []
+            gate = threading.Event()
+
+            def wait_for_the_test(seconds: float) -> None:
+                sleeps.append(seconds)
+                gate.wait(60)  # the patient client's first sleep lasts until the test ends the long job
+                time.sleep(seconds)
+
+            def patient() -> None:
+                with Client(live.url, max_retries=1000, max_retry_sleep=0.05) as client:
+                    admitted.append(client.certify(png_bytes(), seed=1).certificate.seed)
+
+            fsmllm_client.client.time.sleep = wait_for_the_test  # type: ignore[attr-defined]  # (the fixture's namespace)
+            thread = threading.Thread(target=patient)
+            thread.start()
+            wait_until(lambda: bool(sleeps), "the patient client to be refused")
+            assert sleeps == [0.05] and refusals._value.get() == 2  # the long job still holds the queue
+        # the long job's client has hung up: its job is cancelled, and the patient one gets in
+        wait_until(lambda: live.runtime.worker.depth == 0, "the long job to be cancelled")
+        gate.set()
+        thread.join(60)
+        assert admitted == [1]
+        assert refusals._value.get() >= 2 and len(sleeps) == refusals._value.get() - 1
 
 
-def _flaky(retry_after: str, failures: int) -> tuple[httpx.MockTransport, list[float]]:
-    """A transport answering 503 + Retry-After ``failures`` times, then the health answer; logs call times."""
-    calls: list[float] = []
-
-    def handle(request: httpx.Request) -> httpx.Response:
-        calls.append(time.monotonic())
-        if len(calls) <= failures:
-            body = {"error": {"type": "overloaded", "message": "the certification queue is full", "request_id": "r1"}}
-            return httpx.Response(503, json=body, headers={"Retry-After": retry_after})
-        return httpx.Response(200, json={"status": "ok"})
-
-    return httpx.MockTransport(handle), calls
-
-
-def test_retry_honours_retry_after_and_caps_the_sleep() -> None:
+def test_retry_honours_retry_after_and_caps_the_sleep(sleeps: list[float]) -> None:
     transport, calls = _flaky("1", failures=1)
     with Client("http://fsmllm.test", transport=transport) as client:
         assert client.health().status == "ok"
-    assert len(calls) == 2 and 0.95 <= calls[1] - calls[0] < 2.0
+    assert len(calls) == 2 and sleeps == [1.0]
 
+    sleeps.clear()
     transport, calls = _flaky("120", failures=10)
     with Client("http://fsmllm.test", transport=transport, max_retries=2, max_retry_sleep=0.1) as client:
         with pytest.raises(Overloaded) as refused:
             client.health()
-    assert len(calls) == 3 and calls[-1] - calls[0] < 1.0
+    assert len(calls) == 3 and sleeps == [0.1, 0.1]
     assert refused.value.retry_after == 120 and refused.value.request_id == "r1"
 
     async def async_health() -> str:
         async with AsyncClient("http://fsmllm.test", transport=_flaky("0", failures=2)[0]) as client:
             return (await client.health()).status
 
-    assert asyncio.run(async_health()) == "ok"
+    sleeps.clear()
+    assert asyncio.run(async_health()) == "ok" and sleeps == [0.0, 0.0]
+
+
+def _flaky(retry_after: str, failures: int) -> tuple[httpx.MockTransport, list[int]]:
+    """A transport answering 503 + Retry-After ``failures`` times, then the health answer; counts the calls."""
+    calls: list[int] = []
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        calls.append(len(calls))
+        if len(calls) <= failures:
+            body = {"error": {"type": "overloaded", "message": "the certification queue is full", "request_id": "r1"}}
+            return httpx.Response(503, json=body, headers={"Retry-After": retry_after})
+        return httpx.Response(200, json={"status": "ok"})
+
+    return httpx.MockTransport(handle), calls
 
 
 def test_api_key(image_file: Path, capsys: pytest.CaptureFixture[str]) -> None:

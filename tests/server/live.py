@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import base64
 import io
+import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -83,3 +84,25 @@ def png_bytes(seed: int = 0, size: tuple[int, int] = (24, 20)) -> bytes:
 
 def data_url(data: bytes, mime: str = "image/png") -> str:
     return f"data:{mime};base64,{base64.b64encode(data).decode()}"
+
+
+def wait_until(condition: Callable[[], bool], what: str = "the expected state", seconds: float = 60.0) -> None:
+    """Wait for a state change of a server (no timing is asserted: the limit only turns a hang into a failure)."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.01)
+
+
+@contextmanager
+def open_request(url: str, path: str, body: bytes, content_type: str = "application/json") -> Iterator[socket.socket]:
+    """Send a POST on a raw connection and keep it open without reading the answer; leaving the block hangs up
+    (the server sees the client go away: its job is cancelled)."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as connection:
+        connection.sendall(
+            f"POST {path} HTTP/1.1\r\nhost: {host}\r\ncontent-type: {content_type}\r\n"
+            f"content-length: {len(body)}\r\n\r\n".encode() + body
+        )
+        yield connection
