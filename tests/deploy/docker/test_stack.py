@@ -1,0 +1,341 @@
+"""The compose stack for real: fsmllm replicas behind the nginx TLS gateway, reached over HTTPS on loopback.
+
+Run by ``make test-docker`` (docker/test-docker.sh), which builds the images, starts the stack and tears it down.
+The tests run in file order: the ones that stop or kill a replica come last. Every request targets the
+gateway's loopback port or the bridge address of a container of this stack; every loop is bounded.
+"""
+
+from __future__ import annotations
+
+import base64
+import concurrent.futures
+import json
+import os
+import signal
+import subprocess
+import tempfile
+import threading
+import time
+from collections import Counter
+
+import httpx
+import pytest
+
+from .conftest import (
+    Stack,
+    address,
+    direct,
+    docker,
+    gateway_container,
+    health,
+    inspect,
+    replicas,
+    retry_rate_limited,
+    wait_healthy,
+)
+
+
+def data_url(png: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png).decode()
+
+
+def test_replicas_turn_healthy_and_the_gateway_answers(stack: Stack, gateway: httpx.Client) -> None:
+    containers = replicas(stack)
+    assert len(containers) == stack.replicas
+    for container in containers:
+        wait_healthy(container)  # the image's HEALTHCHECK (compose repeats it)
+        assert inspect(container, "{{.Config.User}}") == "fsmllm"
+    ready = gateway.get("/ready")
+    assert ready.status_code == 200 and ready.json()["status"] == "ready" and ready.json()["model"] == "fsmllm-demo"
+    assert ready.headers["x-request-id"]
+    assert gateway.get("/health").json() == {"status": "ok"}
+    redirect = httpx.get(stack.http_url + "/health", follow_redirects=False)
+    assert redirect.status_code == 301 and redirect.headers["location"].startswith("https://")
+    missing = gateway.get("/nowhere")
+    assert missing.status_code == 404 and missing.json()["error"]["type"] == "not_found"
+    # /metrics answers private networks only: the test reaches the gateway from the docker bridge's own address
+    assert gateway.get("/metrics").status_code == 200
+
+
+def test_generate_on_a_bundled_photo_answers_with_its_certificate(stack: Stack, photo: bytes) -> None:
+    from fsmllm_client import Client
+
+    transport = httpx.HTTPTransport(verify=stack.ssl_context())
+    with Client(stack.url, api_key=stack.api_key, transport=transport, max_retries=20) as client:
+        result = client.generate(photo, "What is this?", radii=[0.1, 0.25], n0=20, n=200, seed=7, max_tokens=12)
+    assert result.answer.strip() and result.completion_tokens > 0
+    certificate = result.certificate
+    assert certificate.n == 200 and certificate.seed == 7
+    assert [r.radius for r in certificate.radii] == [0.1, 0.25]
+    assert all(r.certified_fcsb is None or -1 <= r.certified_fcsb <= 1 for r in certificate.radii)
+
+
+def test_certify_progress_streams_through_the_gateway_event_by_event(stack: Stack, gateway: httpx.Client, photo: bytes) -> None:
+    body = {"image": data_url(photo), "stream": True, "n0": 20, "n": 3000, "seed": 11, "radius": [0.25]}
+    arrivals: list[tuple[str, float, dict]] = []
+    started = time.monotonic()
+
+    def send() -> httpx.Response:
+        arrivals.clear()
+        with gateway.stream("POST", "/certify", json=body) as response:
+            if response.status_code == 200:
+                assert response.headers["content-type"].startswith("text/event-stream")
+                event = None
+                for line in response.iter_lines():
+                    if line.startswith("event: "):
+                        event = line[7:]
+                    elif line.startswith("data: "):
+                        arrivals.append((event or "message", time.monotonic() - started, json.loads(line[6:])))
+            else:
+                response.read()
+            return response
+
+    assert retry_rate_limited(send).status_code == 200
+    progress = [t for name, t, _ in arrivals if name == "progress"]
+    name, finished, result = arrivals[-1]
+    assert name == "result" and result["certificate"]["n"] == 3000
+    # unbuffered: progress events arrive while the certification runs, not in one piece with the result
+    assert len(progress) >= 3
+    assert finished - progress[0] > 1.0 and len({round(t, 1) for t in progress}) >= 3
+    stack.record("sse_progress_events", len(progress))
+    stack.record("sse_first_event_to_result_s", round(finished - progress[0], 2))
+
+
+def test_the_openai_route_works_with_the_official_client(stack: Stack, photo: bytes) -> None:
+    import openai
+
+    http = httpx.Client(verify=stack.ssl_context(), timeout=120)
+    client = openai.OpenAI(base_url=stack.url + "/v1", api_key=stack.api_key, http_client=http, max_retries=20)
+    model = client.models.list().data[0].id
+    completion = client.chat.completions.create(
+        model=model,
+        messages=[{"role": "user", "content": [
+            {"type": "text", "text": "What is this?"},
+            {"type": "image_url", "image_url": {"url": data_url(photo)}},
+        ]}],
+        max_tokens=8,
+        extra_body={"certification": {"radius": [0.25], "n0": 20, "n": 200, "seed": 5}},
+    )
+    assert completion.choices[0].message.content and completion.usage.completion_tokens > 0
+    extra = completion.model_extra or {}
+    assert extra["certificate"]["n"] == 200 and extra["certificate"]["radii"][0]["radius"] == 0.25
+    # a wrong key is the server's 401, passed through the gateway
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=stack.url + "/v1", api_key="wrong", http_client=http, max_retries=0).models.list()
+    http.close()
+
+
+def test_the_api_key_is_required_behind_the_gateway(stack: Stack, photo: bytes) -> None:
+    with stack.client(key=False) as anonymous:
+        refused = retry_rate_limited(lambda: anonymous.post("/certify", json={"image": data_url(photo)}))
+        assert refused.status_code == 401 and refused.json()["error"]["type"] == "unauthorized"
+        assert refused.headers["www-authenticate"] == "Bearer"
+        assert anonymous.get("/ready").status_code == 200  # probes stay open
+
+
+def test_the_gateway_refuses_bodies_over_its_limit(gateway: httpx.Client) -> None:
+    body = b"0" * (21 * 1024 * 1024)  # over client_max_body_size 20m
+    response = retry_rate_limited(lambda: gateway.post("/certify", content=body, headers={"content-type": "application/json"}))
+    assert response.status_code == 413
+    assert response.json()["error"]["type"] == "too_large" and response.headers["x-request-id"]
+
+
+def test_the_gateway_rate_limits_work_per_client_address(stack: Stack, gateway: httpx.Client) -> None:
+    # /v1/ shares the zone of /certify and /generate: 2 requests/s, burst 10; a cheap route shows it
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda _: gateway.get("/v1/models"), range(30)))
+    counts = Counter(a.status_code for a in answers)
+    assert set(counts) <= {200, 429} and counts[429] >= 10 and counts[200] >= 10, counts
+    refused = next(a for a in answers if a.status_code == 429)
+    assert refused.headers["retry-after"] == "1" and refused.json()["error"]["type"] == "rate_limited"
+    stack.record("rate_limit_burst_of_30", dict(counts))
+    time.sleep(6)  # the bucket refills (2/s) before the next test
+
+
+CHROMIUM = ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+            "--disable-component-update", "--no-first-run", "--disable-dev-shm-usage", "--ignore-certificate-errors",
+            "--virtual-time-budget=20000", "--dump-dom"]
+
+
+def rendered(url: str) -> str:
+    """The page's DOM after its scripts ran, in headless Chromium with a profile of its own."""
+    with tempfile.TemporaryDirectory() as profile:
+        result = subprocess.run([*CHROMIUM, f"--user-data-dir={profile}", url], capture_output=True, text=True,
+                                timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result.stdout
+
+
+@pytest.mark.parametrize("page", ["/docs", "/redoc"])
+def test_the_api_docs_render_offline_in_a_browser(stack: Stack, page: str) -> None:
+    """No CDN: the stack has no route to the internet (nor does this host need one); the pages show the routes."""
+    replica = address(replicas(stack)[0])
+    for url in (f"{stack.url}{page}", f"http://{replica}:8000{page}"):
+        dom = rendered(url)
+        assert "/certify" in dom and "/v1/chat/completions" in dom, f"{url} rendered no routes: {dom[:500]}"
+        if page == "/docs":
+            assert "opblock" in dom  # swagger-ui drew its operation blocks
+        else:
+            assert "redoc-wrap" in dom or "api-content" in dom
+        time.sleep(1)  # the documentation zone allows 20/s; keep well inside
+
+
+def test_ready_gates_traffic_to_a_starting_replica(stack: Stack) -> None:
+    """A replica that is restarting answers nothing (its port opens after the models load), then /ready says ready."""
+    container = replicas(stack)[-1]
+    docker("restart", "-t", "30", container)
+    started = time.monotonic()
+    states = Counter()
+    ready_after = None
+    while time.monotonic() - started < 240:
+        try:
+            with direct(container, stack.api_key, timeout=5) as client:
+                answer = client.get("/ready")
+            states[answer.status_code] += 1
+            if answer.status_code == 200 and answer.json()["status"] == "ready":
+                ready_after = time.monotonic() - started
+                break
+        except httpx.TransportError:
+            states["refused"] += 1
+        time.sleep(0.5)
+    assert ready_after is not None, states
+    assert set(states) <= {"refused", 200, 503}, states  # never an error other than "not yet"
+    wait_healthy(container)
+    stack.record("replica_restart_to_ready_s", round(ready_after, 1))
+
+
+def test_docker_stop_drains_an_accepted_certification(stack: Stack, photo: bytes) -> None:
+    container = replicas(stack)[0]
+    result: dict[str, object] = {}
+
+    def certify() -> None:
+        with direct(container, stack.api_key, timeout=180) as client:
+            try:
+                answer = client.post("/certify", json={"image": data_url(photo), "n0": 20, "n": 2500, "seed": 21})
+                result["status"], result["body"] = answer.status_code, answer.json()
+            except httpx.HTTPError as error:
+                result["error"] = repr(error)
+
+    thread = threading.Thread(target=certify)
+    thread.start()
+    with direct(container, stack.api_key, timeout=5) as probe:  # wait until the job is accepted (queued or running)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            depth = [line for line in probe.get("/metrics").text.splitlines() if line.startswith("fsmllm_queue_depth ")]
+            if depth and float(depth[0].split()[1]) >= 1:
+                break
+            time.sleep(0.1)
+    stopping = time.monotonic()
+    docker("stop", "-t", "45", container)  # SIGTERM, then the server drains before it exits
+    stopped_after = time.monotonic() - stopping
+    thread.join(60)
+    try:
+        assert result.get("status") == 200, result
+        assert result["body"]["certificate"]["n"] == 2500  # type: ignore[index]
+        assert inspect(container, "{{.State.ExitCode}}") == "0"  # a clean exit, not the 45 s kill
+        stack.record("graceful_stop_s", round(stopped_after, 1))
+    finally:
+        docker("start", container)
+        wait_healthy(container)
+
+
+LOAD_REQUESTS = 100
+LOAD_CONCURRENCY = 8
+
+
+def test_failover_when_a_replica_dies_under_load(stack: Stack, photo: bytes) -> None:
+    """SIGKILL one replica during 100 certifications at concurrency 8 through the gateway.
+
+    Every request ends, within its timeout, in a certificate or in the gateway's retryable 502
+    (``upstream_unavailable``, with Retry-After): the ones the dead replica had accepted. A 429 from the
+    production rate limit (2/s per address) is waited out and retried, as clients do. Then the replica is back
+    (restart policy) and serves again.
+    """
+    if stack.replicas < 2:
+        pytest.skip("one replica (REPLICAS=1): no failover to test")
+    victim, survivor = replicas(stack)[-1], replicas(stack)[0]
+    restarts_before = int(inspect(victim, "{{.RestartCount}}"))
+    image = data_url(photo)
+    outcomes: Counter[str] = Counter()
+    rate_limited = 0
+    lock = threading.Lock()
+    done = threading.Event()
+    finished = 0
+    latencies: list[float] = []
+
+    def one(index: int) -> None:
+        nonlocal rate_limited, finished
+        body = {"image": image, "n0": 10, "n": 100, "seed": 1000 + index, "radius": [0.25]}
+        started = time.monotonic()
+        outcome = "hung"
+        with stack.client(timeout=120) as client:
+            for _ in range(120):  # bounded: 429s are waited out, nothing else is retried
+                try:
+                    answer = client.post("/certify", json=body)
+                except httpx.TimeoutException:
+                    outcome = "timeout"
+                    break
+                except httpx.TransportError as error:
+                    outcome = f"transport error {type(error).__name__}"
+                    break
+                if answer.status_code == 429:
+                    with lock:
+                        rate_limited += 1
+                    time.sleep(float(answer.headers.get("retry-after", "1")))
+                    continue
+                if answer.status_code == 200:
+                    assert answer.json()["certificate"]["n"] == 100
+                    outcome = "200"
+                else:
+                    kind = answer.json().get("error", {}).get("type", "?")
+                    retry_after = answer.headers.get("retry-after")
+                    outcome = f"{answer.status_code} {kind}" + (" (Retry-After)" if retry_after else "")
+                break
+        with lock:
+            outcomes[outcome] += 1
+            latencies.append(time.monotonic() - started)
+            finished += 1
+            if finished == 20:
+                done.set()
+
+    load_started = time.monotonic()
+    with concurrent.futures.ThreadPoolExecutor(LOAD_CONCURRENCY) as pool:
+        futures = [pool.submit(one, i) for i in range(LOAD_REQUESTS)]
+        assert done.wait(300), "the first 20 requests did not finish"
+        os.kill(int(inspect(victim, "{{.State.Pid}}")), signal.SIGKILL)  # the replica's server process dies
+        killed_at = time.monotonic() - load_started
+        for future in futures:
+            future.result(timeout=600)
+    load_s = time.monotonic() - load_started
+
+    back_after = wait_healthy(victim, timeout=300)
+    assert int(inspect(victim, "{{.RestartCount}}")) == restarts_before + 1
+    # serves again: both replicas take requests through the gateway
+    with direct(victim, stack.api_key) as client:
+        before = requests_served(client)
+    with stack.client() as client:
+        answers = [retry_rate_limited(lambda i=i: client.post("/certify", json={"image": image, "n0": 10, "n": 50, "seed": 5000 + i}))
+                   for i in range(8)]
+    with direct(victim, stack.api_key) as client:
+        after = requests_served(client)
+    stack.record("failover", {
+        "requests": LOAD_REQUESTS, "concurrency": LOAD_CONCURRENCY, "outcomes": dict(outcomes),
+        "rate_limited_retries": rate_limited, "killed_after_s": round(killed_at, 1), "load_s": round(load_s, 1),
+        "max_latency_s": round(max(latencies), 1), "replica_back_after_s": round(back_after, 1),
+        "after_restart": {"200": sum(a.status_code == 200 for a in answers), "served_by_restarted_replica": after - before},
+    })
+    assert sum(outcomes.values()) == LOAD_REQUESTS
+    allowed = {"200", "502 upstream_unavailable (Retry-After)"}
+    assert set(outcomes) <= allowed, outcomes
+    assert outcomes["200"] >= LOAD_REQUESTS // 2
+    assert all(a.status_code == 200 for a in answers) and after > before
+    assert health(survivor) == "healthy" and gateway_container(stack)
+
+
+def requests_served(client: httpx.Client) -> float:
+    """fsmllm_requests_total of /certify with status 200 on one replica."""
+    total = 0.0
+    for line in client.get("/metrics").text.splitlines():
+        if line.startswith("fsmllm_requests_total{") and 'route="/certify"' in line and 'status="200"' in line:
+            total += float(line.rsplit(" ", 1)[1])
+    return total
