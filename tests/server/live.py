@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 import uvicorn
 from PIL import Image
 
@@ -21,6 +22,7 @@ from fsmllm.api.serve import policy_from
 from fsmllm.api.settings import Settings
 from fsmllm.booster import load_booster
 from fsmllm.encoders import load_encoder
+from fsmllm.encoders.base import VisionEncoder
 from fsmllm.engine.runtime import Runtime, VisionLanguageModel
 
 
@@ -39,12 +41,15 @@ def live_server(
     encoder_name: str = "tiny-cnn",
     image_size: int = 16,
     booster: str = "none",
+    encoder: VisionEncoder | None = None,
 ) -> Iterator[LiveServer]:
     """Start a server on 127.0.0.1 (a free port), by default with a tiny encoder at 16 px; stop it (gracefully)
-    on exit. ``booster``: a booster name or folder put in front of the encoder."""
+    on exit. ``booster``: a booster name or folder put in front of the encoder; ``encoder``: serve this one
+    instead (e.g. a :class:`Controlled` encoder)."""
     settings = settings or Settings(model="none", default_n0=20, default_n=100, batch_size=64, _env_file=None)
     metrics = Metrics()
-    encoder = load_booster(booster, load_encoder(encoder_name, image_size=image_size))
+    if encoder is None:
+        encoder = load_booster(booster, load_encoder(encoder_name, image_size=image_size))
     runtime = Runtime(
         encoder,
         policy_from(settings),
@@ -106,3 +111,34 @@ def open_request(url: str, path: str, body: bytes, content_type: str = "applicat
             f"content-length: {len(body)}\r\n\r\n".encode() + body
         )
         yield connection
+
+
+class Controlled(VisionEncoder):
+    """A real encoder (tiny-cnn by default) with switches for the failure tests: ``fail_next`` makes that many
+    batches raise; while ``release`` is clear every batch waits for it (``entered`` is set once one does)."""
+
+    def __init__(self, inner: VisionEncoder | None = None) -> None:
+        super().__init__()
+        self.inner = inner if inner is not None else load_encoder("tiny-cnn", image_size=16)
+        self.name, self.image_size = self.inner.name, self.inner.image_size
+        self.num_tokens, self.token_dim = self.inner.num_tokens, self.inner.token_dim
+        self.fail_next = 0
+        self.batches = 0
+        self.entered = threading.Event()
+        self.release = threading.Event()
+        self.release.set()
+
+    def hold(self) -> None:
+        """From now on, batches wait for ``release``; ``entered`` tells when the next one has started."""
+        self.entered.clear()
+        self.release.clear()
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        self.entered.set()
+        if not self.release.wait(120):
+            raise RuntimeError("the test never released the encoder")
+        self.batches += 1
+        if self.fail_next > 0:
+            self.fail_next -= 1
+            raise RuntimeError("injected encoder failure (as a device error would be)")
+        return self.inner(pixels)

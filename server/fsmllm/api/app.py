@@ -85,6 +85,10 @@ def create_app(runtime: Runtime, settings: Settings, metrics: Metrics | None = N
     app.include_router(certify_router)
     app.include_router(openai_router)
 
+    # inside request_context: its receive must reach the route unwrapped, so that the 413 raised while the body is
+    # read is answered by the error handlers (a BaseHTTPMiddleware in between turns it into an ExceptionGroup)
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+
     @app.middleware("http")
     async def request_context(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
         request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
@@ -101,7 +105,11 @@ def create_app(runtime: Runtime, settings: Settings, metrics: Metrics | None = N
                 )
                 response.headers["X-Request-ID"] = request.state.request_id
                 return response
-        response = await call_next(request)
+        try:
+            response = await call_next(request)
+        except Exception:  # noqa: BLE001 - answered here, so the 500 carries the id, is logged with it and counted
+            log.exception("unhandled error in %s %s id=%s", request.method, route, request.state.request_id)
+            response = error_response(request, 500, "internal_error", "internal error; the request id is in the server log")
         elapsed = time.perf_counter() - started
         response.headers["X-Request-ID"] = request.state.request_id
         metrics.requests.labels(route=route, status=str(response.status_code)).inc()
@@ -110,8 +118,6 @@ def create_app(runtime: Runtime, settings: Settings, metrics: Metrics | None = N
         # no body and no image data in the log: method, path, status, time, id
         log.info("%s %s %d %.1f ms id=%s", request.method, route, response.status_code, elapsed * 1e3, request.state.request_id)
         return response
-
-    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
 
     @app.get("/health", summary="Liveness: the process answers")
     async def health() -> dict[str, str]:

@@ -93,5 +93,5 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, error: Exception) -> JSONResponse:
-        log.exception("unhandled error in %s %s", request.method, request.url.path)
+        log.exception("unhandled error in %s %s id=%s", request.method, request.url.path, getattr(request.state, "request_id", None))
         return error_response(request, 500, "internal_error", "internal error; the request id is in the server log")

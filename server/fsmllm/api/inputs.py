@@ -35,13 +35,11 @@ async def read_body(request: Request, limit: int) -> bytes:
 
 
 def _form_value(values: list[str], name: str) -> object:
+    """The text of a form field, as JSON would carry it; the model converts it ("0.1" -> 0.1, "true" -> True)
+    and names the field when it cannot."""
     if name in _LIST_FIELDS:
-        parsed = [float(v) if name == "radius" else v for v in values]
-        return parsed if len(parsed) > 1 else parsed[0]
-    value = values[-1]
-    if value.lower() in ("true", "false"):
-        return value.lower() == "true"
-    return value
+        return values if len(values) > 1 else values[0]
+    return values[-1]
 
 
 async def image_and_params(request: Request, model: type[Params], max_body: int, max_pixels: int) -> tuple[Image.Image, Params]:

@@ -1,0 +1,203 @@
+"""Untrusted input at the HTTP edge (api/inputs.py, api/images.py): every malformed body gets a clear 4xx, the
+server's own limits hold whether or not the client declares a length, and the server keeps serving.
+
+A small deployment (4 KiB bodies, 400 decoded pixels) makes the limits cheap to cross.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+from collections.abc import Iterator
+
+import httpx
+import pytest
+from PIL import Image
+
+from fsmllm.api.settings import Settings
+
+from .live import LiveServer, data_url, live_server, png_bytes
+
+MAX_BODY = 4096
+MAX_PIXELS = 400
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[LiveServer]:
+    settings = Settings(model="none", default_n0=20, default_n=100, batch_size=64, max_body_bytes=MAX_BODY,
+                        max_image_pixels=MAX_PIXELS, _env_file=None)
+    with live_server(settings) as live:
+        yield live
+
+
+def small_png(width: int = 16, height: int = 16, seed: int = 0) -> bytes:
+    return png_bytes(seed, (width, height))
+
+
+def noise_png(size: int) -> bytes:
+    """A PNG larger than MAX_BODY (random pixels do not compress)."""
+    return png_bytes(1, (size, size))
+
+
+def post(server: LiveServer, **kwargs: object) -> httpx.Response:
+    return httpx.post(f"{server.url}/certify", timeout=60, **kwargs)  # type: ignore[arg-type]
+
+
+def chunks(data: bytes, size: int = 1000) -> Iterator[bytes]:
+    """A body sent with chunked transfer encoding: no content-length for the server to check first."""
+    for start in range(0, len(data), size):
+        yield data[start : start + size]
+
+
+def multipart(fields: dict[str, str | list[str]], files: dict[str, tuple[str, bytes, str]]) -> tuple[bytes, str]:
+    """A multipart/form-data body (also without any file, which httpx would send url-encoded)."""
+    boundary = "fsmllm-test-boundary"
+    parts = []
+    for name, values in fields.items():
+        for value in [values] if isinstance(values, str) else values:
+            parts.append(f'--{boundary}\r\ncontent-disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode())
+    for name, (filename, data, mime) in files.items():
+        parts.append(f'--{boundary}\r\ncontent-disposition: form-data; name="{name}"; filename="{filename}"\r\n'
+                     f"content-type: {mime}\r\n\r\n".encode() + data + b"\r\n")
+    return b"".join(parts) + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
+
+
+def check_error(response: httpx.Response, status: int, kind: str, fragment: str) -> None:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["type"] == kind and fragment in error["message"], error
+    assert error["request_id"] == response.headers["x-request-id"]
+
+
+def test_the_small_deployment_serves_small_images(server: LiveServer) -> None:
+    assert post(server, json={"image": data_url(small_png())}).status_code == 200
+    body, content_type = multipart({"seed": "1"}, {"image": ("x.png", small_png(), "image/png")})
+    assert post(server, content=body, headers={"content-type": content_type}).status_code == 200
+
+
+@pytest.mark.parametrize("declared", [True, False])
+def test_a_json_body_over_the_limit_is_413(server: LiveServer, declared: bool) -> None:
+    body = b'{"image": "' + base64.b64encode(noise_png(64)) + b'"}'
+    assert len(body) > MAX_BODY
+    content = body if declared else chunks(body)
+    check_error(post(server, content=content, headers={"content-type": "application/json"}), 413, "too_large", str(MAX_BODY))
+    assert post(server, json={"image": data_url(small_png())}).status_code == 200
+
+
+@pytest.mark.parametrize("declared", [True, False])
+def test_a_multipart_image_part_over_the_limit_is_413(server: LiveServer, declared: bool) -> None:
+    body, content_type = multipart({"seed": "1"}, {"image": ("big.png", noise_png(64), "image/png")})
+    content = body if declared else chunks(body)
+    check_error(post(server, content=content, headers={"content-type": content_type}), 413, "too_large", str(MAX_BODY))
+
+
+def test_a_multipart_text_part_over_the_limit_is_413(server: LiveServer) -> None:
+    body, content_type = multipart({"bound": "x" * (MAX_BODY + 10)}, {"image": ("x.png", small_png(), "image/png")})
+    check_error(post(server, content=chunks(body), headers={"content-type": content_type}), 413, "too_large", str(MAX_BODY))
+
+
+@pytest.mark.parametrize("body", [b"[1, 2]", b'"an image"', b"42", b"null", b"", b"true"])
+def test_a_json_body_that_is_not_an_object_is_422(server: LiveServer, body: bytes) -> None:
+    check_error(post(server, content=body, headers={"content-type": "application/json"}), 422, "invalid_request", "must be an object")
+
+
+@pytest.mark.parametrize("body", [b"{", b'{"image": }', b"\xff\xfe{}"])
+def test_a_body_that_is_not_json_is_400(server: LiveServer, body: bytes) -> None:
+    check_error(post(server, content=body, headers={"content-type": "application/json"}), 400, "invalid_request", "not valid JSON")
+
+
+@pytest.mark.parametrize("image", [None, "", 42, ["a"]])
+def test_json_without_an_image_string_is_422(server: LiveServer, image: object) -> None:
+    body = {"seed": 1} if image is None else {"image": image}
+    check_error(post(server, json=body), 422, "invalid_request", "image: required")
+
+
+def test_multipart_without_an_image_file_is_422(server: LiveServer) -> None:
+    body, content_type = multipart({"seed": "1"}, {})
+    check_error(post(server, content=body, headers={"content-type": content_type}), 422, "invalid_request", "image: required")
+    as_text, content_type = multipart({"image": base64.b64encode(small_png()).decode()}, {"other": ("x.png", small_png(), "image/png")})
+    check_error(post(server, content=as_text, headers={"content-type": content_type}), 422, "invalid_request", "file field named 'image'")
+
+
+@pytest.mark.parametrize("content_type", ["text/plain", "", "application/x-www-form-urlencoded", "image/png"])
+def test_other_content_types_are_415(server: LiveServer, content_type: str) -> None:
+    headers = {"content-type": content_type} if content_type else {}
+    response = post(server, content=small_png(), headers=headers)
+    check_error(response, 415, "unsupported_media_type", "multipart/form-data")
+    assert (content_type or "(none)") in response.json()["error"]["message"]
+
+
+def test_content_type_parameters_and_case_are_ignored(server: LiveServer) -> None:
+    body = b'{"image": "' + base64.b64encode(small_png()) + b'", "seed": 4}'
+    response = post(server, content=body, headers={"content-type": "Application/JSON; charset=utf-8"})
+    assert response.status_code == 200 and response.json()["certificate"]["seed"] == 4
+
+
+def test_multipart_form_values_are_validated_like_json(server: LiveServer) -> None:
+    image = {"image": ("x.png", small_png(), "image/png")}
+    body, content_type = multipart({"radius": ["0.1", "0.2"], "seed": "3", "stream": "false", "n": "100"}, image)
+    form = post(server, content=body, headers={"content-type": content_type})
+    as_json = post(server, json={"image": data_url(small_png()), "radius": [0.1, 0.2], "seed": 3, "n": 100})
+    assert form.status_code == 200 and form.json()["certificate"]["radii"] == as_json.json()["certificate"]["radii"]
+    one, content_type = multipart({"radius": "0.3", "seed": "3"}, image)
+    assert [r["radius"] for r in post(server, content=one, headers={"content-type": content_type}).json()["certificate"]["radii"]] == [0.3]
+    for fields, fragment in (({"radius": "wide"}, "radius"), ({"n": "many"}, "n"), ({"seed": "-1"}, "seed"),
+                             ({"stream": "perhaps"}, "stream"), ({"extra": "1"}, "extra")):
+        bad, content_type = multipart(fields, image)  # type: ignore[arg-type]
+        check_error(post(server, content=bad, headers={"content-type": content_type}), 422, "invalid_request", fragment)
+
+
+def test_an_image_above_the_servers_pixel_limit_is_413(server: LiveServer) -> None:
+    """21 x 20 = 420 pixels: far below Pillow's own decompression-bomb limit, above this server's 400."""
+    check_error(post(server, json={"image": data_url(small_png(21, 20))}), 413, "invalid_image", f"limit is {MAX_PIXELS}")
+    body, content_type = multipart({}, {"image": ("x.png", small_png(20, 21), "image/png")})
+    check_error(post(server, content=body, headers={"content-type": content_type}), 413, "invalid_image", "20x21 = 420")
+    assert post(server, json={"image": data_url(small_png(20, 20))}).status_code == 200  # exactly at the limit
+
+
+def test_every_allowed_format_decodes_and_others_are_refused(server: LiveServer) -> None:
+    picture = Image.new("RGB", (12, 10), (128, 64, 32))
+    for fmt in ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF"):
+        buffer = io.BytesIO()
+        picture.save(buffer, format=fmt)
+        response = post(server, json={"image": data_url(buffer.getvalue(), f"image/{fmt.lower()}")})
+        assert response.status_code == 200, (fmt, response.text)
+    for fmt in ("ICO", "PPM", "TGA"):
+        buffer = io.BytesIO()
+        picture.save(buffer, format=fmt)
+        check_error(post(server, json={"image": base64.b64encode(buffer.getvalue()).decode()}), 415, "invalid_image",
+                    f"unsupported image format {fmt}")
+
+
+@pytest.mark.parametrize(
+    ("image", "status", "fragment"),
+    [
+        ("data:image/png;base64,", 400, "empty"),
+        ("   ", 400, "empty"),
+        ("data:image/png,abc", 400, "data URL must look like"),
+        ("data:application/pdf;base64,aGVsbG8=", 400, "'application/pdf', not an image"),
+        ("aGVsbG8", 400, "not valid base64"),
+        (base64.b64encode(b"").decode() + "=", 400, "base64"),
+    ],
+)
+def test_broken_base64_and_data_urls(server: LiveServer, image: str, status: int, fragment: str) -> None:
+    check_error(post(server, json={"image": image}), status, "invalid_image", fragment)
+
+
+def test_data_url_forms_that_are_accepted(server: LiveServer) -> None:
+    encoded = base64.b64encode(small_png()).decode()
+    for image in (f"data:;base64,{encoded}", f"data:image/png;charset=binary;base64,{encoded}", f"  {encoded}\n"):
+        assert post(server, json={"image": image, "seed": 5}).status_code == 200, image
+
+
+def test_multipart_text_that_reads_like_a_boolean_stays_text() -> None:
+    """A prompt "True" is a question like any other (it used to be turned into a boolean and refused)."""
+    from fsmllm.lm.models import load_model
+
+    settings = Settings(model="tiny-test", default_n0=20, default_n=100, batch_size=64, max_tokens_limit=8, _env_file=None)
+    with live_server(settings, model=load_model("tiny-test")) as live:
+        body, content_type = multipart({"prompt": "True", "stop": "false", "max_tokens": "2", "seed": "1"},
+                                       {"image": ("x.png", small_png(), "image/png")})
+        response = httpx.post(f"{live.url}/generate", content=body, headers={"content-type": content_type}, timeout=120)
+        assert response.status_code == 200, response.text
+        assert response.json()["completion_tokens"] <= 2
