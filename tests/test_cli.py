@@ -45,29 +45,32 @@ def check_certificate(summary: dict, *, encoder: str, size: int, sigma: float, n
     assert summary["encoder"] == encoder and summary["booster"] == "none" and summary["image"] == "sample:chelsea"
     assert summary["input_shape"] == [3, size, size]
     assert (summary["sigma"], summary["n0"], summary["n"], summary["alpha"]) == (sigma, n0, n, 0.001)
+    assert summary["bound"] == "betting" and summary["stopped_by"] == "budget" and summary["n_budget"] == n
     assert isinstance(summary["seed"], int)
     estimate, lower = summary["score_estimate"], summary["score_lower"]
     assert 0 < lower <= estimate <= 1, (lower, estimate)
-    assert summary["abstain"] is (lower <= 0)
     rows = summary["radii"]
     assert [row["radius"] for row in rows] == RADII
+    angle = summary["served_angle"]
+    assert 0 <= angle < 0.2
     for row in rows:
-        radius, certified, direction = row["radius"], row["certified_fcsb"], row["direction_fcsb"]
+        radius, certified, served = row["radius"], row["certified_fcsb"], row["served_fcsb"]
         assert row["estimated_fcsb"] == pytest.approx(fcsb(estimate, sigma, radius), abs=1e-6)
-        bound = fcsb(lower, sigma, radius)
+        bound = fcsb(lower, sigma, radius)  # the direct bound (method.md step 3)
         if bound > 0:
-            assert direction == pytest.approx(bound, abs=1e-6)
-        else:
-            assert direction is None
-        combined = math.cos(math.acos(lower) + math.acos(bound)) if bound > 0 else -1.0
-        if combined > 0:
-            assert certified == pytest.approx(combined, abs=1e-6)
-            assert certified <= direction <= row["estimated_fcsb"]
+            assert certified == pytest.approx(bound, abs=1e-6)
+            assert certified <= row["estimated_fcsb"]
         else:
             assert certified is None
-    assert rows[0]["direction_fcsb"] == pytest.approx(lower, abs=1e-9)  # at ε = 0 the bound is the score
+        moved = math.cos(math.acos(bound) + angle) if bound > 0 and math.acos(bound) + angle < math.pi / 2 else -1.0
+        if moved > 0:
+            assert served == pytest.approx(moved, abs=1e-6) and served <= certified
+        else:
+            assert served is None
+    assert summary["abstain"] is all(row["certified_fcsb"] is None for row in rows)
+    assert rows[0]["certified_fcsb"] == pytest.approx(lower, abs=1e-9)  # at ε = 0 the certificate is the score
     assert rows[0]["estimated_fcsb"] == pytest.approx(estimate, abs=1e-9)
-    for key in ("certified_fcsb", "direction_fcsb", "estimated_fcsb"):
+    for key in ("certified_fcsb", "served_fcsb", "estimated_fcsb"):
         values = [row[key] for row in rows]
         # monotone: non-increasing in the radius, and once abstained, abstained at every larger radius
         certified_prefix = [value for value in values if value is not None]

@@ -56,6 +56,7 @@ class CertificationOptions(TypedDict, total=False):
     n: int
     bound: str
     seed: int
+    stop_at_fcsb: float
     progress: ProgressCallback
 
 
@@ -150,7 +151,7 @@ def _options(given: Mapping[str, Any], allowed: Any) -> dict[str, Any]:
 
 
 def _certification_fields(options: dict[str, Any]) -> dict[str, Any]:
-    fields: dict[str, Any] = {key: options[key] for key in ("sigma", "n0", "n", "alpha", "bound", "seed") if key in options}
+    fields: dict[str, Any] = {key: options[key] for key in ("sigma", "n0", "n", "alpha", "bound", "seed", "stop_at_fcsb") if key in options}
     if "radii" in options:
         radii = options["radii"]
         fields["radius"] = [float(radii)] if isinstance(radii, (int, float)) else [float(r) for r in radii]

@@ -27,6 +27,12 @@ def _add_certification_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--n0", type=int, help="selection samples")
     parser.add_argument("--n", type=int, help="estimation samples")
     parser.add_argument("--alpha", type=float, help="failure probability of the certificate")
+    parser.add_argument(
+        "--stop-at-fcsb",
+        type=float,
+        metavar="C",
+        help="stop sampling once the certified FCSB is >= C at every radius (--n is then the budget)",
+    )
     parser.add_argument("--seed", type=int, help="noise seed (the same seed reproduces the certificate)")
     parser.add_argument("--json", action="store_true", help="print the server's JSON answer (no progress bar)")
 
@@ -92,12 +98,16 @@ def _number(value: float | None) -> str:
 def _print_certificate(certificate: Certificate, shown: Sequence[float] | None) -> None:
     c = certificate
     print(f"encoder {c.encoder}, booster {c.booster}, input {c.input_size} px")
-    print(f"σ={c.sigma:g}  n0={c.n0}  n={c.n}  α={c.alpha:g} ({c.bound})  seed={c.seed}{'  (cached)' if c.cached else ''}")
+    budget = f" of {c.n_budget} ({c.stopped_by})" if c.n_budget is not None and c.n_budget != c.n else ""
+    print(f"σ={c.sigma:g}  n0={c.n0}  n={c.n}{budget}  α={c.alpha:g} ({c.bound})  seed={c.seed}{'  (cached)' if c.cached else ''}")
     print(f"robustness score S: estimate {c.score_estimate:.4f}, lower bound {c.score_lower:.4f}")
-    print(f"{'radius ε':>10}  {'certified FCSB':>15}  {'estimated FCSB':>15}")
+    print(f"{'radius ε':>10}  {'certified FCSB':>15}  {'served FCSB':>12}  {'estimated FCSB':>15}")
     for bound in c.radii:
         if shown is None or any(abs(bound.radius - r) < 1e-9 for r in shown):
-            print(f"{bound.radius:>10.4g}  {_number(bound.certified_fcsb):>15}  {bound.estimated_fcsb:>15.4f}")
+            print(
+                f"{bound.radius:>10.4g}  {_number(bound.certified_fcsb):>15}  {_number(bound.served_fcsb):>12}"
+                f"  {bound.estimated_fcsb:>15.4f}"
+            )
     if c.certified_radius is not None:
         radius = c.certified_radius.radius
         print(f"certified radius at cosine ≥ {c.certified_radius.target_cos:g}: {'none' if radius is None else f'{radius:.4g}'}")
@@ -112,7 +122,7 @@ def _certify(client: Client, args: argparse.Namespace) -> int:
         requested = requested or list(SERVER_DEFAULT_RADII)
         grid = radius_grid(sigma, min(PLOT_POINTS, SERVER_MAX_RADII - len(requested)))
         radii = sorted(set(requested) | set(grid))
-    options: dict[str, Any] = {"radii": radii, "target_cosine": args.target_cosine, "sigma": args.sigma, "n0": args.n0, "n": args.n, "alpha": args.alpha, "seed": args.seed}
+    options: dict[str, Any] = {"radii": radii, "target_cosine": args.target_cosine, "sigma": args.sigma, "n0": args.n0, "n": args.n, "alpha": args.alpha, "seed": args.seed, "stop_at_fcsb": args.stop_at_fcsb}
     with _progress_bar(not args.json) as progress:
         options["progress"] = progress  # None: no stream
         result = client.certify(args.image, **options)
@@ -131,6 +141,7 @@ def _generate(client: Client, args: argparse.Namespace) -> int:
     options: dict[str, Any] = {
         "max_tokens": args.max_tokens, "temperature": args.temperature, "top_p": args.top_p, "stop": args.stop,
         "radii": args.radius, "sigma": args.sigma, "n0": args.n0, "n": args.n, "alpha": args.alpha, "seed": args.seed,
+        "stop_at_fcsb": args.stop_at_fcsb,
     }
     with _progress_bar(not args.json) as progress:
         options["progress"] = progress  # None: no stream

@@ -18,11 +18,12 @@ class _Model(BaseModel):
 
 
 class RadiusBound(_Model):
-    """The bounds at one l2 radius. ``certified_fcsb`` is the certificate; ``None`` means nothing certified."""
+    """The bounds at one l2 radius. ``certified_fcsb`` is the certificate on the smoothed encoder F,
+    ``served_fcsb`` the same for the features the language model read; ``None`` means nothing certified."""
 
     radius: float
     certified_fcsb: float | None
-    direction_fcsb: float | None
+    served_fcsb: float | None = None
     estimated_fcsb: float
 
 
@@ -49,14 +50,18 @@ class Certificate(_Model):
     booster: str
     input_size: int
     norm: str
+    statement: str = ""
     sigma: float
     n0: int
     n: int
+    n_budget: int | None = None
+    stopped_by: str = "budget"
     alpha: float
     bound: str
     seed: int
     score_estimate: float
     score_lower: float
+    served_angle: float | None = None
     abstain: bool
     radii: list[RadiusBound]
     certified_radius: CertifiedRadius | None = None

@@ -47,12 +47,15 @@ def plot_certificate(certificate: Certificate, path: str | Path, highlight: Sequ
     radii = [bound.radius for bound in bounds]
     certified = [math.nan if bound.certified_fcsb is None else bound.certified_fcsb for bound in bounds]
     estimated = [bound.estimated_fcsb for bound in bounds]
+    served = [math.nan if bound.served_fcsb is None else bound.served_fcsb for bound in bounds]
 
     figure = Figure(figsize=FIGSIZE, dpi=DPI)
     FigureCanvasAgg(figure)
     axes = figure.add_subplot()
     axes.plot(radii, estimated, "--", color="tab:gray", label="estimated FCSB (estimate, not a certificate)")
     axes.plot(radii, certified, "-o", color="tab:blue", markersize=3, label=f"certified FCSB (probability ≥ 1 − {certificate.alpha:g})")
+    if any(math.isfinite(value) for value in served):
+        axes.plot(radii, served, "-", color="tab:purple", linewidth=1, label="served FCSB (the features the LM read)")
     marked = [(r, c) for r, c in zip(radii, certified) if math.isfinite(c) and any(math.isclose(r, h) for h in highlight)]
     if marked:
         axes.plot([r for r, _ in marked], [c for _, c in marked], "D", color="tab:red", label="requested radii")

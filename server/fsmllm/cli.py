@@ -46,7 +46,19 @@ def _add_smoothing_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--n0", type=int, default=100, help="selection samples (fix the direction)")
     parser.add_argument("--n", type=int, default=1000, help="estimation samples (bound the score)")
     parser.add_argument("--alpha", type=float, default=0.001, help="failure probability of the certificate")
-    parser.add_argument("--bound", choices=BOUND_METHODS, default="empirical-bernstein", help="confidence bound")
+    parser.add_argument(
+        "--bound",
+        choices=BOUND_METHODS,
+        default="betting",
+        help="confidence bound on the score (default betting: anytime-valid, follows the variance)",
+    )
+    parser.add_argument(
+        "--stop-at-fcsb",
+        type=float,
+        default=None,
+        metavar="C",
+        help="stop sampling once the certified FCSB is >= C at every radius (or clearly cannot be); --n is the budget",
+    )
     parser.add_argument("--batch-size", type=int, default=32, help="noisy images per encoder batch")
     parser.add_argument("--seed", type=int, default=None, help="noise seed (default: random, printed)")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
@@ -58,7 +70,7 @@ def _smooth(args: argparse.Namespace, encoder: VisionEncoder, image: str, classi
     """Certify ``image`` with ``encoder`` under the smoothing options, with a progress bar on stderr."""
     from tqdm import tqdm
 
-    from fsmllm.certify import SmoothedEncoder
+    from fsmllm.certify import SmoothedEncoder, StopRule
     from fsmllm.images import load_image, to_pixels
 
     pixels = to_pixels(load_image(image), encoder.image_size)
@@ -75,6 +87,7 @@ def _smooth(args: argparse.Namespace, encoder: VisionEncoder, image: str, classi
             seed=args.seed,
             bound=args.bound,
             classifier=classifier,
+            stop=None if args.stop_at_fcsb is None else StopRule(fcsb=args.stop_at_fcsb, radii=tuple(args.radius)),
             progress=bar.update,
         )
     return cert, tuple(pixels.shape)
@@ -119,21 +132,23 @@ def _format_table(
     cfg = cert.config
     lines = [
         f"encoder {encoder}  booster {booster}  input {'x'.join(map(str, shape))} pixels in [0, 1]",
-        f"sigma {cfg.sigma}  n0 {cfg.n0}  n {cfg.n}  alpha {cfg.alpha}  bound {cfg.bound}  seed {cert.seed}",
+        f"sigma {cfg.sigma}  n0 {cfg.n0}  n {cert.n} of {cfg.n} ({cert.stopped_by})  alpha {cfg.alpha}  bound {cfg.bound}"
+        f"  seed {cert.seed}",
         f"score S: estimate {cert.score_estimate:.4f}, certified lower bound {cert.score_lower:.4f}"
-        + ("  -> ABSTAIN (no certificate)" if cert.abstain else ""),
+        + ("  -> ABSTAIN (no certificate at any radius)" if cert.abstain else ""),
         "",
-        f"{'radius':>8}  {'certified FCSB':>14}  {'direction bound':>15}  {'estimated FCSB':>14}",
+        f"{'radius':>8}  {'certified FCSB':>14}  {'served FCSB':>12}  {'estimated FCSB':>14}",
     ]
-    for radius, certified, direction, estimated in zip(
-        cert.radii, cert.certified_fcsb, cert.direction_fcsb, cert.estimated_fcsb
+    for radius, certified, served, estimated in zip(
+        cert.radii, cert.certified_fcsb, cert.served_fcsb, cert.estimated_fcsb
     ):
-        lines.append(f"{radius:>8.4f}  {_number(certified):>14}  {_number(direction):>15}  {estimated:>14.4f}")
+        lines.append(f"{radius:>8.4f}  {_number(certified):>14}  {_number(served):>12}  {estimated:>14.4f}")
     lines.append("")
     lines.append(
         f"certified FCSB: with probability >= {1 - cfg.alpha:g}, cos(F(x), F(x')) >= this for every ||x'-x||_2 <= radius"
+        " (F: the smoothed encoder)"
     )
-    lines.append("direction bound: the same for <F(x'), u>, u the published smoothed direction")
+    lines.append("served FCSB: the same for the features handed to the language model (the mean of the samples)")
     lines.append("estimated FCSB: the paper's formula at the estimated score (an estimate, not a certificate)")
     for target, radius in targets.items():
         lines.append(f"largest radius with certified FCSB >= {target}: {_number(radius)}")

@@ -55,7 +55,7 @@ class TwoValueEncoder:
 
     def worst_cosine(self, z: float, sigma: float, eps: float) -> float:
         clean = self.smoothed(z, sigma)
-        return min(_cos(clean, self.smoothed(z + shift, sigma)) for shift in (-eps, eps))
+        return min(cosine(clean, self.smoothed(z + shift, sigma)) for shift in (-eps, eps))
 
     def worst_projection(self, z: float, sigma: float, eps: float, u: np.ndarray) -> float:
         """min over the ε-ball of <F(x'), u>: linear in p, so again at an end of the interval."""
@@ -84,5 +84,5 @@ class RotationEncoder:
         return math.cos(min(self.a * eps, math.pi))
 
 
-def _cos(a: np.ndarray, b: np.ndarray) -> float:
+def cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))

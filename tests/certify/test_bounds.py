@@ -12,7 +12,6 @@ from scipy.stats import norm
 
 from fsmllm.certify import (
     certified_radius,
-    combined_cosine_bound,
     fcsb,
     mean_lower_bound,
     mean_upper_bound,
@@ -128,19 +127,6 @@ def test_confidence_bound_arguments() -> None:
         mean_lower_bound(1.0, 1.0, 10, 1.5)
     with pytest.raises(ValueError, match="unknown bound"):
         mean_lower_bound(1.0, 1.0, 10, 0.01, "student-t")  # type: ignore[arg-type]
-
-
-@settings(max_examples=200, deadline=None)
-@given(st.floats(0.01, 1.0), st.floats(0.01, 1.0))
-def test_combined_bound_is_the_cosine_of_summed_angles(p: float, b: float) -> None:
-    got = combined_cosine_bound(p, b)
-    angle = math.acos(p) + math.acos(b)
-    if angle < math.pi / 2:
-        assert got == pytest.approx(math.cos(angle))
-        assert got <= min(p, b) + 1e-12
-    else:
-        assert np.isnan(got)
-    assert np.isnan(combined_cosine_bound(0.0, b)) and np.isnan(combined_cosine_bound(p, -0.1))
 
 
 def test_prediction_radius_is_cohen_style_gap() -> None:

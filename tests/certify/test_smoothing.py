@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -67,8 +68,13 @@ def tensor_elements(run: SmoothingRun) -> int:
     return sum(v.numel() for v in vars(run).values() if isinstance(v, torch.Tensor))
 
 
+def array_bytes(run: SmoothingRun) -> int:
+    return sum(v.nbytes for v in vars(run).values() if isinstance(v, np.ndarray))
+
+
 def test_memory_does_not_grow_with_the_number_of_samples() -> None:
-    """The run keeps running sums and at most one block of noise, however many samples it draws."""
+    """The run keeps running sums and at most one block of noise, however many samples it draws; besides them
+    only the n scalars c_i (8 bytes each, grown by doubling), never a feature per sample."""
     w = unit_direction(0)
     encoder = RotationEncoder(w, a=2.0)
     image = point_at(w, 0.1)
@@ -84,6 +90,7 @@ def test_memory_does_not_grow_with_the_number_of_samples() -> None:
 
         run_batched([run], encode, batch_size=7)
         peaks.append(max(peak, tensor_elements(run)))
+        assert array_bytes(run) <= 8 * max(2 * n, 1024)
     assert max(peaks) <= (NOISE_BLOCK + 1) * image.numel() + 64  # image, one noise block, sums
 
 
@@ -178,3 +185,30 @@ def test_classifier_validation() -> None:
         SmoothedEncoder(RotationEncoder(w, 1.0), 0.25).certify(
             point_at(w, 0.1), n0=10, n=10, classifier=CosineClassifier.from_rows(["a", "b"], torch.eye(3)[:2])
         )
+
+
+def test_the_paper_score_relative_to_the_clean_feature_is_reported_when_asked() -> None:
+    """Ŝ = E[(1 + cos(f(x+δ), f(x)))/2] (paper-notes.md) on the rotation encoder: E[cos(a(z+g) − az)] with
+    g ~ N(0, σ²) is e^{−a²σ²/2}, so Ŝ = (1 + S)/2 exactly."""
+    w = unit_direction(9)
+    encoder = RotationEncoder(w, a=2.0)
+    x = point_at(w, 0.2)
+    cert = SmoothedEncoder(encoder, 0.25, batch_size=512).certify(
+        x, n0=100, n=4000, radii=[0.1], seed=1, reference=encoder(x[None])[0]
+    )
+    assert cert.clean_score == pytest.approx((1 + encoder.score(0.25)) / 2, abs=0.005)
+    assert cert.to_dict()["clean_score"] == cert.clean_score
+    assert certify(batch_size=64).clean_score is None
+
+
+def test_interim_certificates_exist_only_for_anytime_bounds_and_only_after_a_checkpoint() -> None:
+    w = unit_direction(10)
+    for bound, expected in (("betting", True), ("empirical-bernstein", False)):
+        run = SmoothingRun(point_at(w, 0.1), SmoothingConfig(sigma=0.25, n0=10, n=200, bound=bound), seed=0)
+        run.consume(RotationEncoder(w, 1.0)(run.take(10)))
+        assert run.interim([0.1]) is None
+        run.consume(RotationEncoder(w, 1.0)(run.take(NOISE_BLOCK)))
+        interim = run.interim([0.1])
+        assert (interim is not None) is expected
+        if interim is not None:
+            assert interim["n"] == NOISE_BLOCK and interim["radii"][0]["radius"] == 0.1

@@ -1,70 +1,131 @@
 """Coverage: over many repeated certifications, the lower bound exceeds the truth in at most ~α of them.
 
-The rotation encoder's smoothed feature is known exactly, so for every repetition the true value of the
-certified quantity ``<F(x), û>`` (û depends on that repetition's selection samples) can be computed. The
-check is one-sided binomial: with R repetitions, the failure count must stay below the 1e-4 upper quantile
-of Binomial(R, α), so a valid bound passes with overwhelming probability (and the seeds are fixed anyway).
-The same harness rejects an invalid bound (the plain sample mean), which shows the test can fail.
+The analytic encoders' smoothed features are known exactly, so for every repetition the true value of the
+certified quantity ``<F(x), û>`` (û depends on that repetition's selection samples) can be computed, and with it
+the true worst cosine over the ball. The check is one-sided binomial: with R repetitions, the failure count must
+stay below the 1e-4 upper quantile of Binomial(R, α), so a valid bound passes with overwhelming probability (and
+the seeds are fixed anyway). The same harness rejects bounds with half the right margin, which shows its power.
+
+The sign encoder (two feature values, c_i = ±1) is the hardest case for a confidence bound: all the variance a
+bounded variable can have. Early stopping is checked in its most adversarial form: a run that stops as soon as
+its bound passes a level just above the truth, at any checkpoint.
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import pytest
 import torch
 from scipy.stats import binom
 
-from fsmllm.certify import SmoothingConfig, SmoothingRun, mean_lower_bound, run_batched
+from fsmllm.certify import SmoothingConfig, SmoothingRun, StopRule, fcsb, lower_bound, run_batched
 
-from .analytic import RotationEncoder, point_at, unit_direction
+from .analytic import RotationEncoder, TwoValueEncoder, point_at, unit_direction
 
 REPETITIONS = 1500
 ALPHA = 0.05
+SIGMA = 0.25
 
 
-def repeated_failures(bound: str, lower_from_sums=None) -> tuple[int, int]:
-    """Certify the same input REPETITIONS times (n0 = 10, n = 40); count bounds above the truth."""
+def allowed_failures(repetitions: int = REPETITIONS) -> int:
+    return int(binom.isf(1e-4, repetitions, ALPHA))
+
+
+def sign_setup() -> tuple[TwoValueEncoder, torch.Tensor, float]:
+    """The sign encoder at P(feature = e1) = Φ(0.3/0.25) ≈ 0.885: c_i = ±1, S ≈ 0.77."""
     w = unit_direction(20)
-    encoder = RotationEncoder(w, a=3.0)
-    sigma, z = 0.25, 0.3
-    truth = encoder.smoothed(z, sigma)
-    config = SmoothingConfig(sigma=sigma, n0=10, n=40, alpha=ALPHA, bound=bound)  # type: ignore[arg-type]
-    runs = [SmoothingRun(point_at(w, z), config, seed=seed) for seed in range(REPETITIONS)]
+    return TwoValueEncoder(w, b=0.0, theta=math.pi), point_at(w, 0.3), 0.3
+
+
+def rotation_setup() -> tuple[RotationEncoder, torch.Tensor, float]:
+    w = unit_direction(20)
+    return RotationEncoder(w, a=3.0), point_at(w, 0.3), 0.3
+
+
+def certify_many(
+    setup, bound: str, n: int = 40, stop: StopRule | None = None, repetitions: int = REPETITIONS
+) -> list[tuple[SmoothingRun, float]]:
+    """``repetitions`` runs (n0 = 10) and the true <F(x), û> of each."""
+    encoder, x, z = setup()
+    truth = encoder.smoothed(z, SIGMA)
+    config = SmoothingConfig(sigma=SIGMA, n0=10, n=n, alpha=ALPHA, bound=bound)  # type: ignore[arg-type]
+    runs = [SmoothingRun(x, config, seed=seed, stop=stop) for seed in range(repetitions)]
     run_batched(runs, encoder, batch_size=8192)
+    return [(run, float(truth @ run.certificate([]).direction.double().numpy())) for run in runs]
+
+
+@pytest.mark.parametrize("setup", [sign_setup, rotation_setup], ids=["sign", "rotation"])
+@pytest.mark.parametrize("bound", ["betting", "empirical-bernstein", "hoeffding"])
+def test_lower_bound_covers_the_truth_with_the_stated_confidence(setup, bound: str) -> None:
+    failures = sum(run.certificate([]).score_lower > truth for run, truth in certify_many(setup, bound))
+    assert failures <= allowed_failures(), f"{failures}/{REPETITIONS} certificates overstated the score"
+
+
+def test_certified_fcsb_never_exceeds_the_true_worst_cosine_more_often_than_alpha() -> None:
+    """The statement itself, on the rotation encoder whose worst cosine over the ε-ball is cos(aε)."""
+    encoder, _, _ = rotation_setup()
+    radii = [0.02, 0.05, 0.1]
     failures = 0
-    for run in runs:
-        cert = run.certificate(radii=[0.0])
-        lower = cert.score_lower if lower_from_sums is None else lower_from_sums(run)
-        failures += lower > float(truth @ cert.direction.double().numpy())
-    return failures, int(binom.isf(1e-4, REPETITIONS, ALPHA))
+    for run, _ in certify_many(rotation_setup, "betting"):
+        cert = run.certificate(radii)
+        failures += any(c is not None and c > encoder.worst_cosine(r) for r, c in zip(radii, cert.certified_fcsb))
+    assert failures <= allowed_failures()
 
 
-@pytest.mark.parametrize("bound", ["empirical-bernstein", "hoeffding"])
-def test_lower_bound_covers_the_truth_with_the_stated_confidence(bound: str) -> None:
-    failures, allowed = repeated_failures(bound)
-    assert failures <= allowed, f"{failures}/{REPETITIONS} certificates overstated the score (allowed {allowed})"
+@pytest.mark.parametrize("level", [0.60, 0.775])
+def test_optional_stopping_does_not_break_the_betting_bound(level: float) -> None:
+    """Each run stops the moment its score bound passes ``level`` (below the truth ≈ 0.77: most runs stop
+    early; just above it: a run stops early only when its bound overstates the score) at any checkpoint up
+    to n = 1000: for a fixed-n bound, stopping on it is a recipe for failures."""
+    runs = certify_many(sign_setup, "betting", n=1000, stop=StopRule(fcsb=level, radii=(0.0,)), repetitions=600)
+    certificates = [(run.certificate([0.0]), truth) for run, truth in runs]
+    failures = sum(cert.score_lower > truth for cert, truth in certificates)
+    assert failures <= allowed_failures(600)
+    if level < 0.77:
+        early = [cert for cert, _ in certificates if cert.stopped_by == "target_reached"]
+        assert len(early) > 500 and max(cert.n for cert in early) < 1000
 
 
-def test_the_harness_rejects_an_invalid_bound() -> None:
-    """Reporting the sample mean as if it were a lower bound fails about half the time: must be caught."""
+def two_point_bounds(method, repetitions: int, n: int = 1000) -> list[tuple[float, float]]:
+    """(best bound over the checkpoints, truth) for c_i = ±1 with P(+1) = 0.885: what a run that monitors its
+    bound and stops when it likes would report."""
+    rng = np.random.default_rng(0)
+    truth = 2 * 0.885 - 1
+    results = []
+    for _ in range(repetitions):
+        c = np.where(rng.random(n) < 0.885, 1.0, -1.0)
+        results.append((max(method(c[:t]) for t in range(32, n + 1, 32)), truth))
+    return results
 
-    def sample_mean(run: SmoothingRun) -> float:
-        return float(run._probe_sum[0] / run.config.n)
 
-    failures, allowed = repeated_failures("empirical-bernstein", sample_mean)
-    assert failures > allowed
+def test_monitored_betting_bound_keeps_its_confidence_and_half_the_margin_does_not() -> None:
+    """The anytime guarantee on the bound function itself (sup over the checkpoints), and its power: the bound
+    halfway to the sample mean, monitored the same way, fails far more often than α (about 15 %)."""
+    def betting(c: np.ndarray) -> float:
+        return lower_bound(c, ALPHA, "betting")
+
+    def half_margin(c: np.ndarray) -> float:
+        return (lower_bound(c, ALPHA, "betting") + c.mean()) / 2
+
+    valid = sum(best > truth for best, truth in two_point_bounds(betting, 600))
+    invalid = sum(best > truth for best, truth in two_point_bounds(half_margin, 600))
+    assert valid <= allowed_failures(600) < invalid
 
 
 def test_bound_is_not_vacuous() -> None:
     """Coverage alone would be met by a bound of −1: the bound must also track the truth (n = 2000)."""
     w = unit_direction(21)
     encoder = RotationEncoder(w, a=3.0)
-    config = SmoothingConfig(sigma=0.25, n0=100, n=2000, alpha=ALPHA)
-    run = SmoothingRun(point_at(w, 0.3), config, seed=0)
-    run_batched([run], encoder, batch_size=1024)
-    cert = run.certificate(radii=[0.0])
-    sums = run._probe_sum.numpy(), run._probe_sq_sum.numpy()
-    hoeffding = float(mean_lower_bound(sums[0][0], sums[1][0], config.n, ALPHA, "hoeffding"))
-    assert cert.score_lower > hoeffding  # empirical Bernstein beats Hoeffding on low-variance samples
-    assert encoder.score(0.25) - 0.05 < cert.score_lower < encoder.score(0.25)
+    results = {}
+    for bound in ("betting", "empirical-bernstein", "hoeffding"):
+        config = SmoothingConfig(sigma=0.25, n0=100, n=2000, alpha=ALPHA, bound=bound)  # type: ignore[arg-type]
+        run = SmoothingRun(point_at(w, 0.3), config, seed=0)
+        run_batched([run], encoder, batch_size=1024)
+        results[bound] = run.certificate([0.1])
+    assert results["betting"].score_lower > results["empirical-bernstein"].score_lower > results["hoeffding"].score_lower
+    assert encoder.score(0.25) - 0.02 < results["betting"].score_lower < encoder.score(0.25)
+    cert = results["betting"]
+    assert cert.certified_fcsb[0] == pytest.approx(float(fcsb(cert.score_lower, 0.25, 0.1)))
     assert np.isfinite(cert.score_lower) and torch.isfinite(cert.direction).all()

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from fsmllm.api.settings import Settings
-from fsmllm.certify import SmoothedEncoder
+from fsmllm.certify import SmoothedEncoder, StopRule
 from fsmllm.images import to_pixels
 
 from .live import LiveServer, data_url, live_server, png_bytes
@@ -114,9 +114,40 @@ def test_progress_stream(server: LiveServer) -> None:
             elif line.startswith("data: "):
                 events.append((event, json.loads(line[6:])))
     progress = [data for name, data in events if name == "progress"]
-    assert progress and progress[-1] == {"done": 520, "total": 520}
+    assert progress and (progress[-1]["done"], progress[-1]["total"]) == (520, 520)
     assert all(a["done"] <= b["done"] for a, b in zip(progress, progress[1:]))
-    assert events[-1][0] == "result" and events[-1][1]["certificate"]["n"] == 500
+    result = events[-1][1]["certificate"]
+    assert events[-1][0] == "result" and result["n"] == 500
+    # each event after the first checkpoint carries the certificate valid so far (betting: anytime-valid)
+    interim = [data["certificate"] for data in progress if "certificate" in data]
+    assert interim and interim[-1]["n"] == 500 and interim[-1]["score_lower"] == result["score_lower"]
+    assert all(a["n"] <= b["n"] and a["score_lower"] <= b["score_lower"] for a, b in zip(interim, interim[1:]))
+    assert [r["certified_fcsb"] for r in interim[-1]["radii"]] == [r["certified_fcsb"] for r in result["radii"]]
+
+
+def test_early_stopping_spends_fewer_samples_reproducibly_and_frees_the_worker(server: LiveServer) -> None:
+    image = png_bytes(4)
+    samples_before = server.runtime.worker.stats.samples
+    response = certify(server, image=data_url(image), seed=9, n=20_000, radius=[0.05, 0.1], stop_at_fcsb=0.8)
+    assert response.status_code == 200, response.text
+    cert = response.json()["certificate"]
+    assert cert["stopped_by"] == "target_reached" and cert["n_budget"] == 20_000 and cert["n"] < 2_000
+    assert all(r["certified_fcsb"] >= 0.8 for r in cert["radii"])
+    # the job left the worker at once: no sample beyond the batch in which it stopped was drawn for it
+    used = server.runtime.worker.stats.samples - samples_before
+    assert used < cert["n0"] + cert["n"] + server.settings.batch_size and server.runtime.worker.depth == 0
+    # the same certificate from the core, whatever the batch packing (the stop is checked at fixed counts)
+    pixels = to_pixels(Image.open(io.BytesIO(image)), server.runtime.input_size)
+    expected = SmoothedEncoder(server.runtime.encoder, 0.25, batch_size=5).certify(
+        pixels, n0=20, n=20_000, radii=[0.05, 0.1], seed=9, stop=StopRule(fcsb=0.8, radii=(0.05, 0.1))
+    )
+    assert (cert["n"], cert["score_lower"]) == (expected.n, pytest.approx(expected.score_lower, abs=1e-9))
+    unreachable = certify(server, image=data_url(image), seed=9, n=20_000, radius=[1.0], stop_at_fcsb=0.99).json()
+    assert unreachable["certificate"]["stopped_by"] == "target_unreachable"
+    assert unreachable["certificate"]["n"] < 20_000 and unreachable["certificate"]["abstain"]
+    converged = certify(server, image=data_url(image), seed=9, n=20_000, target_cos=0.5, radius_tolerance=0.01).json()
+    assert converged["certificate"]["stopped_by"] == "radius_converged" and converged["certificate"]["n"] < 20_000
+    assert converged["certificate"]["certified_radius"]["radius"] > 0
 
 
 def test_metrics_expose_the_worker(server: LiveServer) -> None:
@@ -156,6 +187,9 @@ def gif_bytes() -> bytes:
         ({"alpha": 2}, 422, "alpha"),
         ({"frobnicate": 1}, 422, "frobnicate"),
         ({"target_cos": 1.5}, 422, "target_cos"),
+        ({"stop_at_fcsb": 0.8, "bound": "hoeffding"}, 422, "anytime-valid bound"),
+        ({"radius_tolerance": 0.01}, 422, "give target_cos too"),
+        ({"stop_at_fcsb": 1.2}, 422, "stop_at_fcsb"),
     ],
 )
 def test_bad_input_gets_a_clear_4xx_and_the_server_keeps_serving(server: LiveServer, body: dict, status: int, fragment: str) -> None:

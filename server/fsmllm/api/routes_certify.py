@@ -66,16 +66,19 @@ def certificate_out(runtime: Runtime, outcome: CertifyOutcome, target_cos: float
         input_size=runtime.input_size,
         sigma=cfg.sigma,
         n0=cfg.n0,
-        n=cfg.n,
+        n=cert.n,
+        n_budget=cfg.n,
+        stopped_by=cert.stopped_by,  # type: ignore[arg-type]
         alpha=cfg.alpha,
         bound=cfg.bound,
         seed=cert.seed,
         score_estimate=cert.score_estimate,
         score_lower=cert.score_lower,
+        served_angle=cert.served_angle,
         abstain=cert.abstain,
         radii=[
-            RadiusBound(radius=r, certified_fcsb=c, direction_fcsb=d, estimated_fcsb=e)
-            for r, c, d, e in zip(cert.radii, cert.certified_fcsb, cert.direction_fcsb, cert.estimated_fcsb)
+            RadiusBound(radius=r, certified_fcsb=c, served_fcsb=v, estimated_fcsb=e)
+            for r, c, v, e in zip(cert.radii, cert.certified_fcsb, cert.served_fcsb, cert.estimated_fcsb)
         ],
         certified_radius=None
         if target_cos is None
@@ -111,11 +114,12 @@ async def certify(request: Request) -> Any:
     image, params = await image_and_params(request, CertifyParams, *_limits(request))
     config = runtime.policy.config(params.sigma, params.n0, params.n, params.alpha, params.bound)
     radii = runtime.policy.radii(params.radii())
+    stop = runtime.policy.stop_rule(config, radii, params.stop_at_fcsb, params.target_cos, params.radius_tolerance)
     request_id = request.state.request_id
 
     async def work(on_progress: ProgressCallback | None) -> dict[str, Any]:
         started = time.perf_counter()
-        outcome = await runtime.certify(image, config, radii, params.seed, on_progress)
+        outcome = await runtime.certify(image, config, radii, params.seed, on_progress, stop)
         timings = Timings(
             queue_ms=outcome.queue_seconds * 1e3,
             certify_ms=outcome.compute_seconds * 1e3,
@@ -147,6 +151,7 @@ async def generate(request: Request) -> Any:
         raise ValueError(f"the prompt has {len(params.prompt)} characters; the limit is {request.app.state.settings.max_prompt_chars}")
     config = runtime.policy.config(params.sigma, params.n0, params.n, params.alpha, params.bound)
     radii = runtime.policy.radii(params.radii())
+    stop = runtime.policy.stop_rule(config, radii, params.stop_at_fcsb)
     sampling = runtime.policy.sampling(params.max_tokens, params.temperature, params.top_p, params.seed, params.stop_list())
     if runtime.model is None:
         raise ValueError("this deployment serves certificates only (model 'none'); use POST /certify")
@@ -154,7 +159,7 @@ async def generate(request: Request) -> Any:
 
     async def work(on_progress: ProgressCallback | None) -> dict[str, Any]:
         started = time.perf_counter()
-        outcome = await runtime.certify(image, config, radii, params.seed, on_progress)
+        outcome = await runtime.certify(image, config, radii, params.seed, on_progress, stop)
         generation_started = time.perf_counter()
         generation = await runtime.generate(outcome.certificate, params.prompt, sampling)
         done = time.perf_counter()

@@ -76,11 +76,12 @@ async def chat_completions(request: Request, chat: ChatCompletionRequest) -> Any
     cert_params = chat.certification or CertificationParams()
     config = runtime.policy.config(cert_params.sigma, cert_params.n0, cert_params.n, cert_params.alpha, cert_params.bound)
     radii = runtime.policy.radii(cert_params.radii())
+    stop = runtime.policy.stop_rule(config, radii, cert_params.stop_at_fcsb)
     seed = chat.seed if chat.seed is not None else cert_params.seed
     sampling = runtime.policy.sampling(chat.max_tokens, chat.temperature, chat.top_p, seed, chat.stop_list())
     request_id = f"chatcmpl-{request.state.request_id}"
     created = int(time.time())
-    outcome = await unless_disconnected(request, runtime.certify(image, config, radii, seed))
+    outcome = await unless_disconnected(request, runtime.certify(image, config, radii, seed, stop=stop))
     certificate = certificate_out(runtime, outcome)
 
     if not chat.stream:

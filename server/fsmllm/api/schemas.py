@@ -13,6 +13,11 @@ NORM_NOTE = (
     "(3 x S x S values after resizing the shorter side to S and centre-cropping)"
 )
 EXAMPLE_IMAGE = "data:image/png;base64,iVBORw0KGgo..."
+STATEMENT = (
+    "With probability at least 1 - alpha over the noise, for every image x' within l2 distance radius of x: "
+    "cos(F(x), F(x')) >= certified_fcsb, where F is the Gaussian-smoothed encoder, and cos(F_hat(x), F(x')) >= "
+    "served_fcsb, where F_hat(x) is the Monte Carlo mean handed to the language model"
+)
 
 
 class CertificationParams(BaseModel):
@@ -26,8 +31,26 @@ class CertificationParams(BaseModel):
     sigma: float | None = Field(None, description="noise level; must be one of the deployment's allowed sigmas")
     n0: int | None = Field(None, ge=1, description="selection samples (fix the smoothed direction)")
     n: int | None = Field(None, ge=2, description="estimation samples (bound the score)")
-    alpha: float | None = Field(None, gt=0, lt=1, description="failure probability of the certificate")
-    bound: Literal["empirical-bernstein", "hoeffding"] = Field("empirical-bernstein", description="confidence bound")
+    alpha: float | None = Field(
+        None,
+        gt=0,
+        lt=1,
+        description="failure probability of the certificate (per certificate: re-rolling the seed and keeping the "
+        "best of several certificates weakens it)",
+    )
+    bound: Literal["betting", "empirical-bernstein", "hoeffding"] = Field(
+        "betting",
+        description="confidence bound on the score: 'betting' (Waudby-Smith & Ramdas 2023; follows the variance, "
+        "anytime-valid, so sampling may stop early) or the fixed-n 'empirical-bernstein' / 'hoeffding'",
+    )
+    stop_at_fcsb: float | None = Field(
+        None,
+        ge=0,
+        lt=1,
+        description="stop sampling as soon as the certified FCSB is at least this at every radius, or once it is "
+        "clear it cannot get there; n is then a budget (needs bound 'betting')",
+        examples=[0.8],
+    )
     seed: int | None = Field(None, ge=0, lt=2**63, description="noise seed; a random one is chosen and returned if unset")
     stream: bool = Field(False, description="answer with a server-sent event stream: progress events, then the result")
 
@@ -48,12 +71,19 @@ class CertificationParams(BaseModel):
         return [float(self.radius)] if isinstance(self.radius, (int, float)) else [float(r) for r in self.radius]
 
 
-assert set(BOUND_METHODS) == {"empirical-bernstein", "hoeffding"}  # keep the Literal above in step
+assert set(BOUND_METHODS) == {"betting", "empirical-bernstein", "hoeffding"}  # keep the Literal above in step
 
 
 class CertifyParams(CertificationParams):
     target_cos: float | None = Field(
         None, ge=0, lt=1, description="also return the largest radius whose certified FCSB is at least this cosine"
+    )
+    radius_tolerance: float | None = Field(
+        None,
+        gt=0,
+        description="with target_cos: stop sampling once the certified radius is within this l2 distance of the "
+        "largest radius more samples could certify (needs bound 'betting')",
+        examples=[0.01],
     )
 
 
@@ -88,15 +118,22 @@ class GenerateRequest(GenerateParams):
 class RadiusBound(BaseModel):
     radius: float
     certified_fcsb: float | None = Field(
-        description="with probability >= 1 - alpha, cos(F(x), F(x')) >= this for all ||x' - x|| <= radius; null = abstain"
+        description="with probability >= 1 - alpha, cos(F(x), F(x')) >= this for all ||x' - x|| <= radius, F the "
+        "smoothed encoder (the direct bound FCSB(score_lower, sigma, radius)); null = nothing certified here"
     )
-    direction_fcsb: float | None = Field(description="the same bound for <F(x'), u>, u the published smoothed direction")
+    served_fcsb: float | None = Field(
+        description="with the same probability, cos(features handed to the language model, F(x')) >= this for the "
+        "same x'; null = nothing certified here"
+    )
     estimated_fcsb: float = Field(description="the paper's FCSB at the estimated score: an estimate, not a certificate")
 
 
 class CertifiedRadius(BaseModel):
     target_cos: float
-    radius: float | None = Field(description="largest certified radius; null when not even radius 0 is certified")
+    radius: float | None = Field(
+        description="largest radius whose certified_fcsb is at least target_cos (0 when score_lower equals it); "
+        "null when not even radius 0 is certified"
+    )
 
 
 class Timings(BaseModel):
@@ -113,15 +150,23 @@ class CertificateOut(BaseModel):
     booster: str
     input_size: int
     norm: str = NORM_NOTE
+    statement: str = Field(STATEMENT, description="what the certificate states, and about which vectors")
     sigma: float
     n0: int
-    n: int
-    alpha: float
+    n: int = Field(description="estimation samples used (fewer than n_budget when sampling stopped early)")
+    n_budget: int = Field(description="estimation samples allowed (the request's n)")
+    stopped_by: Literal["budget", "target_reached", "target_unreachable", "radius_converged"] = Field(
+        description="why sampling ended: the budget was spent, or an early-stopping rule"
+    )
+    alpha: float = Field(description="failure probability of all the certificate's statements together")
     bound: str
     seed: int
     score_estimate: float = Field(description="estimate of the Gaussian robustness score S = ||F(x)||")
-    score_lower: float = Field(description="(1 - alpha) lower confidence bound on S")
-    abstain: bool = Field(description="true when no radius is certified (score_lower <= 0)")
+    score_lower: float = Field(description="(1 - alpha) lower confidence bound on <F(x), u> <= S, u fixed by the n0 samples")
+    served_angle: float = Field(
+        description="angle (radians) between u and the features handed to the language model (their mean over all samples)"
+    )
+    abstain: bool = Field(description="true when no requested radius is certified (every certified_fcsb is null)")
     radii: list[RadiusBound]
     certified_radius: CertifiedRadius | None = None
     cached: bool = False

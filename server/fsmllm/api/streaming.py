@@ -11,7 +11,8 @@ from typing import Any, TypeVar
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 
-ProgressCallback = Callable[[int, int], None]
+ProgressCallback = Callable[[int, int, "dict[str, Any] | None"], None]
+Update = tuple[int, int, "dict[str, Any] | None"]
 T = TypeVar("T")
 
 
@@ -53,28 +54,33 @@ def progress_stream(
     work: Callable[[ProgressCallback], Awaitable[dict[str, Any]]],
     describe_error: Callable[[BaseException], dict[str, Any]],
 ) -> StreamingResponse:
-    """Run ``work(on_progress)`` and stream ``progress`` events ({done, total}) then one ``result`` event.
+    """Run ``work(on_progress)`` and stream ``progress`` events then one ``result`` event.
 
-    ``on_progress`` may be called from any thread. If the client goes away, the work is cancelled (which
+    A progress event is ``{done, total}`` (samples drawn, the budget) plus, with an anytime-valid bound,
+    ``certificate``: the certificate valid so far ({n, score_lower, radii}). ``on_progress`` may be called from
+    any thread; the worker reports a batch's progress before it resolves the job, so every event arrives
+    before the result. If the client goes away, the work is cancelled (which
     cancels the job's remaining samples on the device worker).
     """
     loop = asyncio.get_running_loop()
-    updates: asyncio.Queue[tuple[int, int]] = asyncio.Queue()
+    updates: asyncio.Queue[Update] = asyncio.Queue()
 
-    def on_progress(done: int, total: int) -> None:
-        loop.call_soon_threadsafe(updates.put_nowait, (done, total))
+    def on_progress(done: int, total: int, interim: dict[str, Any] | None) -> None:
+        loop.call_soon_threadsafe(updates.put_nowait, (done, total, interim))
+
+    def progress(update: Update) -> str:
+        done, total, interim = update
+        return sse("progress", {"done": done, "total": total, **({"certificate": interim} if interim else {})})
 
     async def events() -> AsyncIterator[str]:
         task = asyncio.ensure_future(work(on_progress))
-        waiter: asyncio.Future[tuple[int, int]] | None = None
-        last = (0, 0)
+        waiter: asyncio.Future[Update] | None = None
         try:
             while not task.done():
                 waiter = asyncio.ensure_future(updates.get())
                 await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
                 if waiter.done():
-                    last = waiter.result()
-                    yield sse("progress", {"done": last[0], "total": last[1]})
+                    yield progress(waiter.result())
                 else:
                     waiter.cancel()
             try:
@@ -82,13 +88,8 @@ def progress_stream(
             except Exception as error:  # noqa: BLE001 - the stream has started: report in-band
                 yield sse("error", describe_error(error))
                 return
-            # updates still queued when the work finished, and the final count: the work is complete, so every
-            # sample is done even if the worker's last callback has not reached this loop yet
-            while not updates.empty():
-                last = updates.get_nowait()
-                yield sse("progress", {"done": last[0], "total": last[1]})
-            if last[1] and last[0] != last[1]:
-                yield sse("progress", {"done": last[1], "total": last[1]})
+            while not updates.empty():  # updates still queued when the work finished
+                yield progress(updates.get_nowait())
             yield sse("result", result)
         finally:  # also when the client has gone: stop the work and the wait for its progress
             task.cancel()

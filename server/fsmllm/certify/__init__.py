@@ -6,14 +6,17 @@
 """
 
 from fsmllm.certify.bounds import (
+    ANYTIME_METHODS,
     BOUND_METHODS,
     BoundMethod,
+    betting_lower_bound,
     certified_radius,
-    combined_cosine_bound,
     fcsb,
+    lower_bound,
     mean_lower_bound,
     mean_upper_bound,
     prediction_radius,
+    upper_bound,
 )
 from fsmllm.certify.classify import CosineClassifier, PredictionCertificate
 from fsmllm.certify.smoothing import (
@@ -22,6 +25,7 @@ from fsmllm.certify.smoothing import (
     SmoothedEncoder,
     SmoothingConfig,
     SmoothingRun,
+    StopRule,
     deliver,
     fill_batch,
     new_seed,
@@ -29,6 +33,7 @@ from fsmllm.certify.smoothing import (
 )
 
 __all__ = [
+    "ANYTIME_METHODS",
     "BOUND_METHODS",
     "NOISE_BLOCK",
     "BoundMethod",
@@ -38,14 +43,17 @@ __all__ = [
     "SmoothedEncoder",
     "SmoothingConfig",
     "SmoothingRun",
+    "StopRule",
+    "betting_lower_bound",
     "certified_radius",
-    "combined_cosine_bound",
     "deliver",
     "fill_batch",
     "fcsb",
+    "lower_bound",
     "mean_lower_bound",
     "mean_upper_bound",
     "new_seed",
     "prediction_radius",
     "run_batched",
+    "upper_bound",
 ]

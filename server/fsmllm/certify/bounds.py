@@ -8,7 +8,11 @@ l2 standard deviation of the pixel noise, ε the l2 radius of the perturbation, 
 * :func:`certified_radius` — its exact inverse in ε for a target cosine c:
   ``ε*(S, σ, c) = σ (Φ⁻¹((1 + S) / 2) − Φ⁻¹((1 + c) / 2))``.
 * :func:`mean_lower_bound` — a one-sided (1 − α) lower confidence bound on the mean of i.i.d. variables
-  bounded in [−1, 1] (Hoeffding 1963, or the empirical-Bernstein bound of Maurer & Pontil 2009, Thm. 4).
+  bounded in [−1, 1] (Hoeffding 1963, or the empirical-Bernstein bound of Maurer & Pontil 2009, Thm. 4), from
+  running sums, for a number of samples fixed in advance;
+* :func:`betting_lower_bound` — the betting confidence sequence of Waudby-Smith & Ramdas (JRSS-B 2023): a
+  lower bound that follows the samples' variance and holds at every n simultaneously (anytime-valid), so
+  sampling may stop whenever the bound is good enough; :func:`lower_bound` picks a method by name.
 
 Everything is vectorised over numpy broadcasting and computed in float64. Φ and Φ⁻¹ come from
 ``scipy.stats.norm``; the upper-tail forms (``isf``/``sf``) keep precision when S is close to 1.
@@ -16,14 +20,22 @@ Everything is vectorised over numpy broadcasting and computed in float64. Φ and
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
+from scipy.optimize import brentq
 from scipy.stats import norm
 
-BoundMethod = Literal["empirical-bernstein", "hoeffding"]
-BOUND_METHODS: tuple[BoundMethod, ...] = ("empirical-bernstein", "hoeffding")
+BoundMethod = Literal["betting", "empirical-bernstein", "hoeffding"]
+BOUND_METHODS: tuple[BoundMethod, ...] = ("betting", "empirical-bernstein", "hoeffding")
+#: the bound methods that hold at every sample count at once (so that sampling may stop early)
+ANYTIME_METHODS: tuple[BoundMethod, ...] = ("betting",)
+#: bets are capped at c/m (m the candidate mean): capital factors stay ≥ 1 − c > 0 (see betting_lower_bound)
+BETTING_TRUNCATION = 0.95
+#: the methods computable from running sums (Σc, Σc²) alone
+SUM_METHODS: tuple[BoundMethod, ...] = ("empirical-bernstein", "hoeffding")
 
 
 def _check_sigma(sigma: ArrayLike) -> NDArray[np.float64]:
@@ -65,8 +77,9 @@ def fcsb(score: ArrayLike, sigma: ArrayLike, radius: ArrayLike) -> NDArray[np.fl
 def certified_radius(score: ArrayLike, sigma: ArrayLike, target_cos: ArrayLike) -> NDArray[np.float64]:
     """The largest ε with ``fcsb(S, σ, ε) ≥ c``: ``σ (Φ⁻¹((1 + S)/2) − Φ⁻¹((1 + c)/2))`` (method.md).
 
-    Exact inverse of :func:`fcsb` in ε. Where ``S < c`` no radius (not even 0) certifies the target and the
-    result is NaN; ``S = 1`` (noise never moves the feature) gives ``inf``. The target must be in [0, 1):
+    Exact inverse of :func:`fcsb` in ε. ``S = c`` gives 0 (the target holds at the image itself); where
+    ``S < c`` no radius (not even 0) certifies the target and the result is NaN; ``S = 1`` (noise never moves
+    the feature) gives ``inf``. The target must be in [0, 1):
     a negative cosine is no certificate (the FCSB only holds where it is ≥ 0), and c = 1 is never certifiable
     at a positive radius.
     """
@@ -75,23 +88,8 @@ def certified_radius(score: ArrayLike, sigma: ArrayLike, target_cos: ArrayLike) 
     target = np.asarray(target_cos, dtype=np.float64)
     if np.any(np.isnan(target)) or np.any(target < 0) or np.any(target >= 1):
         raise ValueError(f"target_cos must lie in [0, 1), got {target}")
-    radius = sigma * (_score_quantile(score) - _score_quantile(target))
+    radius = np.maximum(sigma * (_score_quantile(score) - _score_quantile(target)), 0.0)
     return np.where(score >= target, radius, np.nan)
-
-
-def combined_cosine_bound(direction_lower: ArrayLike, shifted_lower: ArrayLike) -> NDArray[np.float64]:
-    """Lower bound on ``cos(F(x), F(x'))`` from bounds that both refer to one fixed unit vector û.
-
-    With ``||F|| ≤ 1``, ``<F(x), û> ≥ p̲ > 0`` gives ``angle(F(x), û) ≤ arccos p̲`` and ``<F(x'), û> ≥ b > 0``
-    gives ``angle(F(x'), û) ≤ arccos b``; the triangle inequality for angles then gives
-    ``cos(F(x), F(x')) ≥ cos(arccos p̲ + arccos b)`` (method.md, "Estimating it soundly", step 3). NaN where
-    either input is ≤ 0 or the angles add past π/2: no positive cosine is certified there.
-    """
-    p = np.asarray(direction_lower, dtype=np.float64)
-    b = np.asarray(shifted_lower, dtype=np.float64)
-    valid = (p > 0) & (b > 0)
-    angle = np.arccos(np.clip(p, -1, 1)) + np.arccos(np.clip(b, -1, 1))
-    return np.where(valid & (angle < np.pi / 2), np.cos(angle), np.nan)
 
 
 def mean_lower_bound(
@@ -102,6 +100,8 @@ def mean_lower_bound(
     method: BoundMethod = "empirical-bernstein",
 ) -> NDArray[np.float64]:
     """One-sided (1 − α) lower confidence bound on E[c] for i.i.d. c_i ∈ [−1, 1], from running sums.
+
+    For a sample count fixed in advance (not anytime-valid: use :func:`betting_lower_bound` to stop early).
 
     ``total = Σ c_i`` and ``total_sq = Σ c_i²`` over ``count`` samples (streaming: no sample is kept).
     The variables are mapped to X = (1 + c) / 2 ∈ [0, 1]; then, with probability ≥ 1 − α,
@@ -128,9 +128,84 @@ def mean_lower_bound(
         variance_x = np.maximum(mean_sq_c - mean_c**2, 0.0) * n / (n - 1.0) / 4.0
         log_term = np.log(2.0 / alpha)
         lower_x = mean_x - np.sqrt(2.0 * variance_x * log_term / n) - 7.0 * log_term / (3.0 * (n - 1.0))
+    elif method in BOUND_METHODS:
+        raise ValueError(f"{method!r} needs the samples, not their sums; sums serve {', '.join(SUM_METHODS)}")
     else:
         raise ValueError(f"unknown bound method {method!r}; choose one of {', '.join(BOUND_METHODS)}")
     return np.clip(2.0 * lower_x - 1.0, -1.0, 1.0)
+
+
+def _check_samples(values: ArrayLike, alpha: float) -> NDArray[np.float64]:
+    values = np.asarray(values, dtype=np.float64)
+    if values.ndim != 1 or values.size < 2:
+        raise ValueError(f"a confidence bound needs a 1-D array of at least 2 samples, got shape {values.shape}")
+    if not 0 < alpha < 1:
+        raise ValueError(f"alpha must lie in (0, 1), got {alpha}")
+    return np.clip(values, -1.0, 1.0)
+
+
+def betting_bets(x: NDArray[np.float64], alpha: float, horizon: int | None = None) -> NDArray[np.float64]:
+    """The predictable plug-in bets λ_t of Waudby-Smith & Ramdas (2023), one-sided level α.
+
+    For x_t ∈ [0, 1]: ``μ̂_t = (1/2 + Σ_{i≤t} x_i)/(t + 1)``, ``σ̂²_t = (1/4 + Σ_{i≤t} (x_i − μ̂_i)²)/(t + 1)``
+    and ``λ_t = sqrt(2 ln(1/α) / (σ̂²_{t−1} t ln(1 + t)))`` (eq. (26)–(27), tuned for every t: the confidence
+    sequence), or with a ``horizon`` n ``λ_t = sqrt(2 ln(1/α) / (σ̂²_{t−1} n))`` (§4.1, tuned for t = n: the
+    confidence interval). Each bet uses only the samples before it, so either process is a valid capital
+    process at every t; the tuning only decides where the bound is tightest. Sequential sums (``np.cumsum``),
+    so a prefix of the samples gives a prefix of the bets, bit for bit.
+    """
+    t = np.arange(1, x.size + 1, dtype=np.float64)
+    mean = (0.5 + np.cumsum(x)) / (t + 1.0)
+    variance = (0.25 + np.cumsum((x - mean) ** 2)) / (t + 1.0)
+    previous = np.concatenate(([0.25], variance[:-1]))
+    spread = t * np.log1p(t) if horizon is None else float(horizon)
+    return np.sqrt(2.0 * math.log(1.0 / alpha) / (previous * spread))
+
+
+def betting_lower_bound(
+    values: ArrayLike, alpha: float, horizon: int | None = None, truncation: float = BETTING_TRUNCATION
+) -> float:
+    """Anytime-valid one-sided (1 − α) lower confidence bound on E[c] for i.i.d. c_i ∈ [−1, 1] (betting).
+
+    Waudby-Smith & Ramdas, "Estimating means of bounded random variables by betting" (JRSS-B 2023), §4, the
+    predictable plug-in capital process, one-sided: with x_i = (1 + c_i)/2 ∈ [0, 1] and a candidate mean m,
+
+        K_t(m) = Π_{i≤t} (1 + min(λ_i, c/m) (x_i − m)),     λ_i from :func:`betting_bets`, c = ``truncation``.
+
+    ``horizon``: tune the bets for that sample count (the planned budget) instead of for every t; the bound is
+    anytime-valid either way. For the true mean μ, K_t(μ) is a non-negative martingale (each factor has conditional mean 1 and is
+    ≥ 1 − c > 0 since x_i ≥ 0), so by Ville's inequality P(∃t: K_t(μ) ≥ 1/α) ≤ α. Every factor is
+    non-increasing in m, hence so is K_t, and ``L_t = inf{m : K_t(m) < 1/α}`` (found by Brent's method on
+    ln K_t) satisfies P(∃t: μ < L_t) ≤ α: the bound holds at every t at once, so it may be evaluated as samples
+    arrive and sampling stopped on any rule. Bets capped at c/m near 1 let the bound approach the limit that no
+    valid bound beats when all samples are near S, S − (1 + S)(1 − α^{1/n}). Returns ``2 L_t − 1`` (c scale).
+    """
+    x = (1.0 + _check_samples(values, alpha)) / 2.0
+    bets = betting_bets(x, alpha, horizon)
+    threshold = math.log(1.0 / alpha)
+
+    def log_capital(m: float) -> float:
+        return float(np.log1p(np.minimum(bets, truncation / m) * (x - m)).sum()) - threshold
+
+    lowest = np.finfo(np.float64).tiny
+    if log_capital(lowest) < 0:
+        return -1.0
+    # at m = 1 every factor is ≤ 1, so ln K_t(1) ≤ 0 < ln(1/α): the root lies in (0, 1)
+    return 2.0 * brentq(log_capital, lowest, 1.0, xtol=1e-13, rtol=4 * np.finfo(float).eps) - 1.0
+
+
+def lower_bound(values: ArrayLike, alpha: float, method: BoundMethod, horizon: int | None = None) -> float:
+    """One-sided (1 − α) lower confidence bound on E[c] from the samples c_i ∈ [−1, 1], by ``method``
+    (``horizon``: the sample count the betting bound is tuned for; None tunes it for every count)."""
+    if method == "betting":
+        return betting_lower_bound(values, alpha, horizon)
+    values = _check_samples(values, alpha)
+    return float(mean_lower_bound(values.sum(), np.square(values).sum(), values.size, alpha, method))
+
+
+def upper_bound(values: ArrayLike, alpha: float, method: BoundMethod, horizon: int | None = None) -> float:
+    """One-sided (1 − α) upper confidence bound on E[c]: the lower bound of −c, negated."""
+    return -lower_bound(-np.asarray(values, dtype=np.float64), alpha, method, horizon)
 
 
 def mean_upper_bound(

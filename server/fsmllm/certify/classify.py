@@ -4,7 +4,9 @@ A cosine classifier embeds each label k as a unit vector w_k in feature space; t
 ``k* = argmax_k <F(x), w_k>``. Each ``<F(x), w_k>`` is the mean of the bounded variable ``<f(x + δ), w_k>``,
 so it gets a one-sided confidence bound from the same estimation samples as the feature certificate. With
 K labels, the K one-sided bounds (a lower one for k*, upper ones for the rest) share α by Bonferroni, so the
-certified radius holds with probability ≥ 1 − α.
+certified radius holds with probability ≥ 1 − α. With the betting bound, the labels whose every projection
+was kept (k* and the best runners-up on the selection samples) get it; the others, whose sums alone are kept,
+get the empirical-Bernstein bound: each bound is valid at its share of α, whichever method computes it.
 """
 
 from __future__ import annotations
@@ -15,7 +17,15 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from fsmllm.certify.bounds import BoundMethod, mean_lower_bound, mean_upper_bound, prediction_radius
+from fsmllm.certify.bounds import (
+    SUM_METHODS,
+    BoundMethod,
+    lower_bound,
+    mean_lower_bound,
+    mean_upper_bound,
+    prediction_radius,
+    upper_bound,
+)
 
 
 @dataclass(frozen=True)
@@ -66,18 +76,27 @@ def certify_prediction(
     selected: int,
     total: np.ndarray,
     total_sq: np.ndarray,
+    kept: dict[int, np.ndarray],
     count: int,
     sigma: float,
     alpha: float,
     method: BoundMethod,
 ) -> PredictionCertificate:
-    """Certificate for label ``selected`` (chosen on the selection samples) from estimation-sample sums.
+    """Certificate for label ``selected`` (chosen on the selection samples) from the estimation samples.
 
-    ``total[k] = Σ_i <f(x + δ_i), w_k>`` and ``total_sq[k]`` the sums of squares, over ``count`` fresh samples.
+    ``total[k] = Σ_i <f(x + δ_i), w_k>`` and ``total_sq[k]`` the sums of squares, over ``count`` fresh samples;
+    ``kept[k]`` every projection of label k where they were kept (it must include ``selected`` for the
+    betting bound).
     """
     per_bound_alpha = alpha / len(classifier.names)
-    lower = float(mean_lower_bound(total[selected], total_sq[selected], count, per_bound_alpha, method))
-    upper = mean_upper_bound(total, total_sq, count, per_bound_alpha, method)
+    if method in SUM_METHODS:
+        lower = float(mean_lower_bound(total[selected], total_sq[selected], count, per_bound_alpha, method))
+        upper = mean_upper_bound(total, total_sq, count, per_bound_alpha, method)
+    else:
+        lower = lower_bound(kept[selected], per_bound_alpha, method, count)
+        upper = mean_upper_bound(total, total_sq, count, per_bound_alpha, "empirical-bernstein")
+        for label, values in kept.items():
+            upper[label] = upper_bound(values, per_bound_alpha, method, count)
     upper[selected] = -np.inf
     runner_up = int(np.argmax(upper))
     radius = float(prediction_radius(lower, upper[runner_up], sigma))

@@ -6,13 +6,13 @@ import asyncio
 import hashlib
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
-from fsmllm.certify import Certificate, CosineClassifier, SmoothingConfig, new_seed
-from fsmllm.engine.jobs import CertifyJob
+from fsmllm.certify import Certificate, CosineClassifier, SmoothingConfig, StopRule, new_seed
+from fsmllm.engine.jobs import CertifyJob, ProgressCallback
 from fsmllm.engine.worker import DeviceWorker
 
 
@@ -32,9 +32,11 @@ class CertificateCache:
         self._items: OrderedDict[str, Certificate] = OrderedDict()
 
     @staticmethod
-    def key(pixels: torch.Tensor, config: SmoothingConfig, seed: int, radii: Sequence[float]) -> str:
+    def key(
+        pixels: torch.Tensor, config: SmoothingConfig, seed: int, radii: Sequence[float], stop: StopRule | None
+    ) -> str:
         digest = hashlib.sha256(pixels.detach().cpu().contiguous().numpy().tobytes())
-        digest.update(repr((tuple(pixels.shape), config, seed, tuple(radii))).encode())
+        digest.update(repr((tuple(pixels.shape), config, seed, tuple(radii), stop)).encode())
         return digest.hexdigest()
 
     def get(self, key: str) -> Certificate | None:
@@ -67,7 +69,8 @@ class Certifier:
         radii: Sequence[float],
         seed: int | None = None,
         classifier: CosineClassifier | None = None,
-        on_progress: Callable[[int, int], None] | None = None,
+        on_progress: ProgressCallback | None = None,
+        stop: StopRule | None = None,
     ) -> CertifyOutcome:
         """Certify ``pixels``; raises QueueFull / WorkerStopped at once, TimeoutError after ``timeout_s``.
 
@@ -75,7 +78,7 @@ class Certifier:
         """
         key = None
         if seed is not None and classifier is None:
-            key = self.cache.key(pixels, config, seed, radii)
+            key = self.cache.key(pixels, config, seed, radii, stop)
             if (hit := self.cache.get(key)) is not None:
                 return CertifyOutcome(hit, 0.0, 0.0, cached=True)
         loop = asyncio.get_running_loop()
@@ -87,6 +90,7 @@ class Certifier:
             loop=loop,
             future=loop.create_future(),
             classifier=classifier,
+            stop=stop,
             on_progress=on_progress,
         )
         self.worker.submit(job)

@@ -10,7 +10,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from fsmllm.certify import Certificate, CosineClassifier, SmoothingConfig, SmoothingRun
+from fsmllm.certify import Certificate, CosineClassifier, SmoothingConfig, SmoothingRun, StopRule
+
+#: ``on_progress(done, total, interim)``: samples done, the budget, and the certificate valid so far (or None)
+ProgressCallback = Callable[[int, int, "dict[str, object] | None"], None]
 
 
 class JobCancelled(Exception):
@@ -22,8 +25,8 @@ class CertifyJob:
     """One request's certification. Created on the event loop, advanced only by the device worker thread.
 
     The worker builds the :class:`SmoothingRun` on its device when it admits the job (so routes never touch
-    the device). ``on_progress(done, total)`` is called from the worker thread after each batch that touched
-    the job. The result (or the error) is delivered to ``future``, which belongs to ``loop``.
+    the device). ``on_progress(done, total, interim)`` is called from the worker thread after each batch that
+    touched the job, ``interim`` being the certificate valid so far (anytime bounds only, else None). The result (or the error) is delivered to ``future``, which belongs to ``loop``.
     """
 
     pixels: torch.Tensor
@@ -33,7 +36,8 @@ class CertifyJob:
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future[Certificate]
     classifier: CosineClassifier | None = None
-    on_progress: Callable[[int, int], None] | None = None
+    stop: StopRule | None = None
+    on_progress: ProgressCallback | None = None
     submitted: float = field(default_factory=time.perf_counter)
     started: float | None = None
     run: SmoothingRun | None = None
@@ -53,7 +57,7 @@ class CertifyJob:
 
     def report_progress(self) -> None:
         if self.on_progress is not None and self.run is not None:
-            self.on_progress(self.run.consumed, self.run.total)
+            self.on_progress(self.run.consumed, self.run.total, self.run.interim(self.radii))
 
     def finish(self, result: Certificate | BaseException) -> None:
         """Resolve the future on its own event loop (called from the worker thread)."""

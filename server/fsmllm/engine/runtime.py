@@ -19,9 +19,10 @@ from typing import Protocol
 import torch
 from PIL import Image
 
-from fsmllm.certify import Certificate, SmoothingConfig
+from fsmllm.certify import ANYTIME_METHODS, Certificate, SmoothingConfig, StopRule
 from fsmllm.encoders.base import VisionEncoder
 from fsmllm.engine.certifier import Certifier, CertifyOutcome
+from fsmllm.engine.jobs import ProgressCallback
 from fsmllm.engine.worker import DeviceWorker
 from fsmllm.images import to_pixels
 from fsmllm.lm.base import Generation, GenerationCancelled, SamplingParams, TextStream
@@ -68,6 +69,31 @@ class Policy:
             raise PolicyError(f"n0 + n = {n0 + n} samples exceeds this deployment's maximum of {self.max_n}")
         alpha = self.default_alpha if alpha is None else alpha
         return SmoothingConfig(sigma=sigma, n0=n0, n=n, alpha=alpha, bound=bound)  # type: ignore[arg-type]
+
+    def stop_rule(
+        self,
+        config: SmoothingConfig,
+        radii: list[float],
+        stop_at_fcsb: float | None,
+        target_cos: float | None = None,
+        radius_tolerance: float | None = None,
+    ) -> StopRule | None:
+        """The early-stopping rule a request asked for (method.md, "Stopping early"), or None."""
+        if stop_at_fcsb is None and radius_tolerance is None:
+            return None
+        if config.bound not in ANYTIME_METHODS:
+            raise PolicyError(
+                f"stopping early needs an anytime-valid bound: use bound 'betting' (the default), not {config.bound!r}"
+            )
+        if stop_at_fcsb is not None and radius_tolerance is not None:
+            raise PolicyError("give stop_at_fcsb (stop at a certified cosine) or radius_tolerance (with target_cos), not both")
+        if radius_tolerance is not None:
+            if target_cos is None:
+                raise PolicyError("radius_tolerance stops a target_cos request: give target_cos too")
+            return StopRule(target_cos=target_cos, tolerance=radius_tolerance)
+        if not radii:
+            raise PolicyError("stop_at_fcsb needs at least one radius")
+        return StopRule(fcsb=stop_at_fcsb, radii=tuple(radii))
 
     def radii(self, radii: list[float]) -> list[float]:
         if len(radii) > self.max_radii:
@@ -141,9 +167,10 @@ class Runtime:
         config: SmoothingConfig,
         radii: list[float],
         seed: int | None,
-        on_progress: Callable[[int, int], None] | None = None,
+        on_progress: ProgressCallback | None = None,
+        stop: StopRule | None = None,
     ) -> CertifyOutcome:
-        return await self.certifier.certify(self.pixels(image), config, radii, seed, on_progress=on_progress)
+        return await self.certifier.certify(self.pixels(image), config, radii, seed, on_progress=on_progress, stop=stop)
 
     def visual_tokens(self, certificate: Certificate) -> torch.Tensor:
         """The smoothed feature in the encoder's token layout [T, W], as the language model reads it."""

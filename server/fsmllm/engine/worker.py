@@ -151,7 +151,7 @@ class DeviceWorker:
             job.finish(JobCancelled("cancelled before it started"))
             return
         try:
-            job.run = SmoothingRun(job.pixels.to(self.device), job.config, job.seed, job.classifier)
+            job.run = SmoothingRun(job.pixels.to(self.device), job.config, job.seed, job.classifier, job.stop)
         except Exception as error:  # noqa: BLE001 - reported to the request, the worker keeps serving
             job.finish(error)
             return

@@ -1,0 +1,106 @@
+"""The betting confidence sequence against a literal transcription of Waudby-Smith & Ramdas (2023), its limits
+and its properties; its coverage (fixed n and under optional stopping) is in test_statistical_validity.py."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fsmllm.certify import betting_lower_bound, lower_bound, mean_lower_bound, upper_bound
+from fsmllm.certify.bounds import BETTING_TRUNCATION
+
+
+def literal_betting_lower(c: list[float], alpha: float, truncation: float = BETTING_TRUNCATION) -> float:
+    """WSR eq. (26)–(27) written out sample by sample, and the confidence set's lower end found on a fine grid
+    of candidate means (no vectorisation, no root finder): an independent reference."""
+    x = [(1 + v) / 2 for v in c]
+    bets, mean_sum, var_sum, previous_var = [], 0.0, 0.0, 0.25
+    for t, value in enumerate(x, start=1):
+        bets.append(math.sqrt(2 * math.log(1 / alpha) / (previous_var * t * math.log(1 + t))))
+        mean_sum += value
+        mu = (0.5 + mean_sum) / (t + 1)
+        var_sum += (value - mu) ** 2
+        previous_var = (0.25 + var_sum) / (t + 1)
+    grid = np.linspace(1e-9, 1.0, 200_001)
+    capital = np.ones_like(grid)
+    with np.errstate(over="ignore"):  # the capital at tiny candidate means may overflow to inf (rejected anyway)
+        for bet, value in zip(bets, x):
+            capital *= 1 + np.minimum(bet, truncation / grid) * (value - grid)
+    rejected = grid[capital >= 1 / alpha]  # candidate means the capital has bet against successfully
+    return -1.0 if rejected.size == 0 else 2 * float(rejected.max()) - 1
+
+
+@pytest.mark.parametrize(
+    ("seed", "n", "low", "high"),
+    [(0, 50, 0.9, 1.0), (1, 300, 0.5, 1.0), (2, 200, -1.0, 1.0), (3, 1000, 0.95, 0.99), (4, 20, -0.2, 0.1)],
+)
+def test_matches_the_literal_transcription(seed: int, n: int, low: float, high: float) -> None:
+    values = np.random.default_rng(seed).uniform(low, high, n)
+    for alpha in (0.05, 0.001):
+        # the grid's spacing is 5e-6 on the [0, 1] scale, i.e. 1e-5 on the cosine scale
+        assert betting_lower_bound(values, alpha) == pytest.approx(literal_betting_lower(list(values), alpha), abs=2e-5)
+
+
+def test_reaches_the_limit_of_any_valid_bound_on_concentrated_samples() -> None:
+    """All samples at S: no valid bound may exceed S − (1 + S)(1 − α^{1/n}) (a two-point distribution with rare
+    values at −1 looks the same); the betting bound gets within 6 % of that gap, empirical Bernstein does not."""
+    alpha, score = 0.001, 0.974
+    for n in (100, 1000, 10_000):
+        values = np.full(n, score)
+        limit = score - (1 + score) * (1 - alpha ** (1 / n))
+        got = betting_lower_bound(values, alpha)
+        assert got <= limit + 1e-12
+        assert score - got <= 1.06 * (score - limit)
+        bernstein = float(mean_lower_bound(values.sum(), np.square(values).sum(), n, alpha))
+        assert score - bernstein > 2 * (score - got)
+
+
+def test_the_gap_on_dinov2_like_samples_meets_the_target() -> None:
+    """c_i of DINOv2-S at σ 0.25 on chelsea: mean 0.974, sd 0.022. Target: score gap ≤ 0.016 at n = 1000."""
+    values = np.clip(np.random.default_rng(5).normal(0.974, 0.022, 1000), -1, 1)
+    assert values.mean() - betting_lower_bound(values, 0.001) <= 0.016
+    bernstein = lower_bound(values, 0.001, "empirical-bernstein")
+    assert betting_lower_bound(values, 0.001) > bernstein + 0.02
+
+
+@settings(max_examples=60, deadline=None, derandomize=True)
+@given(
+    values=st.lists(st.floats(-1.0, 1.0), min_size=2, max_size=80),
+    alpha=st.floats(1e-6, 0.5),
+    smaller=st.floats(0.01, 1.0),
+)
+def test_properties(values: list[float], alpha: float, smaller: float) -> None:
+    got = betting_lower_bound(values, alpha)
+    assert -1.0 <= got <= 1.0
+    # a constant sequence: below the constant; more confidence gives a lower (or equal) bound (its bets are
+    # capped at c/m, so only the threshold ln(1/α) changes); the upper bound mirrors the lower one
+    constant = [values[0]] * len(values)
+    assert betting_lower_bound(constant, alpha) <= values[0] + 1e-12
+    assert betting_lower_bound(constant, alpha * smaller) <= betting_lower_bound(constant, alpha) + 1e-12
+    assert upper_bound(constant, alpha, "betting") == pytest.approx(-betting_lower_bound([-v for v in constant], alpha))
+
+
+def test_prefixes_give_the_same_bound_whatever_was_computed_before() -> None:
+    """Bets use only past samples: the bound at t depends on the first t samples alone (sequential sums)."""
+    values = np.random.default_rng(6).uniform(0.6, 1.0, 500)
+    assert betting_lower_bound(values[:200], 0.01) == betting_lower_bound(values[:200].copy(), 0.01)
+    alone = betting_lower_bound(values[:200], 0.01)
+    from fsmllm.certify.bounds import betting_bets
+
+    assert np.array_equal(betting_bets((1 + values[:200]) / 2, 0.01), betting_bets((1 + values) / 2, 0.01)[:200])
+    assert alone != betting_lower_bound(values, 0.01)
+
+
+def test_arguments() -> None:
+    with pytest.raises(ValueError, match="at least 2"):
+        betting_lower_bound([0.5], 0.01)
+    with pytest.raises(ValueError, match="alpha"):
+        betting_lower_bound([0.5, 0.6], 1.0)
+    with pytest.raises(ValueError, match="needs the samples"):
+        mean_lower_bound(1.0, 1.0, 10, 0.01, "betting")
+    with pytest.raises(ValueError, match="unknown bound"):
+        lower_bound([0.5, 0.6], 0.01, "student-t")  # type: ignore[arg-type]
