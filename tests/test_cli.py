@@ -115,7 +115,7 @@ def test_certify_efficientnet_with_its_classifier() -> None:
     names = imagenet_class_names()
     assert names[prediction["label_index"]] == prediction["label"]
     assert prediction["runner_up_index"] != prediction["label_index"]
-    assert prediction["alpha"] == 0.001
+    assert prediction["alpha"] == 0.0005  # half of α: the other half bounds the score (a joint statement)
     assert -1 <= prediction["top_lower"] <= 1 and -1 <= prediction["runner_up_upper"] <= 1
     if prediction["radius"] is None:
         assert prediction["top_lower"] <= prediction["runner_up_upper"] or prediction["top_lower"] <= 0
@@ -134,6 +134,11 @@ def test_table_output_and_errors(capsys) -> None:
     assert "certified FCSB" in out and "estimated FCSB" in out and "largest radius with certified FCSB >= 0.5" in out
     table = [line.split() for line in out.splitlines() if line.strip().startswith(("0.0100", "0.0200"))]
     assert len(table) == 2 and all(len(row) == 4 for row in table)
+    stopping = ["certify", "sample:coffee", "--encoder", "tiny-cnn", "--n0", "10", "--n", "20000", "--seed", "1"]
+    assert main([*stopping, "--no-progress", "--radius", "0.01", "--stop-at-fcsb", "0.8"]) == 0
+    out = capsys.readouterr().out
+    used = int(out.split("  n ")[1].split()[0])
+    assert used < 20000 and "of 20000 (target_reached)" in out
     for bad, message in [
         (["--encoder", "nope"], "unknown encoder 'nope'"),
         (["--sigma", "0"], "sigma must be a positive"),

@@ -132,8 +132,9 @@ def _format_table(
     cfg = cert.config
     lines = [
         f"encoder {encoder}  booster {booster}  input {'x'.join(map(str, shape))} pixels in [0, 1]",
-        f"sigma {cfg.sigma}  n0 {cfg.n0}  n {cert.n} of {cfg.n} ({cert.stopped_by})  alpha {cfg.alpha}  bound {cfg.bound}"
-        f"  seed {cert.seed}",
+        f"sigma {cfg.sigma}  n0 {cfg.n0}  n {cert.n}"
+        + ("" if cert.stopped_by == "budget" else f" of {cfg.n} ({cert.stopped_by})")
+        + f"  alpha {cfg.alpha}  bound {cfg.bound}  seed {cert.seed}",
         f"score S: estimate {cert.score_estimate:.4f}, certified lower bound {cert.score_lower:.4f}"
         + ("  -> ABSTAIN (no certificate at any radius)" if cert.abstain else ""),
         "",
