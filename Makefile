@@ -33,3 +33,9 @@ test: install
 test-vllm: $(VLLM_BIN)/fsmllm
 	HF_HUB_OFFLINE=1 VLLM_ENABLE_V1_MULTIPROCESSING=0 $(VLLM_BIN)/python -c "import vllm"
 	HF_HUB_OFFLINE=1 VLLM_ENABLE_V1_MULTIPROCESSING=0 $(VLLM_BIN)/pytest tests/lm/test_vllm_backend.py $(ARGS)
+
+# Mutation testing (docs/testing.md): mutmut over certify, engine, api/inputs.py, api/images.py and the client's
+# _protocol.py, on a scratch copy under build/mutation; slow, so not in CI. AREAS="inputs protocol" runs some.
+.PHONY: mutation
+mutation: install
+	nice -n 10 .ci/mutation $(AREAS)

@@ -36,7 +36,7 @@ from fsmllm_client._protocol import (
     read_reply,
     user_message,
 )
-from fsmllm_client.models import Health
+from fsmllm_client.models import ChatCompletion, CertifyResult, GenerateResult, Health
 
 PNG = b"\x89PNG\r\n\x1a\n" + b"rest of a png"
 POST = Call("POST", "/certify", Health, {"image": "x"})
@@ -114,6 +114,8 @@ def test_certify_call_body() -> None:
     assert plain.body == {"image": image_data_url(PNG), "radius": [1.0, 0.25]} and plain.progress is None
     assert all(isinstance(r, float) for r in plain.body["radius"])
     assert certify_call(PNG, {"radii": 2}).body["radius"] == [2.0]
+    assert certify_call(PNG, {"stop_at_fcsb": 0.8}).body == {"image": image_data_url(PNG), "stop_at_fcsb": 0.8}
+    assert certify_call(PNG, {}).model is CertifyResult
     with pytest.raises(TypeError, match="unknown option.*radius"):
         certify_call(PNG, {"radius": 0.1})
     with pytest.raises(TypeError, match="unknown option"):
@@ -126,7 +128,12 @@ def test_generate_call_body() -> None:
     assert (call.method, call.path) == ("POST", "/generate")
     assert call.body == {"image": image_data_url(PNG), "prompt": "What?", "max_tokens": 8, "temperature": 0.5,
                          "top_p": 0.9, "stop": ["\n"], "seed": 3, "radius": [0.1]}
+    assert call.model is GenerateResult and call.progress is None
     assert generate_call(PNG, "Q", {"stop": ("a", "b")}).body["stop"] == ["a", "b"]
+    assert generate_call(PNG, "Q", {"stop": "END"}).body["stop"] == ["END"]  # one stop string, not three letters
+    progress = lambda done, total: None  # noqa: E731
+    streamed = generate_call(PNG, "Q", {"progress": progress})
+    assert streamed.progress is progress and streamed.body["stream"] is True
     assert generate_call(PNG, "Q", {}).body == {"image": image_data_url(PNG), "prompt": "Q"}
     with pytest.raises(TypeError, match="target_cosine"):
         generate_call(PNG, "Q", {"target_cosine": 0.5})
@@ -137,8 +144,9 @@ def test_chat_call_body() -> None:
     call = chat_call(messages, {"model": "m", "max_tokens": 4, "seed": None, "certification": {"radius": [0.1]}})
     assert (call.method, call.path) == ("POST", "/v1/chat/completions")
     assert call.body == {"messages": messages, "model": "m", "max_tokens": 4, "certification": {"radius": [0.1]}}
+    assert call.model is ChatCompletion and call.progress is None
     assert chat_call(messages, {"stream": False}).body["stream"] is False
-    with pytest.raises(ValueError, match="streaming chat"):
+    with pytest.raises(ValueError, match="^streaming chat is not supported by this client"):
         chat_call(messages, {"stream": True})
 
 
@@ -182,6 +190,21 @@ def test_event_stream_reports_progress_then_the_result() -> None:
     assert HEALTH.result(result).status == "ok"
 
 
+def test_event_stream_fields_without_the_optional_space() -> None:
+    seen: list[tuple[int, int]] = []
+    stream = EventStream(lambda done, total: seen.append((done, total)), 200, httpx.Headers())
+    stream.read(["event:progress", 'data:{"done": 1, "total": 2}', "", "event:result", 'data:{"status": "ok"}', ""])
+    assert seen == [(1, 2)] and stream.reply().payload == {"status": "ok"}
+
+
+def test_a_result_event_that_is_not_the_api_names_the_request() -> None:
+    stream = EventStream(lambda done, total: None, 200, httpx.Headers({"x-request-id": "r-res"}))
+    outcome = stream.read(["event: result", 'data: {"unexpected": true}', ""])
+    with pytest.raises(ServerError, match="unexpected answer") as error:
+        HEALTH.result(outcome)
+    assert error.value.request_id == "r-res"
+
+
 def test_event_stream_without_an_event_name_is_ignored() -> None:
     stream = EventStream(lambda done, total: pytest.fail("not a progress event"), 200, httpx.Headers())
     feed(stream, 'data: {"done": 1, "total": 2}\n\nevent: result\ndata: {"status": "ok"}\n\n')
@@ -222,7 +245,14 @@ def test_a_garbled_progress_event_is_a_server_error(data: str) -> None:
     stream = EventStream(lambda done, total: None, 200, httpx.Headers({"x-request-id": "r8"}))
     with pytest.raises(ServerError, match="progress stream") as error:
         stream.read(["event: progress", f"data: {data}", ""])
-    assert error.value.request_id == "r8"
+    assert error.value.request_id == "r8" and error.value.message.endswith(data)
+
+
+def test_a_garbled_event_is_quoted_up_to_200_characters() -> None:
+    stream = EventStream(lambda done, total: None, 200, httpx.Headers())
+    with pytest.raises(ServerError) as error:
+        stream.read(["event: result", "data: " + "x" * 199 + "yz", ""])
+    assert error.value.message.endswith("x" * 199 + "y")
 
 
 # -- which error ------------------------------------------------------------------------------------------
