@@ -20,7 +20,7 @@ $(VLLM_BIN)/fsmllm: pyproject.toml requirements-weights.txt
 	$(VLLM_BIN)/pip uninstall --quiet -y torchvision torchaudio torchcodec
 	touch $@
 
-.PHONY: install serve test test-vllm
+.PHONY: install serve test test-vllm test-docker docker-bases
 install: $(BIN)/fsmllm
 
 serve: install
@@ -33,6 +33,18 @@ test: install
 test-vllm: $(VLLM_BIN)/fsmllm
 	HF_HUB_OFFLINE=1 VLLM_ENABLE_V1_MULTIPROCESSING=0 $(VLLM_BIN)/python -c "import vllm"
 	HF_HUB_OFFLINE=1 VLLM_ENABLE_V1_MULTIPROCESSING=0 $(VLLM_BIN)/pytest tests/lm/test_vllm_backend.py $(ARGS)
+
+# The deployment run for real (docker/test-docker.sh, root on Debian): installs docker.io/docker-compose/debootstrap/
+# chromium when missing, starts dockerd (vfs) when none runs, builds the CPU image and the gateway (on Debian-built
+# bases when the public registry cannot be reached), starts REPLICAS fsmllm replicas behind the TLS gateway, runs
+# tests/deploy/docker through it, and tears the stack down. REPLICAS=1 is the reduced form (no failover test).
+REPLICAS ?= 2
+test-docker: install
+	REPLICAS=$(REPLICAS) PYTEST_ARGS="$(ARGS)" docker/test-docker.sh
+
+# Base images from Debian packages, standing in for python:3.11-slim and nginx:*-alpine (docs/deploy.md)
+docker-bases:
+	docker/build-bases.sh
 
 # Mutation testing (docs/testing.md): mutmut over certify, engine, api/inputs.py, api/images.py and the client's
 # _protocol.py, on a scratch copy under build/mutation; slow, so not in CI. AREAS="inputs protocol" runs some.

