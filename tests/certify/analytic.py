@@ -86,3 +86,28 @@ class RotationEncoder:
 
 def cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+@dataclass
+class TokenRotationEncoder:
+    """T tokens, token t = ``scale_t · (cos(a_t <w,x>), sin(a_t <w,x>))``: each token normalised on its own is a
+    :class:`RotationEncoder` with rate a_t, so ``S_t = e^{−a_t²σ²/2}`` and token t's worst-case cosine over the
+    ε-ball is ``cos(a_t ε)``. The scales only matter to the *global* (flattened) feature, where a token with a
+    small scale barely counts: the case token-level certificates exist for."""
+
+    w: torch.Tensor
+    rates: tuple[float, ...]
+    scales: tuple[float, ...]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        z = x.reshape(x.shape[0], -1).double() @ self.w.reshape(-1).double()
+        rates = torch.tensor(self.rates, dtype=torch.float64)
+        scales = torch.tensor(self.scales, dtype=torch.float64)
+        angle = z[:, None] * rates[None]
+        return (scales[None, :, None] * torch.stack([torch.cos(angle), torch.sin(angle)], dim=2)).float()
+
+    def score(self, token: int, sigma: float) -> float:
+        return math.exp(-((self.rates[token] * sigma) ** 2) / 2)
+
+    def worst_cosine(self, token: int, eps: float) -> float:
+        return math.cos(min(self.rates[token] * eps, math.pi))

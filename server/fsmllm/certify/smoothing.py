@@ -31,6 +31,7 @@ import math
 import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from typing import Literal
 
 import numpy as np
 import torch
@@ -54,6 +55,9 @@ NOISE_BLOCK = 32
 CHECKPOINT_GROWTH = 1.1
 
 Encode = Callable[[torch.Tensor], torch.Tensor]
+#: what one certificate bounds: the whole feature flattened and normalised once, or every token on its own
+Granularity = Literal["global", "token"]
+GRANULARITIES: tuple[Granularity, ...] = ("global", "token")
 
 
 def is_checkpoint(count: int) -> bool:
@@ -121,6 +125,7 @@ class SmoothingConfig:
     n: int = 1000
     alpha: float = 0.001
     bound: BoundMethod = "betting"
+    granularity: Granularity = "global"
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.sigma) and self.sigma > 0):
@@ -133,6 +138,8 @@ class SmoothingConfig:
             raise ValueError(f"alpha must lie in (0, 1), got {self.alpha}")
         if self.bound not in BOUND_METHODS:
             raise ValueError(f"unknown bound {self.bound!r}; choose one of {', '.join(BOUND_METHODS)}")
+        if self.granularity not in GRANULARITIES:
+            raise ValueError(f"unknown granularity {self.granularity!r}; choose one of {', '.join(GRANULARITIES)}")
 
 
 def _optional(values: np.ndarray) -> tuple[float | None, ...]:
@@ -153,6 +160,15 @@ def served_fcsb(certified: np.ndarray, offset: float) -> np.ndarray:
 
 
 @dataclass(frozen=True)
+class TokenBounds:
+    """Per-token numbers of a ``token`` certificate (index t = the encoder's token t)."""
+
+    score_estimate: tuple[float, ...]
+    score_lower: tuple[float, ...]
+    served_angle: tuple[float, ...]
+
+
+@dataclass(frozen=True)
 class Certificate:
     """Everything one certification established, reproducible from ``(image, config, stop rule, seed)``.
 
@@ -164,6 +180,11 @@ class Certificate:
     * ``served_fcsb[i]``: ``cos(F̂, F(x')) ≥`` this for the same x' (the features handed to the language
       model, ``served_angle`` = ∠(û, F̂) radians away from û);
     * ``prediction`` (with a classifier): its own statement; α is then split in halves between the two.
+
+    With ``granularity == "token"`` every token t is smoothed on its own (F_t, û_t, F̂_t; method.md, "Token-level
+    certificates") and the statements hold for every token at once (α split over the T tokens): the headline
+    numbers are the worst token's (``worst_token``; ``served_fcsb`` the smallest over the tokens), ``tokens``
+    has each token's score bounds and served angle.
 
     ``score_estimate`` (an estimate of S(x)) and ``estimated_fcsb`` (the paper's FCSB at that estimate) are
     *not* certified. ``None`` in a certified list means abstention at that radius; ``abstain`` means no
@@ -187,6 +208,8 @@ class Certificate:
     prediction: PredictionCertificate | None = None
     clean_score: float | None = None
     stop: StopRule | None = None
+    worst_token: int | None = None
+    tokens: TokenBounds | None = field(default=None, repr=False)
 
     @property
     def abstain(self) -> bool:
@@ -198,13 +221,24 @@ class Certificate:
 
     @property
     def score_alpha(self) -> float:
-        """The share of α spent on the score bound (half of it when a prediction is certified too)."""
-        return self.config.alpha / 2 if self.prediction is not None else self.config.alpha
+        """The share of α spent on each score bound: halved when a prediction is certified too, split over the
+        tokens of a token-level certificate."""
+        alpha = self.config.alpha / 2 if self.prediction is not None else self.config.alpha
+        return alpha / (len(self.tokens.score_lower) if self.tokens is not None else 1)
 
-    def to_dict(self) -> dict[str, object]:
-        """A JSON-ready summary (no tensors): every number plus what is needed to reproduce it."""
+    def token_certified_fcsb(self) -> list[list[float | None]]:
+        """Per token, the certified FCSB at each radius (a token-level certificate only)."""
+        if self.tokens is None:
+            raise ValueError("per-token values exist only for a token-level certificate (granularity 'token')")
+        radii = np.asarray(self.radii, dtype=np.float64)
+        return [list(_optional(certified_fcsb(lower, self.config.sigma, radii))) for lower in self.tokens.score_lower]
+
+    def to_dict(self, per_token: bool = False) -> dict[str, object]:
+        """A JSON-ready summary (no tensors): every number plus what is needed to reproduce it; ``per_token``
+        adds each token's values to a token-level certificate."""
         cfg = self.config
         summary: dict[str, object] = {
+            "granularity": cfg.granularity,
             "sigma": cfg.sigma,
             "n0": cfg.n0,
             "n": self.n,
@@ -222,6 +256,15 @@ class Certificate:
                 for r, c, v, e in zip(self.radii, self.certified_fcsb, self.served_fcsb, self.estimated_fcsb)
             ],
         }
+        if self.worst_token is not None:
+            summary["worst_token"] = self.worst_token
+        if per_token and self.tokens is not None:
+            summary["tokens"] = [
+                {"token": t, "score_estimate": e, "score_lower": p, "served_angle": a, "certified_fcsb": c}
+                for t, (e, p, a, c) in enumerate(
+                    zip(self.tokens.score_estimate, self.tokens.score_lower, self.tokens.served_angle, self.token_certified_fcsb())
+                )
+            ]
         if self.stop is not None:
             summary["stop"] = asdict(self.stop)
         if self.prediction is not None:
@@ -232,12 +275,25 @@ class Certificate:
 
     def certified_radius(self, target_cos: float) -> float | None:
         """Largest ε at which the certified FCSB is still ≥ ``target_cos``: ``σ (Φ⁻¹((1+p̲)/2) − Φ⁻¹((1+c)/2))``
-        (0 when c = p̲); None when not even ε = 0 is (c > p̲)."""
+        (0 when c = p̲); None when not even ε = 0 is (c > p̲). For a token-level certificate, p̲ is the worst
+        token's: the smallest radius over the tokens."""
         if not 0 <= target_cos < 1:
             raise ValueError(f"target_cos must lie in [0, 1), got {target_cos}")
         if self.score_lower <= 0 or target_cos > self.score_lower:
             return None
         return float(certified_radius(self.score_lower, self.config.sigma, target_cos))
+
+
+def _score_estimates(sums: torch.Tensor, count: int) -> np.ndarray:
+    """Per row of ``sums`` (Σ of ``count`` unit vectors): ||Σ f̃_i||² = m + Σ_{i≠j} <f̃_i, f̃_j>, so the mean
+    off-diagonal term is unbiased for ||F||²; its square root (clipped to [0, 1]) estimates S = ||F||."""
+    pair_mean = (sums.double().square().sum(-1).cpu().numpy() - count) / (count * (count - 1))
+    return np.sqrt(np.clip(pair_mean, 0.0, 1.0))
+
+
+def _angles(a: torch.Tensor, b: torch.Tensor) -> np.ndarray:
+    """Row-wise angles (radians) between a and b [..., W]."""
+    return np.arccos(np.clip(F.cosine_similarity(a.double(), b.double(), dim=-1).cpu().numpy(), -1.0, 1.0))
 
 
 class SmoothingRun:
@@ -247,6 +303,10 @@ class SmoothingRun:
     and the estimation phase (up to n samples) the run waits until every selection sample has been consumed,
     since the estimation samples are projected on the direction those define. ``reference`` (optional, a
     clean feature) makes the certificate carry the paper's score E[(1 + cos(f(x + δ), f(x)))/2] as well.
+
+    Internally every feature is a [T, W] matrix of unit rows: the flattened feature (T = 1) for ``global``
+    granularity, each token normalised on its own for ``token`` (features [B, T, W]; a single vector [B, D] is
+    one token, so both granularities coincide there).
     """
 
     #: classifier labels whose projections are kept for the betting bound (the others use empirical Bernstein)
@@ -270,6 +330,8 @@ class SmoothingRun:
             )
         if stop is not None and classifier is not None:
             raise ValueError("stopping early is not available with a prediction certificate")
+        if classifier is not None and config.granularity != "global":
+            raise ValueError("a prediction certificate needs granularity 'global' (the classifier reads the whole feature)")
         self.pixels = pixels
         self.config = config
         self.seed = seed
@@ -280,16 +342,19 @@ class SmoothingRun:
         self.stopped_by: str | None = None
         self._generator = torch.Generator(device=pixels.device).manual_seed(seed)
         self._noise = pixels.new_empty((0, *pixels.shape))
-        self._feature_sum: torch.Tensor | None = None
+        self._feature_sum: torch.Tensor | None = None  # Σ of the flattened unit features [D] (the global mean)
+        self._token_sum: torch.Tensor | None = None  # Σ of the unit rows [T, W] (token granularity)
         self._reference = None if reference is None else F.normalize(reference.reshape(-1).double(), dim=0)
         self._reference_sum = 0.0
-        self._probes: torch.Tensor | None = None  # [û; w_1 … w_K] once the selection phase is over
-        self._probe_sum: torch.Tensor | None = None
-        self._probe_sq_sum: torch.Tensor | None = None
-        self._kept: list[int] = [0]  # probes whose every projection is kept: û, and the top classifier labels
-        self._values = np.empty((min(config.n, 1024), 1))  # kept projections c_i, a row per estimation sample
+        self._directions: torch.Tensor | None = None  # û, one unit row per token [T, W], after the selection
+        self._weights: torch.Tensor | None = None  # classifier label embeddings [K, D]
+        self._label_sum: torch.Tensor | None = None
+        self._label_sq_sum: torch.Tensor | None = None
+        self._kept_labels: list[int] = []  # labels whose every projection is kept (the top ones at selection)
+        # kept projections, a row per estimation sample: c_{i,t} for every token, then the kept labels
+        self._values = np.empty((min(config.n, 1024), 0))
         self._selected_label: int | None = None
-        self._best_lower = -1.0  # the anytime lower bound, best over the checkpoints so far
+        self._best_lower: np.ndarray | None = None  # per token: the anytime bound, best over the checkpoints
         self._checked = 0
 
     @property
@@ -304,6 +369,14 @@ class SmoothingRun:
     @property
     def done(self) -> bool:
         return self.stopped_by is not None
+
+    @property
+    def num_tokens(self) -> int:
+        """T: the rows the certificate bounds (1 for global granularity; for token granularity known once the
+        first features arrived, 0 before)."""
+        if self.config.granularity == "global":
+            return 1
+        return 0 if self._token_sum is None else int(self._token_sum.shape[0])
 
     def take(self, limit: int) -> torch.Tensor | None:
         """Up to ``limit`` noisy copies ``x + δ`` [k, C, H, W]; None when none can be issued now."""
@@ -331,8 +404,16 @@ class SmoothingRun:
         self.issued += count
         return self.pixels + self.config.sigma * noise
 
+    def _rows(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(flattened unit features [B, D], unit rows [B, T, W]) of a batch of raw features."""
+        count = features.shape[0]
+        flat = F.normalize(features.reshape(count, -1).float(), dim=1)
+        if self.config.granularity == "global" or features.ndim < 3:
+            return flat, flat[:, None, :]
+        return flat, F.normalize(features.reshape(count, features.shape[1], -1).float(), dim=2)
+
     def consume(self, features: torch.Tensor) -> None:
-        """Add the base encoder's outputs for the next ``len(features)`` issued inputs (any trailing shape).
+        """Add the base encoder's outputs for the next ``len(features)`` issued inputs ([B, D] or [B, T, W]).
 
         Once the run is done (budget spent or a stop rule met at a checkpoint) the features of samples past
         that point are discarded: the certificate and the smoothed feature use exactly the samples up to it.
@@ -342,141 +423,176 @@ class SmoothingRun:
             raise RuntimeError(f"{count} features for {self.issued - self.consumed} outstanding samples")
         if self.done:
             return
-        unit = F.normalize(features.reshape(count, -1).float(), dim=1)
+        flat, rows = self._rows(features)
         if self._feature_sum is None:
-            self._feature_sum = torch.zeros(unit.shape[1], dtype=torch.float64, device=unit.device)
+            self._feature_sum = torch.zeros(flat.shape[1], dtype=torch.float64, device=flat.device)
+            if self.config.granularity == "token":
+                self._token_sum = torch.zeros(rows.shape[1:], dtype=torch.float64, device=flat.device)
         in_selection = max(0, min(count, self.config.n0 - self.consumed))
         if in_selection:
-            self._accumulate(unit[:in_selection])
+            self._accumulate(flat[:in_selection], rows[:in_selection])
             self.consumed += in_selection
             if self.consumed == self.config.n0:
                 self._start_estimation()
-        estimation = unit[in_selection:]
-        while estimation.shape[0] and not self.done:
+        flat, rows = flat[in_selection:], rows[in_selection:]
+        while flat.shape[0] and not self.done:
             # up to the next checkpoint (or the budget), so that a stop never depends on the batch boundaries
             start = self.estimated
             step = next(
-                (k for k in range(1, estimation.shape[0]) if is_checkpoint(start + k) or start + k == self.config.n),
-                estimation.shape[0],
+                (k for k in range(1, flat.shape[0]) if is_checkpoint(start + k) or start + k == self.config.n),
+                flat.shape[0],
             )
-            self._estimate(estimation[:step])
-            estimation = estimation[step:]
+            self._estimate(flat[:step], rows[:step])
+            flat, rows = flat[step:], rows[step:]
             if self.estimated == self.config.n:
                 self._check()
                 self.stopped_by = self.stopped_by or "budget"
             elif is_checkpoint(self.estimated):
                 self._check()
 
-    def _accumulate(self, unit: torch.Tensor) -> None:
+    def _accumulate(self, flat: torch.Tensor, rows: torch.Tensor) -> None:
         assert self._feature_sum is not None
-        self._feature_sum += unit.sum(0, dtype=torch.float64)
+        self._feature_sum += flat.sum(0, dtype=torch.float64)
+        if self._token_sum is not None:
+            self._token_sum += rows.sum(0, dtype=torch.float64)
         if self._reference is not None:
-            self._reference_sum += float((unit.double() @ self._reference.to(unit.device)).sum())
+            self._reference_sum += float((flat.double() @ self._reference.to(flat.device)).sum())
 
-    def _estimate(self, unit: torch.Tensor) -> None:
-        """Project estimation samples on the probes: running sums for all, kept values for the kept ones."""
-        assert self._probes is not None and self._probe_sum is not None and self._probe_sq_sum is not None
-        self._accumulate(unit)
-        projections = (unit @ self._probes.T).clamp_(-1.0, 1.0).double()
-        self._probe_sum += projections.sum(0)
-        self._probe_sq_sum += (projections**2).sum(0)
-        start, end = self.estimated, self.estimated + unit.shape[0]
+    def _estimate(self, flat: torch.Tensor, rows: torch.Tensor) -> None:
+        """Project estimation samples on û (per token) and on the labels; keep the values the bounds need."""
+        assert self._directions is not None
+        self._accumulate(flat, rows)
+        columns = [torch.einsum("btw,tw->bt", rows, self._directions).clamp_(-1.0, 1.0).double()]
+        if self._weights is not None:
+            assert self._label_sum is not None and self._label_sq_sum is not None
+            labels = (flat @ self._weights.T).clamp_(-1.0, 1.0).double()
+            self._label_sum += labels.sum(0)
+            self._label_sq_sum += (labels**2).sum(0)
+            columns.append(labels[:, self._kept_labels])
+        start, end = self.estimated, self.estimated + flat.shape[0]
         if end > self._values.shape[0]:  # grow by doubling: memory follows the samples used, not the budget
             grown = np.empty((min(self.config.n, max(end, 2 * self._values.shape[0])), self._values.shape[1]))
             grown[:start] = self._values[:start]
             self._values = grown
-        self._values[start:end] = projections[:, self._kept].cpu().numpy()
-        self.consumed += unit.shape[0]
+        self._values[start:end] = torch.cat(columns, dim=1).cpu().numpy()
+        self.consumed += flat.shape[0]
 
     @property
     def projections(self) -> np.ndarray:
-        """The c_i = <f̃(x + δ_i), û> of the estimation samples used so far (a copy; for analyses)."""
-        return self._values[: self.estimated, 0].copy()
+        """The c_i = <f̃(x + δ_i), û> of the estimation samples used so far (a copy; for analyses), one column
+        per token for token granularity."""
+        values = self._values[: self.estimated, : max(self.num_tokens, 1)].copy()
+        return values[:, 0] if values.shape[1] == 1 else values
 
     def _start_estimation(self) -> None:
-        """Fix û from the selection samples (method.md step 1) and, with a classifier, the label k*."""
+        """Fix û (per token) from the selection samples (method.md step 1) and, with a classifier, the label k*."""
         assert self._feature_sum is not None
-        direction = F.normalize(self._feature_sum.float(), dim=0)
-        probes = [direction[None]]
+        global_direction = F.normalize(self._feature_sum.float(), dim=0)
+        if self._token_sum is not None:
+            self._directions = F.normalize(self._token_sum.float(), dim=1)
+        else:
+            self._directions = global_direction[None]
         if self.classifier is not None:
-            weights = self.classifier.weights.to(direction.device)
-            if weights.shape[1] != direction.shape[0]:
+            weights = self.classifier.weights.to(global_direction.device)
+            if weights.shape[1] != global_direction.shape[0]:
                 raise ValueError(
-                    f"classifier weights have dimension {weights.shape[1]}, the encoder's features {direction.shape[0]}"
+                    f"classifier weights have dimension {weights.shape[1]}, the encoder's features {global_direction.shape[0]}"
                 )
-            scores = weights @ direction
+            scores = weights @ global_direction
             self._selected_label = int(torch.argmax(scores))
-            top = torch.argsort(scores, descending=True)[: self.KEPT_LABELS]
-            self._kept = [0, *(1 + int(k) for k in top)]
-            self._values = np.empty((self._values.shape[0], len(self._kept)))
-            probes.append(weights)
-        self._probes = torch.cat(probes)
-        self._probe_sum = torch.zeros(self._probes.shape[0], dtype=torch.float64, device=direction.device)
-        self._probe_sq_sum = torch.zeros_like(self._probe_sum)
+            self._kept_labels = [int(k) for k in torch.argsort(scores, descending=True)[: self.KEPT_LABELS]]
+            self._weights = weights
+            self._label_sum = torch.zeros(weights.shape[0], dtype=torch.float64, device=weights.device)
+            self._label_sq_sum = torch.zeros_like(self._label_sum)
+        width = self._directions.shape[0] + len(self._kept_labels)
+        self._values = np.empty((self._values.shape[0], width))
 
     @property
     def _horizon(self) -> int | None:
         """The betting bound is tuned for the budget n, or, when a rule may stop it early, for every count."""
         return None if self.stop is not None else self.config.n
 
-    def _score_lower(self, count: int) -> float:
+    @property
+    def _score_alpha(self) -> float:
+        """Each token's share of α (Bonferroni over the tokens; half of α goes to a prediction certificate)."""
         alpha = self.config.alpha / 2 if self.classifier is not None else self.config.alpha
-        return lower_bound(self._values[:count, 0], alpha, self.config.bound, self._horizon)
+        return alpha / self.num_tokens
+
+    def _bounds(self, count: int, bound: Callable[..., float]) -> np.ndarray:
+        return np.array(
+            [bound(self._values[:count, t], self._score_alpha, self.config.bound, self._horizon) for t in range(self.num_tokens)]
+        )
 
     def _check(self) -> None:
-        """At a checkpoint: the anytime bound now (kept if it is the best so far) and the stop rule."""
+        """At a checkpoint: the anytime bounds now (kept where best so far) and the stop rule on the worst token."""
         count = self.estimated
         if self.config.bound not in ANYTIME_METHODS or count < 2:
             return
         self._checked = count
-        self._best_lower = max(self._best_lower, self._score_lower(count))
+        lower = self._bounds(count, lower_bound)
+        self._best_lower = lower if self._best_lower is None else np.maximum(self._best_lower, lower)
         if self.stop is not None and count < self.config.n:
-            upper = upper_bound(self._values[:count, 0], self.config.alpha, self.config.bound, self._horizon)
-            self.stopped_by = self.stop.decide(self._best_lower, upper, self.config.sigma)
+            upper = self._bounds(count, upper_bound)
+            self.stopped_by = self.stop.decide(float(self._best_lower.min()), float(upper.min()), self.config.sigma)
 
     def interim(self, radii: Sequence[float]) -> dict[str, object] | None:
-        """The certificate valid so far (anytime bound, at the last checkpoint): {n, score_lower, radii}; None
-        before the first checkpoint or with a bound that holds only at the end."""
-        if self.config.bound not in ANYTIME_METHODS or self._checked == 0:
+        """The certificate valid so far (anytime bound, at the last checkpoint): {n, score_lower, radii} (the
+        worst token's for token granularity); None before the first checkpoint or with a fixed-n bound."""
+        if self.config.bound not in ANYTIME_METHODS or self._best_lower is None:
             return None
+        lowest = float(self._best_lower.min())
         radii_array = np.asarray(list(radii), dtype=np.float64)
-        values = certified_fcsb(self._best_lower, self.config.sigma, radii_array)
+        values = certified_fcsb(lowest, self.config.sigma, radii_array)
         return {
             "n": self._checked,
-            "score_lower": self._best_lower,
+            "score_lower": lowest,
             "radii": [{"radius": float(r), "certified_fcsb": c} for r, c in zip(radii_array, _optional(values))],
         }
+
+    def _served(self, count: int) -> torch.Tensor:
+        """The features handed to the language model [D]: the mean of the flattened unit features (global); for
+        token granularity each token's mean direction, at the norm that token has in that global mean."""
+        assert self._feature_sum is not None
+        mean = self._feature_sum / count
+        if self._token_sum is None:
+            return mean.float()
+        tokens = self._token_sum.shape[0]
+        norms = mean.reshape(tokens, -1).norm(dim=1, keepdim=True)
+        return (F.normalize(self._token_sum, dim=1) * norms).reshape(-1).float()
 
     def certificate(self, radii: Sequence[float]) -> Certificate:
         """The certificate at each radius (method.md steps 2–4); the run must be done."""
         if not self.done:
             raise RuntimeError(f"run not finished: {self.consumed} of {self.total} samples consumed")
-        assert self._feature_sum is not None and self._probes is not None
-        assert self._probe_sum is not None and self._probe_sq_sum is not None
+        assert self._feature_sum is not None and self._directions is not None
         cfg = self.config
-        count = self.estimated
+        count, m = self.estimated, self.consumed
         radii_array = np.asarray(list(radii), dtype=np.float64)
-        if cfg.bound in ANYTIME_METHODS:
-            score_lower = self._best_lower  # the intersection of the confidence sequence over the checkpoints
+        if cfg.bound in ANYTIME_METHODS and self._best_lower is not None:
+            lowers = self._best_lower  # the intersection of the confidence sequence over the checkpoints
         else:
-            score_lower = self._score_lower(count)
-        # ||Σ f̃_i||² = m + Σ_{i≠j} <f̃_i, f̃_j>, so the mean off-diagonal term is unbiased for ||F(x)||².
-        m = self.consumed
-        pair_mean = (float(self._feature_sum.double().square().sum()) - m) / (m * (m - 1))
-        score_estimate = math.sqrt(min(max(pair_mean, 0.0), 1.0))
-        mean_feature = (self._feature_sum / m).float()
-        direction = self._probes[0]
-        served_angle = math.acos(min(1.0, float(F.cosine_similarity(mean_feature, direction, dim=0))))
-        certified = certified_fcsb(score_lower, cfg.sigma, radii_array)
+            lowers = self._bounds(count, lower_bound)
+        served = self._served(m)
+        token_mode = cfg.granularity == "token"
+        sums = self._token_sum if self._token_sum is not None else self._feature_sum[None]
+        estimates = _score_estimates(sums, m)
+        angles = _angles(self._directions, served.reshape(self._directions.shape).to(self._directions.device))
+        worst = int(np.argmin(lowers))
+        certified_rows = [certified_fcsb(float(p), cfg.sigma, radii_array) for p in lowers]
+        served_rows = np.array([served_fcsb(c, float(a)) for c, a in zip(certified_rows, angles)])
+        # the smallest over the tokens, and abstention (NaN) wherever any token abstains
+        served_min = served_rows.min(axis=0) if served_rows.size else np.array([])
+        estimated = np.min([fcsb(e, cfg.sigma, radii_array) for e in estimates], axis=0)
         prediction = None
         if self.classifier is not None:
-            assert self._selected_label is not None
+            assert self._selected_label is not None and self._label_sum is not None and self._label_sq_sum is not None
+            kept = self._values[:count, self.num_tokens :]
             prediction = certify_prediction(
                 self.classifier,
                 self._selected_label,
-                self._probe_sum[1:].cpu().numpy(),
-                self._probe_sq_sum[1:].cpu().numpy(),
-                {k - 1: self._values[:count, j] for j, k in enumerate(self._kept) if k > 0},
+                self._label_sum.cpu().numpy(),
+                self._label_sq_sum.cpu().numpy(),
+                {label: kept[:, j] for j, label in enumerate(self._kept_labels)},
                 count,
                 cfg.sigma,
                 cfg.alpha / 2,
@@ -488,17 +604,21 @@ class SmoothingRun:
             radii=tuple(float(r) for r in radii_array),
             n=count,
             stopped_by=self.stopped_by or "budget",
-            score_estimate=score_estimate,
-            score_lower=score_lower,
-            certified_fcsb=_optional(certified),
-            served_fcsb=_optional(served_fcsb(certified, served_angle)),
-            estimated_fcsb=tuple(float(v) for v in fcsb(score_estimate, cfg.sigma, radii_array)),
-            served_angle=served_angle,
-            smoothed_feature=mean_feature.cpu(),
-            direction=direction.cpu(),
+            score_estimate=float(estimates[worst]),
+            score_lower=float(lowers[worst]),
+            certified_fcsb=_optional(certified_rows[worst]),
+            served_fcsb=_optional(served_min),
+            estimated_fcsb=tuple(float(v) for v in np.atleast_1d(estimated)),
+            served_angle=float(angles[worst]),
+            smoothed_feature=served.cpu(),
+            direction=(self._directions.reshape(-1) if not token_mode else self._directions).cpu(),
             prediction=prediction,
             clean_score=None if self._reference is None else (1.0 + self._reference_sum / m) / 2.0,
             stop=self.stop,
+            worst_token=worst if token_mode else None,
+            tokens=TokenBounds(tuple(map(float, estimates)), tuple(map(float, lowers)), tuple(map(float, angles)))
+            if token_mode
+            else None,
         )
 
 
@@ -576,13 +696,14 @@ class SmoothedEncoder:
         radii: Sequence[float] = (0.1, 0.25, 0.5),
         seed: int | None = None,
         bound: BoundMethod = "betting",
+        granularity: Granularity = "global",
         classifier: CosineClassifier | None = None,
         stop: StopRule | None = None,
         reference: torch.Tensor | None = None,
         progress: Callable[[int], None] | None = None,
     ) -> Certificate:
         """Certify one image [C, H, W] (method.md steps 1–4); ``stop`` may end sampling before ``n``."""
-        config = SmoothingConfig(sigma=self.sigma, n0=n0, n=n, alpha=alpha, bound=bound)
+        config = SmoothingConfig(sigma=self.sigma, n0=n0, n=n, alpha=alpha, bound=bound, granularity=granularity)
         for radius in radii:
             if not (math.isfinite(radius) and radius >= 0):
                 raise ValueError(f"radii must be non-negative l2 norms, got {radius}")
