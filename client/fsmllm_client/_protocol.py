@@ -57,6 +57,8 @@ class CertificationOptions(TypedDict, total=False):
     bound: str
     seed: int
     stop_at_fcsb: float
+    granularity: str
+    per_token: bool
     progress: ProgressCallback
 
 
@@ -151,7 +153,7 @@ def _options(given: Mapping[str, Any], allowed: Any) -> dict[str, Any]:
 
 
 def _certification_fields(options: dict[str, Any]) -> dict[str, Any]:
-    fields: dict[str, Any] = {key: options[key] for key in ("sigma", "n0", "n", "alpha", "bound", "seed", "stop_at_fcsb") if key in options}
+    fields: dict[str, Any] = {key: options[key] for key in ("sigma", "n0", "n", "alpha", "bound", "seed", "stop_at_fcsb", "granularity", "per_token") if key in options}
     if "radii" in options:
         radii = options["radii"]
         fields["radius"] = [float(radii)] if isinstance(radii, (int, float)) else [float(r) for r in radii]

@@ -28,6 +28,12 @@ def _add_certification_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--n", type=int, help="estimation samples")
     parser.add_argument("--alpha", type=float, help="failure probability of the certificate")
     parser.add_argument(
+        "--granularity",
+        choices=("global", "token"),
+        help="global: one certificate for the whole feature; token: every visual token on its own",
+    )
+    parser.add_argument("--per-token", action="store_true", help="with --granularity token: every token's values")
+    parser.add_argument(
         "--stop-at-fcsb",
         type=float,
         metavar="C",
@@ -108,6 +114,12 @@ def _print_certificate(certificate: Certificate, shown: Sequence[float] | None) 
                 f"{bound.radius:>10.4g}  {_number(bound.certified_fcsb):>15}  {_number(bound.served_fcsb):>12}"
                 f"  {bound.estimated_fcsb:>15.4f}"
             )
+    if c.worst_token is not None:
+        print(f"granularity token: every token certified on its own; the numbers are token {c.worst_token}'s (the worst)")
+    if c.tokens:
+        for token in c.tokens:
+            values = "  ".join(_number(v) for v in token.certified_fcsb)
+            print(f"token {token.token:>4}: score lower bound {token.score_lower:.4f}  certified FCSB {values}")
     if c.certified_radius is not None:
         radius = c.certified_radius.radius
         print(f"certified radius at cosine ≥ {c.certified_radius.target_cos:g}: {'none' if radius is None else f'{radius:.4g}'}")
@@ -122,12 +134,18 @@ def _certify(client: Client, args: argparse.Namespace) -> int:
         requested = requested or list(SERVER_DEFAULT_RADII)
         grid = radius_grid(sigma, min(PLOT_POINTS, SERVER_MAX_RADII - len(requested)))
         radii = sorted(set(requested) | set(grid))
-    options: dict[str, Any] = {"radii": radii, "target_cosine": args.target_cosine, "sigma": args.sigma, "n0": args.n0, "n": args.n, "alpha": args.alpha, "seed": args.seed, "stop_at_fcsb": args.stop_at_fcsb}
+    options: dict[str, Any] = {"radii": radii, "target_cosine": args.target_cosine, "sigma": args.sigma, "n0": args.n0, "n": args.n, "alpha": args.alpha, "seed": args.seed, "stop_at_fcsb": args.stop_at_fcsb,
+               "granularity": args.granularity, "per_token": args.per_token or None}
     with _progress_bar(not args.json) as progress:
         options["progress"] = progress  # None: no stream
         result = client.certify(args.image, **options)
     if args.plot:
-        plot_certificate(result.certificate, args.plot, requested)
+        compare = None
+        if result.certificate.granularity == "token":  # the global curve beside it, from the same noise (seed)
+            same_noise = {key: value for key, value in options.items() if key not in ("progress", "per_token")}
+            same_noise |= {"granularity": "global", "seed": result.certificate.seed}
+            compare = client.certify(args.image, **same_noise).certificate
+        plot_certificate(result.certificate, args.plot, requested, compare=compare)
     if args.json:
         print(result.model_dump_json(indent=2))
     else:
@@ -141,7 +159,7 @@ def _generate(client: Client, args: argparse.Namespace) -> int:
     options: dict[str, Any] = {
         "max_tokens": args.max_tokens, "temperature": args.temperature, "top_p": args.top_p, "stop": args.stop,
         "radii": args.radius, "sigma": args.sigma, "n0": args.n0, "n": args.n, "alpha": args.alpha, "seed": args.seed,
-        "stop_at_fcsb": args.stop_at_fcsb,
+        "stop_at_fcsb": args.stop_at_fcsb, "granularity": args.granularity, "per_token": args.per_token or None,
     }
     with _progress_bar(not args.json) as progress:
         options["progress"] = progress  # None: no stream

@@ -27,6 +27,16 @@ class RadiusBound(_Model):
     estimated_fcsb: float
 
 
+class TokenBound(_Model):
+    """One token's values in a token-level certificate (``per_token``)."""
+
+    token: int
+    score_estimate: float
+    score_lower: float
+    served_angle: float
+    certified_fcsb: list[float | None]
+
+
 class CertifiedRadius(_Model):
     """The largest radius whose certified FCSB is at least ``target_cos`` (``None``: not even radius 0)."""
 
@@ -51,6 +61,9 @@ class Certificate(_Model):
     input_size: int
     norm: str
     statement: str = ""
+    granularity: str = "global"
+    worst_token: int | None = None
+    tokens: list[TokenBound] | None = None
     sigma: float
     n0: int
     n: int

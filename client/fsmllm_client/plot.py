@@ -33,11 +33,14 @@ def radius_grid(sigma: float, points: int) -> list[float]:
     return [round(2 * sigma * i / (points - 1), 9) for i in range(points)]
 
 
-def plot_certificate(certificate: Certificate, path: str | Path, highlight: Sequence[float] = ()) -> None:
+def plot_certificate(
+    certificate: Certificate, path: str | Path, highlight: Sequence[float] = (), compare: Certificate | None = None
+) -> None:
     """Write a PNG of the certified FCSB (the bound) and the estimated FCSB against the l2 radius.
 
     ``highlight``: radii the user asked for, marked on the certified curve. A target cosine and its certified
-    radius, when the certificate has them, are drawn as guide lines.
+    radius, when the certificate has them, are drawn as guide lines. ``compare``: a second certificate whose
+    certified curve is drawn beside (the global one beside a token-level one, from the same noise).
     """
     require_matplotlib()
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -53,7 +56,16 @@ def plot_certificate(certificate: Certificate, path: str | Path, highlight: Sequ
     FigureCanvasAgg(figure)
     axes = figure.add_subplot()
     axes.plot(radii, estimated, "--", color="tab:gray", label="estimated FCSB (estimate, not a certificate)")
-    axes.plot(radii, certified, "-o", color="tab:blue", markersize=3, label=f"certified FCSB (probability ≥ 1 − {certificate.alpha:g})")
+    token_level = certificate.granularity == "token"
+    label = "certified FCSB, worst token" if token_level else "certified FCSB"
+    axes.plot(radii, certified, "-o", color="tab:blue", markersize=3, label=f"{label} (probability ≥ 1 − {certificate.alpha:g})")
+    if compare is not None:
+        others = sorted(compare.radii, key=lambda bound: bound.radius)
+        axes.plot(
+            [b.radius for b in others],
+            [math.nan if b.certified_fcsb is None else b.certified_fcsb for b in others],
+            "-s", color="tab:orange", markersize=3, label=f"certified FCSB, {compare.granularity} (same noise)",
+        )
     if any(math.isfinite(value) for value in served):
         axes.plot(radii, served, "-", color="tab:purple", linewidth=1, label="served FCSB (the features the LM read)")
     marked = [(r, c) for r, c in zip(radii, certified) if math.isfinite(c) and any(math.isclose(r, h) for h in highlight)]

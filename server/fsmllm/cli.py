@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a model hub: every weight ships in a package
 
-from fsmllm.certify import BOUND_METHODS, Certificate, CosineClassifier  # noqa: E402
+from fsmllm.certify import BOUND_METHODS, GRANULARITIES, Certificate, CosineClassifier  # noqa: E402
 from fsmllm.encoders.base import VisionEncoder  # noqa: E402
 
 
@@ -53,6 +53,13 @@ def _add_smoothing_arguments(parser: argparse.ArgumentParser) -> None:
         help="confidence bound on the score (default betting: anytime-valid, follows the variance)",
     )
     parser.add_argument(
+        "--granularity",
+        choices=GRANULARITIES,
+        default="global",
+        help="global: one certificate for the whole feature; token: every visual token on its own (default global)",
+    )
+    parser.add_argument("--per-token", action="store_true", help="with --granularity token: print every token's values")
+    parser.add_argument(
         "--stop-at-fcsb",
         type=float,
         default=None,
@@ -87,6 +94,7 @@ def _smooth(args: argparse.Namespace, encoder: VisionEncoder, image: str, classi
             seed=args.seed,
             bound=args.bound,
             classifier=classifier,
+            granularity=args.granularity,
             stop=None if args.stop_at_fcsb is None else StopRule(fcsb=args.stop_at_fcsb, radii=tuple(args.radius)),
             progress=bar.update,
         )
@@ -109,7 +117,7 @@ def _certify(args: argparse.Namespace) -> int:
     cert, shape = _smooth(args, encoder, args.image, classifier)
     radii_for_targets = {target: cert.certified_radius(target) for target in args.target_cos}
     if args.json:
-        summary = cert.to_dict() | {
+        summary = cert.to_dict(per_token=args.per_token) | {
             "encoder": encoder.name,
             "booster": args.booster,
             "image": args.image,
@@ -118,7 +126,7 @@ def _certify(args: argparse.Namespace) -> int:
         }
         print(json.dumps(summary, indent=2))
     else:
-        print(_format_table(cert, encoder.name, args.booster, shape, radii_for_targets))
+        print(_format_table(cert, encoder.name, args.booster, shape, radii_for_targets, args.per_token))
     return 0
 
 
@@ -127,7 +135,12 @@ def _number(value: float | None) -> str:
 
 
 def _format_table(
-    cert: Certificate, encoder: str, booster: str, shape: tuple[int, ...], targets: dict[float, float | None]
+    cert: Certificate,
+    encoder: str,
+    booster: str,
+    shape: tuple[int, ...],
+    targets: dict[float, float | None],
+    per_token: bool = False,
 ) -> str:
     cfg = cert.config
     lines = [
@@ -153,6 +166,12 @@ def _format_table(
     lines.append("estimated FCSB: the paper's formula at the estimated score (an estimate, not a certificate)")
     for target, radius in targets.items():
         lines.append(f"largest radius with certified FCSB >= {target}: {_number(radius)}")
+    if cert.worst_token is not None:
+        lines.append(f"granularity token: every token certified on its own; the numbers above are token {cert.worst_token}'s (the worst)")
+    if per_token and cert.tokens is not None:
+        lines.append(f"{'token':>6}  {'score lower':>11}  " + "  ".join(f"{'ε=' + format(r, 'g'):>8}" for r in cert.radii))
+        for t, (lower, row) in enumerate(zip(cert.tokens.score_lower, cert.token_certified_fcsb())):
+            lines.append(f"{t:>6}  {lower:>11.4f}  " + "  ".join(f"{_number(v):>8}" for v in row))
     if cert.prediction is not None:
         p = cert.prediction
         verdict = "abstain" if p.radius is None else f"certified up to radius {p.radius:.4f}"
@@ -316,7 +335,7 @@ def _generate(args: argparse.Namespace) -> int:
     answer = model.generate(cert.smoothed_feature.reshape(encoder.num_tokens, encoder.token_dim), args.prompt, params)
     if args.json:
         print(json.dumps({"model": spec.name, "answer": answer.text, "finish_reason": answer.finish_reason,
-                          "certificate": cert.to_dict() | {"encoder": spec.encoder, "booster": args.booster,
+                          "certificate": cert.to_dict(per_token=args.per_token) | {"encoder": spec.encoder, "booster": args.booster,
                                                            "input_shape": list(shape)}}, indent=2))
     else:
         print(f"answer: {answer.text}\n")

@@ -22,6 +22,7 @@ from fsmllm.api.schemas import (
     GenerateResponse,
     RadiusBound,
     Timings,
+    TokenBound,
 )
 from fsmllm.api.streaming import ProgressCallback, progress_stream, unless_disconnected
 from fsmllm.certify import Certificate
@@ -57,10 +58,23 @@ def _body_schema(model: type) -> dict[str, Any]:
     }
 
 
-def certificate_out(runtime: Runtime, outcome: CertifyOutcome, target_cos: float | None = None) -> CertificateOut:
+def certificate_out(
+    runtime: Runtime, outcome: CertifyOutcome, target_cos: float | None = None, per_token: bool = False
+) -> CertificateOut:
     cert: Certificate = outcome.certificate
     cfg = cert.config
+    tokens = None
+    if per_token and cert.tokens is not None:
+        tokens = [
+            TokenBound(token=t, score_estimate=e, score_lower=p, served_angle=a, certified_fcsb=c)
+            for t, (e, p, a, c) in enumerate(
+                zip(cert.tokens.score_estimate, cert.tokens.score_lower, cert.tokens.served_angle, cert.token_certified_fcsb())
+            )
+        ]
     return CertificateOut(
+        granularity=cfg.granularity,
+        worst_token=cert.worst_token,
+        tokens=tokens,
         encoder=runtime.encoder.name,
         booster=runtime.booster,
         input_size=runtime.input_size,
@@ -112,7 +126,7 @@ def _error_event(error: BaseException) -> dict[str, Any]:
 async def certify(request: Request) -> Any:
     runtime = _runtime(request)
     image, params = await image_and_params(request, CertifyParams, *_limits(request))
-    config = runtime.policy.config(params.sigma, params.n0, params.n, params.alpha, params.bound)
+    config = runtime.policy.config(params.sigma, params.n0, params.n, params.alpha, params.bound, params.granularity)
     radii = runtime.policy.radii(params.radii())
     stop = runtime.policy.stop_rule(config, radii, params.stop_at_fcsb, params.target_cos, params.radius_tolerance)
     request_id = request.state.request_id
@@ -126,7 +140,7 @@ async def certify(request: Request) -> Any:
             total_ms=(time.perf_counter() - started) * 1e3,
         )
         response = CertifyResponse(
-            id=request_id, certificate=certificate_out(runtime, outcome, params.target_cos), timings=timings
+            id=request_id, certificate=certificate_out(runtime, outcome, params.target_cos, params.per_token), timings=timings
         )
         return response.model_dump()
 
@@ -149,7 +163,7 @@ async def generate(request: Request) -> Any:
     image, params = await image_and_params(request, GenerateParams, *_limits(request))
     if len(params.prompt) > request.app.state.settings.max_prompt_chars:
         raise ValueError(f"the prompt has {len(params.prompt)} characters; the limit is {request.app.state.settings.max_prompt_chars}")
-    config = runtime.policy.config(params.sigma, params.n0, params.n, params.alpha, params.bound)
+    config = runtime.policy.config(params.sigma, params.n0, params.n, params.alpha, params.bound, params.granularity)
     radii = runtime.policy.radii(params.radii())
     stop = runtime.policy.stop_rule(config, radii, params.stop_at_fcsb)
     sampling = runtime.policy.sampling(params.max_tokens, params.temperature, params.top_p, params.seed, params.stop_list())
@@ -170,7 +184,7 @@ async def generate(request: Request) -> Any:
             finish_reason=generation.finish_reason,
             prompt_tokens=generation.prompt_tokens,
             completion_tokens=generation.completion_tokens,
-            certificate=certificate_out(runtime, outcome),
+            certificate=certificate_out(runtime, outcome, per_token=params.per_token),
             timings=Timings(
                 queue_ms=outcome.queue_seconds * 1e3,
                 certify_ms=outcome.compute_seconds * 1e3,

@@ -74,7 +74,9 @@ async def chat_completions(request: Request, chat: ChatCompletionRequest) -> Any
     question, url = _question_and_image(chat)
     image = open_image(decode_base64_image(url), settings.max_image_pixels)
     cert_params = chat.certification or CertificationParams()
-    config = runtime.policy.config(cert_params.sigma, cert_params.n0, cert_params.n, cert_params.alpha, cert_params.bound)
+    config = runtime.policy.config(
+        cert_params.sigma, cert_params.n0, cert_params.n, cert_params.alpha, cert_params.bound, cert_params.granularity
+    )
     radii = runtime.policy.radii(cert_params.radii())
     stop = runtime.policy.stop_rule(config, radii, cert_params.stop_at_fcsb)
     seed = chat.seed if chat.seed is not None else cert_params.seed
@@ -82,7 +84,7 @@ async def chat_completions(request: Request, chat: ChatCompletionRequest) -> Any
     request_id = f"chatcmpl-{request.state.request_id}"
     created = int(time.time())
     outcome = await unless_disconnected(request, runtime.certify(image, config, radii, seed, stop=stop))
-    certificate = certificate_out(runtime, outcome)
+    certificate = certificate_out(runtime, outcome, per_token=cert_params.per_token)
 
     if not chat.stream:
         generation = await unless_disconnected(request, runtime.generate(outcome.certificate, question, sampling))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from fsmllm.certify import BOUND_METHODS
 
@@ -16,7 +16,8 @@ EXAMPLE_IMAGE = "data:image/png;base64,iVBORw0KGgo..."
 STATEMENT = (
     "With probability at least 1 - alpha over the noise, for every image x' within l2 distance radius of x: "
     "cos(F(x), F(x')) >= certified_fcsb, where F is the Gaussian-smoothed encoder, and cos(F_hat(x), F(x')) >= "
-    "served_fcsb, where F_hat(x) is the Monte Carlo mean handed to the language model"
+    "served_fcsb, where F_hat(x) is the Monte Carlo mean handed to the language model (with granularity 'token', "
+    "the same for every visual token at once, F, F_hat and the cosine taken token by token)"
 )
 
 
@@ -43,6 +44,13 @@ class CertificationParams(BaseModel):
         description="confidence bound on the score: 'betting' (Waudby-Smith & Ramdas 2023; follows the variance, "
         "anytime-valid, so sampling may stop early) or the fixed-n 'empirical-bernstein' / 'hoeffding'",
     )
+    granularity: Literal["global", "token"] = Field(
+        "global",
+        description="'global': one certificate for the whole feature (all tokens flattened, normalised once); "
+        "'token': every visual token normalised and certified on its own, for all tokens at once (the headline "
+        "numbers are the worst token's), which is what a per-token projector reads",
+    )
+    per_token: bool = Field(False, description="with granularity 'token': also return every token's values")
     stop_at_fcsb: float | None = Field(
         None,
         ge=0,
@@ -64,6 +72,12 @@ class CertificationParams(BaseModel):
             if not radius >= 0 or radius == float("inf"):
                 raise ValueError(f"radius must be a finite non-negative l2 norm, got {radius}")
         return value
+
+    @model_validator(mode="after")
+    def _per_token_needs_tokens(self) -> CertificationParams:
+        if self.per_token and self.granularity != "token":
+            raise ValueError("per_token needs granularity 'token' (a global certificate has no per-token values)")
+        return self
 
     def radii(self) -> list[float]:
         if self.radius is None:
@@ -128,6 +142,14 @@ class RadiusBound(BaseModel):
     estimated_fcsb: float = Field(description="the paper's FCSB at the estimated score: an estimate, not a certificate")
 
 
+class TokenBound(BaseModel):
+    token: int = Field(description="the token's index in the encoder's output")
+    score_estimate: float
+    score_lower: float = Field(description="lower confidence bound on this token's score (its share of alpha)")
+    served_angle: float
+    certified_fcsb: list[float | None] = Field(description="this token's certified FCSB at each requested radius")
+
+
 class CertifiedRadius(BaseModel):
     target_cos: float
     radius: float | None = Field(
@@ -151,6 +173,11 @@ class CertificateOut(BaseModel):
     input_size: int
     norm: str = NORM_NOTE
     statement: str = Field(STATEMENT, description="what the certificate states, and about which vectors")
+    granularity: Literal["global", "token"] = Field(
+        "global", description="'token': F, F_hat and the bounds are per token, and the numbers below the worst token's"
+    )
+    worst_token: int | None = Field(None, description="granularity 'token': the token with the lowest certified score")
+    tokens: list[TokenBound] | None = Field(None, description="granularity 'token' with per_token: every token's values")
     sigma: float
     n0: int
     n: int = Field(description="estimation samples used (fewer than n_budget when sampling stopped early)")

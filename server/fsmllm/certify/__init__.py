@@ -20,12 +20,14 @@ from fsmllm.certify.bounds import (
 )
 from fsmllm.certify.classify import CosineClassifier, PredictionCertificate
 from fsmllm.certify.smoothing import (
+    GRANULARITIES,
     NOISE_BLOCK,
     Certificate,
     SmoothedEncoder,
     SmoothingConfig,
     SmoothingRun,
     StopRule,
+    TokenBounds,
     deliver,
     fill_batch,
     new_seed,
@@ -35,6 +37,7 @@ from fsmllm.certify.smoothing import (
 __all__ = [
     "ANYTIME_METHODS",
     "BOUND_METHODS",
+    "GRANULARITIES",
     "NOISE_BLOCK",
     "BoundMethod",
     "Certificate",
@@ -44,6 +47,7 @@ __all__ = [
     "SmoothingConfig",
     "SmoothingRun",
     "StopRule",
+    "TokenBounds",
     "betting_lower_bound",
     "certified_radius",
     "deliver",

@@ -58,7 +58,13 @@ class Policy:
     max_tokens: int
 
     def config(
-        self, sigma: float | None, n0: int | None, n: int | None, alpha: float | None, bound: str
+        self,
+        sigma: float | None,
+        n0: int | None,
+        n: int | None,
+        alpha: float | None,
+        bound: str,
+        granularity: str = "global",
     ) -> SmoothingConfig:
         sigma = self.default_sigma if sigma is None else sigma
         if not any(math.isclose(sigma, allowed) for allowed in self.allowed_sigmas):
@@ -68,7 +74,7 @@ class Policy:
         if n0 + n > self.max_n:
             raise PolicyError(f"n0 + n = {n0 + n} samples exceeds this deployment's maximum of {self.max_n}")
         alpha = self.default_alpha if alpha is None else alpha
-        return SmoothingConfig(sigma=sigma, n0=n0, n=n, alpha=alpha, bound=bound)  # type: ignore[arg-type]
+        return SmoothingConfig(sigma=sigma, n0=n0, n=n, alpha=alpha, bound=bound, granularity=granularity)  # type: ignore[arg-type]
 
     def stop_rule(
         self,
