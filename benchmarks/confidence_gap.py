@@ -77,7 +77,7 @@ def main() -> None:
             r = row[method]
             print(f"{row['n']:>6} {method:>20} {r['score_lower']:8.4f} {r['gap']:7.4f} "
                   + " ".join(f"{show(v):>7}" for v in r["certified_fcsb"])
-                  + f"   bound {r['seconds'] * 1e3:.1f} ms = {r['seconds'] / row['n'] / per_sample:.4f} of the encoder's time")
+                  + f"   bound {r['seconds'] * 1e3:.2f} ms = {r['seconds'] / (row['n'] * per_sample):.1e} of the encoder's time for those samples")
         print(f"{row['n']:>6} {'estimated FCSB':>20} {'':8} {'':7} "
               + " ".join(f"{float(fcsb(row['estimate'], args.sigma, r)):7.3f}" for r in RADII))
     if args.json:
