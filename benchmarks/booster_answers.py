@@ -2,10 +2,13 @@
 
     python benchmarks/booster_answers.py --images 200 --copies 32          # docs/booster-card.md
     python benchmarks/booster_answers.py --sigma 0.25 --booster none /tmp/my-booster
+    python benchmarks/booster_answers.py --booster none --granularity global token   # docs/benchmarks.md, tokens
 
 ``--booster`` takes names or folders; ``{sigma}`` in a name is replaced by σ (default: none and the shipped
 gsb-dinov2-s-{sigma}). Prints one line per (booster, σ) to stderr and the whole result as JSON to stdout. The
-same images and noise draws are used for every booster, so differences are paired (McNemar counts printed).
+same images and noise draws are used for every booster and granularity, so differences are paired (McNemar
+counts printed against the first combination of each σ). ``--granularity token`` feeds the language model the
+per-token smoothed features the server serves under granularity "token".
 """
 
 import argparse
@@ -22,6 +25,7 @@ parser.add_argument("--images", type=int, default=200)
 parser.add_argument("--copies", type=int, default=32)
 parser.add_argument("--sigma", type=float, nargs="+", default=[0.25, 0.5])
 parser.add_argument("--booster", nargs="+", default=["none", "gsb-dinov2-s-{sigma}"])
+parser.add_argument("--granularity", nargs="+", default=["global"], choices=["global", "token"])
 args = parser.parse_args()
 
 model = load_model("fsmllm-demo")
@@ -29,11 +33,13 @@ base = load_encoder("dinov2-s", image_size=112).requires_grad_(False)
 out = {}
 for sigma in args.sigma:
     first = None
-    for name in (b.format(sigma=sigma) for b in args.booster):
-        result = evaluate_projector(model, images=args.images, sigma=sigma, copies=args.copies, encoder=load_booster(name, base))
-        out[f"{name}@{sigma}"] = result
+    for name, granularity in ((b.format(sigma=sigma), g) for b in args.booster for g in args.granularity):
+        result = evaluate_projector(
+            model, images=args.images, sigma=sigma, copies=args.copies, encoder=load_booster(name, base), granularity=granularity
+        )
+        out[f"{name}@{sigma}" + ("" if granularity == "global" else f"/{granularity}")] = result
         photos = sum(p["smoothed_right"] for p in result["photos"].values())
-        line = f"{name} σ={sigma}: clean {result['accuracy_clean']:.3f} smoothed {result['accuracy_smoothed']:.3f} photos {photos}/6"
+        line = f"{name} ({granularity}) σ={sigma}: clean {result['accuracy_clean']:.3f} smoothed {result['accuracy_smoothed']:.3f} photos {photos}/6"
         if first is None:
             first = result
         else:  # paired comparison with the first booster listed: images it gets right that the first gets wrong, and back

@@ -135,3 +135,23 @@ def test_a_prediction_certificate_needs_global_granularity() -> None:
         SmoothingRun(torch.zeros(3, 4, 4), config, seed=0, classifier=classifier)
     with pytest.raises(ValueError, match="unknown granularity"):
         SmoothingConfig(sigma=SIGMA, granularity="patch")  # type: ignore[arg-type]
+
+
+def test_answer_benchmark_features_are_the_servers_token_features() -> None:
+    """benchmarks/booster_answers.py --granularity token feeds the model what the server serves: the smoothed
+    features of a token-level run with the same noise."""
+    from fsmllm.encoders import load_encoder
+    from fsmllm.lm.training import encode_features
+
+    encoder = load_encoder("tiny-vit", image_size=16).eval()
+    x = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    generator = torch.Generator().manual_seed(5)
+    noisy = x[None] + SIGMA * torch.randn((8, 1, 3, 16, 16), generator=generator)
+    with torch.no_grad():
+        raw = encoder(noisy.flatten(0, 1))
+        _, served = encode_features(encoder, x, SIGMA, copies=8, seed=5, granularity="token")
+        _, whole = encode_features(encoder, x, SIGMA, copies=8, seed=5)
+    flat = torch.nn.functional.normalize(raw.flatten(1), dim=1).mean(0).reshape(raw.shape[1:])
+    directions = torch.nn.functional.normalize(torch.nn.functional.normalize(raw, dim=2).mean(0), dim=1)
+    torch.testing.assert_close(served[0], directions * flat.norm(dim=1, keepdim=True), atol=1e-5, rtol=0)
+    torch.testing.assert_close(whole[0], flat, atol=1e-6, rtol=0)

@@ -31,6 +31,7 @@ from fsmllm.certify.smoothing import (
     deliver,
     fill_batch,
     new_seed,
+    per_token_features,
     run_batched,
 )
 
@@ -57,6 +58,7 @@ __all__ = [
     "mean_lower_bound",
     "mean_upper_bound",
     "new_seed",
+    "per_token_features",
     "prediction_radius",
     "run_batched",
     "upper_bound",

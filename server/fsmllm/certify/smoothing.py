@@ -284,6 +284,14 @@ class Certificate:
         return float(certified_radius(self.score_lower, self.config.sigma, target_cos))
 
 
+def per_token_features(global_mean: torch.Tensor, token_mean: torch.Tensor) -> torch.Tensor:
+    """The features handed to the language model under ``token`` granularity, [..., T, W]: each token's mean
+    direction (``token_mean``: the mean of the per-token unit rows) at the norm that token has in the mean of
+    the flattened unit features (``global_mean``), which is what the ``global`` path serves, so the model sees
+    token magnitudes as it does there (method.md, "Token-level certificates")."""
+    return F.normalize(token_mean, dim=-1) * global_mean.norm(dim=-1, keepdim=True)
+
+
 def _score_estimates(sums: torch.Tensor, count: int) -> np.ndarray:
     """Per row of ``sums`` (Σ of ``count`` unit vectors): ||Σ f̃_i||² = m + Σ_{i≠j} <f̃_i, f̃_j>, so the mean
     off-diagonal term is unbiased for ||F||²; its square root (clipped to [0, 1]) estimates S = ||F||."""
@@ -556,9 +564,7 @@ class SmoothingRun:
         mean = self._feature_sum / count
         if self._token_sum is None:
             return mean.float()
-        tokens = self._token_sum.shape[0]
-        norms = mean.reshape(tokens, -1).norm(dim=1, keepdim=True)
-        return (F.normalize(self._token_sum, dim=1) * norms).reshape(-1).float()
+        return per_token_features(mean.reshape(self._token_sum.shape), self._token_sum).reshape(-1).float()
 
     def certificate(self, radii: Sequence[float]) -> Certificate:
         """The certificate at each radius (method.md steps 2–4); the run must be done."""

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from fsmllm.certify import per_token_features
 from fsmllm.encoders import VisionEncoder, load_encoder
 from fsmllm.encoders._common import cache_dir
 from fsmllm.lm.base import SamplingParams
@@ -58,9 +59,17 @@ class TrainConfig:
 
 @torch.inference_mode()
 def encode_features(
-    encoder: VisionEncoder, pixels: torch.Tensor, sigma: float, copies: int, seed: int, batch_size: int = 32
+    encoder: VisionEncoder,
+    pixels: torch.Tensor,
+    sigma: float,
+    copies: int,
+    seed: int,
+    batch_size: int = 32,
+    granularity: str = "global",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Clean unit features u(x) and smoothed ones mean_j u(x + σ δ_j), both [N, T, W] (float32, CPU)."""
+    """Clean unit features u(x) and smoothed ones mean_j u(x + σ δ_j), both [N, T, W] (float32, CPU); with
+    ``granularity="token"`` the smoothed ones are the per-token smoothed features the server serves then
+    (:func:`~fsmllm.certify.per_token_features`), from the same noise."""
     generator = torch.Generator().manual_seed(seed)
     clean, smoothed = [], []
     for start in tqdm(range(0, len(pixels), batch_size), desc="encoding", unit="batch", leave=False):
@@ -68,8 +77,13 @@ def encode_features(
         clean.append(unit_feature_tokens(encoder(x)))
         noise = torch.randn((copies, *x.shape), generator=generator)
         noisy = (x[None] + sigma * noise).flatten(0, 1)
-        units = unit_feature_tokens(encoder(noisy)).reshape(copies, len(x), *clean[-1].shape[1:])
-        smoothed.append(units.mean(0))
+        raw = encoder(noisy)
+        units = unit_feature_tokens(raw).reshape(copies, len(x), *clean[-1].shape[1:])
+        if granularity == "token":
+            rows = torch.nn.functional.normalize(raw.float(), dim=-1).reshape(units.shape)
+            smoothed.append(per_token_features(units.mean(0), rows.mean(0)))
+        else:
+            smoothed.append(units.mean(0))
     return torch.cat(clean), torch.cat(smoothed)
 
 
@@ -199,6 +213,7 @@ def evaluate_projector(
     copies: int = 64,
     seed: int = 1,
     encoder: VisionEncoder | None = None,
+    granularity: str = "global",
 ) -> dict[str, object]:
     """Held-out accuracy of the generated label, from clean features and from smoothed ones (``copies`` draws),
     on Fashion-MNIST *test* images and the bundled photos (whole, uncropped). ``encoder`` defaults to the
@@ -210,9 +225,9 @@ def evaluate_projector(
     encoder = encoder if encoder is not None else load_encoder("dinov2-s", image_size=112).eval()
     pixels = grey_to_pixels(test_images[chosen], encoder.image_size)
     phrases = [FASHION_MNIST_PHRASES[int(k)] for k in test_labels[chosen]]
-    clean, smoothed = encode_features(encoder, pixels, sigma, copies, seed)
+    clean, smoothed = encode_features(encoder, pixels, sigma, copies, seed, granularity=granularity)
     photo_pixels = torch.stack([to_pixels(load_image(f"sample:{name}"), encoder.image_size) for name in SAMPLE_PHOTO_PHRASES])
-    photo_clean, photo_smoothed = encode_features(encoder, photo_pixels, sigma, copies, seed)
+    photo_clean, photo_smoothed = encode_features(encoder, photo_pixels, sigma, copies, seed, granularity=granularity)
     clean_accuracy, _ = label_accuracy(model, clean, phrases)
     smoothed_accuracy, smoothed_answers = label_accuracy(model, smoothed, phrases)
     photo_phrases = list(SAMPLE_PHOTO_PHRASES.values())
@@ -221,6 +236,7 @@ def evaluate_projector(
     return {
         "fashion_mnist_test_images": images,
         "sigma": sigma,
+        "granularity": granularity,
         "smoothing_copies": copies,
         "accuracy_clean": clean_accuracy,
         "accuracy_smoothed": smoothed_accuracy,
