@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import base64
 import io
+import socket
 from collections.abc import Iterator
 
 import httpx
 import pytest
 from PIL import Image
 
+from fsmllm.api.images import ImageError, open_image
 from fsmllm.api.settings import Settings
 
 from .live import LiveServer, data_url, live_server, png_bytes
@@ -98,7 +100,9 @@ def test_a_multipart_text_part_over_the_limit_is_413(server: LiveServer) -> None
 
 @pytest.mark.parametrize("body", [b"[1, 2]", b'"an image"', b"42", b"null", b"", b"true"])
 def test_a_json_body_that_is_not_an_object_is_422(server: LiveServer, body: bytes) -> None:
-    check_error(post(server, content=body, headers={"content-type": "application/json"}), 422, "invalid_request", "must be an object")
+    response = post(server, content=body, headers={"content-type": "application/json"})
+    check_error(response, 422, "invalid_request", "must be an object")
+    assert response.json()["error"]["message"] == "the JSON body must be an object with an 'image' field"
 
 
 @pytest.mark.parametrize("body", [b"{", b'{"image": }', b"\xff\xfe{}"])
@@ -109,12 +113,16 @@ def test_a_body_that_is_not_json_is_400(server: LiveServer, body: bytes) -> None
 @pytest.mark.parametrize("image", [None, "", 42, ["a"]])
 def test_json_without_an_image_string_is_422(server: LiveServer, image: object) -> None:
     body = {"seed": 1} if image is None else {"image": image}
-    check_error(post(server, json=body), 422, "invalid_request", "image: required")
+    response = post(server, json=body)
+    check_error(response, 422, "invalid_request", "image: required")
+    assert response.json()["error"]["message"] == "image: required (base64 text or a data:image/...;base64, URL)"
 
 
 def test_multipart_without_an_image_file_is_422(server: LiveServer) -> None:
     body, content_type = multipart({"seed": "1"}, {})
-    check_error(post(server, content=body, headers={"content-type": content_type}), 422, "invalid_request", "image: required")
+    response = post(server, content=body, headers={"content-type": content_type})
+    check_error(response, 422, "invalid_request", "image: required")
+    assert response.json()["error"]["message"] == "image: required as a file field named 'image'"
     as_text, content_type = multipart({"image": base64.b64encode(small_png()).decode()}, {"other": ("x.png", small_png(), "image/png")})
     check_error(post(server, content=as_text, headers={"content-type": content_type}), 422, "invalid_request", "file field named 'image'")
 
@@ -124,7 +132,8 @@ def test_other_content_types_are_415(server: LiveServer, content_type: str) -> N
     headers = {"content-type": content_type} if content_type else {}
     response = post(server, content=small_png(), headers=headers)
     check_error(response, 415, "unsupported_media_type", "multipart/form-data")
-    assert (content_type or "(none)") in response.json()["error"]["message"]
+    assert response.json()["error"]["message"] == (
+        f"unsupported content type {content_type or '(none)'}: send application/json or multipart/form-data")
 
 
 def test_content_type_parameters_and_case_are_ignored(server: LiveServer) -> None:
@@ -166,22 +175,29 @@ def test_every_allowed_format_decodes_and_others_are_refused(server: LiveServer)
         buffer = io.BytesIO()
         picture.save(buffer, format=fmt)
         check_error(post(server, json={"image": base64.b64encode(buffer.getvalue()).decode()}), 415, "invalid_image",
-                    f"unsupported image format {fmt}")
+                    f"unsupported image format {fmt}; send one of PNG, JPEG, WEBP, GIF, BMP, TIFF")
+    check_error(post(server, json={"image": base64.b64encode(b"plain text, not an image").decode()}), 415,
+                "invalid_image", "the data is not an image this server can read (send PNG, JPEG, WEBP, GIF, BMP, TIFF)")
+
+
+BASE64_MESSAGE = "the image is not valid base64 (send base64 text or a data:image/...;base64, URL)"
 
 
 @pytest.mark.parametrize(
-    ("image", "status", "fragment"),
+    ("image", "message"),
     [
-        ("data:image/png;base64,", 400, "empty"),
-        ("   ", 400, "empty"),
-        ("data:image/png,abc", 400, "data URL must look like"),
-        ("data:application/pdf;base64,aGVsbG8=", 400, "'application/pdf', not an image"),
-        ("aGVsbG8", 400, "not valid base64"),
-        (base64.b64encode(b"").decode() + "=", 400, "base64"),
+        ("data:image/png;base64,", "the image is empty"),
+        ("   ", "the image is empty"),
+        ("data:image/png,abc", "a data URL must look like data:image/png;base64,<data>"),
+        ("data:application/pdf;base64,aGVsbG8=", "the data URL holds 'application/pdf', not an image"),
+        ("aGVsbG8", BASE64_MESSAGE),
+        ("=", BASE64_MESSAGE),
     ],
 )
-def test_broken_base64_and_data_urls(server: LiveServer, image: str, status: int, fragment: str) -> None:
-    check_error(post(server, json={"image": image}), status, "invalid_image", fragment)
+def test_broken_base64_and_data_urls(server: LiveServer, image: str, message: str) -> None:
+    response = post(server, json={"image": image})
+    check_error(response, 400, "invalid_image", message)
+    assert response.json()["error"]["message"] == message
 
 
 def test_data_url_forms_that_are_accepted(server: LiveServer) -> None:
@@ -201,3 +217,78 @@ def test_multipart_text_that_reads_like_a_boolean_stays_text() -> None:
         response = httpx.post(f"{live.url}/generate", content=body, headers={"content-type": content_type}, timeout=120)
         assert response.status_code == 200, response.text
         assert response.json()["completion_tokens"] <= 2
+
+
+def padded_json(size: int) -> bytes:
+    """A valid JSON request of exactly ``size`` bytes (whitespace padding)."""
+    body = b'{"image": "' + base64.b64encode(small_png()) + b'", "seed": 9}'
+    return body[:-1] + b" " * (size - len(body)) + b"}"
+
+
+def test_a_body_of_exactly_the_limit_is_accepted(server: LiveServer) -> None:
+    body = padded_json(MAX_BODY)
+    assert len(body) == MAX_BODY
+    for content in (body, chunks(body)):
+        response = post(server, content=content, headers={"content-type": "application/json"})
+        assert response.status_code == 200, response.text
+    form, _ = multipart({"seed": "9"}, {"image": ("x.png", small_png(), "image/png")})
+    name = "x" * (1 + MAX_BODY - len(form)) + ".png"  # the file name pads the body to the limit
+    form, content_type = multipart({"seed": "9"}, {"image": (name, small_png(), "image/png")})
+    assert len(form) == MAX_BODY
+    for content in (form, chunks(form)):
+        response = post(server, content=content, headers={"content-type": content_type})
+        assert response.status_code == 200, response.text
+
+
+def test_a_declared_length_over_the_limit_is_refused_before_the_body_arrives(server: LiveServer) -> None:
+    """The server answers 413 from the headers alone: it does not wait for (or read) a body it will refuse."""
+    host, port = server.url.removeprefix("http://").split(":")
+    for content_type in ("application/json", "multipart/form-data; boundary=x"):
+        with socket.create_connection((host, int(port)), timeout=60) as connection:
+            connection.sendall(f"POST /certify HTTP/1.1\r\nhost: {host}\r\ncontent-type: {content_type}\r\n"
+                               f"content-length: {10 * MAX_BODY}\r\n\r\n".encode() + b"{")
+            answer = b""  # the rest of the declared body is never sent; the answer comes anyway
+            while b"}}" not in answer and (data := connection.recv(65536)):
+                answer += data
+        assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
+        assert f"the request body is {10 * MAX_BODY} bytes; the limit is {MAX_BODY}".encode() in answer
+
+
+def test_multipart_limits_on_files_fields_and_parts() -> None:
+    """One file, 64 fields; a text field may be as large as the deployment's body limit (not Starlette's 1 MiB)."""
+    image = ("x.png", small_png(), "image/png")
+    with live_server() as live:  # the default 20 MiB body limit
+
+        def send(body: bytes, content_type: str) -> httpx.Response:
+            return httpx.post(f"{live.url}/certify", content=body, headers={"content-type": content_type}, timeout=60)
+
+        two_files = multipart({}, {"image": image, "other": ("y.bin", b"y", "application/octet-stream")})
+        check_error(send(*two_files), 400, "invalid_request", "files")
+        fields = {f"f{i}": "1" for i in range(65)}
+        check_error(send(*multipart(fields, {"image": image})), 400, "invalid_request", "fields")  # type: ignore[arg-type]
+        fields.pop("f64")
+        check_error(send(*multipart(fields, {"image": image})), 422, "invalid_request", "f0")  # type: ignore[arg-type]
+        large = multipart({"bound": "x" * 1_100_000}, {"image": image})
+        check_error(send(*large), 422, "invalid_request", "bound")  # refused by validation, not by the parser
+
+
+def test_an_empty_image_file_is_400(server: LiveServer) -> None:
+    body, content_type = multipart({}, {"image": ("x.png", b"", "image/png")})
+    response = post(server, content=body, headers={"content-type": content_type})
+    check_error(response, 400, "invalid_image", "the image is empty")
+    assert response.json()["error"]["message"] == "the image is empty"
+
+
+@pytest.mark.parametrize("size", [(1, 20), (20, 1), (1, 1)])
+def test_one_pixel_wide_images_are_images(server: LiveServer, size: tuple[int, int]) -> None:
+    assert post(server, json={"image": data_url(small_png(*size))}).status_code == 200
+
+
+@pytest.mark.parametrize("mode", ["L", "RGBA", "P", "1", "I;16"])
+def test_open_image_always_returns_rgb(mode: str) -> None:
+    buffer = io.BytesIO()
+    Image.new(mode, (5, 4)).save(buffer, format="PNG")
+    image = open_image(buffer.getvalue(), MAX_PIXELS)
+    assert image.mode == "RGB" and image.size == (5, 4)
+    with pytest.raises(ImageError, match="^the image is empty$"):
+        open_image(b"", MAX_PIXELS)

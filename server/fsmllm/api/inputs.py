@@ -38,7 +38,7 @@ def _form_value(values: list[str], name: str) -> object:
     """The text of a form field, as JSON would carry it; the model converts it ("0.1" -> 0.1, "true" -> True)
     and names the field when it cannot."""
     if name in _LIST_FIELDS:
-        return values if len(values) > 1 else values[0]
+        return values
     return values[-1]
 
 
