@@ -224,6 +224,10 @@ def _add_evaluate_parser(subparsers: argparse._SubParsersAction) -> None:
         "--attack-goals", nargs="+", choices=["feature", "answer"], default=None,
         help="untargeted feature distortion and/or targeted wrong answer (default: both with --model, else feature)",
     )
+    parser.add_argument(
+        "--granularity", nargs="+", choices=GRANULARITIES, default=["global"],
+        help="certified curves for the whole feature and/or the worst token (settings named '... (token)')",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="eval-out")
     parser.add_argument(
@@ -240,7 +244,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         args.encoder, args.booster, args.sigma, args.n, args.radius, args.images, args.attack_images,
         AttackSettings(steps=args.attack_steps, samples=args.attack_samples), args.n0, args.alpha, args.model,
         args.out, seed=args.seed, progress=lambda line: print(line, file=sys.stderr), goals=args.attack_goals,
-        photos=args.photos, resume=args.resume,
+        photos=args.photos, resume=args.resume, granularities=args.granularity,
     )
     print(open(f"{args.out}/report.md").read())
     return 0

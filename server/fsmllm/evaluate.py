@@ -264,16 +264,20 @@ def certified_curve(
     radii: Sequence[float],
     seed: int = 0,
     batch_size: int = 64,
+    granularity: str = "global",
 ) -> list[CurvePoint]:
-    """Certify every image [N, 3, S, S] and summarise the certified FCSB per radius (abstain counts as 0);
-    each point keeps the per-image values, in image order, so runs at different n can be compared image by image."""
+    """Certify every image [N, 3, S, S] and summarise the certified FCSB per radius (abstain counts as 0; with
+    ``granularity="token"`` the worst token's); each point keeps the per-image values, in image order, so runs at
+    different n can be compared image by image."""
     smoothed = SmoothedEncoder(encode, sigma, batch_size=batch_size)
     values = np.zeros((len(images), len(radii)))
     scores, paper_scores, lowers = [], [], []
     for i, x in enumerate(images):
         with torch.inference_mode():
             clean = encode(x[None])[0]
-        certificate = smoothed.certify(x, n0=n0, n=n, alpha=alpha, radii=list(radii), seed=seed + i, reference=clean)
+        certificate = smoothed.certify(
+            x, n0=n0, n=n, alpha=alpha, radii=list(radii), seed=seed + i, reference=clean, granularity=granularity  # type: ignore[arg-type]
+        )
         values[i] = [0.0 if c is None else c for c in certificate.certified_fcsb]
         scores.append(certificate.score_estimate)
         paper_scores.append(certificate.clean_score)
@@ -410,6 +414,7 @@ def run(
     goals: Sequence[str] | None = None,
     photos: int | None = None,
     resume: bool = False,
+    granularities: Sequence[str] = ("global",),
 ) -> dict[str, object]:
     """The whole evaluation; writes ``results.json``, ``report.md`` and ``curves.png`` into ``out`` after every
     finished curve and attacked image (``"complete": false`` until the end).
@@ -417,7 +422,8 @@ def run(
     ``goals``: the attack goals (default: both with a model, the feature goal without); ``photos``: how many
     bundled photos join the ``images`` Fashion-MNIST test images (default: all six); ``resume``: keep the curves
     and attacked images already in ``out/results.json`` (from a run with the same settings that stopped early, or
-    one with fewer σ, n or boosters) and compute only the rest."""
+    one with fewer σ, n or boosters) and compute only the rest. ``granularities``: certified curves for the
+    whole feature ("global") and/or the worst token ("token": settings named "... (token)")."""
     from fsmllm.encoders import load_encoder
 
     encoder = load_encoder(encoder_name).eval()
@@ -455,11 +461,14 @@ def run(
         variants: dict[str, VisionEncoder | None] = {"none": None, "FS": encoder}
         variants.update({f"FS+{b.format(sigma=sigma)}": boosted(b, sigma) for b in boosters})
         for n in ns:
-            for setting, variant in variants.items():
-                if variant is None or report.has_curve(setting, sigma, n):
+            for (setting, variant), granularity in ((item, g) for item in variants.items() for g in granularities):
+                name = setting if granularity == "global" else f"{setting} ({granularity})"
+                if variant is None or report.has_curve(name, sigma, n):
                     continue
-                progress(f"certified curve: {setting}, σ={sigma}, n={n}, {len(pixels)} images")
-                report.add_curve(certified_curve(setting, variant, pixels, sigma, n0, n, alpha, radii, seed=seed))
+                progress(f"certified curve: {name}, σ={sigma}, n={n}, {len(pixels)} images")
+                report.add_curve(
+                    certified_curve(name, variant, pixels, sigma, n0, n, alpha, radii, seed=seed, granularity=granularity)
+                )
         for i in range(attacked_images):
             if report.has_attacked(sigma, i):
                 continue
