@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from fsmllm.booster.training import BoosterTrainConfig, train_booster
 
-from fsmllm.attacks import feature_space_attack, unit_features
+from fsmllm.attacks import feature_space_attack, smoothed_feature, unit_features, worst_token_cosine
 from fsmllm.encoders import load_encoder
 from fsmllm.evaluate import (
     AttackRow, AttackSettings, attack_image, certified_curve, held_out_images, markdown_attacks, markdown_curves, run,
@@ -42,6 +42,25 @@ def test_pgd_beats_random_noise_and_smoothed_attacks_respect_the_certificate() -
     assert [(s.defence, s.goal, s.radius) for s in summaries] == [
         ("none", "feature", 0.1), ("none", "feature", 2.0), ("FS", "feature", 0.1), ("FS", "feature", 2.0)
     ]
+
+
+def test_the_per_token_attack_never_falls_below_the_token_level_certificate() -> None:
+    """The token goal on a ViT with several tokens: the attack lowers the worst token's cosine more than a random
+    perturbation of the same size, and never below the worst token's certified FCSB."""
+    encoder = load_encoder("tiny-vit", image_size=16)
+    x = torch.rand(3, 16, 16, generator=torch.Generator().manual_seed(3))
+    radii = [0.05, 0.1]
+    rows = attack_image(
+        0, x, {"none": None, "FS": encoder}, encoder, 0.25, radii, AttackSettings(steps=8, samples=16, observe=1024),
+        n0=100, n=1000, alpha=0.001, seed=0, goals=("token",),
+    )
+    assert [(r.defence, r.goal, r.radius) for r in rows] == [("FS", "token", 0.05), ("FS", "token", 0.1)]
+    assert all(r.certified_fcsb is not None for r in rows) and not any(r.below_certificate for r in rows)
+    assert all(r.observed_cos >= r.certified_fcsb for r in rows)
+    clean = smoothed_feature(encoder, x, 0.25, 1024, seed=1, per_token=True)
+    noise = torch.randn(3, 16, 16, generator=torch.Generator().manual_seed(4))
+    moved = smoothed_feature(encoder, (x + 0.1 * noise / noise.norm()).clamp(0, 1), 0.25, 1024, seed=2, per_token=True)
+    assert rows[1].observed_cos < float(worst_token_cosine(clean, moved))
 
 
 def test_the_targeted_answer_attack_lowers_the_target_loss_and_the_certificate_still_holds() -> None:

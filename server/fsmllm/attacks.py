@@ -4,8 +4,9 @@
 box [0, 1] (Madry et al. 2018), with normalised-gradient steps. :func:`feature_space_attack` applies it to
 any objective of the feature the defence hands on: the base encoder's, or the smoothed encoder's estimated with
 a fixed number of noise samples per step (expectation over transformation, Athalye et al. 2018).
-:func:`feature_attack` is the untargeted goal (the cosine between clean and perturbed features); the
-targeted-answer goal (a language model's cross-entropy of a chosen answer) is in :mod:`fsmllm.evaluate`.
+:func:`feature_attack` is the untargeted goal (the cosine between clean and perturbed features),
+:func:`token_attack` its per-token form (the worst token's cosine); the targeted-answer goal (a language model's
+cross-entropy of a chosen answer) is in :mod:`fsmllm.evaluate`.
 """
 
 from __future__ import annotations
@@ -131,15 +132,52 @@ def feature_attack(
     )
 
 
-def smoothed_feature(
-    encode: Encode, x: torch.Tensor, sigma: float, n: int, seed: int = 0, batch_size: int = 64
+def token_features(encode: Encode, batch: torch.Tensor) -> torch.Tensor:
+    """Each token L2-normalised on its own, [B, T, W] (the feature space of token-level certificates); a single
+    vector [B, D] is one token."""
+    features = encode(batch).float()
+    return F.normalize(features.reshape(batch.shape[0], features.shape[1] if features.ndim == 3 else 1, -1), dim=2)
+
+
+def worst_token_cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """min over tokens t of cos(a_t, b_t), for per-token features [T, W]."""
+    return F.cosine_similarity(a, b, dim=-1).min()
+
+
+def token_attack(
+    encode: Encode,
+    x: torch.Tensor,
+    eps: float,
+    sigma: float,
+    samples: int = 8,
+    steps: int = 20,
+    seed: int = 0,
+    restarts: int = 1,
 ) -> torch.Tensor:
-    """Monte Carlo estimate of ``F(x) = E[f̃(x + δ)]`` from ``n`` samples (for observing attacks)."""
+    """Per-token goal: PGD minimising the *worst token's* cosine between the smoothed per-token features of x'
+    and of x, min_t cos(F_t(x'), F_t(x)), each estimated with fresh noisy copies (expectation over the noise);
+    what a token-level certificate bounds. The minimum's subgradient follows the currently worst token."""
+    generator = torch.Generator(device=x.device).manual_seed(seed + 1)
+    with torch.no_grad():
+        clean = token_features(encode, noisy_copies(x, sigma, 4 * samples, generator)).mean(0)
+
+    def loss(candidate: torch.Tensor) -> torch.Tensor:
+        return worst_token_cosine(token_features(encode, noisy_copies(candidate, sigma, samples, generator)).mean(0), clean)
+
+    return pgd_l2(loss, x, eps, steps=steps, seed=seed, restarts=restarts)
+
+
+def smoothed_feature(
+    encode: Encode, x: torch.Tensor, sigma: float, n: int, seed: int = 0, batch_size: int = 64, per_token: bool = False
+) -> torch.Tensor:
+    """Monte Carlo estimate of ``F(x) = E[f̃(x + δ)]`` [D] from ``n`` samples (for observing attacks); with
+    ``per_token`` each token's ``F_t(x)`` [T, W] (every token normalised on its own)."""
     generator = torch.Generator(device=x.device).manual_seed(seed)
+    features = token_features if per_token else unit_features
     total = torch.zeros((), device=x.device)
     with torch.inference_mode():
         for start in range(0, n, batch_size):
             count = min(batch_size, n - start)
             noise = torch.randn((count, *x.shape), generator=generator, device=x.device, dtype=x.dtype)
-            total = total + unit_features(encode, x[None] + sigma * noise).sum(0)
+            total = total + features(encode, x[None] + sigma * noise).sum(0)
     return total / n

@@ -221,8 +221,9 @@ def _add_evaluate_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--attack-samples", type=int, default=8)
     parser.add_argument("--model", default=None, help="also compare generated answers (e.g. fsmllm-demo)")
     parser.add_argument(
-        "--attack-goals", nargs="+", choices=["feature", "answer"], default=None,
-        help="untargeted feature distortion and/or targeted wrong answer (default: both with --model, else feature)",
+        "--attack-goals", nargs="+", choices=["feature", "answer", "token"], default=None,
+        help="untargeted feature distortion, targeted wrong answer, and/or the worst token's cosine (token, vs the "
+        "token-level certificate) (default: feature and answer with --model, else feature)",
     )
     parser.add_argument(
         "--granularity", nargs="+", choices=GRANULARITIES, default=["global"],

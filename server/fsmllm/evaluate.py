@@ -13,7 +13,10 @@ Two attack goals (white-box: the attacker knows the encoder, the booster and the
 * **feature** (untargeted): minimise the cosine between the clean and the perturbed feature;
 * **answer** (targeted, needs a language model): minimise the language model's cross-entropy of a wrong
   answer ("A photo of {target}.", the next Fashion-MNIST class after the true one) given the perturbed
-  feature, through the projector and the frozen LM.
+  feature, through the projector and the frozen LM;
+* **token** (smoothed defences only): minimise the worst token's cosine, min_t cos(F_t(x), F_t(x')), every token
+  normalised on its own; the observed value is compared with the token-level certificate (method.md,
+  "Token-level certificates").
 
 For the smoothed defences each image is certified (n0, n, α) and the fraction of attacked images whose
 observed cosine fell below the certified FCSB at that ε is reported, for both goals: it must stay ≤ α, up to
@@ -37,7 +40,14 @@ import torch
 import torch.nn.functional as F
 from scipy.stats import binomtest
 
-from fsmllm.attacks import feature_attack, feature_space_attack, smoothed_feature, unit_features
+from fsmllm.attacks import (
+    feature_attack,
+    feature_space_attack,
+    smoothed_feature,
+    token_attack,
+    unit_features,
+    worst_token_cosine,
+)
 from fsmllm.certify import SmoothedEncoder
 from fsmllm.encoders.base import VisionEncoder
 from fsmllm.lm.base import SamplingParams
@@ -46,7 +56,7 @@ from fsmllm.lm.training import answer_loss, names
 from fsmllm.lm.vlm import ProjectedVLM
 
 Encode = Callable[[torch.Tensor], torch.Tensor]
-GOALS = ("feature", "answer")
+GOALS = ("feature", "answer", "token")
 
 
 @dataclass(frozen=True)
@@ -125,11 +135,21 @@ def attack_image(
                 x, n0=n0, n=n, alpha=alpha, radii=list(radii), seed=seed
             )
             clean = smoothed_feature(encode, x, sigma, attack.observe, seed=seed + 1)
+            if "token" in goals:
+                token_certificate = SmoothedEncoder(encode, sigma, batch_size=64).certify(
+                    x, n0=n0, n=n, alpha=alpha, radii=list(radii), seed=seed, granularity="token"
+                )
+                clean_tokens = smoothed_feature(encode, x, sigma, attack.observe, seed=seed + 1, per_token=True)
         else:
             with torch.inference_mode():
                 clean = unit_features(encode, x[None])[0]
         answer_clean, correct_clean = ask(encode, clean)
         for (i, radius), goal in itertools.product(enumerate(radii), goals):
+            if goal == "token":
+                if smoothed:  # the undefended encoder has no token-level certificate to compare with
+                    rows.append(_token_row(index, defence, sigma, float(radius), encode, x, clean_tokens,
+                                           token_certificate.certified_fcsb[i], attack, seed))
+                continue
             if goal == "feature":
                 adversarial = feature_attack(
                     encode, x, radius, sigma if smoothed else None, attack.samples, attack.steps, seed=seed
@@ -173,6 +193,29 @@ def attack_image(
                 )
             )
     return rows
+
+
+def _token_row(
+    index: int,
+    defence: str,
+    sigma: float,
+    radius: float,
+    encode: VisionEncoder,
+    x: torch.Tensor,
+    clean_tokens: torch.Tensor,
+    bound: float | None,
+    attack: AttackSettings,
+    seed: int,
+) -> AttackRow:
+    """The per-token goal at one radius: attack the worst token, observe min_t cos(F_t(x), F_t(x')) with fresh
+    samples, and compare it with the token-level certificate (the worst token's certified FCSB)."""
+    adversarial = token_attack(encode, x, radius, sigma, attack.samples, attack.steps, seed=seed)
+    attacked = smoothed_feature(encode, adversarial, sigma, attack.observe, seed=seed + 2, per_token=True)
+    observed = float(worst_token_cosine(clean_tokens, attacked))
+    return AttackRow(
+        image=index, defence=defence, radius=radius, observed_cos=observed, certified_fcsb=bound,
+        below_certificate=bound is not None and observed < bound, goal="token", sigma=sigma,
+    )
 
 
 def target_phrase(answer: str) -> str:
@@ -430,7 +473,7 @@ def run(
     for parameter in encoder.parameters():
         parameter.requires_grad_(False)
     pixels, answers = held_out_images(images, encoder.image_size, photos=photos, seed=seed)
-    goals = tuple(goals or (GOALS if model_name else ("feature",)))
+    goals = tuple(goals or (("feature", "answer") if model_name else ("feature",)))
     attacked_images = min(attack_images, len(pixels))
     settings = {
         "encoder": encoder.name,
