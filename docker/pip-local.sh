@@ -40,11 +40,12 @@ for dir in $(setting find-links); do
   done
 done
 
-# replace what changed, drop what is gone
-(cd "$new" && find . -type f) | while read -r file; do
-  cmp -s "$new/$file" "$file" || { mkdir -p "$(dirname "$file")"; mv -f "$new/$file" "$file"; }
-done
+# drop what is gone, then replace what changed
+generated=$(cd "$new" && find . -type f)
 find . -type f ! -name README.md ! -path "./$new/*" | while read -r file; do
-  [ -e "$new/$file" ] || rm -f "$file"
+  grep -qxF "$file" <<<"$generated" || rm -f "$file"
+done
+for file in $generated; do
+  cmp -s "$new/$file" "$file" || { mkdir -p "$(dirname "$file")"; mv -f "$new/$file" "$file"; }
 done
 ls wheels
