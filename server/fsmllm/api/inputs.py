@@ -20,18 +20,18 @@ Params = TypeVar("Params", bound=BaseModel)
 _LIST_FIELDS = {"radius", "stop"}
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The body, refused with 413 past ``limit`` bytes (checked while reading, not only from the header)."""
+def _refuse_declared(request: Request, limit: int) -> None:
+    """413 from the headers alone when the declared length is over ``limit`` (the body is not waited for). A
+    body without a declared length is bounded while it is read, by the app's ``BodyLimit`` middleware."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise RequestError(413, f"the request body is {declared} bytes; the limit is {limit}", "too_large")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise RequestError(413, f"the request body exceeds the limit of {limit} bytes", "too_large")
-        chunks.append(chunk)
-    return b"".join(chunks)
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, refused with 413 past ``limit`` bytes."""
+    _refuse_declared(request, limit)
+    return await request.body()
 
 
 def _form_value(values: list[str], name: str) -> object:
@@ -58,16 +58,12 @@ async def image_and_params(request: Request, model: type[Params], max_body: int,
             raise RequestError(422, "image: required (base64 text or a data:image/...;base64, URL)")
         image_bytes = decode_base64_image(image_text)
     elif content_type == "multipart/form-data":
-        declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > max_body:
-            raise RequestError(413, f"the request body is {declared} bytes; the limit is {max_body}", "too_large")
+        _refuse_declared(request, max_body)
         form = await request.form(max_files=1, max_fields=64, max_part_size=max_body)
         upload = form.get("image")
         if not isinstance(upload, UploadFile):
             raise RequestError(422, "image: required as a file field named 'image'")
-        image_bytes = await upload.read(max_body + 1)
-        if len(image_bytes) > max_body:
-            raise RequestError(413, f"the image exceeds the limit of {max_body} bytes", "too_large")
+        image_bytes = await upload.read()  # no larger than the body, which BodyLimit bounds
         payload = {
             key: _form_value([v for v in form.getlist(key) if isinstance(v, str)], key)
             for key in form.keys()
