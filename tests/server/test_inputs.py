@@ -9,6 +9,8 @@ from __future__ import annotations
 import base64
 import io
 import socket
+import struct
+import zlib
 from collections.abc import Iterator
 
 import httpx
@@ -292,3 +294,27 @@ def test_open_image_always_returns_rgb(mode: str) -> None:
     assert image.mode == "RGB" and image.size == (5, 4)
     with pytest.raises(ImageError, match="^the image is empty$"):
         open_image(b"", MAX_PIXELS)
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose header claims width x height (a decompression bomb needs no more to be refused)."""
+    def chunk(kind: bytes, payload: bytes) -> bytes:
+        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
+
+
+def test_pillows_own_decompression_bomb_limit_is_a_413(server: LiveServer) -> None:
+    response = post(server, json={"image": data_url(png_header_only(100_000, 100_000))})
+    check_error(response, 413, "invalid_image", "decodes to more than")
+    assert response.json()["error"]["message"] == f"the image decodes to more than the limit of {MAX_PIXELS} pixels"
+
+
+@pytest.mark.parametrize("width", [0, 5])
+def test_zero_size_and_truncated_images(server: LiveServer, width: int) -> None:
+    if width == 0:  # Pillow does not identify a zero-width file as an image at all
+        check_error(post(server, json={"image": data_url(png_header_only(0, 5))}), 415, "invalid_image", "not an image")
+    else:
+        response = post(server, json={"image": data_url(png_bytes(0, (16, 16))[:60])})
+        check_error(response, 400, "invalid_image", "the image is corrupt or truncated: ")
+        assert response.json()["error"]["message"].startswith("the image is corrupt or truncated: ")

@@ -2,7 +2,7 @@
 
 Accepted: raw bytes of a PNG, JPEG, WebP, GIF (first frame), BMP or TIFF file; base64 text; a
 ``data:image/...;base64,`` URL. Refused with :class:`ImageError` (a 4xx with a message a person can act on):
-undecodable or truncated data, other formats, zero-size images, and images whose decoded size exceeds the
+undecodable or truncated data, other formats (zero-size files are not identified as images), and images whose decoded size exceeds the
 pixel limit (decompression bombs are refused from the header, before the pixels are decoded).
 """
 
@@ -58,9 +58,7 @@ def open_image(data: bytes, max_pixels: int) -> Image.Image:
                 raise ImageError(
                     f"unsupported image format {image.format}; send one of {', '.join(ALLOWED_FORMATS)}", status=415
                 )
-            width, height = image.size
-            if width == 0 or height == 0:
-                raise ImageError("the image has zero width or height")
+            width, height = image.size  # never 0: Pillow does not identify a file of zero width or height
             if width * height > max_pixels:
                 raise ImageError(
                     f"the image is {width}x{height} = {width * height} pixels; the limit is {max_pixels}", status=413
