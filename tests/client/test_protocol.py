@@ -115,11 +115,16 @@ def test_certify_call_body() -> None:
     assert all(isinstance(r, float) for r in plain.body["radius"])
     assert certify_call(PNG, {"radii": 2}).body["radius"] == [2.0]
     assert certify_call(PNG, {"stop_at_fcsb": 0.8}).body == {"image": image_data_url(PNG), "stop_at_fcsb": 0.8}
+    assert certify_call(PNG, {"granularity": "token", "per_token": True}).body == {
+        "image": image_data_url(PNG), "granularity": "token", "per_token": True}
     assert certify_call(PNG, {}).model is CertifyResult
     with pytest.raises(TypeError, match="unknown option.*radius"):
         certify_call(PNG, {"radius": 0.1})
     with pytest.raises(TypeError, match="unknown option"):
         certify_call(PNG, {"prompt": "a generate option"})
+    with pytest.raises(TypeError) as unknown:
+        certify_call(PNG, {"zeta": 1, "alpha": 0.1, "beta": 2})
+    assert str(unknown.value) == "unknown option(s): beta, zeta"
 
 
 def test_generate_call_body() -> None:
@@ -235,8 +240,9 @@ def test_an_error_event_without_a_message() -> None:
 def test_a_stream_that_ends_without_a_result_is_a_server_error() -> None:
     seen: list[tuple[int, int]] = []
     stream = EventStream(lambda done, total: seen.append((done, total)), 200, httpx.Headers({"x-request-id": "r7"}))
-    with pytest.raises(ServerError, match="ended without a result") as error:
+    with pytest.raises(ServerError) as error:
         stream.read(['event: progress', 'data: {"done": 5, "total": 10}', ''])
+    assert error.value.message == "the progress stream ended without a result"
     assert seen == [(5, 10)] and error.value.status_code == 200 and error.value.request_id == "r7"
 
 
@@ -245,7 +251,7 @@ def test_a_garbled_progress_event_is_a_server_error(data: str) -> None:
     stream = EventStream(lambda done, total: None, 200, httpx.Headers({"x-request-id": "r8"}))
     with pytest.raises(ServerError, match="progress stream") as error:
         stream.read(["event: progress", f"data: {data}", ""])
-    assert error.value.request_id == "r8" and error.value.message.endswith(data)
+    assert error.value.request_id == "r8" and error.value.message.endswith(data) and error.value.status_code == 200
 
 
 def test_a_garbled_event_is_quoted_up_to_200_characters() -> None:
