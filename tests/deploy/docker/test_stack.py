@@ -229,7 +229,7 @@ def test_ready_gates_traffic_to_a_starting_replica(stack: Stack) -> None:
 def test_docker_stop_drains_an_accepted_certification(stack: Stack, photo: bytes, samples_per_s: float) -> None:
     container = replicas(stack)[0]
     result: dict[str, object] = {}
-    n = samples_for(8, samples_per_s, 64, 5000)  # about 8 s of work: well inside the server's 30 s drain
+    n = samples_for(5, samples_per_s, 64, 5000)  # about 5 s of work: well inside the server's 30 s drain
 
     def certify() -> None:
         with direct(container, stack.api_key, timeout=180) as client:
