@@ -65,13 +65,24 @@ compose() { FSMLLM_CERTS_DIR=$CERTS FSMLLM_HTTPS_PUBLISH=127.0.0.1: FSMLLM_HTTP_
             FSMLLM_API_KEY=${FSMLLM_API_KEY:-test-key} docker-compose -f docker/docker-compose.yml "$@"; }
 teardown() {
   status=$?
+  set +e   # every step of the teardown is tried, whatever the one before it did
   if [ -z "${KEEP_STACK:-}" ]; then
     log "tearing down"
     compose logs --no-color >"$OUT/stack.log" 2>&1 || true
     compose down --volumes --remove-orphans --timeout 60 >/dev/null 2>&1 || true
-    docker ps -aq --filter "label=com.docker.compose.project=$COMPOSE_PROJECT_NAME" | xargs -r docker rm -f >/dev/null || true
-    docker network ls -q --filter "label=com.docker.compose.project=$COMPOSE_PROJECT_NAME" | xargs -r docker network rm >/dev/null || true
-    docker volume ls -q --filter "label=com.docker.compose.project=$COMPOSE_PROJECT_NAME" | xargs -r docker volume rm >/dev/null || true
+    # what compose left (a removal still in progress on the vfs driver, an interrupted run): bounded retries
+    label="label=com.docker.compose.project=$COMPOSE_PROJECT_NAME"
+    for _ in $(seq 90); do
+      containers=$(docker ps -aq --filter "$label"); networks=$(docker network ls -q --filter "$label")
+      volumes=$(docker volume ls -q --filter "$label")
+      [ -z "$containers$networks$volumes" ] && break
+      [ -n "$containers" ] && { docker rm -f $containers >/dev/null 2>&1 || true; }
+      [ -n "$networks" ] && { docker network rm $networks >/dev/null 2>&1 || true; }
+      [ -n "$volumes" ] && { docker volume rm $volumes >/dev/null 2>&1 || true; }
+      sleep 2
+    done
+    left=$(docker ps -aq --filter "$label"; docker network ls -q --filter "$label"; docker volume ls -q --filter "$label")
+    [ -z "$left" ] || echo "test-docker: could not remove $(echo $left)" >&2
     rm -rf "$CERTS"
     # earlier builds' layers (the vfs storage driver keeps a full copy of the filesystem per layer)
     docker image prune -f >/dev/null 2>&1 || true
@@ -114,14 +125,14 @@ started=$(now)
 # the build stage is tagged too (fsmllm:cpu-build, never published), so that its layers stay a cache that
 # `docker image prune` below leaves alone
 for target in build ""; do
-  nice -n 10 docker build -f docker/Dockerfile.cpu --build-arg "BASE=$FSMLLM_BASE_IMAGE" "${torch_index[@]}" \
+  nice -n 10 docker build --force-rm -f docker/Dockerfile.cpu --build-arg "BASE=$FSMLLM_BASE_IMAGE" "${torch_index[@]}" \
     ${target:+--target "$target"} -t "fsmllm:cpu${target:+-$target}" . >>"$OUT/build-cpu.log" 2>&1 \
     || { tail -40 "$OUT/build-cpu.log"; exit 1; }
 done
 figure cpu_build_s "$(since "$started")"
 figure cpu_build_had_layers "$cached"
 started=$(now)
-nice -n 10 docker build -f docker/Dockerfile.gateway --build-arg "BASE=$FSMLLM_GATEWAY_BASE_IMAGE" \
+nice -n 10 docker build --force-rm -f docker/Dockerfile.gateway --build-arg "BASE=$FSMLLM_GATEWAY_BASE_IMAGE" \
   -t fsmllm-gateway . >"$OUT/build-gateway.log" 2>&1 || { tail -40 "$OUT/build-gateway.log"; exit 1; }
 figure gateway_build_s "$(since "$started")"
 figure cpu_image_bytes "$(docker image inspect -f '{{.Size}}' fsmllm:cpu)"
