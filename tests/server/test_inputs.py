@@ -318,3 +318,12 @@ def test_zero_size_and_truncated_images(server: LiveServer, width: int) -> None:
         response = post(server, json={"image": data_url(png_bytes(0, (16, 16))[:60])})
         check_error(response, 400, "invalid_image", "the image is corrupt or truncated: ")
         assert response.json()["error"]["message"].startswith("the image is corrupt or truncated: ")
+
+
+def test_pillows_limit_is_named_when_it_is_the_lower_one() -> None:
+    """A deployment allowing more pixels than Pillow decodes gets Pillow's limit in the message, not its own."""
+    assert Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < 100_000_000
+    settings = Settings(model="none", default_n0=20, default_n=100, max_image_pixels=200_000_000, _env_file=None)
+    with live_server(settings) as live:
+        response = httpx.post(f"{live.url}/certify", json={"image": data_url(png_header_only(10_000, 10_000))}, timeout=60)
+    check_error(response, 413, "invalid_image", f"the limit of {Image.MAX_IMAGE_PIXELS} pixels")

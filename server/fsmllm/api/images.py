@@ -68,7 +68,10 @@ def open_image(data: bytes, max_pixels: int) -> Image.Image:
     except ImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise ImageError(f"the image decodes to more than the limit of {max_pixels} pixels", status=413) from None
+        # Pillow refuses from the header before our own check when the image is past its own limit, which then
+        # is the one that applies (a max_pixels above Image.MAX_IMAGE_PIXELS cannot be reached)
+        limit = min(max_pixels, Image.MAX_IMAGE_PIXELS or max_pixels)
+        raise ImageError(f"the image decodes to more than the limit of {limit} pixels", status=413) from None
     except UnidentifiedImageError:
         raise ImageError(
             f"the data is not an image this server can read (send {', '.join(ALLOWED_FORMATS)})", status=415
