@@ -98,15 +98,17 @@ class StopRule:
         if self.target_cos is not None and not (self.tolerance is not None and self.tolerance > 0):
             raise ValueError(f"radius_tolerance must be a positive l2 norm, got {self.tolerance}")
 
-    def decide(self, lower: float, upper: float, sigma: float) -> str | None:
-        """The reason to stop given the score's lower and upper confidence bounds, or None to go on."""
+    def decide(self, lower: float, upper_bound: Callable[[], float], sigma: float) -> str | None:
+        """The reason to stop given the score's lower confidence bound and its upper one (computed only when the
+        rule needs it), or None to go on."""
         if self.fcsb is not None:
             # the score that certifies fcsb at the largest radius: FCSB(p) ≥ C ⇔ p ≥ 2Φ(Φ⁻¹((1+C)/2) + ε/σ) − 1
             needed = float(1.0 - 2.0 * norm.sf(norm.isf((1.0 - self.fcsb) / 2.0) + max(self.radii) / sigma))
             if lower >= needed:
                 return "target_reached"
-            return "target_unreachable" if upper < needed else None
+            return "target_unreachable" if upper_bound() < needed else None
         assert self.target_cos is not None and self.tolerance is not None
+        upper = upper_bound()
         if upper < self.target_cos:
             return "target_unreachable"
         if lower < self.target_cos:
@@ -540,8 +542,9 @@ class SmoothingRun:
         lower = self._bounds(count, lower_bound)
         self._best_lower = lower if self._best_lower is None else np.maximum(self._best_lower, lower)
         if self.stop is not None and count < self.config.n:
-            upper = self._bounds(count, upper_bound)
-            self.stopped_by = self.stop.decide(float(self._best_lower.min()), float(upper.min()), self.config.sigma)
+            self.stopped_by = self.stop.decide(
+                float(self._best_lower.min()), lambda: float(self._bounds(count, upper_bound).min()), self.config.sigma
+            )
 
     def interim(self, radii: Sequence[float]) -> dict[str, object] | None:
         """The certificate valid so far (anytime bound, at the last checkpoint): {n, score_lower, radii} (the

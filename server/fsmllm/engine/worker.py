@@ -196,11 +196,11 @@ class DeviceWorker:
         for job in jobs:
             job.report_progress()
             assert job.run is not None
-            if job.run.done:
+            if job.run.done:  # out of the active jobs first: whoever reads the answer finds the room freed
+                self._remove(job)
                 try:
                     job.finish(job.run.certificate(job.radii))
                 except Exception as error:  # noqa: BLE001
                     job.finish(error)
-                self._remove(job)
                 assert job.started is not None
                 self._recent_job_seconds = 0.8 * self._recent_job_seconds + 0.2 * (time.perf_counter() - job.started)
