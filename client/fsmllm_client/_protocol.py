@@ -66,6 +66,7 @@ class CertifyOptions(CertificationOptions, total=False):
     """Keyword options of ``certify``."""
 
     target_cosine: float
+    radius_tolerance: float
 
 
 class GenerateOptions(CertificationOptions, total=False):
@@ -168,6 +169,8 @@ def certify_call(image: ImageInput, options: Mapping[str, Any]) -> Call[CertifyR
     body = {"image": image_data_url(image), **_certification_fields(chosen)}
     if "target_cosine" in chosen:
         body["target_cos"] = chosen["target_cosine"]
+    if "radius_tolerance" in chosen:
+        body["radius_tolerance"] = chosen["radius_tolerance"]
     return Call("POST", "/certify", CertifyResult, body, chosen.get("progress"))
 
 

@@ -37,6 +37,10 @@ def test_the_client_stops_early_and_reads_every_new_field(server: LiveServer) ->
     raw = httpx.post(f"{server.url}/certify", json={"image": data_url(png_bytes(1)), "radius": [0.05], "n": 20_000,
                                                     "seed": 3, "stop_at_fcsb": 0.8}, timeout=60).json()["certificate"]
     assert raw["n"] == cert.n and raw["score_lower"] == cert.score_lower
+    with Client(server.url) as client:
+        converged = client.certify(png_bytes(1), n=20_000, seed=3, target_cosine=0.5, radius_tolerance=0.01).certificate
+    assert converged.stopped_by == "radius_converged" and converged.n < 20_000
+    assert converged.certified_radius is not None and converged.certified_radius.radius > 0
 
 
 def test_the_cli_passes_stop_at_fcsb(server: LiveServer, tmp_path, capsys) -> None:
