@@ -75,7 +75,8 @@ def test_monte_carlo_certificates_are_below_the_true_worst_case(
     u = cert.direction.double().numpy()
     truth_direction = float(encoder.smoothed(z, sigma) @ u)
     score = float(np.linalg.norm(encoder.smoothed(z, sigma)))
-    assert cert.score_lower <= truth_direction <= score + 1e-9
+    # û is float32: its norm is 1 within ~1e-7, so <F(x), û> may pass ||F(x)|| by that much
+    assert cert.score_lower <= truth_direction <= score + 1e-6
     served = cert.smoothed_feature.double().numpy()
     for eps, certified, served_bound in zip(radii, cert.certified_fcsb, cert.served_fcsb):
         if certified is not None:
