@@ -81,11 +81,11 @@ def test_monte_carlo_certificates_are_below_the_true_worst_case(
     for eps, certified, served_bound in zip(radii, cert.certified_fcsb, cert.served_fcsb):
         if certified is not None:
             assert certified <= encoder.worst_cosine(z, sigma, eps) + 1e-9
-            # the lemma with the fixed û bounds <F(x'), û> by the same number
-            assert certified <= encoder.worst_projection(z, sigma, eps, u) + 1e-9
+            # the lemma with the fixed û bounds <F(x'), û> by the same number (û float32: 1e-6)
+            assert certified <= encoder.worst_projection(z, sigma, eps, u) + 1e-6
         if served_bound is not None:  # F(x') runs along a segment: its worst angle to F̂ is at an end
             worst = min(cosine(served, encoder.smoothed(z + shift, sigma)) for shift in (-eps, eps))
-            assert served_bound <= worst + 1e-9
+            assert served_bound <= worst + 1e-6
 
 
 @pytest.mark.parametrize("z_over_sigma", [0.5, 1.5, 3.0])
