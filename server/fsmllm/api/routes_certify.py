@@ -64,13 +64,8 @@ def certificate_out(
     cert: Certificate = outcome.certificate
     cfg = cert.config
     tokens = None
-    if per_token and cert.tokens is not None:
-        tokens = [
-            TokenBound(token=t, score_estimate=e, score_lower=p, served_angle=a, certified_fcsb=c)
-            for t, (e, p, a, c) in enumerate(
-                zip(cert.tokens.score_estimate, cert.tokens.score_lower, cert.tokens.served_angle, cert.token_certified_fcsb())
-            )
-        ]
+    if per_token and cert.tokens is not None:  # the core's own per-token summary, typed for the schema
+        tokens = [TokenBound(**token) for token in cert.to_dict(per_token=True)["tokens"]]  # type: ignore[attr-defined]
     return CertificateOut(
         granularity=cfg.granularity,
         worst_token=cert.worst_token,
