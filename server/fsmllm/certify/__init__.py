@@ -2,7 +2,8 @@
 
 * :mod:`~fsmllm.certify.bounds` — FCSB, its inverse, confidence bounds;
 * :mod:`~fsmllm.certify.smoothing` — the Monte Carlo smoothed encoder and its sound certificate;
-* :mod:`~fsmllm.certify.classify` — prediction-wise certification of a cosine classifier.
+* :mod:`~fsmllm.certify.classify` — prediction-wise certification of a cosine classifier;
+* :mod:`~fsmllm.certify.answers` — certified answers (CERTIFY on the whole model's answer).
 """
 
 from fsmllm.certify.bounds import (
@@ -23,6 +24,7 @@ from fsmllm.certify.smoothing import (
     GRANULARITIES,
     NOISE_BLOCK,
     Certificate,
+    SampleRun,
     SmoothedEncoder,
     SmoothingConfig,
     SmoothingRun,
@@ -44,6 +46,7 @@ __all__ = [
     "Certificate",
     "CosineClassifier",
     "PredictionCertificate",
+    "SampleRun",
     "SmoothedEncoder",
     "SmoothingConfig",
     "SmoothingRun",

@@ -306,6 +306,31 @@ def _angles(a: torch.Tensor, b: torch.Tensor) -> np.ndarray:
     return np.arccos(np.clip(F.cosine_similarity(a.double(), b.double(), dim=-1).cpu().numpy(), -1.0, 1.0))
 
 
+class NoisyCopies:
+    """The noisy copies ``x + σ δ_i``, δ_i ~ N(0, I), of one image [C, H, W] from a seeded generator on the image's
+    device. The noise is drawn in blocks of NOISE_BLOCK, so the i-th copy depends only on the seed and i, never
+    on how many copies each call asks for."""
+
+    def __init__(self, pixels: torch.Tensor, sigma: float, seed: int) -> None:
+        self.pixels = pixels
+        self.sigma = sigma
+        self._generator = torch.Generator(device=pixels.device).manual_seed(seed)
+        self._noise = pixels.new_empty((0, *pixels.shape))
+
+    def draw(self, count: int) -> torch.Tensor:
+        """The next ``count`` noisy copies [count, C, H, W]."""
+        while self._noise.shape[0] < count:
+            block = torch.randn(
+                (NOISE_BLOCK, *self.pixels.shape),
+                generator=self._generator,
+                device=self.pixels.device,
+                dtype=self.pixels.dtype,
+            )
+            self._noise = torch.cat([self._noise, block])
+        noise, self._noise = self._noise[:count], self._noise[count:]
+        return self.pixels + self.sigma * noise
+
+
 class SmoothingRun:
     """Streaming Monte Carlo state of one certification: ``take`` noisy inputs, ``consume`` their features.
 
@@ -350,8 +375,7 @@ class SmoothingRun:
         self.issued = 0
         self.consumed = 0
         self.stopped_by: str | None = None
-        self._generator = torch.Generator(device=pixels.device).manual_seed(seed)
-        self._noise = pixels.new_empty((0, *pixels.shape))
+        self._noise = NoisyCopies(pixels, config.sigma, seed)
         self._feature_sum: torch.Tensor | None = None  # Σ of the flattened unit features [D] (the global mean)
         self._token_sum: torch.Tensor | None = None  # Σ of the unit rows [T, W] (token granularity)
         self._reference = None if reference is None else F.normalize(reference.reshape(-1).double(), dim=0)
@@ -403,17 +427,8 @@ class SmoothingRun:
         count = min(limit, available)
         if count <= 0:
             return None
-        while self._noise.shape[0] < count:
-            block = torch.randn(
-                (NOISE_BLOCK, *self.pixels.shape),
-                generator=self._generator,
-                device=self.pixels.device,
-                dtype=self.pixels.dtype,
-            )
-            self._noise = torch.cat([self._noise, block])
-        noise, self._noise = self._noise[:count], self._noise[count:]
         self.issued += count
-        return self.pixels + self.config.sigma * noise
+        return self._noise.draw(count)
 
     def _rows(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(flattened unit features [B, D], unit rows [B, T, W]) of a batch of raw features."""
@@ -635,10 +650,65 @@ class SmoothingRun:
         )
 
 
-Batch = list[tuple[SmoothingRun, torch.Tensor]]
+class SampleRun:
+    """The base features of ``count`` noisy copies of one image, kept (for the votes of a certified answer,
+    method.md "Certified answers"): the same ``take``/``consume`` protocol as :class:`SmoothingRun`, so the
+    device worker batches these samples with every other request's.
+
+    Each of the ``count`` results is the mean of ``inner`` flattened unit features f̃(x + δ) — what the served
+    path hands the language model from that many samples (one: f̃(x + δ) itself) — in float32 [count, D].
+    """
+
+    def __init__(self, pixels: torch.Tensor, sigma: float, count: int, seed: int, inner: int = 1) -> None:
+        if pixels.ndim != 3:
+            raise ValueError(f"pixels must be one image [C, H, W], got shape {tuple(pixels.shape)}")
+        if count < 1 or inner < 1:
+            raise ValueError(f"count and inner must be at least 1, got {count} and {inner}")
+        self.count = count
+        self.inner = inner
+        self.seed = seed
+        self.issued = 0
+        self.consumed = 0
+        self._noise = NoisyCopies(pixels, sigma, seed)
+        self._features: list[torch.Tensor] = []
+
+    @property
+    def total(self) -> int:
+        return self.count * self.inner
+
+    @property
+    def done(self) -> bool:
+        return self.consumed == self.total
+
+    def take(self, limit: int) -> torch.Tensor | None:
+        count = min(limit, self.total - self.issued)
+        if count <= 0:
+            return None
+        self.issued += count
+        return self._noise.draw(count)
+
+    def consume(self, features: torch.Tensor) -> None:
+        if features.shape[0] > self.issued - self.consumed:
+            raise RuntimeError(f"{features.shape[0]} features for {self.issued - self.consumed} outstanding samples")
+        self._features.append(F.normalize(features.reshape(features.shape[0], -1).float(), dim=1))
+        self.consumed += features.shape[0]
+
+    def interim(self, radii: Sequence[float]) -> None:
+        """No certificate exists before the votes are counted."""
+        return None
+
+    def features(self) -> torch.Tensor:
+        """The ``count`` vote features [count, D] (each the mean of ``inner`` unit features); the run must be done."""
+        if not self.done:
+            raise RuntimeError(f"run not finished: {self.consumed} of {self.total} samples consumed")
+        return torch.cat(self._features).reshape(self.count, self.inner, -1).mean(1)
 
 
-def fill_batch(runs: Sequence[SmoothingRun], batch_size: int) -> Batch:
+Run = SmoothingRun | SampleRun
+Batch = list[tuple[Run, torch.Tensor]]
+
+
+def fill_batch(runs: Sequence[Run], batch_size: int) -> Batch:
     """Take noisy inputs from ``runs`` in order until ``batch_size`` samples are gathered (or none is left)."""
     parts: Batch = []
     room = batch_size
@@ -660,7 +730,7 @@ def deliver(parts: Batch, features: torch.Tensor) -> None:
 
 
 def run_batched(
-    runs: Sequence[SmoothingRun],
+    runs: Sequence[Run],
     encode: Encode,
     batch_size: int,
     progress: Callable[[int], None] | None = None,

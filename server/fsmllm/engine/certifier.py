@@ -8,11 +8,12 @@ import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from fsmllm.certify import Certificate, CosineClassifier, SmoothingConfig, StopRule, new_seed
-from fsmllm.engine.jobs import CertifyJob, ProgressCallback
+from fsmllm.engine.jobs import CertifyJob, Job, ProgressCallback, SampleJob
 from fsmllm.engine.worker import DeviceWorker
 
 
@@ -93,15 +94,26 @@ class Certifier:
             stop=stop,
             on_progress=on_progress,
         )
-        self.worker.submit(job)
-        try:
-            certificate = await asyncio.wait_for(asyncio.shield(job.future), self.timeout_s)
-        except BaseException:  # timeout, client disconnect (CancelledError), shutdown: free the device
-            job.cancel()
-            job.future.cancel()  # nobody will read it: the worker's late answer is dropped
-            raise
+        certificate = await self._run(job)
         done = time.perf_counter()
         started = job.started if job.started is not None else done
         if key is not None:
             self.cache.put(key, certificate)
         return CertifyOutcome(certificate, started - job.submitted, done - started, cached=False)
+
+    async def samples(self, pixels: torch.Tensor, sigma: float, count: int, seed: int, inner: int = 1) -> torch.Tensor:
+        """The vote features of ``count`` noisy copies of ``pixels`` (``inner`` per vote), [count, D], computed
+        by the worker in shared batches (:class:`~fsmllm.certify.SampleRun`); same errors as :meth:`certify`."""
+        loop = asyncio.get_running_loop()
+        job = SampleJob(pixels, sigma, count, seed, loop, loop.create_future(), inner=inner)
+        return await self._run(job)
+
+    async def _run(self, job: Job) -> Any:
+        """Submit ``job`` and await its result; on a timeout or when the caller goes away, free the device."""
+        self.worker.submit(job)
+        try:
+            return await asyncio.wait_for(asyncio.shield(job.future), self.timeout_s)
+        except BaseException:  # timeout, client disconnect (CancelledError), shutdown: free the device
+            job.cancel()
+            job.future.cancel()  # nobody will read it: the worker's late answer is dropped
+            raise

@@ -10,16 +10,19 @@ LM's thread and memory instead of decoding on to ``max_tokens``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Protocol
 
+import numpy as np
 import torch
 from PIL import Image
 
-from fsmllm.certify import ANYTIME_METHODS, Certificate, SmoothingConfig, StopRule
+from fsmllm.certify import ANYTIME_METHODS, Certificate, SmoothingConfig, StopRule, new_seed
+from fsmllm.certify.answers import AnswerCertificate, AnswerConfig, AnswerVoting
 from fsmllm.encoders.base import VisionEncoder
 from fsmllm.engine.certifier import Certifier, CertifyOutcome
 from fsmllm.engine.jobs import ProgressCallback
@@ -38,6 +41,23 @@ class VisionLanguageModel(Protocol):
     def generate(self, visual_tokens: torch.Tensor, prompt: str, params: SamplingParams) -> Generation: ...
 
     def stream(self, visual_tokens: torch.Tensor, prompt: str, params: SamplingParams) -> TextStream: ...
+
+    def generate_batch(self, visual_tokens: torch.Tensor, prompt: str, params: SamplingParams) -> list[Generation]: ...
+
+
+#: votes per worker job and per batched generation; it fixes which noise each vote of a seed gets
+VOTE_CHUNK = 64
+
+
+def vote_chunks(n0: int, n: int) -> list[int]:
+    """The sizes of the vote chunks: the selection votes, then the estimation votes, each in chunks of at most
+    VOTE_CHUNK (a function of n0 and n only, so that a seed's votes do not depend on the load)."""
+    return [min(VOTE_CHUNK, total - start) for total in (n0, n) for start in range(0, total, VOTE_CHUNK)]
+
+
+def chunk_seed(seed: int, chunk: int) -> int:
+    """The noise seed of vote chunk ``chunk`` of an answer certificate with ``seed`` (independent streams)."""
+    return int(np.random.SeedSequence([seed, chunk]).generate_state(1, np.uint64)[0] >> np.uint64(1))
 
 
 class PolicyError(ValueError):
@@ -100,6 +120,17 @@ class Policy:
         if not radii:
             raise PolicyError("stop_at_fcsb needs at least one radius")
         return StopRule(fcsb=stop_at_fcsb, radii=tuple(radii))
+
+    def answer_config(
+        self, sigma: float, n0: int, n: int, alpha: float, inner: int = 1, radius: float | None = None
+    ) -> AnswerConfig:
+        """The parameters of a certified answer; each vote is a generation of ``inner`` samples' features."""
+        samples = (n0 + n) * inner
+        if samples > self.max_n:
+            raise PolicyError(
+                f"a certified answer of (n0 + n) x inner = {samples} samples exceeds this deployment's maximum of {self.max_n}"
+            )
+        return AnswerConfig(sigma=sigma, n0=n0, n=n, alpha=alpha, inner=inner, radius=radius)
 
     def radii(self, radii: list[float]) -> list[float]:
         if len(radii) > self.max_radii:
@@ -221,6 +252,54 @@ class Runtime:
             else:
                 stream.cancel()
                 self._lm_executor.submit(self._complete_quietly, stream)
+
+    async def certify_answer(
+        self, image: Image.Image, prompt: str, config: AnswerConfig, params: SamplingParams, seed: int | None = None
+    ) -> AnswerCertificate:
+        """CERTIFY on the model's answer (method.md, "Certified answers"): the votes' noisy samples go through
+        the device worker (shared batches), their greedy answers are generated in batches on the LM threads, and
+        the voting stops early when ``config.radius`` is certified or cannot be. The worker computes the next
+        chunk's features while the language model answers the current one."""
+        if self.model is None:
+            raise PolicyError("this deployment serves certificates only (model 'none'); use POST /certify")
+        pixels = self.pixels(image)
+        seed = new_seed() if seed is None else seed
+        voting = AnswerVoting(config, seed)
+        greedy = SamplingParams(params.max_tokens, 0.0, 1.0, None, params.stop)
+        chunks = vote_chunks(config.n0, config.n)
+
+        def features(index: int) -> asyncio.Future[torch.Tensor]:
+            work = self.certifier.samples(pixels, config.sigma, chunks[index], chunk_seed(seed, index), config.inner)
+            return asyncio.ensure_future(work)
+
+        upcoming = features(0)
+        try:
+            for index in range(len(chunks)):
+                current = await upcoming
+                upcoming = features(index + 1) if index + 1 < len(chunks) else None
+                tokens = current.reshape(current.shape[0], self.encoder.num_tokens, self.encoder.token_dim)
+                voting.add([generation.text for generation in await self._votes(tokens, prompt, greedy)])
+                if voting.done:
+                    break
+        finally:
+            if upcoming is not None:
+                upcoming.cancel()
+                with contextlib.suppress(BaseException):
+                    await upcoming
+        return voting.certificate()
+
+    async def _votes(self, visual_tokens: torch.Tensor, prompt: str, params: SamplingParams) -> list[Generation]:
+        """One chunk of votes, generated in one batch on an LM thread."""
+        assert self.model is not None
+        job = self._lm_executor.submit(self.model.generate_batch, visual_tokens, prompt, params)
+        self._account("started", 0)
+        try:
+            generations = await asyncio.wrap_future(job)
+        except BaseException:
+            self._account("failed", 0)
+            raise
+        self._account("completed", sum(generation.completion_tokens for generation in generations))
+        return generations
 
     def _complete(self, stream: TextStream) -> Generation:
         """On an LM thread: the generation to its end (or its cancellation), accounted for the metrics."""

@@ -1,7 +1,8 @@
 """The device worker: the one thread that owns the encoder's device and batches noise across requests.
 
-Requests put :class:`~fsmllm.engine.jobs.CertifyJob` objects on a bounded queue. The worker keeps every
-admitted job's :class:`~fsmllm.certify.SmoothingRun` and fills each encoder batch with noisy samples from as
+Requests put jobs (:class:`~fsmllm.engine.jobs.CertifyJob`, and :class:`~fsmllm.engine.jobs.SampleJob` for the
+votes of certified answers) on a bounded queue. The worker keeps every admitted job's run
+(:class:`~fsmllm.certify.SmoothingRun` or :class:`~fsmllm.certify.SampleRun`) and fills each encoder batch with noisy samples from as
 many jobs as it takes (continuous batching of Monte Carlo samples, :func:`~fsmllm.certify.fill_batch`), so the
 batch size is set by memory, not by request boundaries. Each job's noise comes from its own seeded generator,
 so a job's certificate is the same whether it shared batches or ran alone.
@@ -18,8 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
-from fsmllm.certify import SmoothingRun, deliver, fill_batch
-from fsmllm.engine.jobs import CertifyJob, JobCancelled
+from fsmllm.certify import deliver, fill_batch
+from fsmllm.engine.jobs import Job, JobCancelled
 
 log = logging.getLogger("fsmllm.engine")
 
@@ -78,8 +79,8 @@ class DeviceWorker:
         self.capacity = capacity
         self.stats = WorkerStats()
         self._on_batch = on_batch
-        self._pending: deque[CertifyJob] = deque()
-        self._active: list[CertifyJob] = []
+        self._pending: deque[Job] = deque()
+        self._active: list[Job] = []
         self._condition = threading.Condition()
         self._stopping = False
         self._thread = threading.Thread(target=self._serve, name="fsmllm-device-worker", daemon=True)
@@ -96,7 +97,7 @@ class DeviceWorker:
         with self._condition:
             return len(self._pending) + len(self._active)
 
-    def submit(self, job: CertifyJob) -> None:
+    def submit(self, job: Job) -> None:
         """Admit a job or raise :class:`QueueFull` / :class:`WorkerStopped` at once (never blocks)."""
         with self._condition:
             if self._stopping:
@@ -146,12 +147,12 @@ class DeviceWorker:
         for job in admitted:
             self._admit(job)
 
-    def _admit(self, job: CertifyJob) -> None:
+    def _admit(self, job: Job) -> None:
         if job.cancelled:
             job.finish(JobCancelled("cancelled before it started"))
             return
         try:
-            job.run = SmoothingRun(job.pixels.to(self.device), job.config, job.seed, job.classifier, job.stop)
+            job.make_run(self.device)
         except Exception as error:  # noqa: BLE001 - reported to the request, the worker keeps serving
             job.finish(error)
             return
@@ -164,7 +165,7 @@ class DeviceWorker:
             job.finish(JobCancelled("cancelled"))
             self._remove(job)
 
-    def _remove(self, job: CertifyJob) -> None:
+    def _remove(self, job: Job) -> None:
         with self._condition:
             self._active.remove(job)
 
@@ -199,7 +200,7 @@ class DeviceWorker:
             if job.run.done:  # out of the active jobs first: whoever reads the answer finds the room freed
                 self._remove(job)
                 try:
-                    job.finish(job.run.certificate(job.radii))
+                    job.finish(job.outcome())
                 except Exception as error:  # noqa: BLE001
                     job.finish(error)
                 assert job.started is not None

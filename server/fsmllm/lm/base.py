@@ -124,3 +124,8 @@ class LanguageBackend(Protocol):
     def stream(self, prompt_embeds: torch.Tensor, params: SamplingParams) -> TextStream:
         """Like :meth:`generate`, yielding text pieces as they become final (their concatenation is the text)."""
         ...
+
+    def generate_batch(self, prompt_embeds: torch.Tensor, params: SamplingParams) -> list[Generation]:
+        """Greedy completions of B prompts of one length [B, L, H], decoded together (the votes of a certified
+        answer): row b is what :meth:`generate` gives for ``prompt_embeds[b]``."""
+        ...

@@ -179,5 +179,46 @@ class TransformersBackend:
     def generate(self, prompt_embeds: torch.Tensor, params: SamplingParams) -> Generation:
         return _Decoding(self, prompt_embeds, params).result()
 
+    @torch.inference_mode()
+    def generate_batch(self, prompt_embeds: torch.Tensor, params: SamplingParams) -> list[Generation]:
+        """Greedy completions of B prompts of one length [B, L, H], decoded together: one forward pass per token
+        for the whole batch, each row's tokens the same as :meth:`generate`'s (no padding: the rows only differ
+        in their embeddings). A row ends at an end-of-sequence token or a stop string; the batch when every
+        row has ended or at ``max_tokens``."""
+        if not params.greedy:
+            raise ValueError("batched generation decodes greedily (temperature 0)")
+        if prompt_embeds.ndim != 3 or prompt_embeds.shape[2] != self.hidden_size:
+            raise ValueError(f"prompt_embeds must be [B, L, {self.hidden_size}], got {list(prompt_embeds.shape)}")
+        rows = prompt_embeds.shape[0]
+        dtype = self.model.get_input_embeddings().weight.dtype
+        out = self.model(inputs_embeds=prompt_embeds.to(self.device, dtype), use_cache=True, logits_to_keep=1)
+        tokens: list[list[int]] = [[] for _ in range(rows)]
+        texts: list[str | None] = [None] * rows  # set when the row has ended
+        reasons: list[FinishReason] = ["length"] * rows
+        for step in range(params.max_tokens):
+            chosen = out.logits[:, -1].argmax(-1)
+            for row, token in enumerate(chosen.tolist()):
+                if texts[row] is not None:
+                    continue
+                tokens[row].append(token)
+                if token in self.eos_token_ids:
+                    texts[row], reasons[row] = self._text(tokens[row][:-1], params.stop), "stop"
+                elif params.stop and (text := self._text(tokens[row], params.stop)) != self._text(tokens[row], ()):
+                    texts[row], reasons[row] = text, "stop"
+            if all(text is not None for text in texts) or step + 1 == params.max_tokens:
+                break
+            out = self.model(input_ids=chosen[:, None], past_key_values=out.past_key_values, use_cache=True)
+        length = prompt_embeds.shape[1]
+        return [
+            Generation(self._text(ids, params.stop) if text is None else text, tuple(ids), reason, length)
+            for ids, text, reason in zip(tokens, texts, reasons)
+        ]
+
+    def _text(self, token_ids: list[int], stops: tuple[str, ...]) -> str:
+        """The decoded text of ``token_ids``, cut at the first stop string."""
+        text = self._tokenizer.decode(token_ids, skip_special_tokens=True)
+        cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
+        return text if cut < 0 else text[:cut]
+
     def stream(self, prompt_embeds: torch.Tensor, params: SamplingParams) -> TextStream:
         return _Decoding(self, prompt_embeds, params)

@@ -262,3 +262,16 @@ class VllmBackend:
 
     def generate(self, prompt_embeds: torch.Tensor, params: SamplingParams) -> Generation:
         return self.stream(prompt_embeds, params).result()
+
+    def generate_batch(self, prompt_embeds: torch.Tensor, params: SamplingParams) -> list[Generation]:
+        """Greedy completions of B prompts [B, L, H]: every row is submitted at once, so the engine's
+        continuous batching decodes them together (and beside the other requests in flight)."""
+        if not params.greedy:
+            raise ValueError("batched generation decodes greedily (temperature 0)")
+        requests = [self.stream(row, params) for row in prompt_embeds]
+        try:
+            return [request.result() for request in requests]
+        except BaseException:
+            for request in requests:
+                request.cancel()
+            raise

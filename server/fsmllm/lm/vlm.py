@@ -73,6 +73,19 @@ class ProjectedVLM:
         """The answer to ``prompt`` about the image whose (smoothed) visual tokens are ``visual_tokens`` [T, W]."""
         return self.backend.generate(self.prompt_embeds(visual_tokens, prompt), params)
 
+    @torch.inference_mode()
+    def generate_batch(self, visual_tokens: torch.Tensor, prompt: str, params: SamplingParams) -> list[Generation]:
+        """Greedy answers to ``prompt`` for B images at once, given as visual tokens [B, T, W] (the votes of a
+        certified answer); the prompt's text is shared, so every row has the same length."""
+        if visual_tokens.ndim != 3 or visual_tokens.shape[1:] != (self.num_tokens, self.token_dim):
+            raise ValueError(
+                f"visual tokens must be [B, {self.num_tokens}, {self.token_dim}], got {list(visual_tokens.shape)}"
+            )
+        device = next(self.projector.parameters()).device
+        image_embeds = self.projector(visual_tokens.to(device, torch.float32))
+        embeds = build_prompt_embeds(self.layout(prompt), image_embeds, self.backend.embed_tokens)
+        return self.backend.generate_batch(embeds, params)
+
     def stream(self, visual_tokens: torch.Tensor, prompt: str, params: SamplingParams) -> TextStream:
         """Like :meth:`generate`, yielding the answer's text in pieces as they become final."""
         return self.backend.stream(self.prompt_embeds(visual_tokens, prompt), params)
