@@ -54,6 +54,29 @@ def test_stop_string_cuts_the_text_and_ends_generation(model) -> None:
     assert full.text.startswith(cut.text) and len(cut.text) == full.text.find(stop)
 
 
+@pytest.mark.parametrize("with_stop", [False, True])
+def test_batched_greedy_rows_equal_single_generations(model, with_stop: bool) -> None:
+    """generate_batch (the votes of a certified answer) gives each row exactly what generate gives it, also when
+    a stop string ends some rows early and not others."""
+    batch = torch.stack([tokens(seed) for seed in range(6)])
+    stop: tuple[str, ...] = ()
+    if with_stop:
+        first = model.generate(batch[0], "What is this?", SamplingParams(max_tokens=10)).text
+        stop = (first[len(first) // 2 : len(first) // 2 + 2],)
+    params = SamplingParams(max_tokens=10, stop=stop)
+    rows = model.generate_batch(batch, "What is this?", params)
+    singles = [model.generate(row, "What is this?", params) for row in batch]
+    assert rows == singles
+    assert len({row.text for row in rows}) > 1  # the rows differ, so a mix-up of rows would show
+    if with_stop:
+        assert rows[0].finish_reason == "stop" and any(row.finish_reason == "length" for row in rows)
+
+
+def test_batched_generation_is_greedy_only(model) -> None:
+    with pytest.raises(ValueError, match="greedily"):
+        model.generate_batch(torch.stack([tokens(0), tokens(1)]), "What?", SamplingParams(temperature=0.7, seed=1))
+
+
 def test_stream_pieces_concatenate_to_the_generated_text(model) -> None:
     params = SamplingParams(max_tokens=12, temperature=0.8, seed=1)
     stream = model.stream(tokens(2), "Describe it.", params)

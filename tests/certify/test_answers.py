@@ -1,0 +1,146 @@
+"""The certified answer's statistics (certify/answers.py) against ground truth: votes whose agreement
+probability p is known, so the true radius σ Φ⁻¹(p) of the smoothed classifier is known too."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from scipy.stats import binom, norm
+
+from fsmllm.certify.answers import (
+    AnswerConfig,
+    AnswerVoting,
+    answer_radius,
+    clopper_pearson_lower,
+    needed_probability,
+    normalise_answer,
+)
+
+SIGMA = 0.25
+
+
+def votes(p: float, count: int, rng: np.random.Generator) -> list[str]:
+    """``count`` votes, each "A cat." with probability p, else one of two other answers."""
+    agree = rng.random(count) < p
+    other = rng.integers(0, 2, count)
+    return ["A cat." if a else ("a dog" if o else "A bird!") for a, o in zip(agree, other)]
+
+
+def run(config: AnswerConfig, p: float, rng: np.random.Generator, seed: int = 0) -> AnswerVoting:
+    voting = AnswerVoting(config, seed)
+    while voting.wanted():
+        voting.add(votes(p, rng.integers(1, 70), rng))  # chunks of any size: the result must not depend on them
+    return voting
+
+
+def test_normalised_forms_agree() -> None:
+    assert normalise_answer("  A   cat. ") == normalise_answer("a cat") == "a cat"
+    assert normalise_answer("A cat!?") == "a cat"
+    assert normalise_answer("A cat.\n") == "a cat"
+    assert normalise_answer("a dog") != normalise_answer("a cat")
+    assert normalise_answer("3.5") == "3.5"  # only final punctuation goes
+
+
+def test_clopper_pearson_matches_its_definition() -> None:
+    """The exact bound L solves P(Binomial(n, L) ≥ k) = α (the one-sided Clopper–Pearson equation)."""
+    for k, n, alpha in [(81, 100, 0.01), (100, 100, 0.001), (1, 50, 0.05), (500, 1000, 0.1)]:
+        lower = clopper_pearson_lower(k, n, alpha)
+        assert binom.sf(k - 1, n, lower) == pytest.approx(alpha, rel=1e-6)
+    assert clopper_pearson_lower(0, 10, 0.01) == 0.0
+    assert clopper_pearson_lower(100, 100, 0.001) == pytest.approx(0.001 ** (1 / 100))
+
+
+def test_radius_is_cohen_theorem_1() -> None:
+    assert answer_radius(0.9, SIGMA) == pytest.approx(SIGMA * norm.ppf(0.9))
+    assert answer_radius(0.9, SIGMA, inner=4) == pytest.approx(SIGMA / 2 * norm.ppf(0.9))
+    assert answer_radius(0.5, SIGMA) is None and answer_radius(0.3, SIGMA) is None
+    assert answer_radius(needed_probability(0.3, SIGMA, 4), SIGMA, 4) == pytest.approx(0.3)
+
+
+def test_selection_chooses_the_most_frequent_answer_and_reports_votes() -> None:
+    voting = AnswerVoting(AnswerConfig(sigma=SIGMA, n0=5, n=4, alpha=0.1), seed=7)
+    voting.add(["a dog", "A cat.", "a cat", "A Cat!", "a dog"])
+    assert voting.chosen == "a cat"
+    voting.add(["a cat", "a dog", "A cat.", "a cat"])
+    certificate = voting.certificate()
+    assert (certificate.answer, certificate.agree, certificate.n) == ("A cat.", 3, 4)
+    assert certificate.votes[0] == ("A cat.", "a cat", 3) and certificate.votes[1][1:] == ("a dog", 1)
+    assert certificate.p_lower == pytest.approx(clopper_pearson_lower(3, 4, 0.1))
+
+
+def test_unfinished_voting_has_no_certificate() -> None:
+    voting = AnswerVoting(AnswerConfig(sigma=SIGMA, n0=2, n=10), seed=0)
+    voting.add(["a", "a", "a"])
+    with pytest.raises(RuntimeError, match="not finished"):
+        voting.certificate()
+
+
+def failure_count(config: AnswerConfig, p: float, trials: int, shrink: float = 1.0, seed: int = 0) -> int:
+    """How often the certified radius exceeds the true radius σ Φ⁻¹(p) (⇔ p̲ > p). ``shrink`` < 1 moves p̲
+    towards the observed share by that fraction of its margin: a bound with a too small margin."""
+    rng = np.random.default_rng(seed)
+    true_radius = SIGMA * norm.ppf(p)
+    failures = 0
+    for _ in range(trials):
+        certificate = run(config, p, rng).certificate()
+        share = certificate.agree / certificate.n
+        p_lower = share - shrink * (share - certificate.p_lower)
+        radius = answer_radius(p_lower, SIGMA, config.inner)
+        failures += radius is not None and radius > true_radius
+    return failures
+
+
+def allowed(trials: int, alpha: float) -> int:
+    """The most failures a valid bound produces except with probability 1e-6."""
+    return int(binom.isf(1e-6, trials, alpha))
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        AnswerConfig(sigma=SIGMA, n0=4, n=200, alpha=0.1),  # Clopper–Pearson at a fixed n
+        AnswerConfig(sigma=SIGMA, n0=4, n=400, alpha=0.1, radius=0.15),  # betting, stopping early
+    ],
+    ids=["clopper-pearson", "betting-early-stop"],
+)
+def test_certified_radius_exceeds_the_true_one_at_most_alpha_of_the_time(config: AnswerConfig) -> None:
+    """p = 0.8: the true radius is σ Φ⁻¹(0.8) ≈ 0.21; over 600 trials the certified radius may exceed it in at
+    most a share α of them. With the fixed-n bound, the same bound with half its margin must fail far more often
+    (the test's power; the anytime betting bound is looser by design, its power is tested in test_betting.py).
+    The early-stopping target (0.15) is reached in most trials, so the stop depends on the votes."""
+    trials = 600
+    failures = failure_count(config, 0.8, trials)
+    assert failures <= allowed(trials, config.alpha)
+    if config.radius is None:
+        assert failure_count(config, 0.8, trials, shrink=0.5) > allowed(trials, config.alpha)
+
+
+def test_early_stop_reaches_an_easy_target_with_fewer_votes() -> None:
+    """p = 1: the target radius 0.25 needs p̲ ≥ Φ(1) ≈ 0.84, reached long before 1000 votes; a target beyond
+    what p = 0.6 allows is given up early."""
+    rng = np.random.default_rng(1)
+    easy = run(AnswerConfig(sigma=SIGMA, n0=4, n=1000, alpha=0.001, radius=0.25), 1.0, rng).certificate()
+    assert easy.stopped_by == "target_reached" and easy.n < 200 and easy.radius is not None and easy.radius >= 0.25
+    hard = run(AnswerConfig(sigma=SIGMA, n0=4, n=2000, alpha=0.001, radius=0.5), 0.6, rng).certificate()
+    assert hard.stopped_by == "target_unreachable" and hard.n < 2000
+
+
+def test_checkpoints_make_the_result_independent_of_chunking() -> None:
+    config = AnswerConfig(sigma=SIGMA, n0=8, n=600, alpha=0.01, radius=0.3)
+    answers = votes(0.97, 608, np.random.default_rng(3))
+    results = []
+    for chunk in (1, 64, 608):
+        voting = AnswerVoting(config, seed=0)
+        for start in range(0, 608, chunk):
+            voting.add(answers[start : start + chunk])
+        results.append(voting.certificate())
+    assert results[0] == results[1] == results[2]
+
+
+def test_abstains_below_one_half() -> None:
+    certificate = run(AnswerConfig(sigma=SIGMA, n0=4, n=300, alpha=0.01), 0.45, np.random.default_rng(5)).certificate()
+    assert certificate.abstain and certificate.radius is None and not certificate.certified_at(0.0)
+    assert certificate.to_dict()["radius"] is None and certificate.to_dict()["abstain"] is True
+    assert math.isfinite(certificate.p_lower)
