@@ -6,6 +6,7 @@ extra field of the response.
 
 from __future__ import annotations
 
+import asyncio
 import io
 
 import httpx
@@ -13,6 +14,7 @@ import openai
 import pytest
 from PIL import Image
 
+from fsmllm.api.schemas import AnswerCertificateOut
 from fsmllm.api.settings import Settings
 from fsmllm.certify import SmoothedEncoder
 from fsmllm.images import to_pixels
@@ -122,6 +124,71 @@ def test_openai_client_works_unchanged_and_gets_the_certificate(server: LiveServ
         client.chat.completions.create(model="gpt-4o", messages=messages, max_tokens=4)
     with pytest.raises(openai.UnprocessableEntityError):
         client.chat.completions.create(model="tiny-test", messages=[{"role": "user", "content": PROMPT}], max_tokens=4)
+
+
+def test_certified_answer_over_json_multipart_and_the_openai_route(server: LiveServer) -> None:
+    """certify_answer: the answer certificate equals the runtime's own for the same seed (the votes are the
+    runtime's, nothing re-derived in the route), the same from a multipart form, and from the OpenAI route
+    (plain and streamed)."""
+    image = png_bytes(7)
+    body = generate(
+        server, image=data_url(image), seed=4, max_tokens=4, n=50, certify_answer={"n0": 8, "n": 64, "alpha": 0.01}
+    ).json()
+    voted = body["answer_certificate"]
+    assert voted["n0"] == 8 and voted["n"] == 64 and voted["bound"] == "clopper-pearson" and voted["seed"] == 4
+    assert sum(v["count"] for v in voted["votes"]) <= 64 and voted["agree"] == voted["votes"][0]["count"]
+    assert voted["abstain"] == (voted["radius"] is None) and body["timings"]["answer_ms"] > 0
+    assert "sigma/sqrt(inner)" in AnswerCertificateOut.model_fields["radius"].description
+
+    config = server.runtime.policy.answer_config(0.25, 8, 64, 0.01)
+    reference = asyncio.run(
+        server.runtime.certify_answer(Image.open(io.BytesIO(image)), PROMPT, config, SamplingParams(max_tokens=4), 4)
+    )
+    assert {k: v for k, v in voted.items() if k != "statement"} == reference.to_dict()
+
+    form = {"prompt": PROMPT, "seed": "4", "max_tokens": "4", "n": "50", "certify_answer": '{"n0": 8, "n": 64, "alpha": 0.01}'}
+    multipart = httpx.post(f"{server.url}/generate", files={"image": ("x.png", image, "image/png")}, data=form, timeout=60)
+    assert multipart.status_code == 200, multipart.text
+    assert multipart.json()["answer_certificate"] == voted
+
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+    messages = [{"role": "user", "content": [
+        {"type": "text", "text": PROMPT}, {"type": "image_url", "image_url": {"url": data_url(image)}},
+    ]}]
+    extra = {"certify_answer": {"n0": 8, "n": 64, "alpha": 0.01}, "certification": {"n": 50}}
+    completion = client.chat.completions.create(model="tiny-test", messages=messages, max_tokens=4, seed=4, extra_body=extra)
+    assert completion.model_extra["answer_certificate"] == voted
+    chunks = list(client.chat.completions.create(
+        model="tiny-test", messages=messages, max_tokens=4, seed=4, extra_body=extra, stream=True
+    ))
+    assert chunks[-1].model_extra["answer_certificate"] == voted
+
+
+def test_certified_answer_defaults_and_early_stop(server: LiveServer) -> None:
+    body = generate(server, seed=2, max_tokens=3, n=50, certify_answer=True).json()
+    assert (body["answer_certificate"]["n0"], body["answer_certificate"]["n_budget"]) == (32, 256)
+    stopped = generate(server, seed=2, max_tokens=3, n=50, certify_answer={"n": 2000, "radius": 0.05}).json()
+    voted = stopped["answer_certificate"]
+    assert voted["bound"] == "betting" and voted["target_radius"] == 0.05
+    assert voted["stopped_by"] in ("target_reached", "target_unreachable") and voted["n"] < 2000
+    assert generate(server, max_tokens=3, n=50).json()["answer_certificate"] is None
+
+
+@pytest.mark.parametrize(
+    ("answer", "fragment"),
+    [
+        ({"n": 1}, "certify_answer.n"),
+        ({"radius": -0.1}, "certify_answer.radius"),
+        ({"inner": 40}, "certify_answer.inner"),
+        ({"votes": 3}, "votes"),
+        ("{not json", "not valid JSON"),
+        ({"n": 10**7, "inner": 16}, "exceeds this deployment's maximum"),
+    ],
+)
+def test_bad_answer_options_get_422(server: LiveServer, answer: object, fragment: str) -> None:
+    response = generate(server, n=50, certify_answer=answer)
+    assert response.status_code == 422, response.text
+    assert fragment in response.json()["error"]["message"]
 
 
 def test_certificate_only_deployments_refuse_generation_clearly() -> None:

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
+from PIL import Image
 
 from fsmllm.api.inputs import image_and_params
 from fsmllm.api.schemas import (
+    AnswerCertificateOut,
+    AnswerCertification,
     CertificateOut,
     CertifiedRadius,
     CertifyParams,
@@ -25,11 +30,14 @@ from fsmllm.api.schemas import (
     TokenBound,
 )
 from fsmllm.api.streaming import ProgressCallback, progress_stream, unless_disconnected
-from fsmllm.certify import Certificate
+from fsmllm.certify import Certificate, SmoothingConfig
+from fsmllm.certify.answers import AnswerCertificate
 from fsmllm.engine.certifier import CertifyOutcome
 from fsmllm.engine.runtime import Runtime
+from fsmllm.lm.base import Generation, SamplingParams
 
 router = APIRouter()
+T = TypeVar("T")
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorResponse, "description": description}
@@ -96,6 +104,45 @@ def certificate_out(
     )
 
 
+def answer_certificate_out(certificate: AnswerCertificate) -> AnswerCertificateOut:
+    return AnswerCertificateOut.model_validate(certificate.to_dict())
+
+
+async def answer_and_certificates(
+    runtime: Runtime,
+    answer: Callable[[], Awaitable[T]],
+    image: Image.Image,
+    prompt: str,
+    config: SmoothingConfig,
+    options: AnswerCertification | None,
+    sampling: SamplingParams,
+    seed: int | None,
+) -> tuple[T, AnswerCertificate | None, float]:
+    """``answer()`` and, when asked, the certified answer (its votes), run side by side: the votes share the
+    device worker and the language model with the answer's own work. Either failing cancels the other. Returns
+    the answer, the answer certificate (or None) and the seconds the votes took."""
+    if options is None:
+        return await answer(), None, 0.0
+    answer_config = runtime.policy.answer_config(
+        config.sigma, options.n0, options.n, options.alpha, options.inner, options.radius
+    )
+    started = time.perf_counter()
+
+    async def votes() -> tuple[AnswerCertificate, float]:
+        certificate = await runtime.certify_answer(image, prompt, answer_config, sampling, seed)
+        return certificate, time.perf_counter() - started
+
+    main, voted = asyncio.ensure_future(answer()), asyncio.ensure_future(votes())
+    try:
+        await asyncio.gather(main, voted)
+    except BaseException:  # the first error (or the caller gone): stop the other side, then report it
+        main.cancel()
+        voted.cancel()
+        await asyncio.gather(main, voted, return_exceptions=True)
+        raise
+    return main.result(), *voted.result()
+
+
 def _runtime(request: Request) -> Runtime:
     return request.app.state.runtime
 
@@ -105,7 +152,7 @@ def _limits(request: Request) -> tuple[int, int]:
     return settings.max_body_bytes, settings.max_image_pixels
 
 
-def _error_event(error: BaseException) -> dict[str, Any]:
+def error_event(error: BaseException) -> dict[str, Any]:
     return {"type": type(error).__name__, "message": str(error) or type(error).__name__}
 
 
@@ -140,7 +187,7 @@ async def certify(request: Request) -> Any:
         return response.model_dump()
 
     if params.stream:
-        return progress_stream(work, _error_event)
+        return progress_stream(work, error_event)
     return JSONResponse(await unless_disconnected(request, work(None)))
 
 
@@ -168,10 +215,16 @@ async def generate(request: Request) -> Any:
 
     async def work(on_progress: ProgressCallback | None) -> dict[str, Any]:
         started = time.perf_counter()
-        outcome = await runtime.certify(image, config, radii, params.seed, on_progress, stop)
-        generation_started = time.perf_counter()
-        generation = await runtime.generate(outcome.certificate, params.prompt, sampling)
-        done = time.perf_counter()
+
+        async def answer() -> tuple[CertifyOutcome, Generation, float]:
+            outcome = await runtime.certify(image, config, radii, params.seed, on_progress, stop)
+            generation_started = time.perf_counter()
+            generation = await runtime.generate(outcome.certificate, params.prompt, sampling)
+            return outcome, generation, time.perf_counter() - generation_started
+
+        (outcome, generation, generate_s), voted, answer_s = await answer_and_certificates(
+            runtime, answer, image, params.prompt, config, params.certify_answer, sampling, params.seed
+        )
         response = GenerateResponse(
             id=request_id,
             model=runtime.model_name,
@@ -180,17 +233,19 @@ async def generate(request: Request) -> Any:
             prompt_tokens=generation.prompt_tokens,
             completion_tokens=generation.completion_tokens,
             certificate=certificate_out(runtime, outcome, per_token=params.per_token),
+            answer_certificate=None if voted is None else answer_certificate_out(voted),
             timings=Timings(
                 queue_ms=outcome.queue_seconds * 1e3,
                 certify_ms=outcome.compute_seconds * 1e3,
-                generate_ms=(done - generation_started) * 1e3,
-                total_ms=(done - started) * 1e3,
+                generate_ms=generate_s * 1e3,
+                answer_ms=answer_s * 1e3,
+                total_ms=(time.perf_counter() - started) * 1e3,
             ),
         )
         return response.model_dump()
 
     if params.stream:
-        return progress_stream(work, _error_event)
+        return progress_stream(work, error_event)
     return JSONResponse(await unless_disconnected(request, work(None)))
 
 

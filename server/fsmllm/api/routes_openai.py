@@ -7,6 +7,7 @@ extra ``certification`` object (``extra_body`` in the openai client); otherwise 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
@@ -18,7 +19,7 @@ from fastapi.responses import StreamingResponse
 
 from fsmllm.api.errors import RequestError
 from fsmllm.api.images import decode_base64_image, open_image
-from fsmllm.api.routes_certify import ERRORS, certificate_out
+from fsmllm.api.routes_certify import ERRORS, error_event, answer_and_certificates, answer_certificate_out, certificate_out
 from fsmllm.api.schemas import (
     CertificationParams,
     ChatChoice,
@@ -30,7 +31,9 @@ from fsmllm.api.schemas import (
     Usage,
 )
 from fsmllm.api.streaming import unless_disconnected
+from fsmllm.engine.certifier import CertifyOutcome
 from fsmllm.engine.runtime import Runtime
+from fsmllm.lm.base import Generation
 
 router = APIRouter(prefix="/v1")
 
@@ -81,13 +84,24 @@ async def chat_completions(request: Request, chat: ChatCompletionRequest) -> Any
     stop = runtime.policy.stop_rule(config, radii, cert_params.stop_at_fcsb)
     seed = chat.seed if chat.seed is not None else cert_params.seed
     sampling = runtime.policy.sampling(chat.max_tokens, chat.temperature, chat.top_p, seed, chat.stop_list())
+    answer_config = None
+    if chat.certify_answer is not None:
+        options = chat.certify_answer
+        answer_config = runtime.policy.answer_config(
+            config.sigma, options.n0, options.n, options.alpha, options.inner, options.radius
+        )
     request_id = f"chatcmpl-{request.state.request_id}"
     created = int(time.time())
-    outcome = await unless_disconnected(request, runtime.certify(image, config, radii, seed, stop=stop))
-    certificate = certificate_out(runtime, outcome, per_token=cert_params.per_token)
 
     if not chat.stream:
-        generation = await unless_disconnected(request, runtime.generate(outcome.certificate, question, sampling))
+        async def answer() -> tuple[CertifyOutcome, Generation]:
+            outcome = await runtime.certify(image, config, radii, seed, stop=stop)
+            return outcome, await runtime.generate(outcome.certificate, question, sampling)
+
+        (outcome, generation), voted, _ = await unless_disconnected(
+            request,
+            answer_and_certificates(runtime, answer, image, question, config, chat.certify_answer, sampling, seed),
+        )
         return ChatCompletionResponse(
             id=request_id,
             created=created,
@@ -98,8 +112,12 @@ async def chat_completions(request: Request, chat: ChatCompletionRequest) -> Any
                 completion_tokens=generation.completion_tokens,
                 total_tokens=generation.prompt_tokens + generation.completion_tokens,
             ),
-            certificate=certificate,
+            certificate=certificate_out(runtime, outcome, per_token=cert_params.per_token),
+            answer_certificate=None if voted is None else answer_certificate_out(voted),
         )
+
+    outcome = await unless_disconnected(request, runtime.certify(image, config, radii, seed, stop=stop))
+    certificate = certificate_out(runtime, outcome, per_token=cert_params.per_token)
 
     def chunk(delta: dict[str, Any], finish_reason: str | None = None, **extra: Any) -> str:
         body = {
@@ -113,19 +131,34 @@ async def chat_completions(request: Request, chat: ChatCompletionRequest) -> Any
         return f"data: {json.dumps(body)}\n\n"
 
     async def events() -> AsyncIterator[str]:
-        yield chunk({"role": "assistant", "content": ""})
-        stream = runtime.stream(outcome.certificate, question, sampling)
-        async with aclosing(runtime.pieces(stream)) as pieces:  # closed early (client gone): generation cancelled
-            async for piece in pieces:
-                yield chunk({"content": piece})
-        generation = stream.result()
-        usage = Usage(
-            prompt_tokens=generation.prompt_tokens,
-            completion_tokens=generation.completion_tokens,
-            total_tokens=generation.prompt_tokens + generation.completion_tokens,
-        )
-        yield chunk({}, generation.finish_reason, usage=usage.model_dump(), certificate=certificate.model_dump())
-        yield "data: [DONE]\n\n"
+        # the votes of a certified answer run beside the streamed answer; their certificate comes in the last chunk
+        votes = None
+        if answer_config is not None:
+            votes = asyncio.ensure_future(runtime.certify_answer(image, question, answer_config, sampling, seed))
+        try:
+            yield chunk({"role": "assistant", "content": ""})
+            stream = runtime.stream(outcome.certificate, question, sampling)
+            async with aclosing(runtime.pieces(stream)) as pieces:  # closed early (client gone): generation cancelled
+                async for piece in pieces:
+                    yield chunk({"content": piece})
+            generation = stream.result()
+            usage = Usage(
+                prompt_tokens=generation.prompt_tokens,
+                completion_tokens=generation.completion_tokens,
+                total_tokens=generation.prompt_tokens + generation.completion_tokens,
+            )
+            extra: dict[str, Any] = {"usage": usage.model_dump(), "certificate": certificate.model_dump()}
+            if votes is not None:
+                try:
+                    extra["answer_certificate"] = answer_certificate_out(await votes).model_dump()
+                except Exception as error:  # noqa: BLE001 - the stream has started: report in-band
+                    yield f"data: {json.dumps({'error': error_event(error)})}\n\n"
+                    return
+            yield chunk({}, generation.finish_reason, **extra)
+            yield "data: [DONE]\n\n"
+        finally:  # also when the client has gone: stop the votes
+            if votes is not None:
+                votes.cancel()
 
     return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 

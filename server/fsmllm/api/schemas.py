@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -119,7 +120,66 @@ class GenerationParams(BaseModel):
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
 
 
-class GenerateParams(CertificationParams, GenerationParams):
+ANSWER_STATEMENT = (
+    "With probability at least 1 - alpha over the noise: unless abstain, the smoothed model (the answer most "
+    "likely under Gaussian noise of level sigma on the image, greedy, normalised: whitespace, case and final "
+    "punctuation ignored) answers 'answer' for every image x' within l2 distance radius of x (Cohen et al. 2019)"
+)
+
+
+class AnswerCertification(BaseModel):
+    """Certify the answer itself (CERTIFY on the whole model): n0 + n greedy answers from noisy copies vote."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    n0: int = Field(32, ge=1, description="selection votes: the most frequent answer among them is certified", examples=[32])
+    n: int = Field(
+        256, ge=2, description="estimation votes (a budget when radius is set): each is one generation", examples=[256]
+    )
+    alpha: float = Field(0.001, gt=0, lt=1, description="failure probability of the answer certificate", examples=[0.001])
+    radius: float | None = Field(
+        None,
+        gt=0,
+        description="target l2 radius: stop voting once the answer is certified to it, or once it cannot be "
+        "(anytime-valid betting bound instead of Clopper-Pearson)",
+        examples=[0.25],
+    )
+    inner: int = Field(
+        1,
+        ge=1,
+        le=16,
+        description="noisy copies averaged per vote; the certified radius is divided by sqrt(inner) (method.md)",
+        examples=[1],
+    )
+
+
+class AnswerParams(BaseModel):
+    certify_answer: AnswerCertification | None = Field(
+        None,
+        description="certify the answer itself: true for the defaults, or an object (n0, n, alpha, radius, inner); "
+        "in a multipart form, 'true' or that object as JSON text",
+        examples=[{"n": 256, "radius": 0.25}],
+    )
+
+    @field_validator("certify_answer", mode="before")
+    @classmethod
+    def _answer_options(cls, value: object) -> object:
+        if isinstance(value, str):  # a multipart form field
+            text = value.strip()
+            if text.startswith("{"):
+                try:
+                    return json.loads(text)
+                except json.JSONDecodeError as error:
+                    raise ValueError(f"certify_answer is not valid JSON: {error}") from None
+            value = {"true": True, "1": True, "false": False, "0": False}.get(text.lower(), value)
+        if value is True:
+            return AnswerCertification()
+        if value is False:
+            return None
+        return value
+
+
+class GenerateParams(CertificationParams, GenerationParams, AnswerParams):
     prompt: str = Field(..., min_length=1, description="the question about the image", examples=["What is this?"])
 
 
@@ -162,6 +222,7 @@ class Timings(BaseModel):
     queue_ms: float = 0.0
     certify_ms: float = 0.0
     generate_ms: float = 0.0
+    answer_ms: float = Field(0.0, description="certifying the answer (its votes), when asked")
     total_ms: float = 0.0
 
 
@@ -205,6 +266,36 @@ class CertifyResponse(BaseModel):
     timings: Timings
 
 
+class AnswerVote(BaseModel):
+    answer: str = Field(description="the answer as first generated")
+    normalised: str = Field(description="the form in which votes are compared")
+    count: int = Field(description="estimation votes for it")
+
+
+class AnswerCertificateOut(BaseModel):
+    """The certified answer (method.md, "Certified answers"); it may differ from the streamed ``answer``, which
+    the model generates once from the smoothed features."""
+
+    statement: str = Field(ANSWER_STATEMENT, description="what the answer certificate states")
+    answer: str = Field(description="the certified answer (the selection votes' most frequent one)")
+    normalised: str
+    p_lower: float = Field(description="(1 - alpha) lower confidence bound on the probability that a vote gives it")
+    radius: float | None = Field(description="certified l2 radius sigma/sqrt(inner) * Phi^-1(p_lower); null: abstain")
+    abstain: bool = Field(description="true when p_lower <= 1/2: no radius is certified")
+    votes: list[AnswerVote] = Field(description="the most frequent answers among the estimation votes")
+    agree: int = Field(description="estimation votes for the certified answer")
+    n0: int
+    n: int = Field(description="estimation votes used (fewer than n_budget when voting stopped early)")
+    n_budget: int
+    stopped_by: Literal["budget", "target_reached", "target_unreachable"]
+    alpha: float
+    sigma: float
+    inner: int
+    bound: Literal["clopper-pearson", "betting"]
+    target_radius: float | None
+    seed: int
+
+
 class GenerateResponse(BaseModel):
     id: str
     model: str
@@ -213,6 +304,9 @@ class GenerateResponse(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     certificate: CertificateOut
+    answer_certificate: AnswerCertificateOut | None = Field(
+        None, description="with certify_answer: the certified answer and its radius"
+    )
     timings: Timings
 
 
@@ -248,7 +342,7 @@ class ChatMessage(BaseModel):
     content: str | list[TextPart | ImagePart]
 
 
-class ChatCompletionRequest(GenerationParams):
+class ChatCompletionRequest(GenerationParams, AnswerParams):
     model_config = ConfigDict(extra="ignore")  # OpenAI clients send fields we do not use (n=1, user, ...)
 
     model: str | None = None
@@ -284,6 +378,9 @@ class ChatCompletionResponse(BaseModel):
     choices: list[ChatChoice]
     usage: Usage
     certificate: CertificateOut = Field(description="fsmllm extension: the certificate of the image's features")
+    answer_certificate: AnswerCertificateOut | None = Field(
+        None, description="fsmllm extension, with certify_answer: the certified answer and its radius"
+    )
 
 
 class ModelCard(BaseModel):
