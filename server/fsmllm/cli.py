@@ -3,16 +3,25 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import json
 import os
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a model hub: every weight ships in a package
 
 from fsmllm.certify import BOUND_METHODS, GRANULARITIES, Certificate, CosineClassifier  # noqa: E402
 from fsmllm.encoders.base import VisionEncoder  # noqa: E402
+
+if TYPE_CHECKING:
+    import torch
+
+    from fsmllm.certify.answers import AnswerCertificate
+    from fsmllm.lm.base import SamplingParams
+    from fsmllm.lm.vlm import ProjectedVLM
 
 
 def _add_certify_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -324,6 +333,17 @@ def _add_generate_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--booster", default="none", help="Gaussian Smoothness Booster name or folder, or none")
+    answer = parser.add_argument_group(
+        "certified answer", "CERTIFY on the answer itself: greedy answers from noisy copies vote (method.md)"
+    )
+    answer.add_argument("--certify-answer", action="store_true", help="also certify the answer (n0 + n generations)")
+    answer.add_argument("--answer-n0", type=int, default=32, help="selection votes (default 32)")
+    answer.add_argument("--answer-n", type=int, default=256, help="estimation votes, a budget with --answer-radius (default 256)")
+    answer.add_argument("--answer-alpha", type=float, default=0.001, help="failure probability (default 0.001)")
+    answer.add_argument(
+        "--answer-radius", type=float, default=None, help="target radius: stop voting once certified to it (betting bound)"
+    )
+    answer.add_argument("--answer-inner", type=int, default=1, help="noisy copies per vote (radius / sqrt(inner))")
     _add_smoothing_arguments(parser)
     parser.set_defaults(handler=_generate)
 
@@ -338,14 +358,49 @@ def _generate(args: argparse.Namespace) -> int:
     model = load_model(args.model, device=args.device)
     cert, shape = _smooth(args, encoder, args.image)
     answer = model.generate(cert.smoothed_feature.reshape(encoder.num_tokens, encoder.token_dim), args.prompt, params)
+    voted = _certify_answer(args, encoder, model, params) if args.certify_answer else None
     if args.json:
         print(json.dumps({"model": spec.name, "answer": answer.text, "finish_reason": answer.finish_reason,
                           "certificate": cert.to_dict(per_token=args.per_token) | {"encoder": spec.encoder, "booster": args.booster,
-                                                           "input_shape": list(shape)}}, indent=2))
+                                                           "input_shape": list(shape)},
+                          "answer_certificate": None if voted is None else voted.to_dict()}, indent=2))
     else:
         print(f"answer: {answer.text}\n")
         print(_format_table(cert, spec.encoder, args.booster, shape, {}))
+        if voted is not None:
+            print(f"\n{_format_answer(voted)}")
     return 0
+
+
+def _certify_answer(args: argparse.Namespace, encoder: VisionEncoder, model: ProjectedVLM, params: SamplingParams) -> AnswerCertificate:
+    """The certified answer (method.md, "Certified answers") with the --answer-* options, at --sigma."""
+    from fsmllm.certify import new_seed
+    from fsmllm.certify.answers import AnswerConfig, certify_answer
+    from fsmllm.images import load_image, to_pixels
+
+    config = AnswerConfig(args.sigma, args.answer_n0, args.answer_n, args.answer_alpha, args.answer_inner, args.answer_radius)
+    greedy = dataclasses.replace(params, temperature=0.0, top_p=1.0, seed=None)
+    shape = (-1, encoder.num_tokens, encoder.token_dim)
+
+    def answer(features: torch.Tensor) -> list[str]:
+        return [g.text for g in model.generate_batch(features.reshape(shape), args.prompt, greedy)]
+
+    pixels = to_pixels(load_image(args.image), encoder.image_size).to(args.device)
+    seed = new_seed() if args.seed is None else args.seed
+    return certify_answer(pixels, encoder, answer, config, seed, args.batch_size)
+
+
+def _format_answer(voted: AnswerCertificate) -> str:
+    cfg = voted.config
+    radius = "abstain (p_lower <= 1/2)" if voted.radius is None else f"{voted.radius:.4f} (l2)"
+    votes = ", ".join(f"{text!r} x{count}" for text, _, count in voted.votes)
+    return (
+        f"certified answer: {voted.answer!r}\n"
+        f"  radius:   {radius}\n"
+        f"  p_lower:  {voted.p_lower:.4f} ({cfg.bound}, alpha {cfg.alpha:g}, {voted.agree}/{voted.n} votes agree,"
+        f" n0 {cfg.n0}, stopped by {voted.stopped_by}, seed {voted.seed})\n"
+        f"  votes:    {votes}"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:

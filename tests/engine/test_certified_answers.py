@@ -15,7 +15,8 @@ from scipy.stats import binom, norm
 from fsmllm.api.serve import policy_from
 from fsmllm.api.settings import Settings
 from fsmllm.encoders.base import VisionEncoder
-from fsmllm.engine.runtime import Runtime, vote_chunks
+from fsmllm.certify.answers import certify_answer, vote_chunks
+from fsmllm.engine.runtime import Runtime
 from fsmllm.lm.base import Generation, SamplingParams, TextStream
 
 from ..certify.analytic import unit_direction
@@ -110,6 +111,23 @@ def test_same_seed_same_certificate_whatever_the_batching() -> None:
     packed = certify_all(runtime_at(z, batch_size=7), requests + [(8, 100, 9, None)])[:2]
     assert alone == packed
     assert alone[1].stopped_by == "target_reached" and alone[1].n < 500
+
+
+def test_the_runtime_equals_the_reference_executor() -> None:
+    """The server's path (worker jobs, prefetched chunks, LM threads) gives exactly the certificate that
+    certify_answer computes in one thread from the same seed."""
+    runtime = runtime_at(SIGMA * norm.ppf(0.9))
+    served = certify_all(runtime, [(8, 150, 11, None), (70, 200, 12, 0.2)])
+    model = SideModel()
+    pixels = runtime.pixels(IMAGE)
+    for certificate, (n0, n, seed, radius) in zip(served, [(8, 150, 11, None), (70, 200, 12, 0.2)]):
+        config = runtime.policy.answer_config(SIGMA, n0, n, 0.2, radius=radius)
+
+        def answer(features: torch.Tensor) -> list[str]:
+            tokens = features.reshape(-1, 1, 2)
+            return [g.text for g in model.generate_batch(tokens, "Which side?", SamplingParams(max_tokens=4))]
+
+        assert certify_answer(pixels, runtime.encoder, answer, config, seed, batch_size=13) == certificate
 
 
 def test_other_seeds_other_votes_and_the_far_side_answers_right() -> None:

@@ -21,20 +21,25 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
 from scipy.stats import binomtest, norm
 
+import torch
+
 from fsmllm.certify.bounds import betting_lower_bound, upper_bound
-from fsmllm.certify.smoothing import is_checkpoint
+from fsmllm.certify.smoothing import Encode, SampleRun, is_checkpoint, run_batched
 
 #: characters dropped at the end of an answer before votes are compared ("A cat." and "a cat" agree)
 FINAL_PUNCTUATION = ".!?,;:。！？…\"'”’)"
 #: how many of the most frequent answers a certificate lists
 LISTED_VOTES = 5
+
+#: votes per batch of samples and per batched generation; it fixes which noise each vote of a seed gets
+VOTE_CHUNK = 64
 
 AnswerBound = Literal["clopper-pearson", "betting"]
 AnswerStop = Literal["budget", "target_reached", "target_unreachable"]
@@ -248,3 +253,35 @@ class AnswerVoting:
             stopped_by=self.stopped_by or "budget",
             votes=tuple((self._display[key], key, count) for key, count in self._counts.most_common(LISTED_VOTES)),
         )
+
+
+def vote_chunks(n0: int, n: int) -> list[int]:
+    """The sizes of the vote chunks: the selection votes, then the estimation votes, each in chunks of at most
+    VOTE_CHUNK (a function of n0 and n only, so that a seed's votes do not depend on the load)."""
+    return [min(VOTE_CHUNK, total - start) for total in (n0, n) for start in range(0, total, VOTE_CHUNK)]
+
+
+def chunk_seed(seed: int, chunk: int) -> int:
+    """The noise seed of vote chunk ``chunk`` of an answer certificate with ``seed`` (independent streams)."""
+    return int(np.random.SeedSequence([seed, chunk]).generate_state(1, np.uint64)[0] >> np.uint64(1))
+
+
+def certify_answer(
+    pixels: torch.Tensor,
+    encode: Encode,
+    answer: Callable[[torch.Tensor], list[str]],
+    config: AnswerConfig,
+    seed: int,
+    batch_size: int = 64,
+) -> AnswerCertificate:
+    """The certified answer for one image [C, H, W], computed here, chunk after chunk (the reference executor;
+    the server's runtime does the same with shared batches and the next chunk's samples computed while the
+    model answers): ``answer(features [k, D])`` gives the greedy answers of k votes from their features."""
+    voting = AnswerVoting(config, seed)
+    for index, count in enumerate(vote_chunks(config.n0, config.n)):
+        run = SampleRun(pixels, config.sigma, count, chunk_seed(seed, index), config.inner)
+        run_batched([run], encode, batch_size)
+        voting.add(answer(run.features()))
+        if voting.done:
+            break
+    return voting.certificate()

@@ -17,12 +17,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Protocol
 
-import numpy as np
 import torch
 from PIL import Image
 
 from fsmllm.certify import ANYTIME_METHODS, Certificate, SmoothingConfig, StopRule, new_seed
-from fsmllm.certify.answers import AnswerCertificate, AnswerConfig, AnswerVoting
+from fsmllm.certify.answers import AnswerCertificate, AnswerConfig, AnswerVoting, chunk_seed, vote_chunks
 from fsmllm.encoders.base import VisionEncoder
 from fsmllm.engine.certifier import Certifier, CertifyOutcome
 from fsmllm.engine.jobs import ProgressCallback
@@ -43,21 +42,6 @@ class VisionLanguageModel(Protocol):
     def stream(self, visual_tokens: torch.Tensor, prompt: str, params: SamplingParams) -> TextStream: ...
 
     def generate_batch(self, visual_tokens: torch.Tensor, prompt: str, params: SamplingParams) -> list[Generation]: ...
-
-
-#: votes per worker job and per batched generation; it fixes which noise each vote of a seed gets
-VOTE_CHUNK = 64
-
-
-def vote_chunks(n0: int, n: int) -> list[int]:
-    """The sizes of the vote chunks: the selection votes, then the estimation votes, each in chunks of at most
-    VOTE_CHUNK (a function of n0 and n only, so that a seed's votes do not depend on the load)."""
-    return [min(VOTE_CHUNK, total - start) for total in (n0, n) for start in range(0, total, VOTE_CHUNK)]
-
-
-def chunk_seed(seed: int, chunk: int) -> int:
-    """The noise seed of vote chunk ``chunk`` of an answer certificate with ``seed`` (independent streams)."""
-    return int(np.random.SeedSequence([seed, chunk]).generate_state(1, np.uint64)[0] >> np.uint64(1))
 
 
 class PolicyError(ValueError):
