@@ -9,6 +9,7 @@ from fsmllm_client._protocol import CertificationOptions, CertifyOptions, Genera
 from fsmllm_client.client import AsyncClient, Client
 from fsmllm_client.errors import AuthError, BadRequest, FsmllmError, Overloaded, ServerError, Unreachable
 from fsmllm_client.models import (
+    AnswerCertificate,
     Certificate,
     CertifiedRadius,
     CertifyResult,
@@ -23,6 +24,7 @@ from fsmllm_client.models import (
 )
 
 __all__ = [
+    "AnswerCertificate",
     "AsyncClient",
     "AuthError",
     "BadRequest",

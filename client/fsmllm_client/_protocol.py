@@ -76,6 +76,8 @@ class GenerateOptions(CertificationOptions, total=False):
     temperature: float
     top_p: float
     stop: str | Sequence[str]
+    #: certify the answer itself: True for the server's defaults, or {n0, n, alpha, radius, inner}
+    certify_answer: bool | Mapping[str, Any]
 
 
 def image_data_url(image: ImageInput) -> str:
@@ -180,6 +182,9 @@ def generate_call(image: ImageInput, prompt: str, options: Mapping[str, Any]) ->
     sampling: dict[str, Any] = {key: chosen[key] for key in ("max_tokens", "temperature", "top_p") if key in chosen}
     if "stop" in chosen:
         sampling["stop"] = [chosen["stop"]] if isinstance(chosen["stop"], str) else list(chosen["stop"])
+    if chosen.get("certify_answer"):
+        answer = chosen["certify_answer"]
+        sampling["certify_answer"] = {} if answer is True else dict(answer)
     body = {"image": image_data_url(image), "prompt": prompt, **sampling, **_certification_fields(chosen)}
     return Call("POST", "/generate", GenerateResult, body, chosen.get("progress"))
 

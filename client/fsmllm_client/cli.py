@@ -12,7 +12,7 @@ from typing import Any
 from fsmllm_client._protocol import DEFAULT_URL
 from fsmllm_client.client import Client
 from fsmllm_client.errors import FsmllmError
-from fsmllm_client.models import Certificate
+from fsmllm_client.models import AnswerCertificate, Certificate
 from fsmllm_client.plot import PlotUnavailable, plot_certificate, radius_grid, require_matplotlib
 
 #: the server's default radii (when a request names none) and its default max_radii per request
@@ -69,6 +69,12 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--top-p", type=float)
     generate.add_argument("--stop", nargs="+", help="stop strings")
     generate.add_argument("--radius", type=float, nargs="+", help="l2 radii ε to certify")
+    generate.add_argument("--certify-answer", action="store_true", help="also certify the answer itself (votes)")
+    generate.add_argument("--answer-n", type=int, help="estimation votes of the certified answer (server default 256)")
+    generate.add_argument(
+        "--answer-radius", type=float, help="stop voting once the answer is certified to this l2 radius"
+    )
+    generate.add_argument("--plot", metavar="PNG", help="draw the certificate (and the certified answer's radius)")
     _add_certification_arguments(generate)
     return parser
 
@@ -161,16 +167,35 @@ def _generate(client: Client, args: argparse.Namespace) -> int:
         "radii": args.radius, "sigma": args.sigma, "n0": args.n0, "n": args.n, "alpha": args.alpha, "seed": args.seed,
         "stop_at_fcsb": args.stop_at_fcsb, "granularity": args.granularity, "per_token": args.per_token or None,
     }
+    if args.certify_answer or args.answer_n is not None or args.answer_radius is not None:
+        answer = {"n": args.answer_n, "radius": args.answer_radius}
+        options["certify_answer"] = {key: value for key, value in answer.items() if value is not None}
+    if args.plot:
+        require_matplotlib()
     with _progress_bar(not args.json) as progress:
         options["progress"] = progress  # None: no stream
         result = client.generate(args.image, args.prompt, **options)
+    if args.plot:
+        plot_certificate(result.certificate, args.plot, args.radius or (), answer=result.answer_certificate)
     if args.json:
         print(result.model_dump_json(indent=2))
     else:
         print(result.answer)
         print(f"({result.model}, {result.completion_tokens} tokens, finish: {result.finish_reason})\n")
         _print_certificate(result.certificate, None)
+        if result.answer_certificate is not None:
+            _print_answer(result.answer_certificate)
+        if args.plot:
+            print(f"plot written to {args.plot}")
     return 0
+
+
+def _print_answer(voted: AnswerCertificate) -> None:
+    radius = "abstain (p_lower <= 1/2: not certified)" if voted.radius is None else f"{voted.radius:.4f} (l2)"
+    votes = ", ".join(f"{vote.answer!r} x{vote.count}" for vote in voted.votes)
+    print(f"\ncertified answer: {voted.answer!r}\n  radius:   {radius}")
+    print(f"  p_lower:  {voted.p_lower:.4f} ({voted.bound}, alpha {voted.alpha:g}, {voted.agree}/{voted.n} votes agree)")
+    print(f"  votes:    {votes}")
 
 
 def _health(client: Client) -> int:

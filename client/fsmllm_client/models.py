@@ -89,8 +89,39 @@ class CertifyResult(_Model):
     timings: Timings
 
 
+class AnswerVote(_Model):
+    answer: str
+    normalised: str
+    count: int
+
+
+class AnswerCertificate(_Model):
+    """The certified answer: unless ``abstain``, the smoothed model answers ``answer`` for every image within
+    l2 distance ``radius`` (probability ≥ 1 − ``alpha``)."""
+
+    answer: str
+    normalised: str
+    p_lower: float
+    radius: float | None
+    abstain: bool
+    votes: list[AnswerVote]
+    agree: int
+    n0: int
+    n: int
+    n_budget: int
+    stopped_by: str
+    alpha: float
+    sigma: float
+    inner: int
+    bound: str
+    target_radius: float | None = None
+    seed: int
+    statement: str = ""
+
+
 class GenerateResult(_Model):
-    """The answer of ``POST /generate``: the model's answer and the certificate of the features it read."""
+    """The answer of ``POST /generate``: the model's answer and the certificate of the features it read (and,
+    with ``certify_answer``, the certified answer)."""
 
     id: str
     model: str
@@ -99,6 +130,7 @@ class GenerateResult(_Model):
     prompt_tokens: int
     completion_tokens: int
     certificate: Certificate
+    answer_certificate: AnswerCertificate | None = None
     timings: Timings
 
 

@@ -6,7 +6,7 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
-from fsmllm_client.models import Certificate
+from fsmllm_client.models import AnswerCertificate, Certificate
 
 #: pixels of the saved figure: FIGSIZE inches x DPI
 FIGSIZE = (8.0, 5.0)
@@ -34,13 +34,18 @@ def radius_grid(sigma: float, points: int) -> list[float]:
 
 
 def plot_certificate(
-    certificate: Certificate, path: str | Path, highlight: Sequence[float] = (), compare: Certificate | None = None
+    certificate: Certificate,
+    path: str | Path,
+    highlight: Sequence[float] = (),
+    compare: Certificate | None = None,
+    answer: AnswerCertificate | None = None,
 ) -> None:
     """Write a PNG of the certified FCSB (the bound) and the estimated FCSB against the l2 radius.
 
     ``highlight``: radii the user asked for, marked on the certified curve. A target cosine and its certified
     radius, when the certificate has them, are drawn as guide lines. ``compare``: a second certificate whose
     certified curve is drawn beside (the global one beside a token-level one, from the same noise).
+    ``answer``: a certified answer, whose radius is drawn as a vertical line (the answer cannot change within it).
     """
     require_matplotlib()
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -78,6 +83,8 @@ def plot_certificate(
         axes.axhline(target.target_cos, color="tab:green", linestyle=":", label=f"target cosine {target.target_cos:g}")
         if target.radius is not None:
             axes.axvline(target.radius, color="tab:green", linestyle="-.", label=f"certified radius {target.radius:.3g}")
+    if answer is not None and answer.radius is not None:
+        axes.axvline(answer.radius, color="tab:brown", linestyle="--", label=f"answer {answer.answer!r} certified to {answer.radius:.3g}")
     if not any(math.isfinite(value) for value in certified):
         note = "abstain: nothing certified at any radius (ask for a larger n)"
         axes.text(0.5, 0.5, note, transform=axes.transAxes, ha="center", color="tab:red")
