@@ -181,3 +181,25 @@ def smoothed_feature(
             noise = torch.randn((count, *x.shape), generator=generator, device=x.device, dtype=x.dtype)
             total = total + features(encode, x[None] + sigma * noise).sum(0)
     return total / n
+
+
+def vote_attack(
+    encode: Encode,
+    x: torch.Tensor,
+    eps: float,
+    objective: Callable[[torch.Tensor], torch.Tensor],
+    sigma: float,
+    samples: int = 8,
+    steps: int = 20,
+    seed: int = 0,
+) -> torch.Tensor:
+    """PGD (:func:`pgd_l2`) against a *smoothed classifier* (the votes of a certified answer): each step draws
+    ``samples`` fresh noisy copies of x' and minimises ``objective`` of their unit features [samples, D] (each
+    vote reads one copy: e.g. the mean cross-entropy of a wrong answer over the votes), the expectation over the
+    noise of the per-vote loss rather than a loss of the mean feature."""
+    generator = torch.Generator(device=x.device).manual_seed(seed)
+
+    def loss(candidate: torch.Tensor) -> torch.Tensor:
+        return objective(unit_features(encode, noisy_copies(candidate, sigma, samples, generator)))
+
+    return pgd_l2(loss, x, eps, steps=steps, seed=seed)
