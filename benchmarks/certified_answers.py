@@ -14,6 +14,7 @@ generation) and writes the whole result as JSON (``--out``).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import time
 
@@ -38,6 +39,7 @@ parser.add_argument("--alpha", type=float, default=0.001)
 parser.add_argument("--sigma", type=float, nargs="+", default=[0.25, 0.5])
 parser.add_argument("--booster", nargs="+", default=["none", "gsb-dinov2-s-{sigma}"])
 parser.add_argument("--radii", type=float, nargs="+", default=[0.0, 0.1, 0.25, 0.5, 0.75, 1.0])
+parser.add_argument("--inner", type=int, nargs="+", default=[1], help="noisy copies per vote (radius / sqrt(inner))")
 parser.add_argument("--max-tokens", type=int, default=12)
 parser.add_argument("--batch-size", type=int, default=64)
 parser.add_argument("--seed", type=int, default=1)
@@ -53,8 +55,8 @@ phrases = [FASHION_MNIST_PHRASES[int(k)] for k in labels[chosen]]
 greedy = SamplingParams(max_tokens=args.max_tokens)
 budget = max(args.n)
 result: dict[str, object] = {"machine": machine("cpu"), "args": vars(args), "runs": {}}
-print(f"{'booster':<22} {'σ':>5} {'n':>5}  " + " ".join(f"r≥{r:<5g}" for r in args.radii) + "  abstain  s/answer (enc+gen)")
-for sigma in args.sigma:
+print(f"{'booster':<22} {'σ':>5} {'n':>5} {'k':>2}  " + " ".join(f"r≥{r:<5g}" for r in args.radii) + "  abstain  s/answer (enc+gen)")
+for sigma, inner in itertools.product(args.sigma, args.inner):
     for booster in dict.fromkeys(b.format(sigma=sigma) for b in args.booster):
         encoder = load_booster(booster, base)
         votes: list[list[str]] = []
@@ -63,7 +65,7 @@ for sigma in args.sigma:
             answers: list[str] = []
             for chunk, count in enumerate(vote_chunks(args.n0, budget)):
                 started = time.perf_counter()
-                run = SampleRun(image, sigma, count, chunk_seed(args.seed + index, chunk))
+                run = SampleRun(image, sigma, count, chunk_seed(args.seed + index, chunk), inner)
                 run_batched([run], encoder, args.batch_size)
                 tokens = run.features().reshape(count, base.num_tokens, base.token_dim)
                 encode_s += time.perf_counter() - started
@@ -74,7 +76,7 @@ for sigma in args.sigma:
         for n in sorted(args.n):
             certificates = []
             for index, answers in enumerate(votes):
-                voting = AnswerVoting(AnswerConfig(sigma, args.n0, n, args.alpha), args.seed + index)
+                voting = AnswerVoting(AnswerConfig(sigma, args.n0, n, args.alpha, inner), args.seed + index)
                 voting.add(answers[: args.n0 + n])
                 certificates.append(voting.certificate())
             right = [names(c.answer, phrase) for c, phrase in zip(certificates, phrases)]
@@ -84,13 +86,13 @@ for sigma in args.sigma:
             # time per certified answer at this n: the budget's time scaled to the votes this n uses
             share = (args.n0 + n) / (args.n0 + budget) / len(pixels)
             seconds = ((encode_s + generate_s) * share, encode_s * share, generate_s * share)
-            result["runs"][f"{booster}@{sigma}/n={n}"] = {  # type: ignore[index]
-                "booster": booster, "sigma": sigma, "n": n, "radii": args.radii, "certified_accuracy": accuracy,
+            result["runs"][f"{booster}@{sigma}/n={n}/inner={inner}"] = {  # type: ignore[index]
+                "booster": booster, "sigma": sigma, "n": n, "inner": inner, "radii": args.radii, "certified_accuracy": accuracy,
                 "abstain": abstain, "seconds_per_answer": seconds[0], "encoder_seconds": seconds[1],
                 "generation_seconds": seconds[2], "answers": [c.to_dict() for c in certificates], "phrases": phrases,
             }
             print(
-                f"{booster:<22} {sigma:>5g} {n:>5}  " + " ".join(f"{a:<7.2f}" for a in accuracy)
+                f"{booster:<22} {sigma:>5g} {n:>5} {inner:>2}  " + " ".join(f"{a:<7.2f}" for a in accuracy)
                 + f"  {abstain:>7.2f}  {seconds[0]:.1f} ({seconds[1]:.1f}+{seconds[2]:.1f})",
                 flush=True,
             )

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 
 import httpx
 import openai
@@ -162,6 +163,16 @@ def test_certified_answer_over_json_multipart_and_the_openai_route(server: LiveS
         model="tiny-test", messages=messages, max_tokens=4, seed=4, extra_body=extra, stream=True
     ))
     assert chunks[-1].model_extra["answer_certificate"] == voted
+
+
+def test_streamed_generate_carries_the_answer_certificate_in_its_result(server: LiveServer) -> None:
+    body = {"image": data_url(png_bytes()), "prompt": PROMPT, "stream": True, "n": 100, "seed": 1, "max_tokens": 3,
+            "certify_answer": {"n0": 8, "n": 40}}
+    with httpx.stream("POST", f"{server.url}/generate", json=body, timeout=60) as response:
+        lines = list(response.iter_lines())
+    result = json.loads(lines[lines.index("event: result") + 1].removeprefix("data: "))
+    plain = generate(server, **{k: v for k, v in body.items() if k not in ("image", "stream")}).json()
+    assert result["answer_certificate"] == plain["answer_certificate"] and result["answer"] == plain["answer"]
 
 
 def test_certified_answer_defaults_and_early_stop(server: LiveServer) -> None:
