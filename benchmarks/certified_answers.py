@@ -43,10 +43,16 @@ parser.add_argument("--inner", type=int, nargs="+", default=[1], help="noisy cop
 parser.add_argument("--max-tokens", type=int, default=12)
 parser.add_argument("--batch-size", type=int, default=64)
 parser.add_argument("--seed", type=int, default=1)
+parser.add_argument("--backend", default="transformers", choices=["transformers", "vllm"], help="the LM backend (vllm: .venv-vllm)")
 parser.add_argument("--out", default=None, help="write the JSON here")
 args = parser.parse_args()
 
-model = load_model("fsmllm-demo")
+options = None
+if args.backend == "vllm":  # the small CPU engine settings of docs/models.md ("vLLM on a CPU")
+    from fsmllm.lm.vllm_backend import VllmOptions
+
+    options = VllmOptions(dtype="float32", max_model_len=512, kv_cache_bytes=256 << 20, enforce_eager=True)
+model = load_model("fsmllm-demo", backend=args.backend, vllm_options=options)
 base = load_encoder("dinov2-s", image_size=112).requires_grad_(False)
 images, labels = load_fashion_mnist("test")
 chosen = np.random.default_rng(args.seed).choice(len(images), size=args.images, replace=False)
@@ -55,6 +61,7 @@ phrases = [FASHION_MNIST_PHRASES[int(k)] for k in labels[chosen]]
 greedy = SamplingParams(max_tokens=args.max_tokens)
 budget = max(args.n)
 result: dict[str, object] = {"machine": machine("cpu"), "args": vars(args), "runs": {}}
+print(f"{args.backend} backend on {result['machine']}")
 print(f"{'booster':<22} {'σ':>5} {'n':>5} {'k':>2}  " + " ".join(f"r≥{r:<5g}" for r in args.radii) + "  abstain  s/answer (enc+gen)")
 for sigma, inner in itertools.product(args.sigma, args.inner):
     for booster in dict.fromkeys(b.format(sigma=sigma) for b in args.booster):
