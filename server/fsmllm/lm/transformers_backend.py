@@ -182,16 +182,27 @@ class TransformersBackend:
     @torch.inference_mode()
     def generate_batch(self, prompt_embeds: torch.Tensor, params: SamplingParams) -> list[Generation]:
         """Greedy completions of B prompts of one length [B, L, H], decoded together: one forward pass per token
-        for the whole batch, each row's tokens the same as :meth:`generate`'s (no padding: the rows only differ
-        in their embeddings). A row ends at an end-of-sequence token or a stop string; the batch when every
-        row has ended or at ``max_tokens``."""
+        for the whole batch, each row's tokens those of :meth:`generate` (no padding: the rows only differ in
+        their embeddings; the common prefix, the prompt's text before the image, is computed once, which can
+        change a float's last bits but not the result, tested). A row ends at an end-of-sequence token or a stop
+        string; the batch when every row has ended or at ``max_tokens``."""
         if not params.greedy:
             raise ValueError("batched generation decodes greedily (temperature 0)")
         if prompt_embeds.ndim != 3 or prompt_embeds.shape[2] != self.hidden_size:
             raise ValueError(f"prompt_embeds must be [B, L, {self.hidden_size}], got {list(prompt_embeds.shape)}")
         rows = prompt_embeds.shape[0]
         dtype = self.model.get_input_embeddings().weight.dtype
-        out = self.model(inputs_embeds=prompt_embeds.to(self.device, dtype), use_cache=True, logits_to_keep=1)
+        embeds = prompt_embeds.to(self.device, dtype)
+        # the rows' common prefix (the text before the image) is computed once and its cache shared by every row
+        differs = (embeds != embeds[:1]).any(-1).any(0)
+        shared = int(differs.nonzero()[0]) if bool(differs.any()) else embeds.shape[1] - 1
+        cache = None
+        if shared > 0 and rows > 1:
+            cache = self.model(inputs_embeds=embeds[:1, :shared], use_cache=True).past_key_values
+            cache.batch_repeat_interleave(rows)
+        else:
+            shared = 0
+        out = self.model(inputs_embeds=embeds[:, shared:], past_key_values=cache, use_cache=True, logits_to_keep=1)
         tokens: list[list[int]] = [[] for _ in range(rows)]
         texts: list[str | None] = [None] * rows  # set when the row has ended
         reasons: list[FinishReason] = ["length"] * rows
