@@ -8,6 +8,7 @@ is made here, once.
 from __future__ import annotations
 
 import base64
+import difflib
 import email.utils
 import io
 import json
@@ -47,9 +48,10 @@ _STREAM_ERROR_STATUS = {"QueueFull": 503, "WorkerStopped": 503, "JobCancelled": 
 
 
 class CertificationOptions(TypedDict, total=False):
-    """How to certify; unset options take the deployment's defaults (see ``models()``)."""
+    """How to certify; unset options take the deployment's defaults (see ``models()``). The names are the
+    server's request fields (``progress`` aside, which asks for its progress stream)."""
 
-    radii: float | Sequence[float]
+    radius: float | Sequence[float]
     sigma: float
     alpha: float
     n0: int
@@ -65,7 +67,7 @@ class CertificationOptions(TypedDict, total=False):
 class CertifyOptions(CertificationOptions, total=False):
     """Keyword options of ``certify``."""
 
-    target_cosine: float
+    target_cos: float
     radius_tolerance: float
 
 
@@ -149,17 +151,21 @@ class Call(Generic[T]):
 
 
 def _options(given: Mapping[str, Any], allowed: Any) -> dict[str, Any]:
-    unknown = set(given) - set(allowed.__optional_keys__)
-    if unknown:
-        raise TypeError(f"unknown option(s): {', '.join(sorted(unknown))}")
+    """The options that are set; ``TypeError`` naming the option meant for an unknown one."""
+    known = sorted(allowed.__optional_keys__)
+    for name in sorted(set(given) - set(known)):
+        close = difflib.get_close_matches(name, known, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise TypeError(f"unknown option {name!r}{hint}; the options are {', '.join(known)}")
     return {key: value for key, value in given.items() if value is not None}
 
 
-def _certification_fields(options: dict[str, Any]) -> dict[str, Any]:
-    fields: dict[str, Any] = {key: options[key] for key in ("sigma", "n0", "n", "alpha", "bound", "seed", "stop_at_fcsb", "granularity", "per_token") if key in options}
-    if "radii" in options:
-        radii = options["radii"]
-        fields["radius"] = [float(radii)] if isinstance(radii, (int, float)) else [float(r) for r in radii]
+def _certification_fields(options: dict[str, Any], names: Iterable[str]) -> dict[str, Any]:
+    """The request fields ``names`` that are set, with ``radius`` as a list and ``stream`` when ``progress`` is."""
+    fields: dict[str, Any] = {key: options[key] for key in names if key in options and key != "progress"}
+    if "radius" in fields:
+        radius = fields["radius"]
+        fields["radius"] = [float(radius)] if isinstance(radius, (int, float)) else [float(r) for r in radius]
     if "progress" in options:
         fields["stream"] = True
     return fields
@@ -168,24 +174,20 @@ def _certification_fields(options: dict[str, Any]) -> dict[str, Any]:
 def certify_call(image: ImageInput, options: Mapping[str, Any]) -> Call[CertifyResult]:
     """``POST /certify`` with :class:`CertifyOptions`."""
     chosen = _options(options, CertifyOptions)
-    body = {"image": image_data_url(image), **_certification_fields(chosen)}
-    if "target_cosine" in chosen:
-        body["target_cos"] = chosen["target_cosine"]
-    if "radius_tolerance" in chosen:
-        body["radius_tolerance"] = chosen["radius_tolerance"]
+    body = {"image": image_data_url(image), **_certification_fields(chosen, CertifyOptions.__optional_keys__)}
     return Call("POST", "/certify", CertifyResult, body, chosen.get("progress"))
 
 
 def generate_call(image: ImageInput, prompt: str, options: Mapping[str, Any]) -> Call[GenerateResult]:
     """``POST /generate`` with :class:`GenerateOptions`."""
     chosen = _options(options, GenerateOptions)
-    sampling: dict[str, Any] = {key: chosen[key] for key in ("max_tokens", "temperature", "top_p") if key in chosen}
-    if "stop" in chosen:
-        sampling["stop"] = [chosen["stop"]] if isinstance(chosen["stop"], str) else list(chosen["stop"])
-    if chosen.get("certify_answer"):
-        answer = chosen["certify_answer"]
-        sampling["certify_answer"] = {} if answer is True else dict(answer)
-    body = {"image": image_data_url(image), "prompt": prompt, **sampling, **_certification_fields(chosen)}
+    fields = _certification_fields(chosen, GenerateOptions.__optional_keys__)
+    if "stop" in fields:
+        fields["stop"] = [fields["stop"]] if isinstance(fields["stop"], str) else list(fields["stop"])
+    answer = fields.pop("certify_answer", None)
+    if answer:  # True: the server's defaults
+        fields["certify_answer"] = {} if answer is True else dict(answer)
+    body = {"image": image_data_url(image), "prompt": prompt, **fields}
     return Call("POST", "/generate", GenerateResult, body, chosen.get("progress"))
 
 
@@ -307,6 +309,14 @@ def error_from(reply: Reply) -> FsmllmError:
 _NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
 
 
+def _url_of(error: httpx.TransportError, path: str) -> str:
+    """The URL a transport error was trying (``path`` when httpx did not attach the request)."""
+    try:
+        return str(error.request.url)
+    except RuntimeError:
+        return path
+
+
 @dataclass(frozen=True)
 class Retry:
     """Try the call again after ``seconds``."""
@@ -331,7 +341,10 @@ class RetryPolicy:
         if isinstance(outcome, httpx.TransportError):
             if attempt < self.max_retries and (call.idempotent or isinstance(outcome, _NOT_SENT)):
                 return self._wait(None, attempt)
-            raise Unreachable(f"{call.method} {call.path}: {type(outcome).__name__}: {outcome}") from outcome
+            raise Unreachable(
+                f"no answer to {call.method} {_url_of(outcome, call.path)}: {type(outcome).__name__}: {outcome}; "
+                "is an fsmllm server listening at that address?"
+            ) from outcome
         if outcome.status in call.accept:
             return call.result(outcome)
         error = error_from(outcome)

@@ -22,59 +22,97 @@ SERVER_MAX_RADII = 32
 PLOT_POINTS = 21
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` shows every flag's default: argparse's ``(default: X)``, unless the help already says it or
+    there is none to show (``None``: the help says what happens instead; a switch that is off)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if action.default is None or action.default is False or "default" in text:
+            return text
+        return super()._get_help_string(action)
+
+
 def _add_certification_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--sigma", type=float, help="noise level σ (one of the server's allowed sigmas)")
-    parser.add_argument("--n0", type=int, help="selection samples")
-    parser.add_argument("--n", type=int, help="estimation samples")
-    parser.add_argument("--alpha", type=float, help="failure probability of the certificate")
+    """The certification fields of the server's requests, as flags; unset ones take the server's defaults."""
+    parser.add_argument("--radius", type=float, nargs="+", help="l2 radii ε (default: the server's, 0.1 0.25 0.5)")
+    parser.add_argument("--sigma", type=float, help="noise level σ, one of the server's allowed sigmas (default: the server's)")
+    parser.add_argument("--n0", type=int, help="selection samples (default: the server's)")
+    parser.add_argument("--n", type=int, help="estimation samples (default: the server's)")
+    parser.add_argument("--alpha", type=float, help="failure probability of the certificate (default: the server's)")
+    parser.add_argument(
+        "--bound",
+        choices=("betting", "empirical-bernstein", "hoeffding"),
+        help="confidence bound on the score (default: betting, the only one that can stop early)",
+    )
     parser.add_argument(
         "--granularity",
         choices=("global", "token"),
-        help="global: one certificate for the whole feature; token: every visual token on its own",
+        help="global: one certificate for the whole feature; token: every visual token on its own (default: global)",
     )
     parser.add_argument("--per-token", action="store_true", help="with --granularity token: every token's values")
     parser.add_argument(
         "--stop-at-fcsb",
         type=float,
         metavar="C",
-        help="stop sampling once the certified FCSB is >= C at every radius (--n is then the budget)",
+        help="stop sampling once the certified FCSB is >= C at every radius (--n is then the budget; default: never)",
     )
-    parser.add_argument("--seed", type=int, help="noise seed (the same seed reproduces the certificate)")
+    parser.add_argument("--seed", type=int, help="noise seed; the same seed reproduces the certificate (default: random)")
     parser.add_argument("--json", action="store_true", help="print the server's JSON answer (no progress bar)")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``fsmllm-client``."""
-    parser = argparse.ArgumentParser(prog="fsmllm-client", description=__doc__)
+    parser = argparse.ArgumentParser(prog="fsmllm-client", description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--url", default=os.environ.get("FSMLLM_URL", DEFAULT_URL), help="server URL (env FSMLLM_URL)")
-    parser.add_argument("--api-key", default=os.environ.get("FSMLLM_API_KEY"), help="bearer token (env FSMLLM_API_KEY)")
+    parser.add_argument(
+        "--api-key", default=os.environ.get("FSMLLM_API_KEY"), help="bearer token (env FSMLLM_API_KEY; default: none)"
+    )
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    commands.add_parser("health", help="liveness and readiness of the server")
+    commands.add_parser("health", help="liveness and readiness of the server", formatter_class=HelpFormatter)
 
-    certify = commands.add_parser("certify", help="the certificate of an image: certified FCSB at each radius")
+    certify = commands.add_parser(
+        "certify", help="the certificate of an image: certified FCSB at each radius", formatter_class=HelpFormatter
+    )
     certify.add_argument("image", help="image file (PNG, JPEG, WebP, GIF, BMP, TIFF)")
-    target = certify.add_mutually_exclusive_group()
-    target.add_argument("--radius", type=float, nargs="+", help="l2 radii ε (server default 0.1 0.25 0.5)")
-    target.add_argument("--target-cosine", type=float, help="also find the largest radius certified at this cosine")
     _add_certification_arguments(certify)
-    certify.add_argument("--plot", metavar="PNG", help="draw certified and estimated FCSB against radius")
+    certify.add_argument(
+        "--target-cos", type=float, metavar="C", help="also find the largest radius certified at cosine C (default: none)"
+    )
+    certify.add_argument(
+        "--radius-tolerance",
+        type=float,
+        metavar="DELTA",
+        help="with --target-cos: stop sampling once the certified radius is within DELTA of its best (default: never)",
+    )
+    certify.add_argument("--plot", metavar="PNG", help="draw certified and estimated FCSB against radius (default: no plot)")
 
-    generate = commands.add_parser("generate", help="answer a question about an image, with the certificate")
+    generate = commands.add_parser(
+        "generate", help="answer a question about an image, with the certificate", formatter_class=HelpFormatter
+    )
     generate.add_argument("image", help="image file")
     generate.add_argument("prompt", help="the question, e.g. 'What is this?'")
-    generate.add_argument("--max-tokens", type=int, help="largest number of new tokens")
-    generate.add_argument("--temperature", type=float, help="0 = greedy")
-    generate.add_argument("--top-p", type=float)
-    generate.add_argument("--stop", nargs="+", help="stop strings")
-    generate.add_argument("--radius", type=float, nargs="+", help="l2 radii ε to certify")
-    generate.add_argument("--certify-answer", action="store_true", help="also certify the answer itself (votes)")
-    generate.add_argument("--answer-n", type=int, help="estimation votes of the certified answer (server default 256)")
-    generate.add_argument(
-        "--answer-radius", type=float, help="stop voting once the answer is certified to this l2 radius"
+    generate.add_argument("--max-tokens", type=int, help="largest number of new tokens (default: the server's, 64)")
+    generate.add_argument("--temperature", type=float, help="0 = greedy (default: the server's, 0)")
+    generate.add_argument("--top-p", type=float, help="nucleus sampling threshold (default: the server's, 1)")
+    generate.add_argument("--stop", nargs="+", help="stop strings (default: none)")
+    answer = generate.add_argument_group(
+        "certified answer", "the fields of the request's certify_answer object, as --answer-FIELD (method.md)"
     )
-    generate.add_argument("--plot", metavar="PNG", help="draw the certificate (and the certified answer's radius)")
+    answer.add_argument("--certify-answer", action="store_true", help="also certify the answer itself (votes)")
+    answer.add_argument("--answer-n0", type=int, help="selection votes (default: the server's, 32)")
+    answer.add_argument("--answer-n", type=int, help="estimation votes, a budget with --answer-radius (default: the server's, 256)")
+    answer.add_argument("--answer-alpha", type=float, help="failure probability (default: the server's, 0.001)")
+    answer.add_argument(
+        "--answer-radius", type=float, help="stop voting once the answer is certified to this l2 radius (default: never)"
+    )
+    answer.add_argument("--answer-inner", type=int, help="noisy copies per vote (default: the server's, 1)")
+    generate.add_argument(
+        "--plot", metavar="PNG", help="draw the certificate and the certified answer's radius (default: no plot)"
+    )
     _add_certification_arguments(generate)
     return parser
 
@@ -103,8 +141,13 @@ def _progress_bar(enabled: bool) -> Iterator[Callable[[int, int], None] | None]:
             progress_bar.close()
 
 
+#: what the table says when ``abstain`` is true: its one meaning (docs/method.md, step 4)
+ABSTAIN_NOTE = "nothing certified at any requested radius"
+
+
 def _number(value: float | None) -> str:
-    return "abstain" if value is None else f"{value:.4f}"
+    """A bound in a table cell; ``none``: nothing certified there (the JSON's null)."""
+    return "none" if value is None else f"{value:.4f}"
 
 
 def _print_certificate(certificate: Certificate, shown: Sequence[float] | None) -> None:
@@ -113,6 +156,8 @@ def _print_certificate(certificate: Certificate, shown: Sequence[float] | None) 
     budget = f" of {c.n_budget} ({c.stopped_by})" if c.n_budget is not None and c.n_budget != c.n else ""
     print(f"σ={c.sigma:g}  n0={c.n0}  n={c.n}{budget}  α={c.alpha:g} ({c.bound})  seed={c.seed}{'  (cached)' if c.cached else ''}")
     print(f"robustness score S: estimate {c.score_estimate:.4f}, lower bound {c.score_lower:.4f}")
+    if c.abstain:
+        print(f"ABSTAIN: {ABSTAIN_NOTE}")
     print(f"{'radius ε':>10}  {'certified FCSB':>15}  {'served FCSB':>12}  {'estimated FCSB':>15}")
     for bound in c.radii:
         if shown is None or any(abs(bound.radius - r) < 1e-9 for r in shown):
@@ -131,6 +176,12 @@ def _print_certificate(certificate: Certificate, shown: Sequence[float] | None) 
         print(f"certified radius at cosine ≥ {c.certified_radius.target_cos:g}: {'none' if radius is None else f'{radius:.4g}'}")
 
 
+def _certification_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The certification flags as the client's keyword options (the server's field names)."""
+    names = ("radius", "sigma", "n0", "n", "alpha", "bound", "seed", "stop_at_fcsb", "granularity")
+    return {name: getattr(args, name) for name in names} | {"per_token": args.per_token or None}
+
+
 def _certify(client: Client, args: argparse.Namespace) -> int:
     requested = args.radius
     radii = requested
@@ -140,9 +191,10 @@ def _certify(client: Client, args: argparse.Namespace) -> int:
         requested = requested or list(SERVER_DEFAULT_RADII)
         grid = radius_grid(sigma, min(PLOT_POINTS, SERVER_MAX_RADII - len(requested)))
         radii = sorted(set(requested) | set(grid))
-    options: dict[str, Any] = {"radii": radii, "target_cosine": args.target_cosine, "sigma": args.sigma, "n0": args.n0, "n": args.n, "alpha": args.alpha, "seed": args.seed, "stop_at_fcsb": args.stop_at_fcsb,
-               "granularity": args.granularity, "per_token": args.per_token or None}
-    with _progress_bar(not args.json) as progress:
+    options: dict[str, Any] = _certification_options(args) | {
+        "radius": radii, "target_cos": args.target_cos, "radius_tolerance": args.radius_tolerance,
+    }
+    with _progress_bar(not (args.json or args.no_progress)) as progress:
         options["progress"] = progress  # None: no stream
         result = client.certify(args.image, **options)
     if args.plot:
@@ -162,17 +214,15 @@ def _certify(client: Client, args: argparse.Namespace) -> int:
 
 
 def _generate(client: Client, args: argparse.Namespace) -> int:
-    options: dict[str, Any] = {
+    options: dict[str, Any] = _certification_options(args) | {
         "max_tokens": args.max_tokens, "temperature": args.temperature, "top_p": args.top_p, "stop": args.stop,
-        "radii": args.radius, "sigma": args.sigma, "n0": args.n0, "n": args.n, "alpha": args.alpha, "seed": args.seed,
-        "stop_at_fcsb": args.stop_at_fcsb, "granularity": args.granularity, "per_token": args.per_token or None,
     }
-    if args.certify_answer or args.answer_n is not None or args.answer_radius is not None:
-        answer = {"n": args.answer_n, "radius": args.answer_radius}
+    answer = {name: getattr(args, f"answer_{name}") for name in ("n0", "n", "alpha", "radius", "inner")}
+    if args.certify_answer or any(value is not None for value in answer.values()):
         options["certify_answer"] = {key: value for key, value in answer.items() if value is not None}
     if args.plot:
         require_matplotlib()
-    with _progress_bar(not args.json) as progress:
+    with _progress_bar(not (args.json or args.no_progress)) as progress:
         options["progress"] = progress  # None: no stream
         result = client.generate(args.image, args.prompt, **options)
     if args.plot:

@@ -11,7 +11,7 @@ from fsmllm_client.models import AnswerCertificate, Certificate
 #: pixels of the saved figure: FIGSIZE inches x DPI
 FIGSIZE = (8.0, 5.0)
 DPI = 100
-INSTALL_HINT = "--plot needs matplotlib: pip install 'fsmllm[plot]' (or pip install matplotlib)"
+INSTALL_HINT = "--plot needs matplotlib: pip install 'fsmllm-client[plot]' (or 'fsmllm[plot]', or matplotlib)"
 
 
 class PlotUnavailable(RuntimeError):
@@ -85,8 +85,8 @@ def plot_certificate(
             axes.axvline(target.radius, color="tab:green", linestyle="-.", label=f"certified radius {target.radius:.3g}")
     if answer is not None and answer.radius is not None:
         axes.axvline(answer.radius, color="tab:brown", linestyle="--", label=f"answer {answer.answer!r} certified to {answer.radius:.3g}")
-    if not any(math.isfinite(value) for value in certified):
-        note = "abstain: nothing certified at any radius (ask for a larger n)"
+    if certificate.abstain:
+        note = "abstain: nothing certified at any requested radius (ask for a larger n)"
         axes.text(0.5, 0.5, note, transform=axes.transAxes, ha="center", color="tab:red")
 
     finite = [value for value in certified + estimated if math.isfinite(value)]

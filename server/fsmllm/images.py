@@ -29,16 +29,19 @@ def sample_image(name: str) -> Image.Image:
     return Image.fromarray(array).convert("RGB")
 
 
-def load_image(source: str | Path) -> Image.Image:
-    """Open an image file, or a bundled photo written as ``sample:NAME``; always returns RGB."""
+def load_image(source: str | Path, max_pixels: int = 40_000_000) -> Image.Image:  # the server's default limit
+    """Open an image file, or a bundled photo written as ``sample:NAME``; always returns RGB. A file is decoded
+    as the server decodes an upload (:func:`fsmllm.api.images.open_image`: the same formats, pixel limit and
+    messages, raised as ``ImageError``, a ``ValueError``)."""
+    from fsmllm.api.images import open_image
+
     text = str(source)
     if text.startswith(SAMPLE_PREFIX):
         return sample_image(text[len(SAMPLE_PREFIX):])
     path = Path(text)
     if not path.is_file():
         raise FileNotFoundError(f"no image file at {path} (use sample:NAME for a bundled photo: {', '.join(SAMPLE_IMAGES)})")
-    with Image.open(path) as image:
-        return image.convert("RGB")
+    return open_image(path.read_bytes(), max_pixels)
 
 
 def to_pixels(image: Image.Image, size: int) -> torch.Tensor:

@@ -263,7 +263,7 @@ def test_cli_plot_writes_a_png(server: LiveServer, image_file: Path, tmp_path: P
 def test_cli_plot_without_matplotlib(server: LiveServer, image_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     assert main(["--url", server.url, "certify", str(image_file), "--plot", str(tmp_path / "x.png")]) == 1
-    assert "pip install 'fsmllm[plot]'" in capsys.readouterr().err
+    assert "pip install 'fsmllm-client[plot]'" in capsys.readouterr().err
 
 
 def test_cli_health_and_generate_from_the_environment(lm_server: LiveServer, image_file: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:

@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from fsmllm.api.images import ImageError
+from fsmllm.api.schemas import validation_message
 from fsmllm.api.streaming import ClientDisconnected
 from fsmllm.engine.jobs import JobCancelled
 from fsmllm.engine.runtime import PolicyError
@@ -35,14 +36,6 @@ def error_response(request: Request, status: int, kind: str, message: str, heade
     return JSONResponse(body, status_code=status, headers=headers)
 
 
-def _validation_message(error: RequestValidationError) -> str:
-    parts = []
-    for item in error.errors():
-        where = ".".join(str(p) for p in item.get("loc", ()) if p != "body")
-        parts.append(f"{where or 'body'}: {item.get('msg', 'invalid')}")
-    return "; ".join(parts) or "invalid request"
-
-
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestError)
     async def _request_error(request: Request, error: RequestError) -> JSONResponse:
@@ -50,7 +43,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, error: RequestValidationError) -> JSONResponse:
-        return error_response(request, 422, "invalid_request", _validation_message(error))
+        return error_response(request, 422, "invalid_request", validation_message(error.errors()))
 
     @app.exception_handler(ImageError)
     async def _image(request: Request, error: ImageError) -> JSONResponse:

@@ -17,7 +17,6 @@ from fsmllm.api.schemas import (
     AnswerCertificateOut,
     AnswerCertification,
     CertificateOut,
-    CertifiedRadius,
     CertifyParams,
     CertifyRequest,
     CertifyResponse,
@@ -25,12 +24,10 @@ from fsmllm.api.schemas import (
     GenerateParams,
     GenerateRequest,
     GenerateResponse,
-    RadiusBound,
     Timings,
-    TokenBound,
 )
 from fsmllm.api.streaming import ProgressCallback, progress_stream, unless_disconnected
-from fsmllm.certify import Certificate, SmoothingConfig
+from fsmllm.certify import SmoothingConfig
 from fsmllm.certify.answers import AnswerCertificate
 from fsmllm.engine.certifier import CertifyOutcome
 from fsmllm.engine.runtime import Runtime
@@ -56,7 +53,13 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 def _body_schema(model: type) -> dict[str, Any]:
     """OpenAPI: the same fields as JSON (image as base64 / data URL) or as multipart form fields + a file."""
     schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
-    multipart = {**schema, "properties": {**schema["properties"], "image": {"type": "string", "format": "binary"}}}
+    upload = {
+        "type": "string",
+        "format": "binary",
+        "description": "the image file (PNG, JPEG, WebP, GIF, BMP or TIFF): curl -F image=@cat.png",
+        "examples": ["cat.png"],
+    }
+    multipart = {**schema, "properties": {**schema["properties"], "image": upload}}
     multipart.pop("$defs", None)
     return {
         "requestBody": {
@@ -69,38 +72,9 @@ def _body_schema(model: type) -> dict[str, Any]:
 def certificate_out(
     runtime: Runtime, outcome: CertifyOutcome, target_cos: float | None = None, per_token: bool = False
 ) -> CertificateOut:
-    cert: Certificate = outcome.certificate
-    cfg = cert.config
-    tokens = None
-    if per_token and cert.tokens is not None:  # the core's own per-token summary, typed for the schema
-        tokens = [TokenBound(**token) for token in cert.to_dict(per_token=True)["tokens"]]  # type: ignore[attr-defined]
-    return CertificateOut(
-        granularity=cfg.granularity,
-        worst_token=cert.worst_token,
-        tokens=tokens,
-        encoder=runtime.encoder.name,
-        booster=runtime.booster,
-        input_size=runtime.input_size,
-        sigma=cfg.sigma,
-        n0=cfg.n0,
-        n=cert.n,
-        n_budget=cfg.n,
-        stopped_by=cert.stopped_by,  # type: ignore[arg-type]
-        alpha=cfg.alpha,
-        bound=cfg.bound,
-        seed=cert.seed,
-        score_estimate=cert.score_estimate,
-        score_lower=cert.score_lower,
-        served_angle=cert.served_angle,
-        abstain=cert.abstain,
-        radii=[
-            RadiusBound(radius=r, certified_fcsb=c, served_fcsb=v, estimated_fcsb=e)
-            for r, c, v, e in zip(cert.radii, cert.certified_fcsb, cert.served_fcsb, cert.estimated_fcsb)
-        ],
-        certified_radius=None
-        if target_cos is None
-        else CertifiedRadius(target_cos=target_cos, radius=cert.certified_radius(target_cos)),
-        cached=outcome.cached,
+    """The served certificate of ``outcome`` (see :meth:`CertificateOut.from_certificate`)."""
+    return CertificateOut.from_certificate(
+        outcome.certificate, runtime.encoder.name, runtime.booster, runtime.input_size, target_cos, per_token, outcome.cached
     )
 
 

@@ -2,18 +2,40 @@
 
 from __future__ import annotations
 
+import difflib
 import json
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
-from fsmllm.certify import BOUND_METHODS
+from fsmllm.certify import BOUND_METHODS, Certificate
 
 NORM_NOTE = (
     "sigma and every radius are l2 norms over the encoder's input pixels in [0, 1] "
     "(3 x S x S values after resizing the shorter side to S and centre-cropping)"
 )
 EXAMPLE_IMAGE = "data:image/png;base64,iVBORw0KGgo..."
+#: the radii of a request that names none
+DEFAULT_RADII = (0.1, 0.25, 0.5)
+#: names people send for a field, mapped to the field's one name (the client and both CLIs use these names too)
+ALIASES = {
+    "radii": "radius",
+    "epsilon": "radius",
+    "eps": "radius",
+    "target_cosine": "target_cos",
+    "target": "target_cos",
+    "noise": "sigma",
+    "noise_level": "sigma",
+    "samples": "n",
+    "num_samples": "n",
+    "n_samples": "n",
+    "max_new_tokens": "max_tokens",
+    "question": "prompt",
+}
+#: the one meaning of ``abstain`` (method.md step 4; the client's table and plot say the same)
+ABSTAIN = "true when nothing is certified at any requested radius (every radii[].certified_fcsb is null)"
 STATEMENT = (
     "With probability at least 1 - alpha over the noise, for every image x' within l2 distance radius of x: "
     "cos(F(x), F(x')) >= certified_fcsb, where F is the Gaussian-smoothed encoder, and cos(F_hat(x), F(x')) >= "
@@ -22,36 +44,99 @@ STATEMENT = (
 )
 
 
-class CertificationParams(BaseModel):
-    """How to certify. Unset fields take the deployment's defaults (see GET /v1/models)."""
+def suggestion(name: str, known: list[str]) -> str | None:
+    """The field a person most likely meant by the unknown ``name``: its entry in :data:`ALIASES` when that is
+    one of ``known``, else the closest of ``known`` by :func:`difflib.get_close_matches` (None if none is close)."""
+    alias = ALIASES.get(name.lower())
+    if alias in known:
+        return alias
+    close = difflib.get_close_matches(name.lower(), known, n=1)
+    return close[0] if close else None
+
+
+def validation_message(errors: Sequence[Mapping[str, Any]], flags: bool = False) -> str:
+    """One line naming each invalid field and why (pydantic's ``errors()``), as the 422 answers and the CLIs
+    print it; ``flags``: fields named as command-line flags (``n`` -> ``--n``)."""
+    parts = []
+    for item in errors:
+        where = ".".join(str(p) for p in item.get("loc", ()) if p != "body")
+        if flags and where:
+            where = "--" + where.replace("_", "-")
+        parts.append(f"{where or ('arguments' if flags else 'body')}: {item.get('msg', 'invalid')}")
+    return "; ".join(parts) or "invalid request"
+
+
+class RequestModel(BaseModel):
+    """A request body (or part of one) that refuses unknown fields with a 422 naming the field meant."""
 
     model_config = ConfigDict(extra="forbid")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _name_unknown_fields(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        known = list(cls.model_fields)
+        unknown = [str(key) for key in data if key not in cls.model_fields]
+        if unknown:
+            hints = []
+            for name in unknown:
+                meant = suggestion(name, known)
+                hints.append(f"unknown field {name!r}" + (f" (did you mean {meant!r}?)" if meant else ""))
+            raise PydanticCustomError(
+                "unknown_field", "{hints}; the fields are {known}", {"hints": "; ".join(hints), "known": ", ".join(known)}
+            )
+        return data
+
+
+class CertificationParams(RequestModel):
+    """How to certify. Unset fields take the deployment's defaults (see GET /v1/models)."""
+
     radius: float | list[float] | None = Field(
-        None, description="one l2 radius or a list of them (default [0.1, 0.25, 0.5])", examples=[[0.1, 0.25, 0.5]]
+        None,
+        description=f"one l2 radius or a list of them (default {list(DEFAULT_RADII)}); " + NORM_NOTE,
+        examples=[list(DEFAULT_RADII)],
     )
-    sigma: float | None = Field(None, description="noise level; must be one of the deployment's allowed sigmas")
-    n0: int | None = Field(None, ge=1, description="selection samples (fix the smoothed direction)")
-    n: int | None = Field(None, ge=2, description="estimation samples (bound the score)")
+    sigma: float | None = Field(
+        None,
+        description="noise level (l2 norm of the Gaussian noise per pixel value); must be one of the deployment's "
+        "allowed sigmas (GET /v1/models; default: the deployment's default sigma)",
+        examples=[0.25],
+    )
+    n0: int | None = Field(
+        None, ge=1, description="selection samples (fix the smoothed direction); default: the deployment's", examples=[100]
+    )
+    n: int | None = Field(
+        None,
+        ge=2,
+        description="estimation samples (bound the score); a budget with stop_at_fcsb or radius_tolerance; default: "
+        "the deployment's",
+        examples=[1000],
+    )
     alpha: float | None = Field(
         None,
         gt=0,
         lt=1,
         description="failure probability of the certificate (per certificate: re-rolling the seed and keeping the "
-        "best of several certificates weakens it)",
+        "best of several certificates weakens it); default: the deployment's",
+        examples=[0.001],
     )
     bound: Literal["betting", "empirical-bernstein", "hoeffding"] = Field(
         "betting",
         description="confidence bound on the score: 'betting' (Waudby-Smith & Ramdas 2023; follows the variance, "
         "anytime-valid, so sampling may stop early) or the fixed-n 'empirical-bernstein' / 'hoeffding'",
+        examples=["betting"],
     )
     granularity: Literal["global", "token"] = Field(
         "global",
         description="'global': one certificate for the whole feature (all tokens flattened, normalised once); "
         "'token': every visual token normalised and certified on its own, for all tokens at once (the headline "
         "numbers are the worst token's), which is what a per-token projector reads",
+        examples=["global"],
     )
-    per_token: bool = Field(False, description="with granularity 'token': also return every token's values")
+    per_token: bool = Field(
+        False, description="with granularity 'token': also return every token's values", examples=[False]
+    )
     stop_at_fcsb: float | None = Field(
         None,
         ge=0,
@@ -60,8 +145,12 @@ class CertificationParams(BaseModel):
         "clear it cannot get there; n is then a budget (needs bound 'betting')",
         examples=[0.8],
     )
-    seed: int | None = Field(None, ge=0, lt=2**63, description="noise seed; a random one is chosen and returned if unset")
-    stream: bool = Field(False, description="answer with a server-sent event stream: progress events, then the result")
+    seed: int | None = Field(
+        None, ge=0, lt=2**63, description="noise seed; a random one is chosen and returned if unset", examples=[7]
+    )
+    stream: bool = Field(
+        False, description="answer with a server-sent event stream: progress events, then the result", examples=[False]
+    )
 
     @field_validator("radius")
     @classmethod
@@ -82,7 +171,7 @@ class CertificationParams(BaseModel):
 
     def radii(self) -> list[float]:
         if self.radius is None:
-            return [0.1, 0.25, 0.5]
+            return list(DEFAULT_RADII)
         return [float(self.radius)] if isinstance(self.radius, (int, float)) else [float(r) for r in self.radius]
 
 
@@ -91,7 +180,11 @@ assert set(BOUND_METHODS) == {"betting", "empirical-bernstein", "hoeffding"}  # 
 
 class CertifyParams(CertificationParams):
     target_cos: float | None = Field(
-        None, ge=0, lt=1, description="also return the largest radius whose certified FCSB is at least this cosine"
+        None,
+        ge=0,
+        lt=1,
+        description="also return the largest radius whose certified FCSB is at least this cosine (certified_radius)",
+        examples=[0.5],
     )
     radius_tolerance: float | None = Field(
         None,
@@ -108,13 +201,18 @@ class CertifyRequest(CertifyParams):
     image: str = Field(..., min_length=1, description="base64 image or data:image/...;base64, URL", examples=[EXAMPLE_IMAGE])
 
 
-class GenerationParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class GenerationParams(RequestModel):
+    """How to generate the answer."""
 
-    max_tokens: int = Field(64, ge=1, description="largest number of new tokens")
-    temperature: float = Field(0.0, ge=0, le=2, description="0 = greedy decoding")
-    top_p: float = Field(1.0, gt=0, le=1)
-    stop: list[str] | str | None = Field(None, description="stop strings")
+    max_tokens: int = Field(
+        64, ge=1, description="largest number of new tokens (at most the deployment's max_tokens_limit)", examples=[64]
+    )
+    temperature: float = Field(0.0, ge=0, le=2, description="sampling temperature; 0 = greedy decoding", examples=[0.0])
+    top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling: keep the smallest set of tokens whose "
+                         "probabilities add up to this", examples=[1.0])
+    stop: list[str] | str | None = Field(
+        None, description="stop strings: the answer ends before the first one it would contain", examples=[["\n\n"]]
+    )
 
     def stop_list(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -127,10 +225,8 @@ ANSWER_STATEMENT = (
 )
 
 
-class AnswerCertification(BaseModel):
+class AnswerCertification(RequestModel):
     """Certify the answer itself (CERTIFY on the whole model): n0 + n greedy answers from noisy copies vote."""
-
-    model_config = ConfigDict(extra="forbid")
 
     n0: int = Field(32, ge=1, description="selection votes: the most frequent answer among them is certified", examples=[32])
     n: int = Field(
@@ -153,7 +249,7 @@ class AnswerCertification(BaseModel):
     )
 
 
-class AnswerParams(BaseModel):
+class AnswerParams(RequestModel):
     certify_answer: AnswerCertification | None = Field(
         None,
         description="certify the answer itself: true for the defaults, or an object (n0, n, alpha, radius, inner); "
@@ -180,7 +276,9 @@ class AnswerParams(BaseModel):
 
 
 class GenerateParams(CertificationParams, GenerationParams, AnswerParams):
-    prompt: str = Field(..., min_length=1, description="the question about the image", examples=["What is this?"])
+    prompt: str = Field(
+        ..., min_length=1, description="the question about the image (at most max_prompt_chars)", examples=["What is this?"]
+    )
 
 
 class GenerateRequest(GenerateParams):
@@ -254,10 +352,52 @@ class CertificateOut(BaseModel):
     served_angle: float = Field(
         description="angle (radians) between u and the features handed to the language model (their mean over all samples)"
     )
-    abstain: bool = Field(description="true when no requested radius is certified (every certified_fcsb is null)")
+    abstain: bool = Field(description=ABSTAIN)
     radii: list[RadiusBound]
-    certified_radius: CertifiedRadius | None = None
-    cached: bool = False
+    certified_radius: CertifiedRadius | None = Field(
+        None, description="with target_cos: the largest radius certified at that cosine; null without target_cos"
+    )
+    cached: bool = Field(False, description="served from the certificate cache (same image, parameters and seed)")
+
+    @classmethod
+    def from_certificate(
+        cls,
+        cert: Certificate,
+        encoder: str,
+        booster: str,
+        input_size: int,
+        target_cos: float | None = None,
+        per_token: bool = False,
+        cached: bool = False,
+    ) -> CertificateOut:
+        """The certificate's one JSON shape, printed alike by the server and by ``fsmllm certify --json``."""
+        cfg = cert.config
+        summary = cert.to_dict(per_token=per_token)
+        return cls(
+            granularity=cfg.granularity,
+            worst_token=cert.worst_token,
+            tokens=summary.get("tokens"),
+            encoder=encoder,
+            booster=booster,
+            input_size=input_size,
+            sigma=cfg.sigma,
+            n0=cfg.n0,
+            n=cert.n,
+            n_budget=cfg.n,
+            stopped_by=cert.stopped_by,  # type: ignore[arg-type]
+            alpha=cfg.alpha,
+            bound=cfg.bound,
+            seed=cert.seed,
+            score_estimate=cert.score_estimate,
+            score_lower=cert.score_lower,
+            served_angle=cert.served_angle,
+            abstain=cert.abstain,
+            radii=summary["radii"],
+            certified_radius=None
+            if target_cos is None
+            else CertifiedRadius(target_cos=target_cos, radius=cert.certified_radius(target_cos)),
+            cached=cached,
+        )
 
 
 class CertifyResponse(BaseModel):
@@ -324,33 +464,58 @@ class ErrorResponse(BaseModel):
 
 
 class ImageURL(BaseModel):
-    url: str = Field(description="a data:image/...;base64, URL (remote URLs are not fetched)")
+    url: str = Field(
+        description="a data:image/...;base64, URL (remote URLs are not fetched)", examples=[EXAMPLE_IMAGE]
+    )
 
 
 class TextPart(BaseModel):
-    type: Literal["text"]
-    text: str
+    type: Literal["text"] = Field(description="a text part", examples=["text"])
+    text: str = Field(description="the text: in the last user message, the question about the image", examples=["What is this?"])
 
 
 class ImagePart(BaseModel):
-    type: Literal["image_url"]
-    image_url: ImageURL
+    type: Literal["image_url"] = Field(description="an image part (exactly one per conversation)", examples=["image_url"])
+    image_url: ImageURL = Field(description="the image, as a data URL", examples=[{"url": EXAMPLE_IMAGE}])
 
 
 class ChatMessage(BaseModel):
-    role: Literal["system", "user", "assistant"]
-    content: str | list[TextPart | ImagePart]
+    role: Literal["system", "user", "assistant"] = Field(description="who speaks", examples=["user"])
+    content: str | list[TextPart | ImagePart] = Field(
+        description="the text, or a list of text and image_url parts",
+        examples=[[{"type": "text", "text": "What is this?"}, {"type": "image_url", "image_url": {"url": EXAMPLE_IMAGE}}]],
+    )
 
 
 class ChatCompletionRequest(GenerationParams, AnswerParams):
     model_config = ConfigDict(extra="ignore")  # OpenAI clients send fields we do not use (n=1, user, ...)
 
-    model: str | None = None
-    messages: list[ChatMessage] = Field(..., min_length=1)
-    seed: int | None = Field(None, ge=0, lt=2**63)
-    stream: bool = False
-    max_tokens: int = Field(64, ge=1)
-    certification: CertificationParams | None = Field(None, description="fsmllm extension: certification parameters")
+    model: str | None = Field(
+        None, description="the served model's id (GET /v1/models); any other id is refused", examples=["fsmllm-demo"]
+    )
+    messages: list[ChatMessage] = Field(
+        ...,
+        min_length=1,
+        description="the conversation; the last user message's text is the question, and it holds one image",
+        examples=[[{"role": "user", "content": [{"type": "text", "text": "What is this?"},
+                                                {"type": "image_url", "image_url": {"url": EXAMPLE_IMAGE}}]}]],
+    )
+    seed: int | None = Field(
+        None, ge=0, lt=2**63, description="seeds the noise and the sampling (overrides certification.seed)", examples=[7]
+    )
+    stream: bool = Field(False, description="answer as OpenAI chat.completion.chunk events", examples=[False])
+    max_tokens: int = Field(64, ge=1, description="largest number of new tokens", examples=[32])
+    certification: CertificationParams | None = Field(
+        None,
+        description="fsmllm extension: certification parameters, the fields of POST /certify's (unset: the "
+        "deployment's defaults)",
+        examples=[{"radius": [0.25]}],
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _name_unknown_fields(cls, data: Any) -> Any:
+        return data  # unknown fields are ignored here: OpenAI clients send fields we do not use (n=1, user, ...)
 
 
 class ChatChoiceMessage(BaseModel):

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
-from typing import Any, Literal, get_args, get_origin
+import json
+from typing import Annotated, Any, Literal, get_args, get_origin
 
 from pydantic import Field, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 class Settings(BaseSettings):
@@ -36,7 +37,9 @@ class Settings(BaseSettings):
     api_key: str | None = Field(None, description="if set, every route but health/ready/metrics needs 'Authorization: Bearer <key>'")
 
     # certification policy
-    allowed_sigmas: list[float] = Field([0.25, 0.5], description="noise levels a request may ask for")
+    allowed_sigmas: Annotated[list[float], NoDecode] = Field(
+        [0.25, 0.5], description="noise levels a request may ask for (from the environment: 0.25,0.5 or [0.25, 0.5])"
+    )
     default_sigma: float = Field(0.25, description="noise level of requests that name none")
     default_n0: int = Field(100, ge=1, description="selection samples of requests that name none")
     default_n: int = Field(1000, ge=2, description="estimation samples of requests that name none")
@@ -55,6 +58,17 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(40_000_000, ge=1, description="decoded width x height above this is refused")
     max_prompt_chars: int = Field(8_000, ge=1, description="longest prompt accepted")
     max_tokens_limit: int = Field(512, ge=1, description="largest max_tokens a request may ask for")
+
+    @field_validator("allowed_sigmas", mode="before")
+    @classmethod
+    def _list_from_text(cls, value: Any) -> Any:
+        """A list given as text (an environment variable): JSON (``[0.25, 0.5]``) or comma-separated (``0.25,0.5``)."""
+        if not isinstance(value, str):
+            return value
+        text = value.strip()
+        if text.startswith("["):
+            return json.loads(text)
+        return [item.strip() for item in text.split(",") if item.strip()]
 
     @field_validator("allowed_sigmas")
     @classmethod

@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import asdict, dataclass
+from typing import ClassVar
 from pathlib import Path
 
 import numpy as np
@@ -74,6 +75,29 @@ class BoosterTrainConfig:
     checkpoint_every: int = 50
     seed: int = 0
     device: str = "cpu"
+
+    #: the help of each field's ``fsmllm train-booster`` flag
+    FLAG_HELP: ClassVar[dict[str, str]] = {
+        "encoder": "frozen vision encoder the booster wraps",
+        "image_size": "encoder input size in pixels",
+        "sigma": "noise level the booster is trained for (its certificates hold at any sigma)",
+        "model": "model whose frozen projector and language model give the utility term ('none': no utility term)",
+        "fashion_images": "labelled Fashion-MNIST training images (needs apt-get install dataset-fashion-mnist)",
+        "photo_crops": "random crops of each non-evaluation photo (unlabelled)",
+        "steps": "optimiser steps",
+        "batch_size": "images per step",
+        "copies": "noise draws per image (at least 2: the smoothness term compares pairs)",
+        "lr": "peak learning rate",
+        "weight_smooth": "weight of the smoothness term (raises the Gaussian robustness score)",
+        "weight_clean": "weight of the clean-agreement term (noisy boosted features near the clean base feature)",
+        "weight_utility": "weight of the language model's answer loss",
+        "pseudo_labels": "unlabelled crops get the frozen model's own answer as target (self-distillation)",
+        "width": "channels of the purifier",
+        "mapper_hidden": "hidden width of the smoothness mapper",
+        "checkpoint_every": "steps between checkpoints (a restart resumes from the last)",
+        "seed": "seed of the data, the noise and the initial weights",
+        "device": "torch device to train on: cpu, cuda, ...",
+    }
 
     def __post_init__(self) -> None:
         if self.copies < 2:

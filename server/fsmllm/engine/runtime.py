@@ -80,8 +80,8 @@ class Policy:
         alpha = self.default_alpha if alpha is None else alpha
         return SmoothingConfig(sigma=sigma, n0=n0, n=n, alpha=alpha, bound=bound, granularity=granularity)  # type: ignore[arg-type]
 
+    @staticmethod
     def stop_rule(
-        self,
         config: SmoothingConfig,
         radii: list[float],
         stop_at_fcsb: float | None,

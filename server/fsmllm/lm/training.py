@@ -16,6 +16,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -55,6 +56,20 @@ class TrainConfig:
     batch_size: int = 8
     lr: float = 1e-3
     seed: int = 0
+
+    #: the help of each field's ``fsmllm train-projector`` flag
+    FLAG_HELP: ClassVar[dict[str, str]] = {
+        "encoder": "frozen vision encoder whose features the projector reads",
+        "image_size": "encoder input size in pixels",
+        "train_images": "Fashion-MNIST training images (needs apt-get install dataset-fashion-mnist)",
+        "photo_copies": "copies of each bundled training photo (crops) added to the images",
+        "sigma": "noise level of the smoothed features the projector also learns from",
+        "copies": "noise draws averaged into each smoothed feature",
+        "steps": "optimiser steps",
+        "batch_size": "images per step",
+        "lr": "peak learning rate (warm-up, then cosine decay)",
+        "seed": "seed of the data order, the noise and the initial weights",
+    }
 
 
 @torch.inference_mode()
