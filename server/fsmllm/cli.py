@@ -113,12 +113,12 @@ def _add_certify_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--image-size", type=int, default=None, help="encoder input size S (default: the encoder's)")
     parser.add_argument(
         "--target-cos", type=float, default=None, metavar="C",
-        help="also print the largest radius whose certified FCSB is >= C (certified_radius)",
+        help="also print the largest radius whose certified FCSB is >= C (certified_radius; default: none)",
     )
     parser.add_argument(
         "--radius-tolerance", type=float, default=None, metavar="DELTA",
         help="with --target-cos: stop sampling once more samples could not raise the certified radius by more than "
-        "DELTA; --n is the budget",
+        "DELTA; --n is the budget (default: never)",
     )
     parser.add_argument(
         "--booster", default=_server_default("booster"), help="Gaussian Smoothness Booster: a shipped name, a folder, or none"
@@ -160,7 +160,8 @@ def _add_smoothing_arguments(parser: argparse.ArgumentParser) -> None:
         type=float,
         default=None,
         metavar="C",
-        help="stop sampling once the certified FCSB is >= C at every radius (or clearly cannot be); --n is the budget",
+        help="stop sampling once the certified FCSB is >= C at every radius (or clearly cannot be); --n is the budget "
+        "(default: never)",
     )
     parser.add_argument(
         "--batch-size", type=int, default=_server_default("batch_size"), help="noisy images per encoder batch"
@@ -327,7 +328,9 @@ def _add_evaluate_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--attack-samples", type=int, default=8, help="noise samples per PGD step against the smoothed encoder"
     )
-    parser.add_argument("--model", default=None, help="also compare generated answers (e.g. fsmllm-demo)")
+    parser.add_argument(
+        "--model", default=None, help="also compare generated answers (e.g. fsmllm-demo; default: no answers)"
+    )
     parser.add_argument(
         "--attack-goals", nargs="+", choices=["feature", "answer", "token"], default=None,
         help="untargeted feature distortion, targeted wrong answer, and/or the worst token's cosine (token, vs the "
@@ -382,7 +385,9 @@ def _add_training_parser(
     parser.add_argument("--out", default=None, help=f"output folder (default {out})")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars (training and weight loading)")
     if resumable:
-        parser.add_argument("--stop-at", type=int, default=None, help="stop after this step, keeping the checkpoint")
+        parser.add_argument(
+            "--stop-at", type=int, default=None, help="stop after this step, keeping the checkpoint (default: run all steps)"
+        )
 
     def handler(args: argparse.Namespace) -> int:
         module, function = train.rsplit(".", 1)

@@ -61,11 +61,11 @@ def raw(server: LiveServer, path: str, **body: object) -> httpx.Response:
 def test_certify_sync_and_async_equal_the_servers_json(server: LiveServer) -> None:
     expected = raw(server, "/certify", image=data_url(png_bytes(1)), radius=[0.05, 0.1], seed=42, n=300).json()
     with Client(server.url) as client:
-        result = client.certify(png_bytes(1), radii=[0.05, 0.1], seed=42, n=300)
+        result = client.certify(png_bytes(1), radius=[0.05, 0.1], seed=42, n=300)
 
     async def certify_async() -> CertifyResult:
         async with AsyncClient(server.url) as client:
-            return await client.certify(png_bytes(1), radii=[0.05, 0.1], seed=42, n=300)
+            return await client.certify(png_bytes(1), radius=[0.05, 0.1], seed=42, n=300)
 
     for answer in (result, asyncio.run(certify_async())):
         assert isinstance(answer, CertifyResult)
@@ -78,7 +78,7 @@ def test_every_image_form_gives_the_same_certificate(server: LiveServer, image_f
     pil = Image.open(io.BytesIO(png_bytes(1)))
     with Client(server.url) as client:
         scores = {
-            kind: client.certify(image, seed=7, radii=0.1).certificate.score_lower
+            kind: client.certify(image, seed=7, radius=0.1).certificate.score_lower
             for kind, image in {"path": image_file, "str": str(image_file), "bytes": png_bytes(1), "pil": pil, "url": data_url(png_bytes(1))}.items()
         }
     assert len(set(scores.values())) == 1, scores
@@ -87,7 +87,7 @@ def test_every_image_form_gives_the_same_certificate(server: LiveServer, image_f
 def test_target_cosine_returns_the_certified_radius(server: LiveServer) -> None:
     expected = raw(server, "/certify", image=data_url(png_bytes(2)), seed=3, n=2000, target_cos=0.5).json()
     with Client(server.url) as client:
-        certificate = client.certify(png_bytes(2), seed=3, n=2000, target_cosine=0.5).certificate
+        certificate = client.certify(png_bytes(2), seed=3, n=2000, target_cos=0.5).certificate
     assert certificate.certified_radius is not None and certificate.certified_radius.target_cos == 0.5
     assert certificate.certified_radius.radius == expected["certificate"]["certified_radius"]["radius"]
 
@@ -112,7 +112,7 @@ def test_progress_callback_counts_up_to_the_total(server: LiveServer) -> None:
 def test_errors_carry_the_servers_message_and_request_id(server: LiveServer) -> None:
     with Client(server.url) as client:
         with pytest.raises(BadRequest) as negative:
-            client.certify(png_bytes(), radii=[-0.5])
+            client.certify(png_bytes(), radius=[-0.5])
         with pytest.raises(BadRequest) as sigma:
             client.certify(png_bytes(), sigma=0.3)
         with pytest.raises(BadRequest) as corrupt:
@@ -239,7 +239,7 @@ def test_cli_certify_json_text_and_errors(server: LiveServer, image_file: Path, 
     assert [r.radius for r in result.certificate.radii] == [0.1, 0.2] and result.certificate.seed == 4
     assert err == ""  # --json: no progress bar
 
-    assert main(["--url", server.url, "certify", str(image_file), "--target-cosine", "0.5", "--seed", "4"]) == 0
+    assert main(["--url", server.url, "certify", str(image_file), "--target-cos", "0.5", "--seed", "4"]) == 0
     out, _ = capsys.readouterr()
     assert "certified FCSB" in out and "certified radius at cosine ≥ 0.5" in out
 

@@ -27,7 +27,7 @@ def server() -> Iterator[LiveServer]:
 def test_the_client_stops_early_and_reads_every_new_field(server: LiveServer) -> None:
     with Client(server.url) as client:
         seen: list[tuple[int, int]] = []
-        result = client.certify(png_bytes(1), radii=[0.05], n=20_000, seed=3, stop_at_fcsb=0.8, progress=lambda d, t: seen.append((d, t)))
+        result = client.certify(png_bytes(1), radius=[0.05], n=20_000, seed=3, stop_at_fcsb=0.8, progress=lambda d, t: seen.append((d, t)))
     cert = result.certificate
     assert cert.stopped_by == "target_reached" and cert.n_budget == 20_000 and cert.n < 2_000
     assert cert.radii[0].certified_fcsb >= 0.8 and cert.radii[0].served_fcsb <= cert.radii[0].certified_fcsb
@@ -38,7 +38,7 @@ def test_the_client_stops_early_and_reads_every_new_field(server: LiveServer) ->
                                                     "seed": 3, "stop_at_fcsb": 0.8}, timeout=60).json()["certificate"]
     assert raw["n"] == cert.n and raw["score_lower"] == cert.score_lower
     with Client(server.url) as client:
-        converged = client.certify(png_bytes(1), n=20_000, seed=3, target_cosine=0.5, radius_tolerance=0.01).certificate
+        converged = client.certify(png_bytes(1), n=20_000, seed=3, target_cos=0.5, radius_tolerance=0.01).certificate
     assert converged.stopped_by == "radius_converged" and converged.n < 20_000
     assert converged.certified_radius is not None and converged.certified_radius.radius > 0
 

@@ -104,32 +104,34 @@ def test_user_message_is_openai_shaped() -> None:
 
 def test_certify_call_body() -> None:
     progress = lambda done, total: None  # noqa: E731
-    call = certify_call(PNG, {"radii": 0.1, "sigma": 0.5, "n0": 10, "n": 200, "alpha": 0.01, "bound": "hoeffding",
-                              "seed": 0, "target_cosine": 0.5, "progress": progress})
+    call = certify_call(PNG, {"radius": 0.1, "sigma": 0.5, "n0": 10, "n": 200, "alpha": 0.01, "bound": "hoeffding",
+                              "seed": 0, "target_cos": 0.5, "progress": progress})
     assert (call.method, call.path, call.progress) == ("POST", "/certify", progress)
     assert call.body == {"image": image_data_url(PNG), "sigma": 0.5, "n0": 10, "n": 200, "alpha": 0.01,
                          "bound": "hoeffding", "seed": 0, "radius": [0.1], "stream": True, "target_cos": 0.5}
     assert not call.idempotent and call.accept == frozenset({200})
-    plain = certify_call(PNG, {"radii": [1, 0.25], "seed": None})
+    plain = certify_call(PNG, {"radius": [1, 0.25], "seed": None})
     assert plain.body == {"image": image_data_url(PNG), "radius": [1.0, 0.25]} and plain.progress is None
     assert all(isinstance(r, float) for r in plain.body["radius"])
-    assert certify_call(PNG, {"radii": 2}).body["radius"] == [2.0]
+    assert certify_call(PNG, {"radius": 2}).body["radius"] == [2.0]
     assert certify_call(PNG, {"stop_at_fcsb": 0.8}).body == {"image": image_data_url(PNG), "stop_at_fcsb": 0.8}
     assert certify_call(PNG, {"granularity": "token", "per_token": True}).body == {
         "image": image_data_url(PNG), "granularity": "token", "per_token": True}
     assert certify_call(PNG, {}).model is CertifyResult
-    with pytest.raises(TypeError, match="unknown option.*radius"):
-        certify_call(PNG, {"radius": 0.1})
+    with pytest.raises(TypeError, match="unknown option 'radii' \\(did you mean 'radius'\\?\\)"):
+        certify_call(PNG, {"radii": 0.1})
+    with pytest.raises(TypeError, match="unknown option 'target_cosine' \\(did you mean 'target_cos'\\?\\)"):
+        certify_call(PNG, {"target_cosine": 0.5})
     with pytest.raises(TypeError, match="unknown option"):
         certify_call(PNG, {"prompt": "a generate option"})
     with pytest.raises(TypeError) as unknown:
         certify_call(PNG, {"zeta": 1, "alpha": 0.1, "beta": 2})
-    assert str(unknown.value) == "unknown option(s): beta, zeta"
+    assert str(unknown.value).startswith("unknown option 'beta'; the options are alpha, bound, granularity")
 
 
 def test_generate_call_body() -> None:
     call = generate_call(PNG, "What?", {"max_tokens": 8, "temperature": 0.5, "top_p": 0.9, "stop": "\n", "seed": 3,
-                                        "radii": [0.1]})
+                                        "radius": [0.1]})
     assert (call.method, call.path) == ("POST", "/generate")
     assert call.body == {"image": image_data_url(PNG), "prompt": "What?", "max_tokens": 8, "temperature": 0.5,
                          "top_p": 0.9, "stop": ["\n"], "seed": 3, "radius": [0.1]}
@@ -140,8 +142,8 @@ def test_generate_call_body() -> None:
     streamed = generate_call(PNG, "Q", {"progress": progress})
     assert streamed.progress is progress and streamed.body["stream"] is True
     assert generate_call(PNG, "Q", {}).body == {"image": image_data_url(PNG), "prompt": "Q"}
-    with pytest.raises(TypeError, match="target_cosine"):
-        generate_call(PNG, "Q", {"target_cosine": 0.5})
+    with pytest.raises(TypeError, match="unknown option 'target_cos'"):
+        generate_call(PNG, "Q", {"target_cos": 0.5})  # a certify option only
 
 
 def test_chat_call_body() -> None:

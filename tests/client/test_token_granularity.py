@@ -62,7 +62,7 @@ def test_generate_reads_the_per_token_smoothed_features(server: LiveServer) -> N
 
 def test_client_cli_table_json_and_plot_with_both_curves(server: LiveServer, tmp_path: Path, capsys) -> None:
     with Client(server.url) as client:
-        result = client.certify(png_bytes(3), granularity="token", per_token=True, seed=4, radii=[0.02])
+        result = client.certify(png_bytes(3), granularity="token", per_token=True, seed=4, radius=[0.02])
     assert result.certificate.tokens is not None and result.certificate.worst_token is not None
     image = tmp_path / "x.png"
     image.write_bytes(png_bytes(3))

@@ -82,7 +82,7 @@ def test_generate_on_a_bundled_photo_answers_with_its_certificate(stack: Stack, 
 
     transport = httpx.HTTPTransport(verify=stack.ssl_context())
     with Client(stack.url, api_key=stack.api_key, transport=transport, max_retries=20) as client:
-        result = client.generate(photo, "What is this?", radii=[0.1, 0.25], n0=8, n=32, seed=7, max_tokens=12)
+        result = client.generate(photo, "What is this?", radius=[0.1, 0.25], n0=8, n=32, seed=7, max_tokens=12)
     assert result.answer.strip() and result.completion_tokens > 0
     certificate = result.certificate
     assert certificate.n == 32 and certificate.seed == 7
