@@ -180,6 +180,30 @@ def test_certify_json_prints_the_servers_certificate(server: LiveServer, tmp_pat
     assert printed == served  # the server's cached flag is false on a first request, as on the command line
 
 
+def test_abstain_means_the_same_in_the_json_and_both_tables(
+    server: LiveServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """With n = 2 nothing is certified at any requested radius: the server's abstain, the ``fsmllm`` table and
+    the ``fsmllm-client`` table all say so; with n = 100 something is, and none of them does."""
+    from fsmllm_client.cli import main as client_main
+
+    image = tmp_path / "image.png"
+    image.write_bytes(png_bytes(4))
+    note = "nothing certified at any requested radius"
+    for n, abstains in (("2", True), ("100", False)):
+        common = [str(image), "--radius", "0", "0.01", "--n0", "20", "--n", n, "--seed", "1"]
+        assert client_main(["--url", server.url, "certify", *common, "--json"]) == 0
+        certificate = json.loads(capsys.readouterr().out)["certificate"]
+        assert certificate["abstain"] is abstains
+        assert all(row["certified_fcsb"] is None for row in certificate["radii"]) is abstains
+        assert client_main(["--url", server.url, "certify", *common, "--no-progress"]) == 0
+        assert (f"ABSTAIN: {note}" in capsys.readouterr().out) is abstains
+        assert main(["certify", *common, *TINY]) == 0
+        table = capsys.readouterr().out
+        assert (f"-> ABSTAIN ({note})" in table) is abstains
+        assert (table.count("    none  ") >= 2) is abstains  # the uncertified cells of both radii
+
+
 @pytest.mark.slow
 def test_no_progress_hides_the_weight_loading_bars(tmp_path: Path) -> None:
     """``fsmllm generate --no-progress`` with the demo model: nothing on stderr, no transformers bar."""

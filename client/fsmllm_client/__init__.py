@@ -2,7 +2,7 @@
 
 >>> from fsmllm_client import Client
 >>> with Client("http://127.0.0.1:8000") as client:
-...     result = client.certify("cat.png", radii=[0.1, 0.25], seed=7)   # doctest: +SKIP
+...     result = client.certify("cat.png", radius=[0.1, 0.25], seed=7)   # doctest: +SKIP
 """
 
 from fsmllm_client._protocol import CertificationOptions, CertifyOptions, GenerateOptions, user_message

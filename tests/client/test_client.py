@@ -22,12 +22,11 @@ import pytest
 from PIL import Image
 
 from fsmllm.api.settings import Settings
-from fsmllm.lm.models import load_model
 from fsmllm_client import AsyncClient, AuthError, BadRequest, CertifyResult, Client, Overloaded, Unreachable, user_message
 from fsmllm_client.cli import main
 from fsmllm_client.plot import DPI, FIGSIZE
 
-from ..server.live import LiveServer, data_url, live_server, open_request, png_bytes, wait_until
+from ..server.live import LiveServer, data_url, live_server, open_request, png_bytes, tiny_model_server, wait_until
 
 PROMPT = "What is this?"
 
@@ -41,8 +40,7 @@ def server() -> Iterator[LiveServer]:
 @pytest.fixture(scope="module")
 def lm_server() -> Iterator[LiveServer]:
     """The tiny test model, as tests/server/test_generate_api.py serves it."""
-    settings = Settings(model="tiny-test", default_n0=20, default_n=100, batch_size=64, max_tokens_limit=64, _env_file=None)
-    with live_server(settings, model=load_model("tiny-test")) as live:
+    with tiny_model_server() as live:
         yield live
 
 
@@ -123,8 +121,8 @@ def test_errors_carry_the_servers_message_and_request_id(server: LiveServer) -> 
     assert corrupt.value.status_code == 400 and corrupt.value.error_type == "invalid_image"
     with Client("http://127.0.0.1:9", max_retries=1, max_retry_sleep=0.01) as nowhere, pytest.raises(Unreachable):
         nowhere.health()
-    with Client(server.url) as client, pytest.raises(TypeError, match="radius"):
-        client.certify(png_bytes(), radius=0.1)  # type: ignore[call-arg]  # the option is ``radii``
+    with Client(server.url) as client, pytest.raises(TypeError, match="did you mean 'radius'"):
+        client.certify(png_bytes(), radii=0.1)  # type: ignore[call-arg]  # the option is the server's ``radius``
 
 
 def test_full_queue_is_overloaded_then_retried_until_admitted(sleeps: list[float]) -> None:

@@ -80,6 +80,17 @@ def live_server(
         thread.join(60)
 
 
+@contextmanager
+def tiny_model_server() -> Iterator[LiveServer]:
+    """:func:`live_server` with the tiny test language model: /generate and the OpenAI route answer (tiny-cnn at
+    16 px, n0 20 and n 100 by default, max_tokens up to 64)."""
+    from fsmllm.lm.models import load_model
+
+    settings = Settings(model="tiny-test", default_n0=20, default_n=100, batch_size=64, max_tokens_limit=64, _env_file=None)
+    with live_server(settings, model=load_model("tiny-test")) as live:
+        yield live
+
+
 def png_bytes(seed: int = 0, size: tuple[int, int] = (24, 20)) -> bytes:
     array = np.random.default_rng(seed).integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)
     buffer = io.BytesIO()

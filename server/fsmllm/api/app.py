@@ -26,7 +26,8 @@ from fsmllm.engine.runtime import Runtime
 
 log = logging.getLogger("fsmllm.api")
 
-#: routes that need no API key (probes and scrapers)
+#: routes that need no API key: probes, scrapers and the API documentation (it describes the API and holds no data,
+#: and a browser cannot send a bearer token to load a page; README, "What the server answers")
 OPEN_PATHS = frozenset({"/health", "/ready", "/metrics", "/docs", "/docs/oauth2-redirect", "/openapi.json", "/redoc"})
 #: where /docs and /redoc load their scripts and styles from: files of the fastapi-offline package, not a CDN
 DOCS_ASSETS = "/static-offline-docs/"
