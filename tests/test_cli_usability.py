@@ -17,7 +17,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from fsmllm.api.schemas import DEFAULT_RADII, CertificateOut, CertifyRequest, GenerateParams, GenerateRequest
+from fsmllm.api.schemas import DEFAULT_RADII, AnswerCertification, CertificateOut, CertifyRequest, GenerateParams, GenerateRequest
 from fsmllm.api.settings import Settings
 from fsmllm.cli import build_parser, main
 from fsmllm.images import sample_image
@@ -93,6 +93,9 @@ def test_one_name_per_field_across_the_api_the_client_and_both_clis() -> None:
             missing = {name for name in fields if f"--{name.replace('_', '-')}" not in _flags(parser)}
             # fsmllm generate runs its model in process: stop strings are a server feature
             assert missing <= ({"stop"} if parser.prog == "fsmllm generate" else set()), (parser.prog, missing)
+    # the certify_answer object's fields are --answer-FIELD in both
+    for parser in (commands["fsmllm generate"], client_commands["fsmllm-client generate"]):
+        assert {f"--answer-{name.replace('_', '-')}" for name in AnswerCertification.model_fields} <= _flags(parser)
 
 
 def test_list_encoders_names_encoders_boosters_and_models(capsys: pytest.CaptureFixture[str]) -> None:
