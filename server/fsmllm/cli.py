@@ -480,8 +480,8 @@ def _add_generate_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _quiet_weight_loading() -> None:
-    """No progress bars from the libraries that load weights (transformers, huggingface_hub; any tqdm)."""
-    os.environ["TQDM_DISABLE"] = "1"  # tqdm's own switch, for bars created from now on
+    """No progress bars from the libraries that load weights (transformers, huggingface_hub). Their switches,
+    not tqdm's environment variable: that would leak into every process started from this one."""
     from huggingface_hub.utils import disable_progress_bars
     from transformers.utils import logging as transformers_logging
 
