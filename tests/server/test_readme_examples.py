@@ -85,7 +85,9 @@ def test_the_server_examples(server: LiveServer, tmp_path: Path) -> None:
                 assert answer["certificate"]["encoder"] == "tiny-cnn", step
             if "target_cos" in step:
                 assert answer["certificate"]["certified_radius"]["target_cos"] == 0.5
-    assert curls == 11
+            if "certify_answer" in step:
+                assert answer["answer_certificate"]["n_budget"] == 100, step
+    assert curls == 12
     assert (tmp_path / "body.json").stat().st_size > (tmp_path / "cat.png").stat().st_size  # the whole photo went
 
 
