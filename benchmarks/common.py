@@ -13,6 +13,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from fsmllm.encoders import VisionEncoder, load_encoder  # noqa: E402
+from fsmllm.encoders.precision import PRECISIONS, compiled, set_precision  # noqa: E402
 from fsmllm.images import load_image, to_pixels  # noqa: E402
 
 
@@ -22,13 +23,21 @@ def arguments(description: str, encoder: str = "dinov2-s", batch_size: int = 32)
     parser.add_argument("--image-size", type=int, default=None)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--batch-size", type=int, default=batch_size)
+    parser.add_argument("--dtype", choices=PRECISIONS, default="float32", help="the encoder's precision")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the encoder")
     return parser
 
 
+def encoder_options(args: argparse.Namespace) -> list[str]:
+    """The ``--dtype`` / ``--compile`` flags of ``args``, to hand on to a child process or a server."""
+    return ["--dtype", args.dtype] + (["--compile"] if args.compile else [])
+
+
 def setup(args: argparse.Namespace) -> tuple[VisionEncoder, torch.Tensor]:
-    """The encoder (eval, on the device) and sample:chelsea as its input pixels [3, S, S] (CPU)."""
-    encoder = load_encoder(args.encoder, image_size=args.image_size, device=args.device).eval()
-    return encoder, to_pixels(load_image("sample:chelsea"), encoder.image_size)
+    """The encoder (eval, on the device, in ``--dtype``, compiled with ``--compile``) and sample:chelsea as its
+    input pixels [3, S, S] (CPU)."""
+    encoder = set_precision(load_encoder(args.encoder, image_size=args.image_size, device=args.device), args.dtype)
+    return compiled(encoder) if args.compile else encoder, to_pixels(load_image("sample:chelsea"), encoder.image_size)
 
 
 def machine(device: str) -> str:

@@ -20,9 +20,11 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 
 import httpx
-from common import arguments, machine, setup, timed
+import torch
+from common import arguments, encoder_options, machine, setup, timed
 from PIL import Image
 
 from fsmllm.certify import SmoothingConfig, SmoothingRun, run_batched
@@ -52,6 +54,18 @@ async def concurrent(url: str, image: bytes, args) -> None:
         await asyncio.gather(*(one(seed) for seed in range(args.requests)))
 
 
+def batched_vs_loop(
+    encode: Callable[[torch.Tensor], torch.Tensor], pixels: torch.Tensor, config: SmoothingConfig, requests: int,
+    batch_size: int, device: str,
+) -> tuple[float, float]:
+    """Seconds to certify ``requests`` runs (seeds 0, 1, ...) packed into shared batches, and one after the other
+    each in its own batches of the same size."""
+    runs = lambda: [SmoothingRun(pixels.to(device), config, seed) for seed in range(requests)]  # noqa: E731
+    one_batch_s = timed(lambda: run_batched(runs(), encode, batch_size), device)
+    sequential_s = timed(lambda: [run_batched([run], encode, batch_size) for run in runs()], device)
+    return one_batch_s, sequential_s
+
+
 def main() -> None:
     parser = arguments(__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=8)
@@ -69,7 +83,7 @@ def main() -> None:
     command = [sys.executable, "-m", "fsmllm.cli", "serve", "--model", "none", "--encoder", args.encoder,
                "--port", str(port), "--batch-size", str(args.batch_size), "--device", args.device,
                "--cache-size", "0", "--default-n0", str(args.n0), "--default-n", str(args.n),
-               "--max-n", str(args.n0 + args.n)]
+               "--max-n", str(args.n0 + args.n), *encoder_options(args)]
     if args.image_size:
         command += ["--image-size", str(args.image_size)]
     server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ})
@@ -90,8 +104,7 @@ def main() -> None:
         server.terminate()
         server.wait()
 
-    one_batch_s = timed(lambda: run_batched(runs(), encoder, args.batch_size), args.device)
-    sequential_s = timed(lambda: [run_batched([run], encoder, args.batch_size) for run in runs()], args.device)
+    one_batch_s, sequential_s = batched_vs_loop(encoder, pixels, config, args.requests, args.batch_size, args.device)
     samples = args.requests * (args.n0 + args.n)
     print(f"device: {machine(args.device)}; encoder {encoder.name} @ {encoder.image_size}px, batch {args.batch_size}")
     print(f"{args.requests} requests x {args.n0 + args.n} samples = {samples} samples")

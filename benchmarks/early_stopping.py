@@ -13,10 +13,9 @@ from __future__ import annotations
 import json
 import statistics
 
-from common import arguments, machine, timed
+from common import arguments, machine, setup, timed
 
 from fsmllm.certify import SmoothedEncoder, StopRule
-from fsmllm.encoders import load_encoder
 from fsmllm.images import SAMPLE_IMAGES, load_image, to_pixels
 
 
@@ -31,7 +30,7 @@ def main() -> None:
     parser.add_argument("--full", action="store_true", help="also certify each photo at the whole budget")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
-    encoder = load_encoder(args.encoder, image_size=args.image_size, device=args.device).eval()
+    encoder = setup(args)[0]
     smoothed = SmoothedEncoder(encoder, args.sigma, batch_size=args.batch_size, device=args.device)
     rule = StopRule(fcsb=args.stop_at_fcsb, radii=(args.radius,))
     print(f"device: {machine(args.device)}; encoder {encoder.name} @ {encoder.image_size}px, σ={args.sigma}, "

@@ -22,7 +22,7 @@ import sys
 import time
 
 import httpx
-from common import arguments, machine, setup
+from common import arguments, encoder_options, machine, setup
 from concurrent_requests import free_port, png
 
 
@@ -89,7 +89,7 @@ def main() -> None:
     url = f"http://127.0.0.1:{port}"
     command = [sys.executable, "-m", "fsmllm.cli", "serve", "--model", "none", "--encoder", args.encoder,
                "--port", str(port), "--batch-size", str(args.batch_size), "--device", args.device,
-               "--cache-size", "0", "--queue-capacity", str(args.queue_capacity)]
+               "--cache-size", "0", "--queue-capacity", str(args.queue_capacity), *encoder_options(args)]
     if args.image_size:
         command += ["--image-size", str(args.image_size)]
     server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ})

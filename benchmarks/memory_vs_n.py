@@ -14,7 +14,7 @@ import resource
 import subprocess
 import sys
 
-from common import arguments, machine
+from common import arguments, encoder_options, machine
 
 
 def child(args) -> None:
@@ -48,7 +48,7 @@ def main() -> None:
     results = []
     for n in args.n:
         command = [sys.executable, __file__, "--encoder", args.encoder, "--device", args.device,
-                   "--batch-size", str(args.batch_size), "--child", str(n)]
+                   "--batch-size", str(args.batch_size), "--child", str(n), *encoder_options(args)]
         if args.image_size:
             command += ["--image-size", str(args.image_size)]
         output = subprocess.run(command, check=True, capture_output=True, text=True).stdout

@@ -152,3 +152,23 @@ def test_table_output_and_errors(capsys) -> None:
     with pytest.raises(SystemExit):
         main(["certify", "no-such-file.png", "--encoder", "tiny-cnn"])
     assert "no image file at no-such-file.png" in capsys.readouterr().err
+
+
+def test_dtype_and_compile(capsys) -> None:
+    """``--compile`` (the real inductor) certifies what the eager encoder does; ``--dtype bfloat16`` certifies the
+    encoder as computed in bfloat16: the same samples, a slightly different function."""
+    args = ["certify", "sample:coffee", "--encoder", "tiny-cnn", "--n0", "16", "--n", "64", "--seed", "1",
+            "--radius", "0.05", "--json", "--no-progress"]
+
+    def run(*extra: str) -> dict:
+        assert main([*args, *extra]) == 0
+        return json.loads(capsys.readouterr().out)
+
+    plain, half, fast = run(), run("--dtype", "bfloat16"), run("--compile")
+    assert plain["encoder_dtype"] == fast["encoder_dtype"] == "float32" and half["encoder_dtype"] == "bfloat16"
+    assert fast["score_lower"] == pytest.approx(plain["score_lower"], abs=1e-6)
+    assert half["score_lower"] != plain["score_lower"]
+    assert half["score_lower"] == pytest.approx(plain["score_lower"], abs=0.02)
+    with pytest.raises(SystemExit) as exit_info:
+        main([*args, "--dtype", "float8"])
+    assert exit_info.value.code == 2 and "invalid choice: 'float8'" in capsys.readouterr().err

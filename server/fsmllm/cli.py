@@ -28,6 +28,7 @@ from fsmllm.api.schemas import (  # noqa: E402
 from fsmllm.api.settings import Settings  # noqa: E402
 from fsmllm.certify import BOUND_METHODS, GRANULARITIES, Certificate, CosineClassifier, SmoothingConfig  # noqa: E402
 from fsmllm.encoders.base import VisionEncoder  # noqa: E402
+from fsmllm.encoders.precision import PRECISIONS  # noqa: E402
 from fsmllm.images import SAMPLE_IMAGES  # noqa: E402
 
 
@@ -168,6 +169,9 @@ def _add_smoothing_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--seed", type=int, default=None, help="noise seed (default: random, printed)")
     parser.add_argument("--device", default=_server_default("device"), help="torch device, e.g. cpu or cuda")
+    parser.add_argument("--dtype", choices=PRECISIONS, default=_server_default("dtype"),
+                        help="the encoder's precision; the certificate is for the encoder as computed in it")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the encoder (compiling takes a while)")
     parser.add_argument("--json", action="store_true", help="print the certificate as JSON (the server's shape)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars (sampling and weight loading)")
     parser.add_argument("--list-encoders", action=ListEncoders)
@@ -206,22 +210,28 @@ def _smooth(
         )
 
 
-def _boosted_encoder(name: str, image_size: int | None, booster: str, device: str) -> VisionEncoder:
-    """The encoder ``name`` behind ``booster`` (``"none"``: the encoder itself) on ``device``."""
+def _boosted_encoder(args: argparse.Namespace, name: str, image_size: int | None) -> VisionEncoder:
+    """The encoder ``name`` in precision ``args.dtype`` behind ``args.booster`` (``"none"``: the encoder itself; a
+    booster stays float32) on ``args.device``, compiled (once, for every use) with ``args.compile``."""
     from fsmllm.booster import load_booster
     from fsmllm.encoders import load_encoder
+    from fsmllm.encoders.precision import compiled, set_precision
 
-    return load_booster(booster, load_encoder(name, image_size=image_size, device=device))
+    encoder = set_precision(load_encoder(name, image_size=image_size, device=args.device), args.dtype)
+    boosted = load_booster(args.booster, encoder)
+    return compiled(boosted) if args.compile else boosted
 
 
 def _certify(args: argparse.Namespace) -> int:
     from fsmllm.encoders import load_classifier
 
     params = _validated(CertifyParams, args)
-    encoder = _boosted_encoder(args.encoder, args.image_size, args.booster, args.device)
+    encoder = _boosted_encoder(args, args.encoder, args.image_size)
     classifier = load_classifier(args.encoder) if args.classify else None
     cert = _smooth(args, params, encoder, classifier)
-    out = CertificateOut.from_certificate(cert, encoder.name, args.booster, encoder.image_size, args.target_cos, args.per_token)
+    out = CertificateOut.from_certificate(
+        cert, encoder.name, args.booster, encoder.image_size, args.target_cos, args.per_token, encoder_dtype=args.dtype
+    )
     if args.json:
         summary = out.model_dump()
         if cert.prediction is not None:  # --classify: the prediction's own certificate beside the feature's
@@ -498,12 +508,14 @@ def _generate(args: argparse.Namespace) -> int:
     sampling = SamplingParams(params.max_tokens, params.temperature, params.top_p, args.seed)
     if args.no_progress:
         _quiet_weight_loading()
-    encoder = _boosted_encoder(spec.encoder, spec.image_size, args.booster, args.device)
+    encoder = _boosted_encoder(args, spec.encoder, spec.image_size)
     model = load_model(args.model, device=args.device)
     cert = _smooth(args, params, encoder)
     answer = model.generate(cert.smoothed_feature.reshape(encoder.num_tokens, encoder.token_dim), args.prompt, sampling)
     voted = _certify_answer(args, encoder, model, sampling) if args.certify_answer else None
-    out = CertificateOut.from_certificate(cert, spec.encoder, args.booster, encoder.image_size, per_token=args.per_token)
+    out = CertificateOut.from_certificate(
+        cert, spec.encoder, args.booster, encoder.image_size, per_token=args.per_token, encoder_dtype=args.dtype
+    )
     if args.json:
         print(json.dumps({"model": spec.name, "answer": answer.text, "finish_reason": answer.finish_reason,
                           "certificate": out.model_dump(),

@@ -166,6 +166,18 @@ def test_cli_generate_with_a_folder(llava_folder, capsys) -> None:
     assert (certificate["n0"], certificate["n"]) == (20, 50) and len(certificate["radii"]) == 3
 
 
+def test_cli_generate_with_a_bfloat16_encoder(llava_folder, capsys) -> None:
+    from fsmllm.cli import main
+
+    folder, _ = llava_folder
+    argv = ["generate", "sample:chelsea", QUESTION, "--model", str(folder), "--n0", "20", "--n", "50", "--json",
+            "--seed", "0", "--max-tokens", "4", "--no-progress", "--dtype", "bfloat16"]
+    assert main(argv) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["answer"] and result["finish_reason"] == "length"
+    assert 0 < result["certificate"]["score_lower"] <= result["certificate"]["score_estimate"] <= 1
+
+
 def test_prompt_without_a_chat_template_is_llava_15(llava_folder) -> None:
     from fsmllm.lm.llava import llava_layout
 

@@ -74,7 +74,8 @@ def certificate_out(
 ) -> CertificateOut:
     """The served certificate of ``outcome`` (see :meth:`CertificateOut.from_certificate`)."""
     return CertificateOut.from_certificate(
-        outcome.certificate, runtime.encoder.name, runtime.booster, runtime.input_size, target_cos, per_token, outcome.cached
+        outcome.certificate, runtime.encoder.name, runtime.booster, runtime.input_size, target_cos, per_token, outcome.cached,
+        runtime.encoder_dtype,
     )
 
 

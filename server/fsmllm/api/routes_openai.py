@@ -172,6 +172,7 @@ async def models(request: Request) -> ModelList:
         encoder=runtime.encoder.name,
         booster=runtime.booster,
         input_size=runtime.input_size,
+        encoder_dtype=runtime.encoder_dtype,
         allowed_sigmas=list(policy.allowed_sigmas),
         defaults={"sigma": policy.default_sigma, "n0": policy.default_n0, "n": policy.default_n, "alpha": policy.default_alpha, "max_n": policy.max_n},
     )

@@ -330,6 +330,9 @@ class CertificateOut(BaseModel):
     encoder: str
     booster: str
     input_size: int
+    encoder_dtype: str = Field(
+        "float32", description="the precision the encoder computed in: the certificate is for the encoder as computed in it"
+    )
     norm: str = NORM_NOTE
     statement: str = Field(STATEMENT, description="what the certificate states, and about which vectors")
     granularity: Literal["global", "token"] = Field(
@@ -369,6 +372,7 @@ class CertificateOut(BaseModel):
         target_cos: float | None = None,
         per_token: bool = False,
         cached: bool = False,
+        encoder_dtype: str = "float32",
     ) -> CertificateOut:
         """The certificate's one JSON shape, printed alike by the server and by ``fsmllm certify --json``."""
         cfg = cert.config
@@ -380,6 +384,7 @@ class CertificateOut(BaseModel):
             encoder=encoder,
             booster=booster,
             input_size=input_size,
+            encoder_dtype=encoder_dtype,
             sigma=cfg.sigma,
             n0=cfg.n0,
             n=cert.n,
@@ -556,6 +561,7 @@ class ModelCard(BaseModel):
     encoder: str
     booster: str
     input_size: int
+    encoder_dtype: str = "float32"
     allowed_sigmas: list[float]
     defaults: dict[str, Any]
 

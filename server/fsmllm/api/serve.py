@@ -44,6 +44,7 @@ def build_runtime(settings: Settings, metrics: Metrics) -> Runtime:
     model's projector and language model."""
     from fsmllm.booster import BoostedEncoder, load_booster
     from fsmllm.encoders import load_encoder
+    from fsmllm.encoders.precision import set_precision
     from fsmllm.lm.models import load_model, model_spec
 
     model = None
@@ -56,7 +57,8 @@ def build_runtime(settings: Settings, metrics: Metrics) -> Runtime:
             raise ValueError(f"model {spec.name!r} was trained at {spec.image_size} px, not {image_size}")
         encoder_name, image_size = spec.encoder, spec.image_size
         model = load_model(settings.model, settings.device, settings.lm_backend, vllm_options(settings))
-    encoder = load_booster(settings.booster, load_encoder(encoder_name, image_size=image_size, device=settings.device))
+    encoder = load_encoder(encoder_name, image_size=image_size, device=settings.device)
+    encoder = load_booster(settings.booster, set_precision(encoder, settings.dtype))
     if isinstance(encoder, BoostedEncoder) and encoder.booster.config.sigma != settings.default_sigma:
         log.warning(
             "booster %s was trained at sigma %g, the default sigma is %g: certificates stay valid, but the booster "
@@ -70,6 +72,7 @@ def build_runtime(settings: Settings, metrics: Metrics) -> Runtime:
         model_name=settings.model,
         booster=settings.booster,
         device=settings.device,
+        compile=settings.compile,
         batch_size=settings.batch_size,
         queue_capacity=settings.queue_capacity,
         timeout_s=settings.request_timeout_s,

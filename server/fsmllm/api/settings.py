@@ -9,6 +9,8 @@ from typing import Annotated, Any, Literal, get_args, get_origin
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from fsmllm.encoders.precision import Precision
+
 
 class Settings(BaseSettings):
     """Every knob of a deployment. Each field is read from ``FSMLLM_<NAME>`` (e.g. ``FSMLLM_PORT=9000``)."""
@@ -25,6 +27,10 @@ class Settings(BaseSettings):
     booster: str = Field("none", description="Gaussian Smoothness Booster name or path, or 'none'")
     lm_backend: Literal["transformers", "vllm"] = Field("transformers", description="language-model backend")
     device: str = Field("cpu", description="torch device of the encoder worker: cpu, cuda, cuda:1, ...")
+    dtype: Precision = Field(
+        "float32", description="precision of the encoder on the certified path (certificates are for it as computed)"
+    )
+    compile: bool = Field(False, description="torch.compile the encoder (the first batches compile it: slow start)")
     vllm_dtype: str = Field("auto", description="vllm backend: weight dtype (auto, float16, bfloat16, float32)")
     vllm_max_model_len: int = Field(2048, ge=64, description="vllm backend: longest prompt + answer in tokens")
     vllm_kv_cache_bytes: int | None = Field(None, ge=1, description="vllm backend: KV cache size; default vLLM's share")

@@ -41,7 +41,7 @@ class BoostedEncoder(VisionEncoder):
         self.token_dim = encoder.token_dim
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.booster.mapper(self.encoder(self.booster.purifier(pixels)))
+        return self.booster.mapper(self.encoder(self.booster.purifier(pixels)).float())  # a 16-bit encoder's tokens
 
 
 def shipped_boosters_dir() -> Path:

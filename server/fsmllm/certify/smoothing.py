@@ -19,10 +19,11 @@ checkpoint is valid, so the certificate takes the best of them and progress repo
 
 A :class:`SmoothingRun` is the streaming state of one certification: it hands out noisy copies of the image
 and takes back their features in order. It keeps running feature sums and the n scalars c_i (8 bytes a
-sample), never the features. The noise is drawn from the run's own seeded generator in fixed blocks, and the
-checkpoints depend only on the sample count, so the samples — and hence the certificate — do not depend on
-how an executor packs runs into encoder batches. :func:`run_batched` is the reference executor;
-:class:`SmoothedEncoder` wraps it for one image at a time.
+sample), never the features. The noise is drawn on the pixels' device (no host-to-device copy per sample), in
+their dtype (float32: an encoder in reduced precision casts ``x + δ`` itself, so δ is the stated Gaussian), from
+the run's own seeded generator in fixed blocks, and the checkpoints depend only on the sample count, so the
+samples — and hence the certificate — do not depend on how an executor packs runs into encoder batches.
+:func:`run_batched` is the reference executor; :class:`SmoothedEncoder` wraps it for one image at a time.
 """
 
 from __future__ import annotations
@@ -309,9 +310,15 @@ def _angles(a: torch.Tensor, b: torch.Tensor) -> np.ndarray:
 class NoisyCopies:
     """The noisy copies ``x + σ δ_i``, δ_i ~ N(0, I), of one image [C, H, W] from a seeded generator on the image's
     device. The noise is drawn in blocks of NOISE_BLOCK, so the i-th copy depends only on the seed and i, never
-    on how many copies each call asks for."""
+    on how many copies each call asks for. The noise is drawn in the image's dtype, float32 (or float64): 16-bit
+    noise would not be the stated Gaussian (a reduced-precision encoder casts ``x + σ δ`` itself)."""
 
     def __init__(self, pixels: torch.Tensor, sigma: float, seed: int) -> None:
+        if pixels.dtype not in (torch.float32, torch.float64):
+            raise ValueError(
+                f"pixels must be float32 (or float64), got {pixels.dtype}: the noise is drawn in the pixels' dtype, "
+                "and 16-bit noise is not the stated Gaussian; a reduced-precision encoder casts its own input"
+            )
         self.pixels = pixels
         self.sigma = sigma
         self._generator = torch.Generator(device=pixels.device).manual_seed(seed)

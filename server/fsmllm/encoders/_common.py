@@ -27,6 +27,7 @@ def cache_dir() -> Path:
     return Path(os.environ.get("FSMLLM_CACHE") or Path.home() / ".cache" / "fsmllm")
 
 
+@torch.compiler.disable  # data-dependent checks: run eagerly in front of a compiled encoder (no graph-break warning)
 def check_pixels(pixels: torch.Tensor, image_size: int) -> None:
     """Raise ValueError unless ``pixels`` is a finite [B, 3, image_size, image_size] floating-point batch.
 
@@ -50,10 +51,12 @@ def check_pixels(pixels: torch.Tensor, image_size: int) -> None:
 
 
 class PixelNormalize(nn.Module):
-    """``(pixels - mean) / std`` per channel; mean and std are buffers, so they follow ``.to(device)``."""
+    """``(pixels - mean) / std`` per channel in float32, cast to ``output_dtype`` (the encoder's precision,
+    :func:`~fsmllm.encoders.precision.set_precision`); mean and std are buffers, so they follow ``.to(device)``."""
 
     mean: torch.Tensor
     std: torch.Tensor
+    output_dtype: torch.dtype = torch.float32
 
     def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
         super().__init__()
@@ -63,7 +66,7 @@ class PixelNormalize(nn.Module):
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        return (pixels - self.mean) / self.std
+        return ((pixels - self.mean) / self.std).to(self.output_dtype)
 
 
 def freeze(module: nn.Module) -> nn.Module:

@@ -197,7 +197,7 @@ class Dinov2Encoder(VisionEncoder):
         freeze(self)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Pixels [B, 3, S, S] in [0, 1] -> tokens [B, 1 + pooled_grid², 384] (float32)."""
+        """Pixels [B, 3, S, S] in [0, 1] -> tokens [B, 1 + pooled_grid², 384] (in the encoder's dtype, float32 by default)."""
         check_pixels(pixels, self.image_size)
         hidden = self.model(pixel_values=self.normalize(pixels.float())).last_hidden_state
         if self.pooled_grid is None:

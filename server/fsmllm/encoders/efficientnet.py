@@ -91,7 +91,7 @@ class EfficientNetLite0Encoder(VisionEncoder):
         freeze(self)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Pixels [B, 3, S, S] in [0, 1] -> pooled features [B, 1, 1280] (float32)."""
+        """Pixels [B, 3, S, S] in [0, 1] -> pooled features [B, 1, 1280] (in the encoder's dtype, float32 by default)."""
         check_pixels(pixels, self.image_size)
         features = self.model.extract_features(self.normalize(pixels.float()))
         return features.mean(dim=(2, 3)).unsqueeze(1)

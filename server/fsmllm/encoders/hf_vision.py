@@ -89,7 +89,7 @@ class HFVisionEncoder(VisionEncoder):
         freeze(self)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Pixels [B, 3, S, S] in [0, 1] -> tokens [B, T, W] (float32)."""
+        """Pixels [B, 3, S, S] in [0, 1] -> tokens [B, T, W] (in the encoder's dtype, float32 by default)."""
         check_pixels(pixels, self.image_size)
         kwargs: dict[str, Any] = {"interpolate_pos_encoding": True} if self.interpolate else {}
         if self.feature_layers is not None:

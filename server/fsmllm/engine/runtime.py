@@ -23,6 +23,7 @@ from PIL import Image
 from fsmllm.certify import ANYTIME_METHODS, Certificate, SmoothingConfig, StopRule, new_seed
 from fsmllm.certify.answers import AnswerCertificate, AnswerConfig, AnswerVoting, chunk_seed, vote_chunks
 from fsmllm.encoders.base import VisionEncoder
+from fsmllm.encoders.precision import compiled, precision_of
 from fsmllm.engine.certifier import Certifier, CertifyOutcome
 from fsmllm.engine.jobs import ProgressCallback
 from fsmllm.engine.worker import DeviceWorker
@@ -139,6 +140,7 @@ class Runtime:
         model_name: str = "none",
         booster: str = "none",
         device: str = "cpu",
+        compile: bool = False,
         batch_size: int = 32,
         queue_capacity: int = 32,
         timeout_s: float = 600.0,
@@ -148,14 +150,19 @@ class Runtime:
     ) -> None:
         """``on_batch(samples, batch_size, seconds)`` after each encoder batch and ``on_generation(event,
         tokens)`` when a generation starts ("started", 0) and when it ends ("completed", "cancelled" or "failed",
-        with the tokens it generated) feed the metrics."""
+        with the tokens it generated) feed the metrics. With ``compile`` the worker runs ``torch.compile(encoder)``
+        (:func:`~fsmllm.encoders.precision.compiled`)."""
         self.encoder = encoder.to(device).eval()
         self.policy = policy
         self.model = model
         self.model_name = model_name
         self.booster = booster
         self.worker = DeviceWorker(
-            self.encoder, device=device, batch_size=batch_size, capacity=queue_capacity, on_batch=on_batch
+            compiled(self.encoder) if compile else self.encoder,
+            device=device,
+            batch_size=batch_size,
+            capacity=queue_capacity,
+            on_batch=on_batch,
         )
         self.certifier = Certifier(self.worker, timeout_s=timeout_s, cache_size=cache_size)
         self._lm_executor = ThreadPoolExecutor(
@@ -177,6 +184,11 @@ class Runtime:
     @property
     def input_size(self) -> int:
         return self.encoder.image_size
+
+    @property
+    def encoder_dtype(self) -> str:
+        """The precision the encoder computes in (its certificates are for it as computed in that precision)."""
+        return precision_of(self.encoder)
 
     def pixels(self, image: Image.Image) -> torch.Tensor:
         """The certified input space: the image resized and cropped to the encoder's input (CPU tensor)."""
