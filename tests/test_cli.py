@@ -172,3 +172,27 @@ def test_dtype_and_compile(capsys) -> None:
     with pytest.raises(SystemExit) as exit_info:
         main([*args, "--dtype", "float8"])
     assert exit_info.value.code == 2 and "invalid choice: 'float8'" in capsys.readouterr().err
+
+
+def test_generate_certify_answer_prints_the_servers_answer_certificate(capsys, tmp_path) -> None:
+    """``fsmllm generate --certify-answer --json`` (tiny model) prints the server's answer certificate for the
+    same image, prompt, parameters and seed: one shape, the same votes."""
+    import httpx
+
+    from fsmllm.api.settings import Settings
+    from fsmllm.lm.models import load_model
+
+    from .server.live import live_server, png_bytes
+
+    image = tmp_path / "x.png"
+    image.write_bytes(png_bytes(5))
+    args = ["generate", str(image), "What is this?", "--model", "tiny-test", "--n0", "10", "--n", "40", "--seed", "3",
+            "--max-tokens", "4", "--certify-answer", "--answer-n0", "8", "--answer-n", "48", "--json", "--no-progress"]
+    assert main(args) == 0
+    printed = json.loads(capsys.readouterr().out)["answer_certificate"]
+    settings = Settings(model="tiny-test", default_n0=10, default_n=40, _env_file=None)
+    with live_server(settings, model=load_model("tiny-test")) as server:
+        served = httpx.post(f"{server.url}/generate", files={"image": ("x.png", image.read_bytes(), "image/png")}, data={
+            "prompt": "What is this?", "seed": "3", "max_tokens": "4", "certify_answer": '{"n0": 8, "n": 48}',
+        }, timeout=60).json()["answer_certificate"]
+    assert printed == served and printed["n_budget"] == 48 and printed["statement"]

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ValidationError  # noqa: E402
 
 from fsmllm.api.schemas import (  # noqa: E402
     DEFAULT_RADII,
+    AnswerCertificateOut,
     AnswerCertification,
     CertificateOut,
     CertificationParams,
@@ -519,7 +520,7 @@ def _generate(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"model": spec.name, "answer": answer.text, "finish_reason": answer.finish_reason,
                           "certificate": out.model_dump(),
-                          "answer_certificate": None if voted is None else voted.to_dict()}, indent=2))
+                          "answer_certificate": None if voted is None else AnswerCertificateOut.from_certificate(voted).model_dump()}, indent=2))
     else:
         print(f"answer: {answer.text}\n")
         print(_format_table(cert, out, args.per_token))

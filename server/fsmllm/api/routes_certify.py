@@ -79,10 +79,6 @@ def certificate_out(
     )
 
 
-def answer_certificate_out(certificate: AnswerCertificate) -> AnswerCertificateOut:
-    return AnswerCertificateOut.model_validate(certificate.to_dict())
-
-
 async def answer_and_certificates(
     runtime: Runtime,
     answer: Callable[[], Awaitable[T]],
@@ -208,7 +204,7 @@ async def generate(request: Request) -> Any:
             prompt_tokens=generation.prompt_tokens,
             completion_tokens=generation.completion_tokens,
             certificate=certificate_out(runtime, outcome, per_token=params.per_token),
-            answer_certificate=None if voted is None else answer_certificate_out(voted),
+            answer_certificate=None if voted is None else AnswerCertificateOut.from_certificate(voted),
             timings=Timings(
                 queue_ms=outcome.queue_seconds * 1e3,
                 certify_ms=outcome.compute_seconds * 1e3,

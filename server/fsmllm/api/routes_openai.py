@@ -19,8 +19,9 @@ from fastapi.responses import StreamingResponse
 
 from fsmllm.api.errors import RequestError
 from fsmllm.api.images import decode_base64_image, open_image
-from fsmllm.api.routes_certify import ERRORS, error_event, answer_and_certificates, answer_certificate_out, certificate_out
+from fsmllm.api.routes_certify import ERRORS, answer_and_certificates, certificate_out, error_event
 from fsmllm.api.schemas import (
+    AnswerCertificateOut,
     CertificationParams,
     ChatChoice,
     ChatChoiceMessage,
@@ -113,7 +114,7 @@ async def chat_completions(request: Request, chat: ChatCompletionRequest) -> Any
                 total_tokens=generation.prompt_tokens + generation.completion_tokens,
             ),
             certificate=certificate_out(runtime, outcome, per_token=cert_params.per_token),
-            answer_certificate=None if voted is None else answer_certificate_out(voted),
+            answer_certificate=None if voted is None else AnswerCertificateOut.from_certificate(voted),
         )
 
     outcome = await unless_disconnected(request, runtime.certify(image, config, radii, seed, stop=stop))
@@ -150,7 +151,7 @@ async def chat_completions(request: Request, chat: ChatCompletionRequest) -> Any
             extra: dict[str, Any] = {"usage": usage.model_dump(), "certificate": certificate.model_dump()}
             if votes is not None:
                 try:
-                    extra["answer_certificate"] = answer_certificate_out(await votes).model_dump()
+                    extra["answer_certificate"] = AnswerCertificateOut.from_certificate(await votes).model_dump()
                 except Exception as error:  # noqa: BLE001 - the stream has started: report in-band
                     yield f"data: {json.dumps({'error': error_event(error)})}\n\n"
                     return

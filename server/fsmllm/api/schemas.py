@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from pydantic_core import PydanticCustomError
 
 from fsmllm.certify import BOUND_METHODS, Certificate
+from fsmllm.certify.answers import AnswerCertificate
 
 NORM_NOTE = (
     "sigma and every radius are l2 norms over the encoder's input pixels in [0, 1] "
@@ -439,6 +440,11 @@ class AnswerCertificateOut(BaseModel):
     bound: Literal["clopper-pearson", "betting"]
     target_radius: float | None
     seed: int
+
+    @classmethod
+    def from_certificate(cls, certificate: AnswerCertificate) -> AnswerCertificateOut:
+        """The JSON of a certified answer, the same from the server and from ``fsmllm generate --json``."""
+        return cls.model_validate(certificate.to_dict())
 
 
 class GenerateResponse(BaseModel):
