@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -100,6 +102,27 @@ def png_bytes(seed: int = 0, size: tuple[int, int] = (24, 20)) -> bytes:
 
 def data_url(data: bytes, mime: str = "image/png") -> str:
     return f"data:{mime};base64,{base64.b64encode(data).decode()}"
+
+
+def sse_events(lines: Iterable[str]) -> Iterator[tuple[str, Any]]:
+    """The events of a ``text/event-stream`` (e.g. ``response.iter_lines()``) as they arrive: ``(name, data)``,
+    ``data`` parsed as JSON. By the SSE rules (html.spec.whatwg.org, "server-sent events"): an event ends at a
+    blank line; its name is ``message`` unless an ``event:`` field names it; several ``data:`` fields are joined
+    with newlines; one space after the colon is dropped; comments (``:`` first) are ignored; an event the stream
+    ends before finishing is dropped (so a stream cut short shows as a missing ``result``)."""
+    name, data = "message", []
+    for line in lines:
+        if not line:
+            if data:
+                yield name, json.loads("\n".join(data))
+            name, data = "message", []
+            continue
+        field, _, value = line.partition(":")
+        value = value.removeprefix(" ")
+        if field == "event":
+            name = value
+        elif field == "data":
+            data.append(value)
 
 
 def wait_until(condition: Callable[[], bool], what: str = "the expected state", seconds: float = 60.0) -> None:

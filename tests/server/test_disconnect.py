@@ -19,7 +19,7 @@ from fsmllm.api.settings import Settings
 from fsmllm.engine.jobs import CertifyJob
 from fsmllm.lm.models import load_model
 
-from .live import LiveServer, data_url, live_server, png_bytes
+from .live import LiveServer, data_url, live_server, png_bytes, sse_events
 
 MAX_TOKENS = 512
 
@@ -80,9 +80,9 @@ def test_a_streaming_client_that_leaves_stops_its_generation(server: LiveServer)
     tokens = metric(server, "fsmllm_generated_tokens_total")
     with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=chat_body(True), timeout=60) as response:
         assert response.status_code == 200
-        lines = response.iter_lines()
-        while '"content": ""' in (line := next(lines)) or not line.startswith("data:"):
-            pass  # the role chunk; the first content chunk ends the loop
+        for _, chunk in sse_events(response.iter_lines()):
+            if chunk["choices"][0]["delta"].get("content"):
+                break  # past the role chunk, at the first content chunk
     # the connection is closed: the generation stops at its next token instead of decoding all 512
     wait_for(lambda: metric(server, "fsmllm_generations_total", outcome="cancelled") == cancelled + 1,
              "the generation is cancelled")

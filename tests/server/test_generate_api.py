@@ -22,7 +22,7 @@ from fsmllm.images import to_pixels
 from fsmllm.lm.base import SamplingParams
 from fsmllm.lm.models import load_model
 
-from .live import LiveServer, data_url, live_server, png_bytes
+from .live import LiveServer, data_url, live_server, png_bytes, sse_events
 
 PROMPT = "What is this?"
 
@@ -77,8 +77,8 @@ def test_generate_streams_progress_then_the_result(server: LiveServer) -> None:
         "image": data_url(png_bytes()), "prompt": PROMPT, "stream": True, "n": 300, "seed": 1, "max_tokens": 4,
     }, timeout=60) as response:
         assert response.headers["content-type"].startswith("text/event-stream")
-        events = [line for line in response.iter_lines() if line.startswith("event:")]
-    assert events[0] == "event: progress" and events[-1] == "event: result"
+        events = [name for name, _ in sse_events(response.iter_lines())]
+    assert events[0] == "progress" and events[-1] == "result"
 
 
 @pytest.mark.parametrize(

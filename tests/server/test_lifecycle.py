@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
@@ -14,7 +13,7 @@ import time
 
 import httpx
 
-from tests.server.live import data_url, png_bytes, wait_until
+from tests.server.live import data_url, png_bytes, sse_events, wait_until
 
 
 def _free_port() -> int:
@@ -67,14 +66,10 @@ def test_sigterm_finishes_accepted_requests_then_a_restart_serves_again() -> Non
 
     def read_stream() -> None:
         with httpx.stream("POST", f"{url}/certify", json=body, timeout=120) as response:
-            event = None
-            for line in response.iter_lines():
-                if line.startswith("event: "):
-                    event = line[7:]
-                elif line.startswith("data: "):
-                    events.append(str(event))
-                    if event == "result":
-                        results.append(json.loads(line[6:]))
+            for name, data in sse_events(response.iter_lines()):
+                events.append(name)
+                if name == "result":
+                    results.append(data)
 
     client = threading.Thread(target=read_stream)
     try:

@@ -7,9 +7,7 @@ gateway's loopback port or the bridge address of a container of this stack; ever
 
 from __future__ import annotations
 
-import base64
 import concurrent.futures
-import json
 import os
 import signal
 import subprocess
@@ -21,6 +19,7 @@ from collections import Counter
 import httpx
 import pytest
 
+from ...server.live import data_url, sse_events
 from .conftest import (
     Stack,
     address,
@@ -33,10 +32,6 @@ from .conftest import (
     retry_rate_limited,
     wait_healthy,
 )
-
-
-def data_url(png: bytes) -> str:
-    return "data:image/png;base64," + base64.b64encode(png).decode()
 
 
 @pytest.fixture(scope="module")
@@ -102,12 +97,8 @@ def test_certify_progress_streams_through_the_gateway_event_by_event(stack: Stac
         with gateway.stream("POST", "/certify", json=body) as response:
             if response.status_code == 200:
                 assert response.headers["content-type"].startswith("text/event-stream")
-                event = None
-                for line in response.iter_lines():
-                    if line.startswith("event: "):
-                        event = line[7:]
-                    elif line.startswith("data: "):
-                        arrivals.append((event or "message", time.monotonic() - started, json.loads(line[6:])))
+                for name, data in sse_events(response.iter_lines()):
+                    arrivals.append((name, time.monotonic() - started, data))
             else:
                 response.read()
             return response
