@@ -12,9 +12,10 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
+from fsmllm.api.errors import INTERNAL_ERROR
 from fsmllm.api.settings import Settings
 
-from .live import Controlled, LiveServer, data_url, live_server, open_request, png_bytes, wait_until
+from .live import Controlled, LiveServer, data_url, live_server, open_request, png_bytes, sse_events, wait_until
 
 
 @pytest.fixture(scope="module")
@@ -75,15 +76,26 @@ def test_an_encoder_failure_fails_only_the_jobs_of_that_batch(controlled: tuple[
     assert answers["second"].status_code == 200 and answers["second"].json()["certificate"]["seed"] == 3
 
 
-def test_an_encoder_failure_inside_a_progress_stream(controlled: tuple[LiveServer, Controlled]) -> None:
+def test_an_encoder_failure_inside_a_progress_stream(
+    controlled: tuple[LiveServer, Controlled], caplog: pytest.LogCaptureFixture
+) -> None:
+    """The error comes in-band (the 200 is sent), with the request id of the header; the server log has the
+    error under that id, with its traceback; the internals stay out of the answer, as they do in a 500."""
     live, encoder = controlled
     encoder.fail_next = 1
-    with httpx.stream("POST", f"{live.url}/certify", json={"image": data_url(png_bytes()), "stream": True}, timeout=60) as response:
-        assert response.status_code == 200  # the stream had started: the error comes in-band
-        lines = [line for line in response.iter_lines() if line]
-    assert lines[-2] == "event: error"
-    assert json.loads(lines[-1].removeprefix("data: "))["type"] == "RuntimeError"
-    assert "event: result" not in lines
+    body = {"image": data_url(png_bytes()), "stream": True}
+    with caplog.at_level(logging.ERROR, logger="fsmllm"):
+        with httpx.stream("POST", f"{live.url}/certify", json=body, headers={"x-request-id": "stream-fails"},
+                          timeout=60) as response:
+            assert response.status_code == 200 and response.headers["x-request-id"] == "stream-fails"
+            events = list(sse_events(response.iter_lines()))
+    name, error = events[-1]
+    assert name == "error" and error == {
+        "type": "RuntimeError", "message": INTERNAL_ERROR, "request_id": "stream-fails",
+    }
+    assert "result" not in [name for name, _ in events]
+    logged = [record for record in caplog.records if "stream-fails" in record.getMessage()]
+    assert any(record.exc_info and "injected encoder failure" in str(record.exc_info[1]) for record in logged), caplog.text
     assert certify(live).status_code == 200
 
 
@@ -96,6 +108,13 @@ def test_a_certification_past_request_timeout_s_is_a_504_and_its_job_is_dropped(
         error = response.json()["error"]
         assert error["type"] == "timeout" and "time limit" in error["message"]
         assert error["request_id"] == response.headers["x-request-id"]
+        wait_until(lambda: live.runtime.worker.depth == 0, "the timed-out job to be dropped")
+        # in a progress stream: the error event names the timeout (clients map it to 504), with the request id
+        body = {"image": data_url(png_bytes()), "n": 50_000_000, "stream": True}
+        with httpx.stream("POST", f"{live.url}/certify", json=body, timeout=120) as streamed:
+            name, error = list(sse_events(streamed.iter_lines()))[-1]
+        assert name == "error" and error["type"] == "TimeoutError" and error["message"] != INTERNAL_ERROR
+        assert error["request_id"] == streamed.headers["x-request-id"]
         wait_until(lambda: live.runtime.worker.depth == 0, "the timed-out job to be dropped")
         assert httpx.get(f"{live.url}/ready").status_code == 200  # (a new job would be under the same 0.5 s limit)
 

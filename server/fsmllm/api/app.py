@@ -17,7 +17,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from fsmllm import __version__
-from fsmllm.api.errors import RequestError, error_response, install_error_handlers
+from fsmllm.api.errors import INTERNAL_ERROR, RequestError, error_response, install_error_handlers
 from fsmllm.api.metrics import Metrics
 from fsmllm.api.routes_certify import router as certify_router
 from fsmllm.api.routes_openai import router as openai_router
@@ -110,7 +110,7 @@ def create_app(runtime: Runtime, settings: Settings, metrics: Metrics | None = N
             response = await call_next(request)
         except Exception:  # noqa: BLE001 - answered here, so the 500 carries the id, is logged with it and counted
             log.exception("unhandled error in %s %s id=%s", request.method, route, request.state.request_id)
-            response = error_response(request, 500, "internal_error", "internal error; the request id is in the server log")
+            response = error_response(request, 500, "internal_error", INTERNAL_ERROR)
         elapsed = time.perf_counter() - started
         response.headers["X-Request-ID"] = request.state.request_id
         metrics.requests.labels(route=route, status=str(response.status_code)).inc()

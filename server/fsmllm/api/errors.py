@@ -19,6 +19,10 @@ from fsmllm.engine.worker import QueueFull, WorkerStopped
 
 log = logging.getLogger("fsmllm.api")
 
+#: what a client is told of an unexpected error (a 500, or an error event in a progress stream): the details
+#: stay in the server log, under the request id the answer carries
+INTERNAL_ERROR = "internal error; the request id is in the server log"
+
 
 class RequestError(Exception):
     """A request problem found by the HTTP layer itself (bad content type, body too large, auth...)."""
@@ -87,4 +91,4 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, error: Exception) -> JSONResponse:
         log.exception("unhandled error in %s %s id=%s", request.method, request.url.path, getattr(request.state, "request_id", None))
-        return error_response(request, 500, "internal_error", "internal error; the request id is in the server log")
+        return error_response(request, 500, "internal_error", INTERNAL_ERROR)

@@ -12,6 +12,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from PIL import Image
 
+from fsmllm.api.errors import INTERNAL_ERROR
 from fsmllm.api.inputs import image_and_params
 from fsmllm.api.schemas import (
     AnswerCertificateOut,
@@ -30,7 +31,9 @@ from fsmllm.api.streaming import ProgressCallback, progress_stream, unless_disco
 from fsmllm.certify import SmoothingConfig
 from fsmllm.certify.answers import AnswerCertificate
 from fsmllm.engine.certifier import CertifyOutcome
+from fsmllm.engine.jobs import JobCancelled
 from fsmllm.engine.runtime import Runtime
+from fsmllm.engine.worker import QueueFull, WorkerStopped
 from fsmllm.lm.base import Generation, SamplingParams
 
 router = APIRouter()
@@ -123,8 +126,15 @@ def _limits(request: Request) -> tuple[int, int]:
     return settings.max_body_bytes, settings.max_image_pixels
 
 
+#: failures whose message is meant for the client (outside a stream, the 503s and the 504)
+_TOLD = (QueueFull, WorkerStopped, JobCancelled, TimeoutError)
+
+
 def error_event(error: BaseException) -> dict[str, Any]:
-    return {"type": type(error).__name__, "message": str(error) or type(error).__name__}
+    """A progress stream's error event: the exception's class name (clients map it to the status it would have
+    had outside a stream) and its message, or for an unexpected error only where to look (as a 500 says)."""
+    message = (str(error) or type(error).__name__) if isinstance(error, _TOLD) else INTERNAL_ERROR
+    return {"type": type(error).__name__, "message": message}
 
 
 @router.post(
@@ -158,7 +168,7 @@ async def certify(request: Request) -> Any:
         return response.model_dump()
 
     if params.stream:
-        return progress_stream(work, error_event)
+        return progress_stream(work, error_event, request_id)
     return JSONResponse(await unless_disconnected(request, work(None)))
 
 
@@ -216,7 +226,7 @@ async def generate(request: Request) -> Any:
         return response.model_dump()
 
     if params.stream:
-        return progress_stream(work, error_event)
+        return progress_stream(work, error_event, request_id)
     return JSONResponse(await unless_disconnected(request, work(None)))
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -14,6 +15,8 @@ from fastapi.responses import StreamingResponse
 ProgressCallback = Callable[[int, int, "dict[str, Any] | None"], None]
 Update = tuple[int, int, "dict[str, Any] | None"]
 T = TypeVar("T")
+
+log = logging.getLogger("fsmllm.api")
 
 
 class ClientDisconnected(Exception):
@@ -53,6 +56,7 @@ def sse(event: str, data: Any) -> str:
 def progress_stream(
     work: Callable[[ProgressCallback], Awaitable[dict[str, Any]]],
     describe_error: Callable[[BaseException], dict[str, Any]],
+    request_id: str,
 ) -> StreamingResponse:
     """Run ``work(on_progress)`` and stream ``progress`` events then one ``result`` event.
 
@@ -61,6 +65,10 @@ def progress_stream(
     any thread; the worker reports a batch's progress before it resolves the job, so every event arrives
     before the result. If the client goes away, the work is cancelled (which
     cancels the job's remaining samples on the device worker).
+
+    If the work fails once the stream has started (its 200 already sent), the last event is ``error``:
+    ``describe_error(error)`` plus ``request_id``, the id of the ``X-Request-ID`` header, which the server log
+    names with the error and its traceback (as it does for a 500 outside a stream).
     """
     loop = asyncio.get_running_loop()
     updates: asyncio.Queue[Update] = asyncio.Queue()
@@ -86,7 +94,8 @@ def progress_stream(
             try:
                 result = task.result()
             except Exception as error:  # noqa: BLE001 - the stream has started: report in-band
-                yield sse("error", describe_error(error))
+                log.error("error in a progress stream id=%s", request_id, exc_info=error)
+                yield sse("error", {**describe_error(error), "request_id": request_id})
                 return
             while not updates.empty():  # updates still queued when the work finished
                 yield progress(updates.get_nowait())
