@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import io
-import json
 import struct
 import zlib
 from concurrent.futures import ThreadPoolExecutor
@@ -17,7 +16,7 @@ from fsmllm.api.settings import Settings
 from fsmllm.certify import SmoothedEncoder, StopRule
 from fsmllm.images import to_pixels
 
-from .live import LiveServer, data_url, live_server, png_bytes
+from .live import Controlled, LiveServer, data_url, live_server, png_bytes, sse_events, wait_until
 
 
 @pytest.fixture(scope="module")
@@ -104,15 +103,9 @@ def test_concurrent_requests_all_complete_and_match_sequential_results(server: L
 
 
 def test_progress_stream(server: LiveServer) -> None:
-    events = []
     with httpx.stream("POST", f"{server.url}/certify", json={"image": data_url(png_bytes()), "stream": True, "n": 500, "seed": 3}, timeout=60) as response:
         assert response.headers["content-type"].startswith("text/event-stream")
-        event = None
-        for line in response.iter_lines():
-            if line.startswith("event: "):
-                event = line[7:]
-            elif line.startswith("data: "):
-                events.append((event, json.loads(line[6:])))
+        events = list(sse_events(response.iter_lines()))
     progress = [data for name, data in events if name == "progress"]
     assert progress and (progress[-1]["done"], progress[-1]["total"]) == (520, 520)
     assert all(a["done"] <= b["done"] for a, b in zip(progress, progress[1:]))
@@ -213,17 +206,25 @@ def test_missing_image_wrong_content_type_bad_json_and_oversized_body(server: Li
 
 
 def test_queue_full_answers_503_with_retry_after() -> None:
-    settings = Settings(model="none", default_n0=20, default_n=100, batch_size=8, queue_capacity=2, max_n=200_000, _env_file=None)
-    with live_server(settings) as live:
-        def slow(_: int) -> httpx.Response:
-            return certify(live, n=20_000)
-
-        with ThreadPoolExecutor(6) as pool:
-            responses = list(pool.map(slow, range(6)))
-        statuses = sorted(r.status_code for r in responses)
-        assert statuses.count(200) >= 2 and 503 in statuses
-        refused = next(r for r in responses if r.status_code == 503)
-        assert int(refused.headers["retry-after"]) >= 1 and "queue is full" in refused.json()["error"]["message"]
+    """Two jobs fill a queue of two (the encoder holds their first batch, so neither can finish): a third request
+    is refused with 503 and Retry-After; once the encoder is released, the two admitted ones get their
+    certificates. States are waited for, not times."""
+    encoder = Controlled()
+    settings = Settings(model="none", default_n0=20, default_n=100, batch_size=8, queue_capacity=2, _env_file=None)
+    with live_server(settings, encoder=encoder) as live:
+        encoder.hold()
+        with ThreadPoolExecutor(2) as pool:
+            admitted = [pool.submit(certify, live, seed=seed) for seed in (1, 2)]
+            wait_until(lambda: live.runtime.worker.depth == 2, "both jobs to be admitted")
+            refused = certify(live, seed=3)
+            encoder.release.set()
+            answers = [future.result() for future in admitted]
+        assert refused.status_code == 503 and int(refused.headers["retry-after"]) >= 1
+        assert refused.json()["error"]["type"] == "overloaded" and "queue is full" in refused.json()["error"]["message"]
+        assert [a.status_code for a in answers] == [200, 200]
+        assert sorted(a.json()["certificate"]["seed"] for a in answers) == [1, 2]
+        wait_until(lambda: live.runtime.worker.depth == 0, "the worker to let go of the jobs")
+        assert certify(live, seed=3).status_code == 200
 
 
 def test_client_disconnect_cancels_the_remaining_samples() -> None:
