@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 
 import numpy as np
@@ -14,10 +16,12 @@ from fsmllm.certify import (
     SmoothedEncoder,
     SmoothingConfig,
     SmoothingRun,
+    StopRule,
     run_batched,
 )
+from fsmllm.certify.smoothing import certified_fcsb, new_seed
 
-from .analytic import RotationEncoder, TwoValueEncoder, point_at, unit_direction
+from .analytic import RotationEncoder, TokenRotationEncoder, TwoValueEncoder, point_at, unit_direction
 
 
 def small_net(seed: int = 0) -> torch.nn.Module:
@@ -212,3 +216,86 @@ def test_interim_certificates_exist_only_for_anytime_bounds_and_only_after_a_che
         assert (interim is not None) is expected
         if interim is not None:
             assert interim["n"] == NOISE_BLOCK and interim["radii"][0]["radius"] == 0.1
+
+
+def test_interim_is_the_certificate_of_the_last_checkpoint_and_is_computed_once_per_checkpoint() -> None:
+    """The interim certificate (a progress event's) states the best anytime lower bound p̲ over the checkpoints so
+    far, at n = the last checkpoint's sample count, and FCSB(p̲, σ, ε) at each asked radius; it is computed once
+    per checkpoint and radii (the same object until either changes)."""
+    w = unit_direction(11)
+    encoder = RotationEncoder(w, 1.0)
+    sigma, radii = 0.25, [0.05, 0.2]
+    run = SmoothingRun(point_at(w, 0.1), SmoothingConfig(sigma=sigma, n0=10, n=4 * NOISE_BLOCK), seed=0)
+    run.consume(encoder(run.take(10)))
+    seen = []
+    for _ in range(2):
+        run.consume(encoder(run.take(NOISE_BLOCK)))
+        interim = run.interim(radii)
+        assert interim is run.interim(radii) and interim is not run.interim(radii[:1])
+        lower = float(run._best_lower.min())
+        values = [None if math.isnan(v) else float(v) for v in certified_fcsb(lower, sigma, np.array(radii))]
+        assert values[0] is not None  # (the other radius abstains: None, as in a certificate)
+        assert interim == {
+            "n": run.estimated,
+            "score_lower": lower,
+            "radii": [{"radius": r, "certified_fcsb": v} for r, v in zip(radii, values)],
+        }
+        seen.append(run.interim(radii[:1]))
+    assert [s["n"] for s in seen] == [NOISE_BLOCK, 2 * NOISE_BLOCK]  # a new checkpoint: a new certificate
+
+
+@pytest.mark.parametrize("granularity", ["global", "token"])
+def test_to_dict_states_every_number_of_the_certificate_under_its_documented_name(granularity: str) -> None:
+    """The JSON summary (the CLI's output): plain JSON, every number of the certificate and what reproduces it;
+    the optional parts (worst token, per-token values, stop rule, clean score) exactly when they exist."""
+    encoder = TokenRotationEncoder(unit_direction(12), rates=(0.5, 2.0), scales=(1.0, 1.0))
+    x = point_at(encoder.w, 0.2)
+    stop = StopRule(fcsb=0.1, radii=(0.05,))
+    cert = SmoothedEncoder(encoder, 0.25, batch_size=256).certify(
+        x, n0=20, n=3 * NOISE_BLOCK, alpha=0.01, radii=[0.05, 0.5], seed=5, granularity=granularity, stop=stop,
+        reference=encoder(x[None])[0] if granularity == "global" else None,
+    )
+    summary = json.loads(json.dumps(cert.to_dict(per_token=True)))  # plain JSON (no tensors, no NaN)
+    expected: dict[str, object] = {
+        "granularity": granularity, "sigma": 0.25, "n0": 20, "n": cert.n, "n_budget": 3 * NOISE_BLOCK,
+        "stopped_by": cert.stopped_by, "alpha": 0.01, "bound": "betting", "seed": 5,
+        "score_estimate": cert.score_estimate, "score_lower": cert.score_lower, "abstain": cert.abstain,
+        "served_angle": cert.served_angle,
+        "radii": [
+            {"radius": r, "certified_fcsb": c, "served_fcsb": v, "estimated_fcsb": e}
+            for r, c, v, e in zip([0.05, 0.5], cert.certified_fcsb, cert.served_fcsb, cert.estimated_fcsb)
+        ],
+        "stop": {"fcsb": 0.1, "radii": [0.05], "target_cos": None, "tolerance": None},
+    }
+    if granularity == "token":
+        assert cert.tokens is not None and cert.worst_token is not None
+        per_token = cert.token_certified_fcsb()
+        expected["worst_token"] = cert.worst_token
+        expected["tokens"] = [
+            {"token": t, "score_estimate": cert.tokens.score_estimate[t], "score_lower": cert.tokens.score_lower[t],
+             "served_angle": cert.tokens.served_angle[t], "certified_fcsb": per_token[t]}
+            for t in range(2)
+        ]
+        assert "tokens" not in cert.to_dict() and cert.to_dict()["worst_token"] == cert.worst_token
+    else:
+        expected["clean_score"] = cert.clean_score
+    assert summary == expected
+
+
+def test_to_dict_carries_the_prediction_certificate() -> None:
+    w = unit_direction(13)
+    classifier = CosineClassifier.from_rows(["beyond", "before"], torch.eye(2))
+    cert = SmoothedEncoder(TwoValueEncoder(w, b=0.0, theta=math.pi / 2), 0.25, batch_size=512).certify(
+        point_at(w, 0.4), n0=50, n=500, radii=[0.0], seed=0, classifier=classifier
+    )
+    assert cert.prediction is not None
+    assert cert.to_dict()["prediction"] == dataclasses.asdict(cert.prediction)
+    assert json.loads(json.dumps(cert.to_dict()))["prediction"]["label"] == "beyond"
+
+
+def test_a_drawn_seed_is_one_a_request_may_send_back() -> None:
+    """Seeds are reported so that a certificate can be reproduced: a drawn one must be a valid request seed,
+    0 ≤ seed < 2⁶³ (a signed 64-bit integer, as the API and JSON clients accept it)."""
+    seeds = [new_seed() for _ in range(200)]
+    assert all(0 <= seed < 2**63 for seed in seeds) and len(set(seeds)) == len(seeds)
+    assert max(seeds) >= 2**61  # all 63 bits are drawn (fails with probability 4^-200 when they are)
