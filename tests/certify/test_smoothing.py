@@ -19,6 +19,7 @@ from fsmllm.certify import (
     StopRule,
     run_batched,
 )
+from fsmllm.certify.bounds import certified_radius
 from fsmllm.certify.smoothing import certified_fcsb, new_seed
 
 from .analytic import RotationEncoder, TokenRotationEncoder, TwoValueEncoder, point_at, unit_direction
@@ -299,3 +300,16 @@ def test_a_drawn_seed_is_one_a_request_may_send_back() -> None:
     seeds = [new_seed() for _ in range(200)]
     assert all(0 <= seed < 2**63 for seed in seeds) and len(set(seeds)) == len(seeds)
     assert max(seeds) >= 2**61  # all 63 bits are drawn (fails with probability 4^-200 when they are)
+
+
+def test_the_certified_radius_of_a_certificate_at_the_edges() -> None:
+    """c = p̲ is certified at radius 0; c > p̲ not at all (None); c = 0 is a valid target; a certificate whose
+    score is not certified positive (p̲ ≤ 0) certifies nothing, not even c = 0."""
+    cert = certify(batch_size=350)
+    assert cert.score_lower > 0.1
+    assert cert.certified_radius(cert.score_lower) == 0.0
+    assert cert.certified_radius(min(cert.score_lower + 1e-9, 0.999)) is None
+    assert cert.certified_radius(0.0) == pytest.approx(float(certified_radius(cert.score_lower, 0.25, 0.0)))
+    assert dataclasses.replace(cert, score_lower=0.0).certified_radius(0.0) is None
+    with pytest.raises(ValueError, match=r"target_cos must lie in \[0, 1\), got 1.0"):
+        cert.certified_radius(1.0)
