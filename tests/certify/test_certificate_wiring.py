@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 
 from fsmllm.certify import CosineClassifier, SmoothedEncoder
-from fsmllm.certify.bounds import mean_lower_bound, mean_upper_bound
+from fsmllm.certify.bounds import lower_bound, mean_lower_bound, mean_upper_bound, prediction_radius, upper_bound
+from fsmllm.certify.classify import certify_prediction
 
 SIGMA = 0.25
 N0, N = 20, 200
@@ -148,3 +149,32 @@ def test_more_labels_make_each_bound_wider() -> None:
     widening = float(mean_lower_bound(0.0, N, N, 0.005 / 2, "hoeffding") - mean_lower_bound(0.0, N, N, 0.005 / 4, "hoeffding"))
     assert results[0].top_lower - results[1].top_lower == pytest.approx(widening, abs=1e-6)
     assert widening == pytest.approx(2 * (math.sqrt(math.log(800) / (2 * N)) - math.sqrt(math.log(400) / (2 * N))))
+
+
+@pytest.mark.parametrize("runner_up_kept", [True, False])
+def test_the_betting_prediction_certificate_bounds_kept_labels_by_betting_and_the_others_from_their_sums(
+    runner_up_kept: bool,
+) -> None:
+    """With the betting bound, the labels whose projections were kept (the top ones at selection) are bounded
+    by betting, tuned for the fixed count n (a prediction certificate never stops early); the others by
+    empirical Bernstein from their running sums. Each at α / K. Label 2 is the runner-up either way."""
+    rng = np.random.default_rng(0)
+    count, alpha, labels = 400, 0.01, 3
+    projections = np.clip(rng.normal([0.6, 0.1, 0.3], 0.2, size=(count, labels)), -1, 1)
+    kept_labels = (0, 2) if runner_up_kept else (0, 1)
+    prediction = certify_prediction(
+        classifier(labels), 0, projections.sum(0), (projections**2).sum(0),
+        {k: projections[:, k] for k in kept_labels}, count, SIGMA, alpha, "betting",
+    )
+    share = alpha / labels
+    assert prediction.top_lower == pytest.approx(lower_bound(projections[:, 0], share, "betting", count), abs=1e-12)
+    assert prediction.top_lower != pytest.approx(lower_bound(projections[:, 0], share, "betting"), abs=1e-6)
+    if runner_up_kept:
+        runner_up = upper_bound(projections[:, 2], share, "betting", count)
+        assert runner_up != pytest.approx(upper_bound(projections[:, 2], share, "betting"), abs=1e-6)
+    else:
+        column = projections[:, 2]
+        runner_up = float(mean_upper_bound(column.sum(), (column**2).sum(), count, share, "empirical-bernstein"))
+        assert runner_up > upper_bound(projections[:, 1], share, "betting", count)
+    assert prediction.runner_up_index == 2 and prediction.runner_up_upper == pytest.approx(runner_up, abs=1e-12)
+    assert prediction.radius == pytest.approx(float(prediction_radius(prediction.top_lower, runner_up, SIGMA)))
