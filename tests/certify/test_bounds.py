@@ -83,6 +83,8 @@ def test_fcsb_edge_values_and_vectorisation() -> None:
         (lambda: certified_radius(0.9, 0.25, 1.0), "target_cos"),
         (lambda: certified_radius(0.9, 0.25, -0.1), "target_cos"),
         (lambda: certified_radius(0.9, 0.25, float("nan")), "target_cos"),
+        (lambda: prediction_radius(1.5, 0.1, 0.25), r"^top_lower must lie in \[-1, 1\]"),
+        (lambda: prediction_radius(0.8, -1.5, 0.25), r"^runner_up_upper must lie in \[-1, 1\]"),
         (lambda: certified_radius(0.9, float("inf"), 0.5), "sigma"),
     ],
 )
