@@ -116,12 +116,15 @@ def test_empirical_bernstein_matches_maurer_pontil() -> None:
     assert got > hoeffding + 0.05
 
 
-def test_upper_bound_mirrors_the_lower_bound() -> None:
+@pytest.mark.parametrize("method", ["empirical-bernstein", "hoeffding"])
+def test_upper_bound_mirrors_the_lower_bound(method: str) -> None:
     values = np.random.default_rng(2).uniform(-0.5, 0.3, size=200)
-    upper = mean_upper_bound(values.sum(), (values**2).sum(), len(values), 0.05)
-    lower = mean_lower_bound(-values.sum(), (values**2).sum(), len(values), 0.05)
+    upper = mean_upper_bound(values.sum(), (values**2).sum(), len(values), 0.05, method)  # type: ignore[arg-type]
+    lower = mean_lower_bound(-values.sum(), (values**2).sum(), len(values), 0.05, method)  # type: ignore[arg-type]
     assert upper == pytest.approx(-lower)
     assert upper > values.mean()
+    if method == "empirical-bernstein":  # the default
+        assert mean_upper_bound(values.sum(), (values**2).sum(), len(values), 0.05) == upper
 
 
 def test_confidence_bound_arguments() -> None:
