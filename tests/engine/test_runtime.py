@@ -1,0 +1,64 @@
+"""The runtime's language-model side (engine/runtime.py): every generation is accounted once when it starts,
+``("started", 0)``, and once when it ends, with its outcome and the tokens it generated (``on_generation``, which
+feeds the metrics), whether it is awaited whole, streamed to its end, or left early by its reader. The real tiny
+encoder, worker and tiny test language model (its random weights decode the full ``max_tokens`` unless stopped).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import threading
+from contextlib import aclosing
+
+from PIL import Image
+
+from fsmllm.api.serve import policy_from
+from fsmllm.api.settings import Settings
+from fsmllm.encoders import load_encoder
+from fsmllm.engine.runtime import Runtime
+from fsmllm.lm.base import SamplingParams
+from fsmllm.lm.models import load_model
+
+from ..server.live import png_bytes, wait_until
+
+
+def test_each_generation_is_accounted_when_it_starts_and_when_it_ends() -> None:
+    events: list[tuple[str, int]] = []
+    lock = threading.Lock()
+
+    def record(event: str, tokens: int) -> None:
+        with lock:
+            events.append((event, tokens))
+
+    settings = Settings(model="none", default_n0=20, default_n=100, _env_file=None)
+    runtime = Runtime(load_encoder("tiny-cnn", image_size=16), policy_from(settings), model=load_model("tiny-test"),
+                      model_name="tiny-test", batch_size=64, on_generation=record)
+    runtime.start()
+    image = Image.open(io.BytesIO(png_bytes()))
+    config = runtime.policy.config(None, None, None, None, "betting")
+
+    async def scenario() -> None:
+        certificate = (await runtime.certify(image, config, [0.1], seed=1)).certificate
+        whole = await runtime.generate(certificate, "what is it?", SamplingParams(max_tokens=4, seed=0))
+        assert events == [("started", 0), ("completed", whole.completion_tokens)] and whole.completion_tokens == 4
+        events.clear()
+
+        stream = runtime.stream(certificate, "what is it?", SamplingParams(max_tokens=4, seed=0))
+        async with aclosing(runtime.pieces(stream)) as pieces:
+            text = "".join([piece async for piece in pieces])
+        assert text == whole.text and events == [("started", 0), ("completed", 4)]
+        events.clear()
+
+        stream = runtime.stream(certificate, "what is it?", SamplingParams(max_tokens=64, seed=0))
+        async with aclosing(runtime.pieces(stream)) as pieces:
+            async for _ in pieces:
+                break  # the reader leaves after the first piece: the generation is cancelled
+        wait_until(lambda: len(events) == 2, "the cancelled generation to be accounted")
+        (started, ended) = events
+        assert started == ("started", 0) and ended[0] == "cancelled" and 1 <= ended[1] < 64
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        runtime.stop()
