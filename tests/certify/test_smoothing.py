@@ -313,3 +313,13 @@ def test_the_certified_radius_of_a_certificate_at_the_edges() -> None:
     assert dataclasses.replace(cert, score_lower=0.0).certified_radius(0.0) is None
     with pytest.raises(ValueError, match=r"target_cos must lie in \[0, 1\), got 1.0"):
         cert.certified_radius(1.0)
+
+
+def test_certify_defaults() -> None:
+    """Unset, a certification draws n0 = 100 selection and n = 1000 estimation samples at α = 0.001 with the
+    betting bound, for the radii 0.1, 0.25 and 0.5."""
+    w = unit_direction(14)
+    cert = SmoothedEncoder(RotationEncoder(w, 1.0), 0.25).certify(point_at(w, 0.1), seed=0)
+    config = cert.config
+    assert (config.n0, config.n, config.alpha, config.bound, config.granularity) == (100, 1000, 0.001, "betting", "global")
+    assert cert.radii == (0.1, 0.25, 0.5) and cert.n == 1000
