@@ -7,16 +7,21 @@ encoder, worker and tiny test language model (its random weights decode the full
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
+import re
 import threading
 from contextlib import aclosing
 
+import pytest
+import torch
 from PIL import Image
 
 from fsmllm.api.serve import policy_from
 from fsmllm.api.settings import Settings
 from fsmllm.encoders import load_encoder
-from fsmllm.engine.runtime import Runtime
+from fsmllm.certify import SmoothedEncoder
+from fsmllm.engine.runtime import PolicyError, Runtime
 from fsmllm.lm.base import SamplingParams
 from fsmllm.lm.models import load_model
 
@@ -59,8 +64,30 @@ def test_each_generation_is_accounted_when_it_starts_and_when_it_ends() -> None:
         wait_until(lambda: len(events) == 2, "the cancelled generation to be accounted")
         (started, ended) = events
         assert started == ("started", 0) and ended[0] == "cancelled" and 1 <= ended[1] < 64
+        events.clear()
+
+        # a generation cancelled while it waits for the (one, busy) LM thread ends there, with no token
+        release = threading.Event()
+        busy = runtime._lm_executor.submit(release.wait, 60)
+        waiting = asyncio.ensure_future(runtime.generate(certificate, "what is it?", SamplingParams(max_tokens=4)))
+        await asyncio.sleep(0)  # the task starts and queues its generation behind the busy thread
+        waiting.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await waiting
+        release.set()
+        busy.result(60)
+        assert events == [("started", 0), ("cancelled", 0)]
 
     try:
         asyncio.run(scenario())
     finally:
         runtime.stop()
+
+
+def test_a_runtime_without_a_language_model_refuses_to_generate() -> None:
+    encoder = load_encoder("tiny-cnn", image_size=16)
+    runtime = Runtime(encoder, policy_from(Settings(model="none", _env_file=None)))
+    certificate = SmoothedEncoder(encoder, 0.25).certify(torch.rand(3, 16, 16), n0=10, n=20, seed=0)
+    message = "this deployment serves certificates only (model 'none'); use POST /certify"
+    with pytest.raises(PolicyError, match=f"^{re.escape(message)}$"):
+        runtime.stream(certificate, "what is it?", SamplingParams())
