@@ -130,8 +130,9 @@ def test_upper_bound_mirrors_the_lower_bound(method: str) -> None:
 def test_confidence_bound_arguments() -> None:
     with pytest.raises(ValueError, match="at least 2"):
         mean_lower_bound(1.0, 1.0, 1, 0.01)
-    with pytest.raises(ValueError, match="alpha"):
-        mean_lower_bound(1.0, 1.0, 10, 1.5)
+    for alpha in (0.0, 1.0, 1.5):  # α must lie in the open interval (0, 1)
+        with pytest.raises(ValueError, match=r"alpha must lie in \(0, 1\)"):
+            mean_lower_bound(1.0, 1.0, 10, alpha)
     with pytest.raises(ValueError, match="unknown bound"):
         mean_lower_bound(1.0, 1.0, 10, 0.01, "student-t")  # type: ignore[arg-type]
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -280,6 +281,9 @@ def test_to_dict_states_every_number_of_the_certificate_under_its_documented_nam
         assert "tokens" not in cert.to_dict() and cert.to_dict()["worst_token"] == cert.worst_token
     else:
         expected["clean_score"] = cert.clean_score
+        message = "per-token values exist only for a token-level certificate (granularity 'token')"
+        with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+            cert.token_certified_fcsb()
     assert summary == expected
 
 
