@@ -133,8 +133,15 @@ def test_confidence_bound_arguments() -> None:
     for alpha in (0.0, 1.0, 1.5):  # α must lie in the open interval (0, 1)
         with pytest.raises(ValueError, match=r"alpha must lie in \(0, 1\)"):
             mean_lower_bound(1.0, 1.0, 10, alpha)
-    with pytest.raises(ValueError, match="unknown bound"):
+    with pytest.raises(ValueError, match="unknown bound method 'student-t'; choose one of betting, empirical-bernstein, hoeffding$"):
         mean_lower_bound(1.0, 1.0, 10, 0.01, "student-t")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="'betting' needs the samples, not their sums; sums serve empirical-bernstein, hoeffding$"):
+        mean_lower_bound(1.0, 1.0, 10, 0.01, "betting")
+
+
+def test_a_lower_bound_below_minus_one_is_clipped_to_it() -> None:
+    """Two samples at c = −1: Hoeffding's margin alone takes the bound below −1, which says nothing more."""
+    assert mean_lower_bound(-2.0, 2.0, 2, 0.01, "hoeffding") == -1.0
 
 
 def test_prediction_radius_is_cohen_style_gap() -> None:

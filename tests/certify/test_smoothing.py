@@ -327,3 +327,10 @@ def test_certify_defaults() -> None:
     config = cert.config
     assert (config.n0, config.n, config.alpha, config.bound, config.granularity) == (100, 1000, 0.001, "betting", "global")
     assert cert.radii == (0.1, 0.25, 0.5) and cert.n == 1000
+
+
+def test_a_stop_rule_needs_exactly_one_target() -> None:
+    message = "a stop rule needs exactly one of fcsb (with radii) and target_cos (with tolerance)"
+    for kwargs in ({}, {"fcsb": 0.5, "radii": (0.1,), "target_cos": 0.5, "tolerance": 0.01}):
+        with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+            StopRule(**kwargs)  # type: ignore[arg-type]
