@@ -36,9 +36,11 @@ def test_each_generation_is_accounted_when_it_starts_and_when_it_ends() -> None:
         with lock:
             events.append((event, tokens))
 
+    batches: list[tuple[int, int]] = []
     settings = Settings(model="none", default_n0=20, default_n=100, _env_file=None)
     runtime = Runtime(load_encoder("tiny-cnn", image_size=16), policy_from(settings), model=load_model("tiny-test"),
-                      model_name="tiny-test", batch_size=64, on_generation=record)
+                      model_name="tiny-test", batch_size=64, on_generation=record,
+                      on_batch=lambda samples, size, _: batches.append((samples, size)))
     runtime.start()
     image = Image.open(io.BytesIO(png_bytes()))
     config = runtime.policy.config(None, None, None, None, "betting")
@@ -77,11 +79,20 @@ def test_each_generation_is_accounted_when_it_starts_and_when_it_ends() -> None:
         release.set()
         busy.result(60)
         assert events == [("started", 0), ("cancelled", 0)]
+        events.clear()
+
+        # stopping the runtime waits for the generation on the LM thread to end
+        long = runtime.stream(certificate, "what is it?", SamplingParams(max_tokens=64, seed=0))
+        runtime._lm_executor.submit(runtime._complete, long)
+        runtime.stop()
+        assert events == [("completed", 64)]
 
     try:
         asyncio.run(scenario())
     finally:
-        runtime.stop()
+        runtime.stop()  # (again: stopping twice is harmless)
+    # every encoder batch was reported (the metrics' samples and batches): the certification's n0 + n samples
+    assert sum(samples for samples, _ in batches) == 120 and {size for _, size in batches} == {64}
 
 
 def test_a_runtime_without_a_language_model_refuses_to_generate() -> None:
@@ -91,3 +102,12 @@ def test_a_runtime_without_a_language_model_refuses_to_generate() -> None:
     message = "this deployment serves certificates only (model 'none'); use POST /certify"
     with pytest.raises(PolicyError, match=f"^{re.escape(message)}$"):
         runtime.stream(certificate, "what is it?", SamplingParams())
+
+
+def test_the_runtimes_defaults_and_the_sizes_it_passes_on() -> None:
+    runtime = Runtime(load_encoder("tiny-cnn", image_size=16), policy_from(Settings(model="none", _env_file=None)))
+    assert (runtime.model_name, runtime.booster, runtime.certifier.timeout_s) == ("none", "none", 600.0)
+    assert (runtime.worker.batch_size, runtime.worker.capacity, runtime.certifier.cache.capacity) == (32, 32, 256)
+    sized = Runtime(load_encoder("tiny-cnn", image_size=16), policy_from(Settings(model="none", _env_file=None)),
+                    batch_size=8, queue_capacity=3, timeout_s=5.0, cache_size=0)
+    assert (sized.worker.batch_size, sized.worker.capacity, sized.certifier.timeout_s, sized.certifier.cache.capacity) == (8, 3, 5.0, 0)
