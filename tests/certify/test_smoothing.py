@@ -329,8 +329,14 @@ def test_certify_defaults() -> None:
     assert cert.radii == (0.1, 0.25, 0.5) and cert.n == 1000
 
 
-def test_a_stop_rule_needs_exactly_one_target() -> None:
+def test_stop_rule_validation() -> None:
     message = "a stop rule needs exactly one of fcsb (with radii) and target_cos (with tolerance)"
     for kwargs in ({}, {"fcsb": 0.5, "radii": (0.1,), "target_cos": 0.5, "tolerance": 0.01}):
         with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
             StopRule(**kwargs)  # type: ignore[arg-type]
+    for kwargs in ({"fcsb": 1.0, "radii": (0.1,)}, {"fcsb": -0.1, "radii": (0.1,)}, {"fcsb": 0.5}):
+        with pytest.raises(ValueError, match=r"stop_at_fcsb must lie in \[0, 1\) and come with radii"):
+            StopRule(**kwargs)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="radius_tolerance must be a positive l2 norm, got 0"):
+        StopRule(target_cos=0.5, tolerance=0.0)
+    assert StopRule(fcsb=0.0, radii=(0.1,)).fcsb == 0.0 and StopRule(target_cos=0.5, tolerance=0.01).tolerance == 0.01
