@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import io
-import json
 
 import httpx
 import openai
@@ -169,8 +168,8 @@ def test_streamed_generate_carries_the_answer_certificate_in_its_result(server: 
     body = {"image": data_url(png_bytes()), "prompt": PROMPT, "stream": True, "n": 100, "seed": 1, "max_tokens": 3,
             "certify_answer": {"n0": 8, "n": 40}}
     with httpx.stream("POST", f"{server.url}/generate", json=body, timeout=60) as response:
-        lines = list(response.iter_lines())
-    result = json.loads(lines[lines.index("event: result") + 1].removeprefix("data: "))
+        name, result = list(sse_events(response.iter_lines()))[-1]
+    assert name == "result"
     plain = generate(server, **{k: v for k, v in body.items() if k not in ("image", "stream")}).json()
     assert result["answer_certificate"] == plain["answer_certificate"] and result["answer"] == plain["answer"]
 
