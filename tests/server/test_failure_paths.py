@@ -154,3 +154,31 @@ def test_stopping_the_worker_without_drain_cancels_waiting_requests_then_refuses
         assert refused.status_code == 503 and refused.json()["error"]["type"] == "unavailable"
         assert refused.headers["retry-after"] == "5" and "shutting down" in refused.json()["error"]["message"]
         assert encoder.batches < 1020 // 8  # the cancelled job's remaining samples were never drawn
+
+
+def test_a_failing_vote_inside_an_openai_stream(caplog: pytest.LogCaptureFixture) -> None:
+    """The votes of a certified answer fail after the streamed answer has started (the feature certificate came
+    from the cache): the stream ends with an in-band error carrying the request id, logged under it, and no
+    [DONE]; the server goes on."""
+    from fsmllm.lm.models import load_model
+
+    encoder = Controlled()
+    settings = Settings(model="tiny-test", default_n0=10, default_n=40, batch_size=64, _env_file=None)
+    messages = [{"role": "user", "content": [
+        {"type": "text", "text": "What?"}, {"type": "image_url", "image_url": {"url": data_url(png_bytes(4))}},
+    ]}]
+    body = {"messages": messages, "max_tokens": 3, "seed": 5}
+    with live_server(settings, model=load_model("tiny-test"), encoder=encoder) as live:
+        assert httpx.post(f"{live.url}/v1/chat/completions", json=body, timeout=60).status_code == 200  # cached now
+        encoder.fail_next = 1
+        streamed = {**body, "stream": True, "certify_answer": {"n0": 4, "n": 8}}
+        with caplog.at_level(logging.ERROR, logger="fsmllm"):
+            with httpx.stream("POST", f"{live.url}/v1/chat/completions", json=streamed,
+                              headers={"x-request-id": "votes-fail"}, timeout=60) as response:
+                assert response.status_code == 200
+                lines = [line for line in response.iter_lines() if line.startswith("data: ")]
+        assert lines[-1] != "data: [DONE]"
+        error = json.loads(lines[-1].removeprefix("data: "))["error"]
+        assert error == {"type": "RuntimeError", "message": INTERNAL_ERROR, "request_id": "votes-fail"}
+        assert any("votes-fail" in record.getMessage() and record.exc_info for record in caplog.records), caplog.text
+        assert httpx.post(f"{live.url}/v1/chat/completions", json=streamed, timeout=60).status_code == 200

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
@@ -37,6 +38,7 @@ from fsmllm.engine.runtime import Runtime
 from fsmllm.lm.base import Generation
 
 router = APIRouter(prefix="/v1")
+log = logging.getLogger("fsmllm.api")
 
 
 def _question_and_image(chat: ChatCompletionRequest) -> tuple[str, str]:
@@ -153,7 +155,9 @@ async def chat_completions(request: Request, chat: ChatCompletionRequest) -> Any
                 try:
                     extra["answer_certificate"] = AnswerCertificateOut.from_certificate(await votes).model_dump()
                 except Exception as error:  # noqa: BLE001 - the stream has started: report in-band
-                    yield f"data: {json.dumps({'error': error_event(error)})}\n\n"
+                    log.error("error in a chat completion stream id=%s", request.state.request_id, exc_info=error)
+                    body = {**error_event(error), "request_id": request.state.request_id}
+                    yield f"data: {json.dumps({'error': body})}\n\n"
                     return
             yield chunk({}, generation.finish_reason, **extra)
             yield "data: [DONE]\n\n"
