@@ -144,3 +144,18 @@ def test_abstains_below_one_half() -> None:
     assert certificate.abstain and certificate.radius is None and not certificate.certified_at(0.0)
     assert certificate.to_dict()["radius"] is None and certificate.to_dict()["abstain"] is True
     assert math.isfinite(certificate.p_lower)
+
+
+def test_every_vote_chunk_draws_its_own_noise() -> None:
+    """CERTIFY needs estimation votes independent of the selection votes (and of each other): every chunk of
+    a seed gets its own noise seed, and two seeds share none."""
+    import torch
+
+    from fsmllm.certify.answers import chunk_seed
+    from fsmllm.certify.smoothing import NoisyCopies
+
+    seeds = {chunk_seed(seed, chunk) for seed in (0, 1, 2**62) for chunk in range(20)}
+    assert len(seeds) == 60 and all(0 <= s < 2**63 for s in seeds)
+    pixels = torch.full((3, 4, 4), 0.5)
+    first, second = (NoisyCopies(pixels, 0.25, chunk_seed(7, chunk)).draw(8) for chunk in (0, 1))
+    assert not torch.allclose(first, second)
