@@ -263,3 +263,21 @@ def test_the_runtime_drains_its_worker_when_it_stops(loop: asyncio.AbstractEvent
     for drained in (accepted, *probes):
         certificate = outcome(drained)
         assert isinstance(certificate, Certificate) and certificate.config.n == 100, certificate
+
+
+def test_cancelling_a_job_behind_another_leaves_the_worker_serving(loop: asyncio.AbstractEventLoop) -> None:
+    """A job cancelled while an earlier one is still active is dropped on its own: jobs are told apart by
+    identity (comparing two jobs field by field would compare their pixel tensors and kill the worker thread)."""
+    encoder = Encoder()
+    encoder.release.clear()
+    first, middle, last = (job(loop, n0=8, n=200, seed=i) for i in (1, 2, 3))
+    worker = started(encoder, first, middle, last, batch_size=8)
+    wait_until(encoder.entered.is_set, "the first batch to reach the encoder")
+    middle.cancel()
+    encoder.release.set()
+    assert isinstance(outcome(middle), JobCancelled)
+    assert isinstance(outcome(first), Certificate) and isinstance(outcome(last), Certificate)
+    later = job(loop, seed=4)
+    worker.submit(later)
+    assert isinstance(outcome(later), Certificate)
+    worker.stop()

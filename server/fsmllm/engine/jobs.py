@@ -53,7 +53,7 @@ class _Completion:
             pass
 
 
-@dataclass
+@dataclass(eq=False)  # jobs are told apart by identity (their fields hold tensors)
 class CertifyJob(_Completion):
     """One request's certification. Created on the event loop, advanced only by the device worker thread.
 
@@ -95,7 +95,7 @@ class CertifyJob(_Completion):
         return self.run.certificate(self.radii)
 
 
-@dataclass
+@dataclass(eq=False)
 class SampleJob(_Completion):
     """The base features of ``count`` noisy copies of one image (``inner`` per vote), for the votes of a certified
     answer: the worker batches their samples with every certification's; the result is [count, D]."""
