@@ -29,7 +29,7 @@ from fsmllm.api.schemas import (
 )
 from fsmllm.api.streaming import ProgressCallback, progress_stream, unless_disconnected
 from fsmllm.certify import SmoothingConfig
-from fsmllm.certify.answers import AnswerCertificate
+from fsmllm.certify.answers import AnswerCertificate, AnswerConfig
 from fsmllm.engine.certifier import CertifyOutcome
 from fsmllm.engine.jobs import JobCancelled
 from fsmllm.engine.runtime import Runtime
@@ -82,24 +82,27 @@ def certificate_out(
     )
 
 
+def answer_config_of(runtime: Runtime, config: SmoothingConfig, options: AnswerCertification | None) -> AnswerConfig | None:
+    """The certified answer's parameters a request asked for (at the request's sigma), or None."""
+    if options is None:
+        return None
+    return runtime.policy.answer_config(config.sigma, options.n0, options.n, options.alpha, options.inner, options.radius)
+
+
 async def answer_and_certificates(
     runtime: Runtime,
     answer: Callable[[], Awaitable[T]],
     image: Image.Image,
     prompt: str,
-    config: SmoothingConfig,
-    options: AnswerCertification | None,
+    answer_config: AnswerConfig | None,
     sampling: SamplingParams,
     seed: int | None,
 ) -> tuple[T, AnswerCertificate | None, float]:
     """``answer()`` and, when asked, the certified answer (its votes), run side by side: the votes share the
     device worker and the language model with the answer's own work. Either failing cancels the other. Returns
     the answer, the answer certificate (or None) and the seconds the votes took."""
-    if options is None:
+    if answer_config is None:
         return await answer(), None, 0.0
-    answer_config = runtime.policy.answer_config(
-        config.sigma, options.n0, options.n, options.alpha, options.inner, options.radius
-    )
     started = time.perf_counter()
 
     async def votes() -> tuple[AnswerCertificate, float]:
@@ -190,6 +193,7 @@ async def generate(request: Request) -> Any:
     radii = runtime.policy.radii(params.radii())
     stop = runtime.policy.stop_rule(config, radii, params.stop_at_fcsb)
     sampling = runtime.policy.sampling(params.max_tokens, params.temperature, params.top_p, params.seed, params.stop_list())
+    answer_config = answer_config_of(runtime, config, params.certify_answer)
     if runtime.model is None:
         raise ValueError("this deployment serves certificates only (model 'none'); use POST /certify")
     request_id = request.state.request_id
@@ -204,7 +208,7 @@ async def generate(request: Request) -> Any:
             return outcome, generation, time.perf_counter() - generation_started
 
         (outcome, generation, generate_s), voted, answer_s = await answer_and_certificates(
-            runtime, answer, image, params.prompt, config, params.certify_answer, sampling, params.seed
+            runtime, answer, image, params.prompt, answer_config, sampling, params.seed
         )
         response = GenerateResponse(
             id=request_id,

@@ -20,7 +20,7 @@ from fastapi.responses import StreamingResponse
 
 from fsmllm.api.errors import RequestError
 from fsmllm.api.images import decode_base64_image, open_image
-from fsmllm.api.routes_certify import ERRORS, answer_and_certificates, certificate_out, error_event
+from fsmllm.api.routes_certify import ERRORS, answer_and_certificates, answer_config_of, certificate_out, error_event
 from fsmllm.api.schemas import (
     AnswerCertificateOut,
     CertificationParams,
@@ -87,12 +87,7 @@ async def chat_completions(request: Request, chat: ChatCompletionRequest) -> Any
     stop = runtime.policy.stop_rule(config, radii, cert_params.stop_at_fcsb)
     seed = chat.seed if chat.seed is not None else cert_params.seed
     sampling = runtime.policy.sampling(chat.max_tokens, chat.temperature, chat.top_p, seed, chat.stop_list())
-    answer_config = None
-    if chat.certify_answer is not None:
-        options = chat.certify_answer
-        answer_config = runtime.policy.answer_config(
-            config.sigma, options.n0, options.n, options.alpha, options.inner, options.radius
-        )
+    answer_config = answer_config_of(runtime, config, chat.certify_answer)
     request_id = f"chatcmpl-{request.state.request_id}"
     created = int(time.time())
 
@@ -103,7 +98,7 @@ async def chat_completions(request: Request, chat: ChatCompletionRequest) -> Any
 
         (outcome, generation), voted, _ = await unless_disconnected(
             request,
-            answer_and_certificates(runtime, answer, image, question, config, chat.certify_answer, sampling, seed),
+            answer_and_certificates(runtime, answer, image, question, answer_config, sampling, seed),
         )
         return ChatCompletionResponse(
             id=request_id,
