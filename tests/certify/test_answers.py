@@ -159,3 +159,74 @@ def test_every_vote_chunk_draws_its_own_noise() -> None:
     pixels = torch.full((3, 4, 4), 0.5)
     first, second = (NoisyCopies(pixels, 0.25, chunk_seed(7, chunk)).draw(8) for chunk in (0, 1))
     assert not torch.allclose(first, second)
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"sigma": 0.0}, "sigma must be a positive noise level, got 0.0"),
+        ({"sigma": -0.25}, "sigma must be a positive noise level"),
+        ({"sigma": math.inf}, "sigma must be a positive noise level"),
+        ({"sigma": math.nan}, "sigma must be a positive noise level"),
+        ({"n0": 0}, r"n0 \(selection votes\) must be at least 1, got 0"),
+        ({"n": 1}, r"n \(estimation votes\) must be at least 2, got 1"),
+        ({"alpha": 0.0}, r"alpha must lie in \(0, 1\), got 0.0"),
+        ({"alpha": 1.0}, r"alpha must lie in \(0, 1\), got 1.0"),
+        ({"inner": 0}, r"inner \(noisy copies per vote\) must be at least 1, got 0"),
+        ({"radius": 0.0}, "the target radius must be a positive l2 norm, got 0.0"),
+        ({"radius": -0.1}, "the target radius must be a positive l2 norm"),
+        ({"radius": math.inf}, "the target radius must be a positive l2 norm"),
+        ({"radius": math.nan}, "the target radius must be a positive l2 norm"),
+    ],
+)
+def test_the_config_refuses_what_cannot_be_certified(fields: dict[str, float], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        AnswerConfig(**{"sigma": SIGMA, **fields})
+
+
+def test_the_smallest_valid_config_and_the_defaults() -> None:
+    """The edges of each range are accepted; the defaults are the documented ones (method.md)."""
+    smallest = AnswerConfig(sigma=1e-9, n0=1, n=2, alpha=1e-12, inner=1, radius=1e-9)
+    assert smallest.bound == "betting"
+    default = AnswerConfig(sigma=SIGMA)
+    assert (default.n0, default.n, default.alpha, default.inner, default.radius) == (32, 256, 0.001, 1, None)
+    assert default.bound == "clopper-pearson"
+
+
+def test_the_certificate_as_json_names_every_figure() -> None:
+    """to_dict is what the API returns: every field, with the budget (n_budget) apart from the votes used (n)."""
+    voting = AnswerVoting(AnswerConfig(sigma=0.5, n0=2, n=100, alpha=0.01, inner=3, radius=0.1), seed=11)
+    voting.add(["A cat.", "a cat"] + ["a cat"] * 100)
+    certificate = voting.certificate()
+    assert certificate.stopped_by == "target_reached" and certificate.n < 100
+    assert certificate.to_dict() == {
+        "answer": "A cat.",
+        "normalised": "a cat",
+        "p_lower": certificate.p_lower,
+        "radius": certificate.radius,
+        "abstain": False,
+        "votes": [{"answer": "A cat.", "normalised": "a cat", "count": certificate.n}],
+        "agree": certificate.n,
+        "n0": 2,
+        "n": certificate.n,
+        "n_budget": 100,
+        "stopped_by": "target_reached",
+        "alpha": 0.01,
+        "sigma": 0.5,
+        "inner": 3,
+        "bound": "betting",
+        "target_radius": 0.1,
+        "seed": 11,
+    }
+    assert certificate.radius == pytest.approx(0.5 / math.sqrt(3) * norm.ppf(certificate.p_lower))
+    # certified strictly inside its radius (Cohen et al.: ‖δ‖ < R)
+    assert certificate.certified_at(0.0) and certificate.certified_at(certificate.radius * 0.999)
+    assert not certificate.certified_at(certificate.radius)
+
+
+def test_the_certificate_lists_the_five_most_frequent_answers() -> None:
+    voting = AnswerVoting(AnswerConfig(sigma=SIGMA, n0=1, n=28, alpha=0.1), seed=0)
+    answers = ["a"] + [word for count, word in enumerate("abcdefg", start=1) for _ in range(count)]
+    voting.add(answers)
+    listed = voting.certificate().votes
+    assert [(key, count) for _, key, count in listed] == [("g", 7), ("f", 6), ("e", 5), ("d", 4), ("c", 3)]
