@@ -111,3 +111,89 @@ def test_the_runtimes_defaults_and_the_sizes_it_passes_on() -> None:
     sized = Runtime(load_encoder("tiny-cnn", image_size=16), policy_from(Settings(model="none", _env_file=None)),
                     batch_size=8, queue_capacity=3, timeout_s=5.0, cache_size=0)
     assert (sized.worker.batch_size, sized.worker.capacity, sized.certifier.timeout_s, sized.certifier.cache.capacity) == (8, 3, 5.0, 0)
+
+
+class BreakingModel:
+    """The tiny test language model, whose decoding breaks after two pieces (as a device error would), and whose
+    batched generation (the votes of a certified answer) breaks at once."""
+
+    name = "tiny-test-breaking"
+    max_concurrency = 1
+
+    def __init__(self) -> None:
+        self.model = load_model("tiny-test")
+
+    def stream(self, visual_tokens: torch.Tensor, prompt: str, params: SamplingParams) -> "BreakingStream":
+        return BreakingStream(self.model.stream(visual_tokens, prompt, params))
+
+    def generate_batch(self, visual_tokens: torch.Tensor, prompt: str, params: SamplingParams) -> list:
+        raise RuntimeError("device error while decoding the votes")
+
+
+class BreakingStream:
+    def __init__(self, inner) -> None:  # noqa: ANN001 - the real model's TextStream
+        self.inner = inner
+        self.pieces = 0
+
+    def __iter__(self):  # noqa: ANN204
+        for piece in self.inner:
+            if self.pieces == 2:
+                raise RuntimeError("device error while decoding")
+            self.pieces += 1
+            yield piece
+        raise AssertionError("the tiny model decodes more than two pieces at max_tokens 16")
+
+    def result(self):  # noqa: ANN201
+        if self.pieces == 2:  # broken for good, as a backend whose decoding raised
+            raise RuntimeError("device error while decoding")
+        for _ in self:
+            pass
+
+    def cancel(self) -> None:
+        self.inner.cancel()
+
+
+def test_a_generation_that_breaks_is_accounted_as_failed_and_the_lm_thread_goes_on() -> None:
+    """Awaited whole, streamed, or voted: the error reaches the caller, the generation is accounted once as
+    ("failed", 0), and the next generation runs on the same LM thread."""
+    events: list[tuple[str, int]] = []
+    settings = Settings(model="none", default_n0=10, default_n=20, _env_file=None)
+    runtime = Runtime(load_encoder("tiny-cnn", image_size=16), policy_from(settings), model=BreakingModel(),
+                      on_generation=lambda event, tokens: events.append((event, tokens)))
+    runtime.start()
+    image = Image.open(io.BytesIO(png_bytes()))
+    params = SamplingParams(max_tokens=16, seed=0)
+
+    async def scenario() -> None:
+        config = runtime.policy.config(None, None, None, None, "betting")
+        certificate = (await runtime.certify(image, config, [0.1], seed=1)).certificate
+        with pytest.raises(RuntimeError, match="^device error while decoding$"):
+            await runtime.generate(certificate, "what is it?", params)
+        assert events == [("started", 0), ("failed", 0)]
+        events.clear()
+
+        received: list[str] = []
+        with pytest.raises(RuntimeError, match="^device error while decoding$"):
+            async with aclosing(runtime.pieces(runtime.stream(certificate, "what is it?", params))) as pieces:
+                async for piece in pieces:
+                    received.append(piece)
+        assert len(received) == 2
+        wait_until(lambda: len(events) == 2, "the broken stream to be accounted")
+        assert events == [("started", 0), ("failed", 0)]
+        events.clear()
+
+        answer = runtime.policy.answer_config(0.25, 2, 4, 0.1)
+        with pytest.raises(RuntimeError, match="^device error while decoding the votes$"):
+            await runtime.certify_answer(image, "what is it?", answer, params, seed=0)
+        assert events == [("started", 0), ("failed", 0)]
+        events.clear()
+
+        # the LM thread survived every failure: a generation's first pieces still arrive
+        async with aclosing(runtime.pieces(runtime.stream(certificate, "what is it?", params))) as pieces:
+            first = await anext(pieces)
+        assert first and events[0] == ("started", 0)
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        runtime.stop()
