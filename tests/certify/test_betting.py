@@ -14,13 +14,17 @@ from fsmllm.certify import betting_lower_bound, lower_bound, mean_lower_bound, u
 from fsmllm.certify.bounds import BETTING_TRUNCATION
 
 
-def literal_betting_lower(c: list[float], alpha: float, truncation: float = BETTING_TRUNCATION) -> float:
-    """WSR eq. (26)–(27) written out sample by sample, and the confidence set's lower end found on a fine grid
-    of candidate means (no vectorisation, no root finder): an independent reference."""
+def literal_betting_lower(
+    c: list[float], alpha: float, truncation: float = BETTING_TRUNCATION, horizon: int | None = None
+) -> float:
+    """WSR eq. (26)–(27) (or, with a ``horizon`` n, the bets of §4.1 tuned for t = n) written out sample by
+    sample, and the confidence set's lower end found on a fine grid of candidate means (no vectorisation, no
+    root finder): an independent reference."""
     x = [(1 + v) / 2 for v in c]
     bets, mean_sum, var_sum, previous_var = [], 0.0, 0.0, 0.25
     for t, value in enumerate(x, start=1):
-        bets.append(math.sqrt(2 * math.log(1 / alpha) / (previous_var * t * math.log(1 + t))))
+        spread = t * math.log(1 + t) if horizon is None else horizon
+        bets.append(math.sqrt(2 * math.log(1 / alpha) / (previous_var * spread)))
         mean_sum += value
         mu = (0.5 + mean_sum) / (t + 1)
         var_sum += (value - mu) ** 2
@@ -43,6 +47,8 @@ def test_matches_the_literal_transcription(seed: int, n: int, low: float, high: 
     for alpha in (0.05, 0.001):
         # the grid's spacing is 5e-6 on the [0, 1] scale, i.e. 1e-5 on the cosine scale
         assert betting_lower_bound(values, alpha) == pytest.approx(literal_betting_lower(list(values), alpha), abs=2e-5)
+        tuned = literal_betting_lower(list(values), alpha, horizon=n)
+        assert betting_lower_bound(values, alpha, horizon=n) == pytest.approx(tuned, abs=2e-5)
 
 
 def test_reaches_the_limit_of_any_valid_bound_on_concentrated_samples() -> None:

@@ -9,6 +9,7 @@ import re
 
 import numpy as np
 import pytest
+from scipy.stats import norm
 import torch
 
 from fsmllm.certify import (
@@ -340,3 +341,52 @@ def test_stop_rule_validation() -> None:
     with pytest.raises(ValueError, match="radius_tolerance must be a positive l2 norm, got 0"):
         StopRule(target_cos=0.5, tolerance=0.0)
     assert StopRule(fcsb=0.0, radii=(0.1,)).fcsb == 0.0 and StopRule(target_cos=0.5, tolerance=0.01).tolerance == 0.01
+
+
+def never_called() -> float:
+    raise AssertionError("the upper bound was computed although the rule did not need it")
+
+
+def test_the_fcsb_stop_rule_stops_exactly_when_the_target_is_certified_or_out_of_reach() -> None:
+    """``stop_at_fcsb`` C at radii R: target reached ⇔ FCSB(p̲, σ, max R) ≥ C (the largest radius decides);
+    unreachable ⇔ even the upper confidence bound p̄ cannot certify C; otherwise go on."""
+    from fsmllm.certify.bounds import fcsb
+
+    sigma, rule = 0.25, StopRule(fcsb=0.8, radii=(0.05, 0.2))
+    grid = np.linspace(0.5, 0.999, 400)
+    reached = [rule.decide(p, lambda: 0.999, sigma) == "target_reached" for p in grid]
+    assert reached == [bool(fcsb(p, sigma, 0.2) >= 0.8) for p in grid] and any(reached) and not all(reached)
+    for p, done in zip(grid, reached):
+        if done:  # p̄ is not computed then
+            assert rule.decide(p, never_called, sigma) == "target_reached"
+        else:
+            assert rule.decide(p, lambda: 0.999, sigma) is None  # p̄ = 0.999 certifies 0.8 at 0.2: go on
+            assert rule.decide(p, lambda: p, sigma) == "target_unreachable"
+    needed = float(grid[np.array(reached)][0])
+    assert rule.decide(0.0, lambda: needed, sigma) is None  # a p̄ that would certify the target: go on
+    assert rule.decide(1.0, never_called, sigma) == "target_reached"
+    # at the edge: a p̲ exactly at the needed score certifies C (FCSB ≥ C); a p̄ exactly there can still reach it
+    exact = float(1.0 - 2.0 * norm.sf(norm.isf(0.1) + 0.2 / sigma))
+    assert fcsb(exact, sigma, 0.2) == pytest.approx(0.8)
+    assert rule.decide(exact, never_called, sigma) == "target_reached"
+    assert rule.decide(0.0, lambda: exact, sigma) is None
+
+
+def test_the_radius_stop_rule_stops_when_the_certified_radius_is_pinned_down() -> None:
+    """``target_cos`` c with ``radius_tolerance`` τ: unreachable when p̄ < c (no radius certifies c); go on while
+    p̲ < c; stop once R(p̲) ≥ R(p̄) − τ, R the certified radius of c (the radius is known to within τ)."""
+    sigma, rule = 0.25, StopRule(target_cos=0.9, tolerance=0.01)
+    assert rule.decide(0.5, lambda: 0.89, sigma) == "target_unreachable"
+    assert rule.decide(0.5, lambda: 0.95, sigma) is None
+    assert rule.decide(0.89, lambda: 0.9, sigma) is None  # p̄ = c exactly is not out of reach
+    assert rule.decide(0.9, lambda: 0.9, sigma) == "radius_converged"  # both radii 0
+    for lower, upper in [(0.95, 0.951), (0.95, 0.97), (0.97, 0.975), (0.9, 0.95)]:
+        radii = certified_radius(np.array([lower, upper]), sigma, 0.9)
+        converged = radii[0] >= radii[1] - 0.01
+        assert rule.decide(lower, lambda: upper, sigma) == ("radius_converged" if converged else None)
+    assert rule.decide(0.95, lambda: 0.951, sigma) == "radius_converged"
+    assert rule.decide(0.9, lambda: 0.97, sigma) is None
+    # at the edge: R(p̲) = R(p̄) − τ exactly counts as pinned down
+    low, high = certified_radius(np.array([0.95, 0.96]), sigma, 0.9)
+    edge = StopRule(target_cos=0.9, tolerance=float(high - low))
+    assert high - edge.tolerance == low and edge.decide(0.95, lambda: 0.96, sigma) == "radius_converged"
