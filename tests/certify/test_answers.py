@@ -41,6 +41,7 @@ def test_normalised_forms_agree() -> None:
     assert normalise_answer("A cat.\n") == "a cat"
     assert normalise_answer("a dog") != normalise_answer("a cat")
     assert normalise_answer("3.5") == "3.5"  # only final punctuation goes
+    assert normalise_answer("A cat .") == "a cat"  # and the space before it
 
 
 def test_clopper_pearson_matches_its_definition() -> None:
@@ -57,6 +58,7 @@ def test_radius_is_cohen_theorem_1() -> None:
     assert answer_radius(0.9, SIGMA, inner=4) == pytest.approx(SIGMA / 2 * norm.ppf(0.9))
     assert answer_radius(0.5, SIGMA) is None and answer_radius(0.3, SIGMA) is None
     assert answer_radius(needed_probability(0.3, SIGMA, 4), SIGMA, 4) == pytest.approx(0.3)
+    assert needed_probability(SIGMA, SIGMA) == pytest.approx(norm.cdf(1.0))  # one copy per vote by default
 
 
 def test_selection_chooses_the_most_frequent_answer_and_reports_votes() -> None:
@@ -68,6 +70,20 @@ def test_selection_chooses_the_most_frequent_answer_and_reports_votes() -> None:
     assert (certificate.answer, certificate.agree, certificate.n) == ("A cat.", 3, 4)
     assert certificate.votes[0] == ("A cat.", "a cat", 3) and certificate.votes[1][1:] == ("a dog", 1)
     assert certificate.p_lower == pytest.approx(clopper_pearson_lower(3, 4, 0.1))
+    assert certificate.stopped_by == "budget"
+
+
+def test_votes_wanted_per_phase_and_ties_go_to_the_first_answer_seen() -> None:
+    voting = AnswerVoting(AnswerConfig(sigma=SIGMA, n0=4, n=10, alpha=0.1), seed=0)
+    assert voting.wanted() == 4
+    voting.add(["b", "a"])
+    assert voting.wanted() == 2
+    voting.add(["a", "b"])  # 2 against 2: "b" came first
+    assert voting.chosen == "b" and voting.wanted() == 10
+    voting.add(["b"] * 4)
+    assert voting.wanted() == 6
+    voting.add(["b"] * 6)
+    assert voting.wanted() == 0 and voting.done
 
 
 def test_unfinished_voting_has_no_certificate() -> None:
@@ -156,6 +172,8 @@ def test_every_vote_chunk_draws_its_own_noise() -> None:
 
     seeds = {chunk_seed(seed, chunk) for seed in (0, 1, 2**62) for chunk in range(20)}
     assert len(seeds) == 60 and all(0 <= s < 2**63 for s in seeds)
+    assert max(seeds) >= 2**62  # spread over all 63 bits (fails with probability 2^-60)
+    assert chunk_seed(7, 3) == chunk_seed(7, 3)  # a function of the seed and the chunk only
     pixels = torch.full((3, 4, 4), 0.5)
     first, second = (NoisyCopies(pixels, 0.25, chunk_seed(7, chunk)).draw(8) for chunk in (0, 1))
     assert not torch.allclose(first, second)
@@ -230,3 +248,13 @@ def test_the_certificate_lists_the_five_most_frequent_answers() -> None:
     voting.add(answers)
     listed = voting.certificate().votes
     assert [(key, count) for _, key, count in listed] == [("g", 7), ("f", 6), ("e", 5), ("d", 4), ("c", 3)]
+
+
+def test_an_early_stop_with_several_copies_per_vote_certifies_its_target() -> None:
+    """With k copies per vote the radius is σ/√k Φ⁻¹(p̲), so the target r needs p̲ ≥ Φ(r√k/σ): stopping at
+    "target_reached" must leave a certificate that reaches r."""
+    voting = AnswerVoting(AnswerConfig(sigma=SIGMA, n0=1, n=2000, alpha=0.01, inner=4, radius=0.2), seed=0)
+    voting.add(["a cat"] * 2001)
+    certificate = voting.certificate()
+    assert certificate.stopped_by == "target_reached" and certificate.n < 2000
+    assert certificate.radius is not None and certificate.radius >= 0.2

@@ -238,7 +238,7 @@ class AnswerVoting:
         return clopper_pearson_lower(agree, self.estimated, self.config.alpha)
 
     def certificate(self) -> AnswerCertificate:
-        if not self.done or self._chosen is None:
+        if self.stopped_by is None or self._chosen is None:
             raise RuntimeError(f"voting not finished: {self.estimated} of {self.config.n} estimation votes counted")
         p_lower = self.p_lower()
         return AnswerCertificate(
@@ -250,7 +250,7 @@ class AnswerVoting:
             seed=self.seed,
             n=self.estimated,
             agree=int((self._agreements > 0).sum()),
-            stopped_by=self.stopped_by or "budget",
+            stopped_by=self.stopped_by,
             votes=tuple((self._display[key], key, count) for key, count in self._counts.most_common(LISTED_VOTES)),
         )
 
