@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from scipy.stats import norm
 import torch
+import torch.nn.functional as F
 
 from fsmllm.certify import (
     NOISE_BLOCK,
@@ -390,3 +391,41 @@ def test_the_radius_stop_rule_stops_when_the_certified_radius_is_pinned_down() -
     low, high = certified_radius(np.array([0.95, 0.96]), sigma, 0.9)
     edge = StopRule(target_cos=0.9, tolerance=float(high - low))
     assert high - edge.tolerance == low and edge.decide(0.95, lambda: 0.96, sigma) == "radius_converged"
+
+
+def test_a_checkpoint_on_the_first_sample_of_a_batch_is_not_skipped() -> None:
+    """Estimation batches of 63 start at sample 63, one before the checkpoint at 64: a stop rule first met there
+    stops there, as it does when the samples come one by one (checkpoints are counts, not batch ends)."""
+    image = torch.rand(3, 4, 4, generator=torch.Generator().manual_seed(0))
+    rule = StopRule(fcsb=0.5, radii=(0.01,))
+    for batch_size in (1, 63):
+        certificate = SmoothedEncoder(small_net(), 0.25, batch_size=batch_size).certify(
+            image, n0=10, n=1000, radii=[0.01], seed=3, stop=rule
+        )
+        assert (certificate.n, certificate.stopped_by) == (2 * NOISE_BLOCK, "target_reached")
+
+
+@pytest.mark.parametrize("granularity", ["global", "token"])
+def test_the_feature_sums_are_accumulated_in_float64(granularity: str) -> None:
+    """The score estimate Ŝ² = (‖Σ f̃_i‖² − m)/(m(m − 1)) subtracts two numbers of order m²: the running sums
+    must be float64 (float32 sums are off by ~1e-6 at m = 4000). Features: two fixed unit directions (cosine
+    0.48) in two tokens, chosen by a noisy pixel, so the exact value follows from how often each was drawn."""
+    u, v = F.normalize(torch.tensor([[0.6, 0.8, 0.0], [0.0, 0.6, 0.8]]), dim=1)
+    drawn = []
+
+    def encode(x: torch.Tensor) -> torch.Tensor:
+        pick = x.reshape(x.shape[0], -1)[:, 0] > 0.5
+        drawn.append(int(pick.sum()))
+        return torch.where(pick[:, None], u, v)[:, None, :].repeat(1, 2, 1)
+
+    certificate = SmoothedEncoder(encode, 0.25, batch_size=64).certify(
+        torch.full((3, 4, 4), 0.5), n0=100, n=3900, radii=[0.1], seed=0, bound="hoeffding", granularity=granularity
+    )
+    m, a = 4000, sum(drawn)
+    b = m - a
+    # the unit features as the run computes them (float32), then exact float64 arithmetic on them
+    layout = (lambda w: F.normalize(w.repeat(2), dim=0)) if granularity == "global" else (lambda w: F.normalize(w, dim=0))
+    fu, fv = layout(u).double(), layout(v).double()
+    squared_norm = float((a * fu + b * fv).square().sum())
+    exact = math.sqrt((squared_norm - m) / (m * (m - 1)))
+    assert 1000 < a < 3000 and abs(certificate.score_estimate - exact) < 1e-10
