@@ -281,3 +281,43 @@ def test_cancelling_a_job_behind_another_leaves_the_worker_serving(loop: asyncio
     worker.submit(later)
     assert isinstance(outcome(later), Certificate)
     worker.stop()
+
+
+class NoiseFails:
+    """A certification whose noisy inputs cannot be drawn after the first batch (as when the device runs out of
+    memory): its real run, whose ``take`` raises from then on."""
+
+    def __init__(self, run) -> None:  # noqa: ANN001 - the job's real SmoothingRun
+        self.run = run
+        self.takes = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.run, name)
+
+    def take(self, limit: int) -> torch.Tensor | None:
+        self.takes += 1
+        if self.takes > 1:
+            raise RuntimeError("out of memory drawing the noise")
+        return self.run.take(limit)
+
+
+class NoiseFailingJob(CertifyJob):
+    def make_run(self, device: torch.device):  # noqa: ANN201
+        self.run = NoiseFails(super().make_run(device))  # type: ignore[assignment]
+        return self.run
+
+
+def test_a_failure_drawing_the_noise_fails_the_active_jobs_and_the_worker_goes_on(loop: asyncio.AbstractEventLoop) -> None:
+    """Drawing the inputs is part of the batch: an error there fails the jobs in progress (with that error), not
+    the worker thread; a job submitted afterwards is served."""
+    plain = job(loop, seed=1)
+    broken = NoiseFailingJob(**{name: getattr(plain, name) for name in ("pixels", "config", "seed", "radii", "loop")},
+                             future=job(loop, seed=2).future)
+    worker = started(Encoder(), broken, plain, batch_size=8)
+    for failed in (outcome(broken), outcome(plain)):
+        assert isinstance(failed, RuntimeError) and str(failed) == "out of memory drawing the noise"
+    later = job(loop, seed=3)
+    worker.submit(later)
+    assert isinstance(outcome(later), Certificate)
+    wait_until(lambda: worker.depth == 0, "the worker to let go of the jobs")
+    worker.stop()

@@ -170,13 +170,15 @@ class DeviceWorker:
             self._active.remove(job)
 
     def _step(self) -> None:
-        """One encoder batch over the active jobs, then hand out finished certificates."""
-        runs = [job.run for job in self._active]
-        parts = fill_batch(runs, self.batch_size)  # type: ignore[arg-type]
-        touched = {id(run) for run, _ in parts}
-        jobs = [job for job in self._active if id(job.run) in touched]
-        started = time.perf_counter()
+        """One encoder batch over the active jobs, then hand out finished certificates. If drawing the noisy
+        inputs fails (the device out of memory, say), every active job fails, as the batch's own jobs do when
+        the encoder fails; the worker goes on either way."""
+        jobs = list(self._active)
         try:
+            parts = fill_batch([job.run for job in jobs], self.batch_size)  # type: ignore[misc]
+            touched = {id(run) for run, _ in parts}
+            jobs = [job for job in jobs if id(job.run) in touched]
+            started = time.perf_counter()
             with torch.inference_mode():
                 features = self.encode(torch.cat([inputs for _, inputs in parts]))
             deliver(parts, features)
