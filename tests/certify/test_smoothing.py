@@ -23,7 +23,7 @@ from fsmllm.certify import (
     run_batched,
 )
 from fsmllm.certify.bounds import certified_radius
-from fsmllm.certify.smoothing import certified_fcsb, new_seed
+from fsmllm.certify.smoothing import NoisyCopies, SampleRun, certified_fcsb, new_seed
 
 from .analytic import RotationEncoder, TokenRotationEncoder, TwoValueEncoder, point_at, unit_direction
 
@@ -429,3 +429,41 @@ def test_the_feature_sums_are_accumulated_in_float64(granularity: str) -> None:
     squared_norm = float((a * fu + b * fv).square().sum())
     exact = math.sqrt((squared_norm - m) / (m * (m - 1)))
     assert 1000 < a < 3000 and abs(certificate.score_estimate - exact) < 1e-10
+
+
+def test_a_sample_run_keeps_the_mean_unit_feature_of_each_votes_copies() -> None:
+    """SampleRun (the votes of a certified answer): ``count`` results, each the mean of ``inner`` unit features of
+    consecutive noisy copies, drawn from the seed's noise whatever the batches; the take/consume protocol of
+    SmoothingRun, and no result before every sample is in."""
+    pixels = torch.rand(3, 4, 4, generator=torch.Generator().manual_seed(0))
+    net = small_net()
+    run = SampleRun(pixels, 0.25, count=3, seed=5, inner=2)
+    assert (run.total, run.done, run.interim([0.1])) == (6, False, None)
+    with pytest.raises(RuntimeError, match=r"^run not finished: 0 of 6 samples consumed$"):
+        run.features()
+    first, second = run.take(4), run.take(10)
+    assert first is not None and second is not None and (first.shape[0], second.shape[0]) == (4, 2)
+    assert run.take(1) is None
+    with pytest.raises(RuntimeError, match=r"^7 features for 6 outstanding samples$"):
+        run.consume(torch.zeros(7, 16))
+    run.consume(net(first))
+    assert not run.done
+    run.consume(net(second))
+    inputs = NoisyCopies(pixels, 0.25, 5).draw(6)
+    torch.testing.assert_close(torch.cat([first, second]), inputs)
+    torch.testing.assert_close(run.features(), F.normalize(net(inputs), dim=1).reshape(3, 2, -1).mean(1))
+    assert run.done and SampleRun(pixels, 0.25, count=2, seed=0).total == 2  # one copy per vote by default
+
+
+@pytest.mark.parametrize(
+    ("pixels", "count", "inner", "message"),
+    [
+        (torch.rand(2, 3, 4, 4), 2, 1, r"pixels must be one image \[C, H, W\], got shape \(2, 3, 4, 4\)"),
+        (torch.rand(3, 4, 4), 0, 1, "count and inner must be at least 1, got 0 and 1"),
+        (torch.rand(3, 4, 4), 1, 0, "count and inner must be at least 1, got 1 and 0"),
+    ],
+)
+def test_a_sample_run_refuses_what_it_cannot_draw(pixels: torch.Tensor, count: int, inner: int, message: str) -> None:
+    with pytest.raises(ValueError, match=f"^{message}$"):
+        SampleRun(pixels, 0.25, count=count, seed=0, inner=inner)
+    assert SampleRun(torch.rand(3, 4, 4), 0.25, count=1, seed=0, inner=1).total == 1
