@@ -70,11 +70,12 @@ def runtime_at(z: float, batch_size: int = 64) -> Runtime:
     return Runtime(encoder, policy_from(settings), model=SideModel(), batch_size=batch_size, queue_capacity=128)
 
 
-def certify_all(runtime: Runtime, requests: list[tuple[int, int, int, float | None]]) -> list:
-    """Certified answers for ``(n0, n, seed, target radius)`` requests, run concurrently on ``runtime``."""
+def certify_all(runtime: Runtime, requests: list[tuple]) -> list:
+    """Certified answers for ``(n0, n, seed, target radius[, copies per vote])`` requests, run concurrently on
+    ``runtime``."""
 
     async def main() -> list:
-        configs = [runtime.policy.answer_config(SIGMA, n0, n, 0.2, radius=radius) for n0, n, _, radius in requests]
+        configs = [runtime.policy.answer_config(SIGMA, r[0], r[1], 0.2, inner=(r + (1,))[4], radius=r[3]) for r in requests]
         return await asyncio.gather(
             *(runtime.certify_answer(IMAGE, "Which side?", c, SamplingParams(max_tokens=4), seed=r[2]) for c, r in zip(configs, requests))
         )
@@ -117,11 +118,13 @@ def test_the_runtime_equals_the_reference_executor() -> None:
     """The server's path (worker jobs, prefetched chunks, LM threads) gives exactly the certificate that
     certify_answer computes in one thread from the same seed."""
     runtime = runtime_at(SIGMA * norm.ppf(0.9))
-    served = certify_all(runtime, [(8, 150, 11, None), (70, 200, 12, 0.2)])
+    requests = [(8, 150, 11, None, 1), (70, 200, 12, 0.2, 1), (8, 100, 13, None, 3)]  # the last: 3 copies per vote
+    served = certify_all(runtime, requests)
     model = SideModel()
     pixels = runtime.pixels(IMAGE)
-    for certificate, (n0, n, seed, radius) in zip(served, [(8, 150, 11, None), (70, 200, 12, 0.2)]):
-        config = runtime.policy.answer_config(SIGMA, n0, n, 0.2, radius=radius)
+    assert served[2].config.inner == 3
+    for certificate, (n0, n, seed, radius, inner) in zip(served, requests):
+        config = runtime.policy.answer_config(SIGMA, n0, n, 0.2, inner=inner, radius=radius)
 
         def answer(features: torch.Tensor) -> list[str]:
             tokens = features.reshape(-1, 1, 2)

@@ -101,7 +101,7 @@ class Certifier:
             self.cache.put(key, certificate)
         return CertifyOutcome(certificate, started - job.submitted, done - started, cached=False)
 
-    async def samples(self, pixels: torch.Tensor, sigma: float, count: int, seed: int, inner: int = 1) -> torch.Tensor:
+    async def samples(self, pixels: torch.Tensor, sigma: float, count: int, seed: int, inner: int) -> torch.Tensor:
         """The vote features of ``count`` noisy copies of ``pixels`` (``inner`` per vote), [count, D], computed
         by the worker in shared batches (:class:`~fsmllm.certify.SampleRun`); same errors as :meth:`certify`."""
         loop = asyncio.get_running_loop()
