@@ -23,7 +23,7 @@ from fsmllm.certify import (
     run_batched,
 )
 from fsmllm.certify.bounds import certified_radius
-from fsmllm.certify.smoothing import NoisyCopies, SampleRun, certified_fcsb, new_seed
+from fsmllm.certify.smoothing import NoisyCopies, SampleRun, certified_fcsb, new_seed, served_fcsb
 
 from .analytic import RotationEncoder, TokenRotationEncoder, TwoValueEncoder, point_at, unit_direction
 
@@ -467,3 +467,23 @@ def test_a_sample_run_refuses_what_it_cannot_draw(pixels: torch.Tensor, count: i
     with pytest.raises(ValueError, match=f"^{message}$"):
         SampleRun(pixels, 0.25, count=count, seed=0, inner=inner)
     assert SampleRun(torch.rand(3, 4, 4), 0.25, count=1, seed=0, inner=1).total == 1
+
+
+def test_the_served_bound_moves_the_certified_angle_by_the_offset_and_abstains_past_a_right_angle() -> None:
+    """cos(arccos b + θ) while the angle stays below π/2; NaN (abstain) where b is NaN or the angles add to π/2 or
+    more: past π the cosine would rise again and claim more than the triangle inequality gives."""
+    served = served_fcsb(np.array([0.5, 0.9, 0.0, -0.9, np.nan]), 0.3)
+    assert served[0] == pytest.approx(math.cos(math.acos(0.5) + 0.3)) and served[1] == pytest.approx(math.cos(math.acos(0.9) + 0.3))
+    assert np.isnan(served[2:]).all()
+    assert served_fcsb(np.array([0.9]), 0.0)[0] == pytest.approx(0.9)
+
+
+def test_a_constant_encoder_is_certified_with_score_one() -> None:
+    """Every noisy copy with the same feature: S = 1 exactly, although that float32 unit feature's squared norm
+    is 1 + 2e-7 (the estimate is clipped to [0, 1], so the certificate does not fail on a score above 1)."""
+    feature = torch.randn(8, generator=torch.Generator().manual_seed(0))
+    assert float(F.normalize(feature, dim=0).double().square().sum()) > 1.0
+    certificate = SmoothedEncoder(lambda x: feature.expand(x.shape[0], 8), 0.25).certify(
+        torch.rand(3, 4, 4), n0=10, n=100, radii=[0.1], seed=0
+    )
+    assert certificate.score_estimate == 1.0 and certificate.estimated_fcsb[0] <= 1.0

@@ -599,7 +599,7 @@ class SmoothingRun:
         """The certificate at each radius (method.md steps 2–4); the run must be done."""
         if not self.done:
             raise RuntimeError(f"run not finished: {self.consumed} of {self.total} samples consumed")
-        assert self._feature_sum is not None and self._directions is not None
+        assert self._feature_sum is not None and self._directions is not None and self.stopped_by is not None
         cfg = self.config
         count, m = self.estimated, self.consumed
         radii_array = np.asarray(list(radii), dtype=np.float64)
@@ -638,7 +638,7 @@ class SmoothingRun:
             seed=self.seed,
             radii=tuple(float(r) for r in radii_array),
             n=count,
-            stopped_by=self.stopped_by or "budget",
+            stopped_by=self.stopped_by,
             score_estimate=float(estimates[worst]),
             score_lower=float(lowers[worst]),
             certified_fcsb=_optional(certified_rows[worst]),
