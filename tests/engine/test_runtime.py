@@ -106,6 +106,12 @@ def test_a_runtime_without_a_language_model_refuses_to_generate() -> None:
 
 def test_the_runtimes_defaults_and_the_sizes_it_passes_on() -> None:
     runtime = Runtime(load_encoder("tiny-cnn", image_size=16), policy_from(Settings(model="none", _env_file=None)))
+    # the LM threads: as many as the model runs generations at once (its backend is not safe beyond that)
+    assert runtime._lm_executor._max_workers == 1 and runtime.ready is False
+    wide = BreakingModel()
+    wide.max_concurrency = 3
+    assert Runtime(load_encoder("tiny-cnn", image_size=16), policy_from(Settings(model="none", _env_file=None)),
+                   model=wide)._lm_executor._max_workers == 3
     assert (runtime.model_name, runtime.booster, runtime.certifier.timeout_s) == ("none", "none", 600.0)
     assert (runtime.worker.batch_size, runtime.worker.capacity, runtime.certifier.cache.capacity) == (32, 32, 256)
     sized = Runtime(load_encoder("tiny-cnn", image_size=16), policy_from(Settings(model="none", _env_file=None)),

@@ -118,12 +118,17 @@ def test_a_shared_batch_gives_each_job_the_certificate_it_gets_alone(loop: async
     worker.stop()
 
 
-def test_a_failing_batch_fails_its_jobs_and_the_worker_goes_on(loop: asyncio.AbstractEventLoop) -> None:
+def test_a_failing_batch_fails_its_jobs_and_the_worker_goes_on(
+    loop: asyncio.AbstractEventLoop, caplog: pytest.LogCaptureFixture
+) -> None:
     encoder = Encoder(fail_batches=(1,))
     first, second = job(loop, n0=10, seed=1), job(loop, n0=10, seed=2)
     worker = started(encoder, first, second, batch_size=10)  # batch 1: the first job's 10 selection samples only
+    assert any(thread.name == "fsmllm-device-worker" for thread in threading.enumerate())  # named for py-spy & co
     failed, survived = outcome(first), outcome(second)
     assert isinstance(failed, RuntimeError) and str(failed) == "batch 1 failed"
+    logged = [record for record in caplog.records if record.getMessage() == "encoder batch failed"]
+    assert len(logged) == 1 and logged[0].exc_info is not None  # with its traceback, for the operator
     assert isinstance(survived, Certificate) and survived.seed == 2
     later = job(loop, seed=3)
     worker.submit(later)
@@ -275,7 +280,8 @@ def test_cancelling_a_job_behind_another_leaves_the_worker_serving(loop: asyncio
     wait_until(encoder.entered.is_set, "the first batch to reach the encoder")
     middle.cancel()
     encoder.release.set()
-    assert isinstance(outcome(middle), JobCancelled)
+    cancelled = outcome(middle)
+    assert isinstance(cancelled, JobCancelled) and str(cancelled) == "cancelled"
     assert isinstance(outcome(first), Certificate) and isinstance(outcome(last), Certificate)
     later = job(loop, seed=4)
     worker.submit(later)
@@ -320,4 +326,20 @@ def test_a_failure_drawing_the_noise_fails_the_active_jobs_and_the_worker_goes_o
     worker.submit(later)
     assert isinstance(outcome(later), Certificate)
     wait_until(lambda: worker.depth == 0, "the worker to let go of the jobs")
+    worker.stop()
+
+
+def test_each_batch_reports_a_jobs_progress_with_its_interim_certificate(loop: asyncio.AbstractEventLoop) -> None:
+    """on_progress(done, total, interim) after every batch that touched the job; with the (anytime) betting bound,
+    interim is the certificate valid so far once a checkpoint has passed, and None before."""
+    reports: list[tuple[int, int, object]] = []
+    tracked = job(loop, n0=8, n=64)
+    tracked.on_progress = lambda done, total, interim: reports.append((done, total, interim))
+    worker = started(Encoder(), tracked, batch_size=16)
+    assert isinstance(outcome(tracked), Certificate)
+    # the 8 selection samples first (a batch never mixes a job's phases), then 16 estimation samples a batch
+    assert [(done, total) for done, total, _ in reports] == [(8, 72), (24, 72), (40, 72), (56, 72), (72, 72)]
+    assert reports[0][2] is None and reports[1][2] is None  # 0 and 16 estimation samples: no checkpoint yet
+    interim = reports[3][2]  # 48 estimation samples: the certificate of the checkpoint at 32
+    assert isinstance(interim, dict) and interim["n"] == 32
     worker.stop()
