@@ -673,7 +673,6 @@ class SampleRun:
             raise ValueError(f"count and inner must be at least 1, got {count} and {inner}")
         self.count = count
         self.inner = inner
-        self.seed = seed
         self.issued = 0
         self.consumed = 0
         self._noise = NoisyCopies(pixels, sigma, seed)
