@@ -448,6 +448,8 @@ def test_a_sample_run_keeps_the_mean_unit_feature_of_each_votes_copies() -> None
         run.consume(torch.zeros(7, 16))
     run.consume(net(first))
     assert not run.done
+    with pytest.raises(RuntimeError, match=r"^3 features for 2 outstanding samples$"):
+        run.consume(torch.zeros(3, 16))
     run.consume(net(second))
     inputs = NoisyCopies(pixels, 0.25, 5).draw(6)
     torch.testing.assert_close(torch.cat([first, second]), inputs)
