@@ -489,3 +489,10 @@ def test_a_constant_encoder_is_certified_with_score_one() -> None:
         torch.rand(3, 4, 4), n0=10, n=100, radii=[0.1], seed=0
     )
     assert certificate.score_estimate == 1.0 and certificate.estimated_fcsb[0] <= 1.0
+    assert certificate.stopped_by == "budget"  # no stop rule: all n estimation samples
+
+
+def test_pixels_must_be_float32_or_float64() -> None:
+    message = "pixels must be float32 (or float64), got torch.float16: the noise is drawn in the pixels' dtype"
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}"):
+        SmoothingRun(torch.rand(3, 4, 4).half(), SmoothingConfig(sigma=0.25, n0=2, n=2), seed=0)

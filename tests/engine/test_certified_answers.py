@@ -147,5 +147,6 @@ def test_vote_chunks_split_each_phase() -> None:
 
 def test_policy_bounds_the_votes_samples() -> None:
     policy = policy_from(Settings(model="none", default_n=800, max_n=1000, _env_file=None))
+    assert policy.answer_config(SIGMA, 50, 200, 0.001, inner=4).inner == 4  # (50 + 200) x 4 = 1000: at the limit
     with pytest.raises(ValueError, match="exceeds this deployment's maximum of 1000"):
         policy.answer_config(SIGMA, 32, 256, 0.001, inner=4)

@@ -54,7 +54,7 @@ def test_radii_up_to_the_limit() -> None:
 
 def test_sampling_up_to_the_token_limit() -> None:
     assert POLICY.sampling(64, 0.7, 0.9, 5, ["\n", "."]) == SamplingParams(64, 0.7, 0.9, 5, ("\n", "."))
-    with pytest.raises(PolicyError, match="max_tokens 65 exceeds this deployment's limit of 64"):
+    with pytest.raises(PolicyError, match="^max_tokens 65 exceeds this deployment's limit of 64$"):
         POLICY.sampling(65, 0.0, 1.0, None, [])
 
 
@@ -71,7 +71,7 @@ def test_stop_rules() -> None:
         POLICY.stop_rule(fixed, [], None, 0.5, 0.01)
     with pytest.raises(PolicyError, match="give stop_at_fcsb .* or radius_tolerance .*, not both"):
         POLICY.stop_rule(betting, [0.1], 0.8, 0.5, 0.01)
-    with pytest.raises(PolicyError, match="radius_tolerance stops a target_cos request: give target_cos too"):
+    with pytest.raises(PolicyError, match="^radius_tolerance stops a target_cos request: give target_cos too$"):
         POLICY.stop_rule(betting, [0.1], None, None, 0.01)
-    with pytest.raises(PolicyError, match="stop_at_fcsb needs at least one radius"):
+    with pytest.raises(PolicyError, match="^stop_at_fcsb needs at least one radius$"):
         POLICY.stop_rule(betting, [], 0.8)

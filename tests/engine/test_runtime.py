@@ -81,6 +81,13 @@ def test_each_generation_is_accounted_when_it_starts_and_when_it_ends() -> None:
         assert events == [("started", 0), ("cancelled", 0)]
         events.clear()
 
+        # the votes of a certified answer: one batched generation per chunk (2 selection votes, then 4), accounted
+        # like the others with all the chunk's tokens
+        answer = runtime.policy.answer_config(0.25, 2, 4, 0.1)
+        await runtime.certify_answer(image, "what is it?", answer, SamplingParams(max_tokens=2), seed=0)
+        assert events == [("started", 0), ("completed", 4), ("started", 0), ("completed", 8)]
+        events.clear()
+
         # stopping the runtime waits for the generation on the LM thread to end
         long = runtime.stream(certificate, "what is it?", SamplingParams(max_tokens=64, seed=0))
         runtime._lm_executor.submit(runtime._complete, long)
@@ -91,8 +98,9 @@ def test_each_generation_is_accounted_when_it_starts_and_when_it_ends() -> None:
         asyncio.run(scenario())
     finally:
         runtime.stop()  # (again: stopping twice is harmless)
-    # every encoder batch was reported (the metrics' samples and batches): the certification's n0 + n samples
-    assert sum(samples for samples, _ in batches) == 120 and {size for _, size in batches} == {64}
+    # every encoder batch was reported (the metrics' samples and batches): the certification's n0 + n samples and
+    # the 6 votes' samples
+    assert sum(samples for samples, _ in batches) == 126 and {size for _, size in batches} == {64}
 
 
 def test_a_runtime_without_a_language_model_refuses_to_generate() -> None:
@@ -102,6 +110,9 @@ def test_a_runtime_without_a_language_model_refuses_to_generate() -> None:
     message = "this deployment serves certificates only (model 'none'); use POST /certify"
     with pytest.raises(PolicyError, match=f"^{re.escape(message)}$"):
         runtime.stream(certificate, "what is it?", SamplingParams())
+    answer = runtime.policy.answer_config(0.25, 2, 4, 0.1)
+    with pytest.raises(PolicyError, match=f"^{re.escape(message)}$"):
+        asyncio.run(runtime.certify_answer(Image.new("RGB", (16, 16)), "what is it?", answer, SamplingParams(), seed=0))
 
 
 def test_the_runtimes_defaults_and_the_sizes_it_passes_on() -> None:

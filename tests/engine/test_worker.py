@@ -215,7 +215,7 @@ def test_stop_with_drain_finishes_every_accepted_job(loop: asyncio.AbstractEvent
     worker = started(encoder, running, batch_size=8)
     wait_until(encoder.entered.is_set, "the first batch to reach the encoder")
     worker.submit(queued)  # still waiting in the queue when the stop begins
-    stopper = stop_in_background(lambda: worker.stop(drain=True))
+    stopper = stop_in_background(lambda: worker.stop())  # draining is the default
     accepted: list[CertifyJob] = []
     wait_until(lambda: refuses_new_jobs(worker, loop, accepted), "the worker to stop accepting jobs")
     encoder.release.set()
