@@ -214,3 +214,15 @@ def test_a_generation_that_breaks_is_accounted_as_failed_and_the_lm_thread_goes_
         asyncio.run(scenario())
     finally:
         runtime.stop()
+
+
+def test_the_runtime_passes_the_stop_rule_on() -> None:
+    runtime = Runtime(load_encoder("tiny-cnn", image_size=16), policy_from(Settings(model="none", _env_file=None)))
+    runtime.start()
+    config = runtime.policy.config(None, 20, 2000, None, "betting")
+    rule = runtime.policy.stop_rule(config, [0.01], 0.0)
+    try:
+        outcome = asyncio.run(runtime.certify(Image.open(io.BytesIO(png_bytes())), config, [0.01], seed=1, stop=rule))
+    finally:
+        runtime.stop()
+    assert outcome.certificate.stopped_by == "target_reached" and outcome.certificate.n < 2000

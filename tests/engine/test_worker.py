@@ -161,7 +161,9 @@ def test_a_job_cancelled_before_admission_never_reaches_the_encoder(loop: asynci
     cancelled, fine = job(loop, seed=1), job(loop, seed=2)
     cancelled.cancel()
     worker = started(encoder, cancelled, fine, batch_size=64)
-    assert isinstance(outcome(cancelled), JobCancelled) and isinstance(outcome(fine), Certificate)
+    never_started = outcome(cancelled)
+    assert isinstance(never_started, JobCancelled) and str(never_started) == "cancelled before it started"
+    assert isinstance(outcome(fine), Certificate)
     assert sum(encoder.sizes) == 32  # only the other job's samples
     worker.stop()
 
@@ -342,4 +344,14 @@ def test_each_batch_reports_a_jobs_progress_with_its_interim_certificate(loop: a
     assert reports[0][2] is None and reports[1][2] is None  # 0 and 16 estimation samples: no checkpoint yet
     interim = reports[3][2]  # 48 estimation samples: the certificate of the checkpoint at 32
     assert isinstance(interim, dict) and interim["n"] == 32
+    worker.stop()
+
+
+def test_a_worker_needs_room_for_one_sample_and_one_job(loop: asyncio.AbstractEventLoop) -> None:
+    for batch_size, capacity in ((0, 1), (1, 0)):
+        with pytest.raises(ValueError, match="^batch_size and capacity must be at least 1$"):
+            DeviceWorker(Encoder(), batch_size=batch_size, capacity=capacity)
+    smallest = job(loop, n0=2, n=3)
+    worker = started(Encoder(), smallest, batch_size=1, capacity=1)  # one sample a batch still certifies
+    assert isinstance(outcome(smallest), Certificate)
     worker.stop()
