@@ -76,7 +76,8 @@ def test_fcsb_edge_values_and_vectorisation() -> None:
     [
         (lambda: fcsb(0.9, 0.0, 0.1), "sigma"),
         (lambda: fcsb(0.9, -0.25, 0.1), "sigma"),
-        (lambda: fcsb(0.9, 0.25, -0.1), "radius"),
+        (lambda: fcsb(0.9, 0.25, -0.1), r"^radius must be a non-negative l2 norm, got -0.1$"),
+        (lambda: fcsb(0.9, 0.25, float("nan")), r"^radius must be a non-negative l2 norm, got nan$"),
         (lambda: fcsb(1.2, 0.25, 0.1), r"^score must lie in \[-1, 1\]"),
         (lambda: fcsb(float("nan"), 0.25, 0.1), r"^score must lie in \[-1, 1\]"),
         (lambda: certified_radius(1.2, 0.25, 0.5), r"^score must lie in \[-1, 1\]"),
