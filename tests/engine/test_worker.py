@@ -90,6 +90,15 @@ def started(encoder: Callable[[torch.Tensor], torch.Tensor], *jobs: CertifyJob, 
     return worker
 
 
+def serves_on(worker: DeviceWorker, loop: asyncio.AbstractEventLoop) -> None:
+    """The worker still serves: a job submitted now gets its certificate; then it lets go of every job and stops."""
+    later = job(loop, seed=3)
+    worker.submit(later)
+    assert isinstance(outcome(later), Certificate)
+    wait_until(lambda: worker.depth == 0, "the worker to let go of the jobs")
+    worker.stop()
+
+
 def test_one_batch_carries_the_samples_of_many_jobs(loop: asyncio.AbstractEventLoop) -> None:
     encoder = Encoder()
     jobs = [job(loop, n0=8, n=24, seed=i) for i in range(4)]
@@ -130,11 +139,7 @@ def test_a_failing_batch_fails_its_jobs_and_the_worker_goes_on(
     logged = [record for record in caplog.records if record.getMessage() == "encoder batch failed"]
     assert len(logged) == 1 and logged[0].exc_info is not None  # with its traceback, for the operator
     assert isinstance(survived, Certificate) and survived.seed == 2
-    later = job(loop, seed=3)
-    worker.submit(later)
-    assert isinstance(outcome(later), Certificate)
-    wait_until(lambda: worker.depth == 0, "the worker to let go of the jobs")
-    worker.stop()
+    serves_on(worker, loop)
 
 
 def test_a_batch_shared_by_two_jobs_fails_both(loop: asyncio.AbstractEventLoop) -> None:
@@ -324,11 +329,7 @@ def test_a_failure_drawing_the_noise_fails_the_active_jobs_and_the_worker_goes_o
     worker = started(Encoder(), broken, plain, batch_size=8)
     for failed in (outcome(broken), outcome(plain)):
         assert isinstance(failed, RuntimeError) and str(failed) == "out of memory drawing the noise"
-    later = job(loop, seed=3)
-    worker.submit(later)
-    assert isinstance(outcome(later), Certificate)
-    wait_until(lambda: worker.depth == 0, "the worker to let go of the jobs")
-    worker.stop()
+    serves_on(worker, loop)
 
 
 def test_each_batch_reports_a_jobs_progress_with_its_interim_certificate(loop: asyncio.AbstractEventLoop) -> None:
