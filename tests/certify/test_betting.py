@@ -40,7 +40,14 @@ def literal_betting_lower(
 
 @pytest.mark.parametrize(
     ("seed", "n", "low", "high"),
-    [(0, 50, 0.9, 1.0), (1, 300, 0.5, 1.0), (2, 200, -1.0, 1.0), (3, 1000, 0.95, 0.99), (4, 20, -0.2, 0.1)],
+    [
+        (0, 50, 0.9, 1.0),
+        (1, 300, 0.5, 1.0),
+        (2, 200, -1.0, 1.0),
+        (3, 1000, 0.95, 0.99),
+        (4, 20, -0.2, 0.1),
+        (0, 5, -0.2, 0.3),  # at α = 0.001 the capital at m → 0 is only 1.3/α: a bound of −0.93, not −1
+    ],
 )
 def test_matches_the_literal_transcription(seed: int, n: int, low: float, high: float) -> None:
     values = np.random.default_rng(seed).uniform(low, high, n)
