@@ -496,3 +496,21 @@ def test_pixels_must_be_float32_or_float64() -> None:
     message = "pixels must be float32 (or float64), got torch.float16: the noise is drawn in the pixels' dtype"
     with pytest.raises(ValueError, match=f"^{re.escape(message)}"):
         SmoothingRun(torch.rand(3, 4, 4).half(), SmoothingConfig(sigma=0.25, n0=2, n=2), seed=0)
+
+
+def test_the_label_sums_are_accumulated_in_float64() -> None:
+    """The prediction certificate's mean label cosine comes from running sums that must be float64, like the
+    feature sums: with a constant feature every sample has the same cosine c to the chosen label, so the
+    Hoeffding lower bound must be exactly that of the mean c over n = 4000 (a float32 sum drifts by ~1e-5)."""
+    from fsmllm.certify.bounds import mean_lower_bound
+
+    feature = torch.randn(8, generator=torch.Generator().manual_seed(1))
+    classifier = CosineClassifier(("near", "far"), torch.stack([feature + 0.3, -feature]))
+    certificate = SmoothedEncoder(lambda x: feature.expand(x.shape[0], 8), 0.25, batch_size=64).certify(
+        torch.rand(3, 4, 4), n0=100, n=4000, radii=[0.1], seed=0, bound="hoeffding", classifier=classifier
+    )
+    prediction = certificate.prediction
+    assert prediction is not None and prediction.label == "near"
+    c = float((F.normalize(feature, dim=0) @ classifier.weights[0]).double())
+    exact = float(mean_lower_bound(4000 * c, 4000 * c * c, 4000, prediction.alpha / 2, "hoeffding"))
+    assert abs(prediction.top_lower - exact) < 1e-10
