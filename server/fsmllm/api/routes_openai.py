@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
@@ -32,13 +31,12 @@ from fsmllm.api.schemas import (
     ModelList,
     Usage,
 )
-from fsmllm.api.streaming import unless_disconnected
+from fsmllm.api.streaming import in_band_error, unless_disconnected
 from fsmllm.engine.certifier import CertifyOutcome
 from fsmllm.engine.runtime import Runtime
 from fsmllm.lm.base import Generation
 
 router = APIRouter(prefix="/v1")
-log = logging.getLogger("fsmllm.api")
 
 
 def _question_and_image(chat: ChatCompletionRequest) -> tuple[str, str]:
@@ -150,8 +148,7 @@ async def chat_completions(request: Request, chat: ChatCompletionRequest) -> Any
                 try:
                     extra["answer_certificate"] = AnswerCertificateOut.from_certificate(await votes).model_dump()
                 except Exception as error:  # noqa: BLE001 - the stream has started: report in-band
-                    log.error("error in a chat completion stream id=%s", request.state.request_id, exc_info=error)
-                    body = {**error_event(error), "request_id": request.state.request_id}
+                    body = in_band_error(error, error_event, request.state.request_id, "chat completion stream")
                     yield f"data: {json.dumps({'error': body})}\n\n"
                     return
             yield chunk({}, generation.finish_reason, **extra)

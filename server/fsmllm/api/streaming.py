@@ -53,6 +53,15 @@ def sse(event: str, data: Any) -> str:
     return f"event: {event}\ndata: {json.dumps(data)}\n\n"
 
 
+def in_band_error(
+    error: BaseException, describe_error: Callable[[BaseException], dict[str, Any]], request_id: str, stream: str
+) -> dict[str, Any]:
+    """The body of the error event that ends a stream whose 200 was already sent: ``describe_error(error)`` plus
+    the request id, under which the error and its traceback are logged (as a 500 outside a stream is)."""
+    log.error("error in a %s id=%s", stream, request_id, exc_info=error)
+    return {**describe_error(error), "request_id": request_id}
+
+
 def progress_stream(
     work: Callable[[ProgressCallback], Awaitable[dict[str, Any]]],
     describe_error: Callable[[BaseException], dict[str, Any]],
@@ -94,8 +103,7 @@ def progress_stream(
             try:
                 result = task.result()
             except Exception as error:  # noqa: BLE001 - the stream has started: report in-band
-                log.error("error in a progress stream id=%s", request_id, exc_info=error)
-                yield sse("error", {**describe_error(error), "request_id": request_id})
+                yield sse("error", in_band_error(error, describe_error, request_id, "progress stream"))
                 return
             while not updates.empty():  # updates still queued when the work finished
                 yield progress(updates.get_nowait())
