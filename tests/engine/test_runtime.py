@@ -28,6 +28,12 @@ from fsmllm.lm.models import load_model
 from ..server.live import png_bytes, wait_until
 
 
+def tiny_runtime(settings: Settings | None = None, **options: object) -> Runtime:
+    """A runtime on the tiny CNN encoder (16 px), with the deployment defaults of ``settings`` (no model's)."""
+    settings = settings or Settings(model="none", _env_file=None)
+    return Runtime(load_encoder("tiny-cnn", image_size=16), policy_from(settings), **options)  # type: ignore[arg-type]
+
+
 def test_each_generation_is_accounted_when_it_starts_and_when_it_ends() -> None:
     events: list[tuple[str, int]] = []
     lock = threading.Lock()
@@ -38,9 +44,8 @@ def test_each_generation_is_accounted_when_it_starts_and_when_it_ends() -> None:
 
     batches: list[tuple[int, int]] = []
     settings = Settings(model="none", default_n0=20, default_n=100, _env_file=None)
-    runtime = Runtime(load_encoder("tiny-cnn", image_size=16), policy_from(settings), model=load_model("tiny-test"),
-                      model_name="tiny-test", batch_size=64, on_generation=record,
-                      on_batch=lambda samples, size, _: batches.append((samples, size)))
+    runtime = tiny_runtime(settings, model=load_model("tiny-test"), model_name="tiny-test", batch_size=64,
+                           on_generation=record, on_batch=lambda samples, size, _: batches.append((samples, size)))
     runtime.start()
     image = Image.open(io.BytesIO(png_bytes()))
     config = runtime.policy.config(None, None, None, None, "betting")
@@ -116,17 +121,15 @@ def test_a_runtime_without_a_language_model_refuses_to_generate() -> None:
 
 
 def test_the_runtimes_defaults_and_the_sizes_it_passes_on() -> None:
-    runtime = Runtime(load_encoder("tiny-cnn", image_size=16), policy_from(Settings(model="none", _env_file=None)))
+    runtime = tiny_runtime()
     # the LM threads: as many as the model runs generations at once (its backend is not safe beyond that)
     assert runtime._lm_executor._max_workers == 1 and runtime.ready is False
     wide = BreakingModel()
     wide.max_concurrency = 3
-    assert Runtime(load_encoder("tiny-cnn", image_size=16), policy_from(Settings(model="none", _env_file=None)),
-                   model=wide)._lm_executor._max_workers == 3
+    assert tiny_runtime(model=wide)._lm_executor._max_workers == 3
     assert (runtime.model_name, runtime.booster, runtime.certifier.timeout_s) == ("none", "none", 600.0)
     assert (runtime.worker.batch_size, runtime.worker.capacity, runtime.certifier.cache.capacity) == (32, 32, 256)
-    sized = Runtime(load_encoder("tiny-cnn", image_size=16), policy_from(Settings(model="none", _env_file=None)),
-                    batch_size=8, queue_capacity=3, timeout_s=5.0, cache_size=0)
+    sized = tiny_runtime(batch_size=8, queue_capacity=3, timeout_s=5.0, cache_size=0)
     assert (sized.worker.batch_size, sized.worker.capacity, sized.certifier.timeout_s, sized.certifier.cache.capacity) == (8, 3, 5.0, 0)
 
 
@@ -175,8 +178,7 @@ def test_a_generation_that_breaks_is_accounted_as_failed_and_the_lm_thread_goes_
     ("failed", 0), and the next generation runs on the same LM thread."""
     events: list[tuple[str, int]] = []
     settings = Settings(model="none", default_n0=10, default_n=20, _env_file=None)
-    runtime = Runtime(load_encoder("tiny-cnn", image_size=16), policy_from(settings), model=BreakingModel(),
-                      on_generation=lambda event, tokens: events.append((event, tokens)))
+    runtime = tiny_runtime(settings, model=BreakingModel(), on_generation=lambda event, tokens: events.append((event, tokens)))
     runtime.start()
     image = Image.open(io.BytesIO(png_bytes()))
     params = SamplingParams(max_tokens=16, seed=0)
@@ -217,7 +219,7 @@ def test_a_generation_that_breaks_is_accounted_as_failed_and_the_lm_thread_goes_
 
 
 def test_the_runtime_passes_the_stop_rule_on() -> None:
-    runtime = Runtime(load_encoder("tiny-cnn", image_size=16), policy_from(Settings(model="none", _env_file=None)))
+    runtime = tiny_runtime()
     runtime.start()
     config = runtime.policy.config(None, 20, 2000, None, "betting")
     rule = runtime.policy.stop_rule(config, [0.01], 0.0)

@@ -290,10 +290,7 @@ def test_cancelling_a_job_behind_another_leaves_the_worker_serving(loop: asyncio
     cancelled = outcome(middle)
     assert isinstance(cancelled, JobCancelled) and str(cancelled) == "cancelled"
     assert isinstance(outcome(first), Certificate) and isinstance(outcome(last), Certificate)
-    later = job(loop, seed=4)
-    worker.submit(later)
-    assert isinstance(outcome(later), Certificate)
-    worker.stop()
+    serves_on(worker, loop)
 
 
 class NoiseFails:
