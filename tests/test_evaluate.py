@@ -13,7 +13,7 @@ from fsmllm.booster.training import BoosterTrainConfig, train_booster
 from fsmllm.attacks import feature_space_attack, smoothed_feature, unit_features, worst_token_cosine
 from fsmllm.encoders import load_encoder
 from fsmllm.evaluate import (
-    AttackRow, AttackSettings, attack_image, certified_curve, held_out_images, markdown_attacks, markdown_curves, run,
+    AttackRow, AttackSettings, attack_image, certified_curves, held_out_images, markdown_attacks, markdown_curves, run,
     summarise, target_phrase,
 )
 from fsmllm.lm.data import FASHION_MNIST_DIR, SAMPLE_PHOTO_PHRASES, answer_for
@@ -117,7 +117,7 @@ def test_attack_success_is_counted_over_images_answered_right_with_an_exact_inte
 def test_certified_curve_falls_with_the_radius() -> None:
     encoder = load_encoder("tiny-cnn", image_size=16)
     images = torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(0))
-    points = certified_curve("FS", encoder, images, 0.5, 50, 1000, 0.001, [0.0, 0.1, 0.3])
+    points = certified_curves("FS", encoder, images, 0.5, 50, 1000, 0.001, [0.0, 0.1, 0.3])
     means = [p.mean for p in points]
     assert means[0] > 0 and means == sorted(means, reverse=True)
     assert all(p.q10 <= p.median <= p.q90 for p in points)
@@ -126,8 +126,12 @@ def test_certified_curve_falls_with_the_radius() -> None:
 def test_token_curves_report_the_worst_token_and_the_paper_score() -> None:
     encoder = load_encoder("tiny-vit", image_size=16)
     images = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
-    whole = certified_curve("FS", encoder, images, 0.5, 50, 500, 0.001, [0.0, 0.1])
-    tokens = certified_curve("FS (token)", encoder, images, 0.5, 50, 500, 0.001, [0.0, 0.1], granularity="token")
+    both = certified_curves("FS", encoder, images, 0.5, 50, 500, 0.001, [0.0, 0.1], granularities=("global", "token"))
+    whole, tokens = both[:2], both[2:]
+    assert [p.setting for p in both] == ["FS", "FS", "FS (token)", "FS (token)"]
+    # both come from the same samples, encoded once, and each is what its granularity gives alone
+    assert tokens == certified_curves("FS", encoder, images, 0.5, 50, 500, 0.001, [0.0, 0.1], granularities=("token",))
+    assert whole == certified_curves("FS", encoder, images, 0.5, 50, 500, 0.001, [0.0, 0.1])
     # at radius 0 the certificate is the score bound: the worst token's is never above the global one's by more
     # than the share of α it gives up, and here (tokens of a random ViT) it is below
     assert tokens[0].mean <= whole[0].mean
@@ -146,10 +150,30 @@ def tiny_booster(tmp_path_factory):
     return booster
 
 
-def tiny_run(out, booster, sigmas=(0.25,), resume=False, progress=lambda _: None, alpha=0.01):
-    return run("tiny-cnn", [str(booster)], list(sigmas), [200], [0.1], images=2, attack_images=1,
+def tiny_run(out, booster, sigmas=(0.25,), resume=False, progress=lambda _: None, alpha=0.01, radii=(0.1,),
+             attack_images=1, granularities=("global",)):
+    return run("tiny-cnn", [str(booster)], list(sigmas), [200], list(radii), images=2, attack_images=attack_images,
                attack=AttackSettings(steps=2), n0=50, alpha=alpha, model_name=None, out=str(out),
-               progress=progress, resume=resume, photos=1)
+               progress=progress, resume=resume, photos=1, granularities=granularities)
+
+
+def test_a_negative_radius_is_refused_before_any_work(tmp_path) -> None:
+    with pytest.raises(ValueError, match=r"non-negative l2 norms, got \[-0.1\]"):
+        tiny_run(tmp_path, "no-such-booster", radii=(0.1, -0.1))
+    assert not tmp_path.joinpath("results.json").exists()
+
+
+@pytest.mark.skipif(not FASHION_MNIST_DIR.is_dir(), reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
+def test_resume_computes_only_the_missing_granularity(tmp_path, tiny_booster) -> None:
+    tiny_run(tmp_path, tiny_booster, attack_images=0)
+    lines: list[str] = []
+    resumed = tiny_run(tmp_path, tiny_booster, attack_images=0, resume=True, progress=lines.append,
+                       granularities=("global", "token"))
+    assert lines == ["certified curve: FS (token), σ=0.25, n=200, 3 images",
+                     f"certified curve: FS+{tiny_booster} (token), σ=0.25, n=200, 3 images"]
+    together = tiny_run(tmp_path / "together", tiny_booster, attack_images=0, granularities=("global", "token"))
+    key = lambda curve: (curve["setting"], curve["radius"])  # noqa: E731
+    assert sorted(resumed["curves"], key=key) == sorted(together["curves"], key=key)
 
 
 @pytest.mark.skipif(not FASHION_MNIST_DIR.is_dir(), reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")

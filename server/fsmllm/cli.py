@@ -349,7 +349,8 @@ def _add_evaluate_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--granularity", nargs="+", choices=GRANULARITIES, default=["global"],
-        help="certified curves for the whole feature and/or the worst token (settings named '... (token)')",
+        help="certified curves for the whole feature and/or the worst token (settings named '... (token)'); both "
+        "come from the same noisy samples, encoded once",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the image choice, the noise and the attacks")
     parser.add_argument("--out", default="eval-out", help="output folder")

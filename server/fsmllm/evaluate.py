@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -48,7 +49,8 @@ from fsmllm.attacks import (
     unit_features,
     worst_token_cosine,
 )
-from fsmllm.certify import SmoothedEncoder
+from fsmllm.certify import Certificate, SmoothingConfig, SmoothingRun, run_shared
+from fsmllm.certify.smoothing import Granularity
 from fsmllm.encoders.base import VisionEncoder
 from fsmllm.lm.base import SamplingParams
 from fsmllm.lm.data import FASHION_MNIST_PHRASES, answer_for
@@ -131,14 +133,12 @@ def attack_image(
         smoothed = encoder is not None
         encode = encoder if encoder is not None else base
         if smoothed:
-            certificate = SmoothedEncoder(encode, sigma, batch_size=64).certify(
-                x, n0=n0, n=n, alpha=alpha, radii=list(radii), seed=seed
+            certificate, *token_certificates = certify_granularities(
+                encode, x, sigma, n0, n, alpha, radii, seed, ("global", "token") if "token" in goals else ("global",)
             )
             clean = smoothed_feature(encode, x, sigma, attack.observe, seed=seed + 1)
             if "token" in goals:
-                token_certificate = SmoothedEncoder(encode, sigma, batch_size=64).certify(
-                    x, n0=n0, n=n, alpha=alpha, radii=list(radii), seed=seed, granularity="token"
-                )
+                (token_certificate,) = token_certificates
                 clean_tokens = smoothed_feature(encode, x, sigma, attack.observe, seed=seed + 1, per_token=True)
         else:
             with torch.inference_mode():
@@ -296,7 +296,36 @@ class CurvePoint:
     mean_score_lower: float | None = None
 
 
-def certified_curve(
+def certify_granularities(
+    encode: Encode,
+    x: torch.Tensor,
+    sigma: float,
+    n0: int,
+    n: int,
+    alpha: float,
+    radii: Sequence[float],
+    seed: int,
+    granularities: Sequence[Granularity],
+    reference: torch.Tensor | None = None,
+    batch_size: int = 64,
+) -> list[Certificate]:
+    """One certificate of image x [3, S, S] per granularity, all from the same noisy samples, encoded once
+    (:func:`~fsmllm.certify.run_shared`): each is the one ``SmoothedEncoder.certify`` gives with that seed."""
+    runs = [
+        SmoothingRun(x, SmoothingConfig(sigma=sigma, n0=n0, n=n, alpha=alpha, granularity=g), seed, reference=reference)
+        for g in granularities
+    ]
+    run_shared(runs, encode, batch_size)
+    return [run.certificate(radii) for run in runs]
+
+
+def curve_name(setting: str, granularity: str) -> str:
+    """The setting's name in the results: ``setting`` for the whole feature, ``"setting (token)"`` for the worst
+    token."""
+    return setting if granularity == "global" else f"{setting} ({granularity})"
+
+
+def certified_curves(
     setting: str,
     encode: Encode,
     images: torch.Tensor,
@@ -307,41 +336,43 @@ def certified_curve(
     radii: Sequence[float],
     seed: int = 0,
     batch_size: int = 64,
-    granularity: str = "global",
+    granularities: Sequence[Granularity] = ("global",),
 ) -> list[CurvePoint]:
-    """Certify every image [N, 3, S, S] and summarise the certified FCSB per radius (abstain counts as 0; with
-    ``granularity="token"`` the worst token's); each point keeps the per-image values, in image order, so runs at
-    different n can be compared image by image."""
-    smoothed = SmoothedEncoder(encode, sigma, batch_size=batch_size)
-    values = np.zeros((len(images), len(radii)))
-    scores, paper_scores, lowers = [], [], []
+    """Certify every image [N, 3, S, S] at every granularity and summarise the certified FCSB per radius (abstain
+    counts as 0; the worst token's for "token", named by :func:`curve_name`). The granularities share the same
+    noisy samples, encoded once (:func:`~fsmllm.certify.run_shared`). Each point keeps the per-image values, in
+    image order, so runs at different n can be compared image by image."""
+    values = np.zeros((len(granularities), len(images), len(radii)))
+    scores, paper_scores, lowers = (np.zeros((len(granularities), len(images))) for _ in range(3))
     for i, x in enumerate(images):
         with torch.inference_mode():
             clean = encode(x[None])[0]
-        certificate = smoothed.certify(
-            x, n0=n0, n=n, alpha=alpha, radii=list(radii), seed=seed + i, reference=clean, granularity=granularity  # type: ignore[arg-type]
+        certificates = certify_granularities(
+            encode, x, sigma, n0, n, alpha, radii, seed + i, granularities, reference=clean, batch_size=batch_size
         )
-        values[i] = [0.0 if c is None else c for c in certificate.certified_fcsb]
-        scores.append(certificate.score_estimate)
-        paper_scores.append(certificate.clean_score)
-        lowers.append(certificate.score_lower)
-    certified = np.array([[c is not None and c > 0 for c in row] for row in values])
+        for g, certificate in enumerate(certificates):
+            values[g, i] = [0.0 if c is None else c for c in certificate.certified_fcsb]
+            scores[g, i] = certificate.score_estimate
+            paper_scores[g, i] = certificate.clean_score
+            lowers[g, i] = certificate.score_lower
+    certified = values > 0
     return [
         CurvePoint(
-            setting=setting,
+            setting=curve_name(setting, granularity),
             sigma=sigma,
             n=n,
             radius=float(radius),
-            mean=float(values[:, j].mean()),
-            q10=float(np.quantile(values[:, j], 0.1)),
-            median=float(np.median(values[:, j])),
-            q90=float(np.quantile(values[:, j], 0.9)),
-            certified_fraction=float(certified[:, j].mean()),
-            mean_score=float(np.mean(scores)),
-            per_image=[float(v) for v in values[:, j]],
-            mean_paper_score=float(np.mean(paper_scores)),
-            mean_score_lower=float(np.mean(lowers)),
+            mean=float(values[g, :, j].mean()),
+            q10=float(np.quantile(values[g, :, j], 0.1)),
+            median=float(np.median(values[g, :, j])),
+            q90=float(np.quantile(values[g, :, j], 0.9)),
+            certified_fraction=float(certified[g, :, j].mean()),
+            mean_score=float(scores[g].mean()),
+            per_image=[float(v) for v in values[g, :, j]],
+            mean_paper_score=float(paper_scores[g].mean()),
+            mean_score_lower=float(lowers[g].mean()),
         )
+        for g, granularity in enumerate(granularities)
         for j, radius in enumerate(radii)
     ]
 
@@ -457,7 +488,7 @@ def run(
     goals: Sequence[str] | None = None,
     photos: int | None = None,
     resume: bool = False,
-    granularities: Sequence[str] = ("global",),
+    granularities: Sequence[Granularity] = ("global",),
 ) -> dict[str, object]:
     """The whole evaluation; writes ``results.json``, ``report.md`` and ``curves.png`` into ``out`` after every
     finished curve and attacked image (``"complete": false`` until the end).
@@ -468,6 +499,9 @@ def run(
     one with fewer σ, n or boosters) and compute only the rest. ``granularities``: certified curves for the
     whole feature ("global") and/or the worst token ("token": settings named "... (token)")."""
     from fsmllm.encoders import load_encoder
+
+    if bad := [r for r in radii if not (math.isfinite(r) and r >= 0)]:
+        raise ValueError(f"radii must be non-negative l2 norms, got {bad}")
 
     encoder = load_encoder(encoder_name).eval()
     for parameter in encoder.parameters():
@@ -504,13 +538,14 @@ def run(
         variants: dict[str, VisionEncoder | None] = {"none": None, "FS": encoder}
         variants.update({f"FS+{b.format(sigma=sigma)}": boosted(b, sigma) for b in boosters})
         for n in ns:
-            for (setting, variant), granularity in ((item, g) for item in variants.items() for g in granularities):
-                name = setting if granularity == "global" else f"{setting} ({granularity})"
-                if variant is None or report.has_curve(name, sigma, n):
+            for setting, variant in variants.items():
+                missing = [g for g in granularities if not report.has_curve(curve_name(setting, g), sigma, n)]
+                if variant is None or not missing:
                     continue
-                progress(f"certified curve: {name}, σ={sigma}, n={n}, {len(pixels)} images")
+                names = ", ".join(curve_name(setting, g) for g in missing)
+                progress(f"certified curve: {names}, σ={sigma}, n={n}, {len(pixels)} images")
                 report.add_curve(
-                    certified_curve(name, variant, pixels, sigma, n0, n, alpha, radii, seed=seed, granularity=granularity)
+                    certified_curves(setting, variant, pixels, sigma, n0, n, alpha, radii, seed=seed, granularities=missing)
                 )
         for i in range(attacked_images):
             if report.has_attacked(sigma, i):

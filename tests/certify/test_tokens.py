@@ -9,7 +9,7 @@ import pytest
 import torch
 from scipy.stats import binom
 
-from fsmllm.certify import SmoothedEncoder, SmoothingConfig, SmoothingRun, StopRule, run_batched
+from fsmllm.certify import SmoothedEncoder, SmoothingConfig, SmoothingRun, StopRule, run_batched, run_shared
 
 from .analytic import RotationEncoder, TokenRotationEncoder, point_at, unit_direction
 
@@ -69,6 +69,39 @@ def test_a_fragile_token_hides_in_the_global_certificate_but_not_in_the_token_on
     summary = tokens.to_dict(per_token=True)
     assert summary["granularity"] == "token" and summary["worst_token"] == 3 and len(summary["tokens"]) == 4
     assert "tokens" not in tokens.to_dict()
+
+
+def test_both_granularities_from_one_encoder_pass_equal_each_run_alone() -> None:
+    """run_shared feeds the same samples to a global and a token run: each certificate is exactly its own run's
+    alone, for half the encoder passes."""
+    encoder = fragile_encoder()
+    x = point_at(encoder.w, 0.1)
+    radii = [0.05, 0.1]
+    configs = [SmoothingConfig(sigma=SIGMA, n0=64, n=500, granularity=g) for g in ("global", "token")]
+    alone = []
+    for config in configs:
+        run = SmoothingRun(x, config, seed=3)
+        run_batched([run], encoder, batch_size=100)
+        alone.append(run.certificate(radii))
+    passes: list[int] = []
+    shared = [SmoothingRun(x, config, seed=3) for config in configs]
+    run_shared(shared, lambda batch: (passes.append(len(batch)), encoder(batch))[1], batch_size=100)
+    assert sum(passes) == 564  # n0 + n samples encoded once for both runs
+    for single, run in zip(alone, shared):
+        together = run.certificate(radii)
+        assert together.score_lower == single.score_lower
+        assert together.certified_fcsb == single.certified_fcsb
+        torch.testing.assert_close(together.smoothed_feature, single.smoothed_feature, atol=0, rtol=0)
+    assert alone[1].worst_token == 3 and alone[0].score_lower > alone[1].score_lower
+
+
+def test_runs_of_different_samples_cannot_share_encoder_passes() -> None:
+    encoder = fragile_encoder()
+    x = point_at(encoder.w, 0.1)
+    config = SmoothingConfig(sigma=SIGMA, n0=64, n=500, granularity="token")
+    for other in (SmoothingRun(x, config, seed=4), SmoothingRun(x, SmoothingConfig(sigma=SIGMA, n0=32, n=500), seed=3)):
+        with pytest.raises(ValueError, match="same noisy copies"):
+            run_shared([SmoothingRun(x, config, seed=3), other], encoder, batch_size=100)
 
 
 def test_both_granularities_coincide_for_a_single_vector() -> None:

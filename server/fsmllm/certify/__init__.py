@@ -35,6 +35,7 @@ from fsmllm.certify.smoothing import (
     new_seed,
     per_token_features,
     run_batched,
+    run_shared,
 )
 
 __all__ = [
@@ -64,5 +65,6 @@ __all__ = [
     "per_token_features",
     "prediction_radius",
     "run_batched",
+    "run_shared",
     "upper_bound",
 ]

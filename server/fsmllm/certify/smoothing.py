@@ -23,7 +23,8 @@ sample), never the features. The noise is drawn on the pixels' device (no host-t
 their dtype (float32: an encoder in reduced precision casts ``x + δ`` itself, so δ is the stated Gaussian), from
 the run's own seeded generator in fixed blocks, and the checkpoints depend only on the sample count, so the
 samples — and hence the certificate — do not depend on how an executor packs runs into encoder batches.
-:func:`run_batched` is the reference executor; :class:`SmoothedEncoder` wraps it for one image at a time.
+:func:`run_batched` is the reference executor; :class:`SmoothedEncoder` wraps it for one image at a time;
+:func:`run_shared` drives runs of the same samples (e.g. both granularities) on one encoder pass.
 """
 
 from __future__ import annotations
@@ -752,6 +753,34 @@ def run_batched(
         with torch.inference_mode():
             features = encode(torch.cat([inputs for _, inputs in parts]))
         deliver(parts, features)
+        if progress is not None:
+            progress(features.shape[0])
+
+
+def run_shared(
+    runs: Sequence[SmoothingRun],
+    encode: Encode,
+    batch_size: int,
+    progress: Callable[[int], None] | None = None,
+) -> None:
+    """Drive ``runs`` that draw the same noisy copies (the same image, σ, seed, n0 and n; e.g. one run per
+    granularity) with one encoder pass per batch: every run takes the same inputs and consumes the same features,
+    so each certificate is exactly the one :func:`run_batched` would give it alone, at the encoder cost of one.
+
+    Raises ValueError when the runs' inputs differ (they would not be the same samples).
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    while active := [run for run in runs if not run.done]:
+        inputs, *others = [run.take(batch_size) for run in active]
+        if inputs is None and all(other is None for other in others):
+            return
+        if inputs is None or any(other is None or not torch.equal(other, inputs) for other in others):
+            raise ValueError("runs that share encoder passes must draw the same noisy copies (image, σ, seed, n0, n)")
+        with torch.inference_mode():
+            features = encode(inputs)
+        for run in active:
+            run.consume(features)
         if progress is not None:
             progress(features.shape[0])
 
