@@ -16,7 +16,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-Encode = Callable[[torch.Tensor], torch.Tensor]
+from fsmllm.certify import Encode
 
 
 def project_l2(delta: torch.Tensor, eps: float) -> torch.Tensor:

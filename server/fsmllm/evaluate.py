@@ -49,15 +49,13 @@ from fsmllm.attacks import (
     unit_features,
     worst_token_cosine,
 )
-from fsmllm.certify import Certificate, SmoothingConfig, SmoothingRun, run_shared
-from fsmllm.certify.smoothing import Granularity
+from fsmllm.certify import Certificate, Encode, Granularity, SmoothingConfig, SmoothingRun, run_shared
 from fsmllm.encoders.base import VisionEncoder
 from fsmllm.lm.base import SamplingParams
 from fsmllm.lm.data import FASHION_MNIST_PHRASES, answer_for
 from fsmllm.lm.training import answer_loss, names
 from fsmllm.lm.vlm import ProjectedVLM
 
-Encode = Callable[[torch.Tensor], torch.Tensor]
 GOALS = ("feature", "answer", "token")
 
 

@@ -19,12 +19,10 @@ from dataclasses import dataclass
 
 import torch
 
-from fsmllm.certify import deliver, fill_batch
+from fsmllm.certify import Encode, deliver, fill_batch
 from fsmllm.engine.jobs import Job, JobCancelled
 
 log = logging.getLogger("fsmllm.engine")
-
-Encode = Callable[[torch.Tensor], torch.Tensor]
 
 
 class QueueFull(Exception):
