@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import matplotlib.pyplot as plt
 import pytest
 import torch
 import torch.nn.functional as F
@@ -13,7 +14,7 @@ from fsmllm.booster.training import BoosterTrainConfig, train_booster
 from fsmllm.attacks import feature_space_attack, smoothed_feature, unit_features, worst_token_cosine
 from fsmllm.encoders import load_encoder
 from fsmllm.evaluate import (
-    AttackRow, AttackSettings, attack_image, certified_curves, held_out_images, markdown_attacks, markdown_curves, run,
+    AttackRow, AttackSettings, CurvePoint, attack_image, certified_curves, curve_figure, held_out_images, markdown_attacks, markdown_curves, run,
     summarise, target_phrase,
 )
 from fsmllm.lm.data import FASHION_MNIST_DIR, SAMPLE_PHOTO_PHRASES, answer_for
@@ -138,6 +139,29 @@ def test_token_curves_report_the_worst_token_and_the_paper_score() -> None:
     assert tokens[0].mean_score_lower == pytest.approx(tokens[0].mean)
     assert all(0 < p.mean_paper_score <= 1 for p in whole + tokens)
     assert "paper's Ŝ" in markdown_curves(whole + tokens)
+
+
+def test_the_plot_has_a_panel_per_n_and_sigma_a_colour_per_setting_and_dashes_for_the_worst_token() -> None:
+    def point(setting: str, sigma: float, n: int, radius: float) -> CurvePoint:
+        mean = 0.9 - radius
+        return CurvePoint(setting, sigma, n, radius, mean, mean - 0.05, mean, mean + 0.05, 1.0, 0.97)
+
+    settings = ("FS", "FS (token)", "FS+booster", "FS+booster (token)")
+    points = [point(s, sigma, n, r) for s in settings for sigma in (0.25, 0.5) for n in (100, 1000) for r in (0.1, 0.5)
+              if (sigma, n) != (0.5, 100)]
+    figure = curve_figure(points, "title")
+    panels = {axes.get_title(): axes for axes in figure.axes}
+    assert sorted(panels) == ["σ = 0.25, n = 100", "σ = 0.25, n = 1000", "σ = 0.5, n = 100 (not run)",
+                              "σ = 0.5, n = 1000"]
+    lines = {line.get_label(): line for line in panels["σ = 0.5, n = 1000"].get_lines()}
+    assert sorted(lines) == sorted(settings)
+    assert [lines[s].get_linestyle() for s in settings] == ["-", "--", "-", "--"]
+    assert lines["FS"].get_color() == lines["FS (token)"].get_color() != lines["FS+booster"].get_color()
+    assert list(lines["FS+booster"].get_ydata()) == pytest.approx([0.8, 0.4])
+    legend = [text.get_text() for text in figure.legends[0].get_texts()]
+    assert legend == ["FS", "FS+booster", "whole feature", "worst token"]
+    assert not panels["σ = 0.5, n = 100 (not run)"].get_lines()
+    plt.close(figure)
 
 
 @pytest.fixture(scope="module")
