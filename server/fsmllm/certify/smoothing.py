@@ -772,9 +772,7 @@ def run_shared(
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     while active := [run for run in runs if not run.done]:
-        inputs, *others = [run.take(batch_size) for run in active]
-        if inputs is None and all(other is None for other in others):
-            return
+        inputs, *others = [run.take(batch_size) for run in active]  # an active run always has a sample to issue
         if inputs is None or any(other is None or not torch.equal(other, inputs) for other in others):
             raise ValueError("runs that share encoder passes must draw the same noisy copies (image, σ, seed, n0, n)")
         with torch.inference_mode():
