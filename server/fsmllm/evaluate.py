@@ -50,7 +50,7 @@ from fsmllm.attacks import (
     unit_features,
     worst_token_cosine,
 )
-from fsmllm.certify import Certificate, Encode, Granularity, SmoothingConfig, SmoothingRun, run_shared
+from fsmllm.certify import Certificate, Encode, Granularity, SmoothingConfig, SmoothingRun, check_radii, run_shared
 from fsmllm.encoders.base import VisionEncoder
 from fsmllm.lm.base import SamplingParams
 from fsmllm.lm.data import FASHION_MNIST_PHRASES, answer_for
@@ -530,8 +530,7 @@ def run(
     whole feature ("global") and/or the worst token ("token": settings named "... (token)")."""
     from fsmllm.encoders import load_encoder
 
-    if bad := [r for r in radii if not (math.isfinite(r) and r >= 0)]:
-        raise ValueError(f"radii must be non-negative l2 norms, got {bad}")
+    check_radii(radii)
 
     encoder = load_encoder(encoder_name).eval()
     for parameter in encoder.parameters():

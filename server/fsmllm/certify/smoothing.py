@@ -783,6 +783,12 @@ def run_shared(
             progress(features.shape[0])
 
 
+def check_radii(radii: Sequence[float]) -> None:
+    """Refuse radii that are not l2 norms (negative, NaN or infinite) before any sample is drawn."""
+    if bad := [radius for radius in radii if not (math.isfinite(radius) and radius >= 0)]:
+        raise ValueError(f"radii must be non-negative l2 norms, got {bad}")
+
+
 def new_seed() -> int:
     """A fresh random seed, reported in every certificate so that the result can be reproduced."""
     return secrets.randbits(63)
@@ -820,9 +826,7 @@ class SmoothedEncoder:
     ) -> Certificate:
         """Certify one image [C, H, W] (method.md steps 1–4); ``stop`` may end sampling before ``n``."""
         config = SmoothingConfig(sigma=self.sigma, n0=n0, n=n, alpha=alpha, bound=bound, granularity=granularity)
-        for radius in radii:
-            if not (math.isfinite(radius) and radius >= 0):
-                raise ValueError(f"radii must be non-negative l2 norms, got {radius}")
+        check_radii(radii)
         run = SmoothingRun(
             pixels.to(self.device), config, new_seed() if seed is None else seed, classifier, stop, reference
         )
