@@ -392,6 +392,8 @@ def _add_training_parser(
         text = config_cls.FLAG_HELP[field]
         if isinstance(value, bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=value, help=text)
+        elif isinstance(value, tuple):  # one or more values: --sigmas 0.25 0.5
+            parser.add_argument(flag, nargs="+", type=type(value[0]) if value else str, default=value, help=text)
         else:
             parser.add_argument(flag, type=type(value), default=value, help=text)
     parser.add_argument("--out", default=None, help=f"output folder (default {out})")
@@ -431,13 +433,14 @@ def _add_training_parsers(subparsers: argparse._SubParsersAction) -> None:
     )
     _add_training_parser(
         subparsers, "train-booster", BoosterTrainConfig, "fsmllm.booster.training.train_booster",
-        "boosters/gsb-{encoder}-{sigma}",
-        help="train a Gaussian Smoothness Booster (encoder, projector and LM frozen; needs Fashion-MNIST)",
-        description="Train a purifier + smoothness mapper in front of / behind the frozen encoder at noise level "
-        "σ, to raise the Gaussian robustness score (and so the certificate) while keeping answers right; writes "
+        "boosters/gsb-{encoder}",
+        help="train a noise-conditioned Gaussian Smoothness Booster on folders of photos (encoder frozen)",
+        description="Train a purifier + token mapper, conditioned on the noise level, in front of / behind the "
+        "frozen encoder, so that its features under noise stay the clean ones (and apart from other images'): "
+        "first --pixel-steps denoising steps of the purifier alone, then --steps through the encoder. Writes "
         "booster.json, booster.safetensors and training.json (checkpoints every --checkpoint-every steps, resumed "
-        "on restart). Ship it under server/fsmllm/models/boosters/NAME to use it as --booster NAME. Its "
-        "labelled images are Fashion-MNIST's (apt-get install dataset-fashion-mnist).",
+        "on restart; --stop-at splits a run). Ship it under server/fsmllm/models/boosters/NAME to use it as "
+        "--booster NAME (docs/booster-card.md has the recipes, a GPU one included).",
         resumable=True,
     )
 
