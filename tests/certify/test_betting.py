@@ -163,6 +163,9 @@ def test_arguments() -> None:
         betting_lower_bound([0.5], 0.01)
     with pytest.raises(ValueError, match="alpha"):
         betting_lower_bound([0.5, 0.6], 1.0)
+    for caps in ((), (0.5, 1.0), (0.0,)):  # a cap of 1 lets a capital reach 0; none is no bound
+        with pytest.raises(ValueError, match=r"bet caps must lie in \(0, 1\)"):
+            betting_lower_bound([0.5, 0.6], 0.01, truncations=caps)
     with pytest.raises(ValueError, match="needs the samples"):
         mean_lower_bound(1.0, 1.0, 10, 0.01, "betting")
     with pytest.raises(ValueError, match="unknown bound"):
