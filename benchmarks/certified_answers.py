@@ -40,6 +40,9 @@ parser.add_argument("--sigma", type=float, nargs="+", default=[0.25, 0.5])
 parser.add_argument("--booster", nargs="+", default=["none", "gsb-dinov2-s-{sigma}"])
 parser.add_argument("--radii", type=float, nargs="+", default=[0.0, 0.1, 0.25, 0.5, 0.75, 1.0])
 parser.add_argument("--inner", type=int, nargs="+", default=[1], help="noisy copies per vote (radius / sqrt(inner))")
+parser.add_argument(
+    "--radius", type=float, default=None, help="target radius: stop voting once certified (the anytime vote bound)"
+)
 parser.add_argument("--max-tokens", type=int, default=12)
 parser.add_argument("--batch-size", type=int, default=64)
 parser.add_argument("--seed", type=int, default=1)
@@ -83,7 +86,7 @@ for sigma, inner in itertools.product(args.sigma, args.inner):
         for n in sorted(args.n):
             certificates = []
             for index, answers in enumerate(votes):
-                voting = AnswerVoting(AnswerConfig(sigma, args.n0, n, args.alpha, inner), args.seed + index)
+                voting = AnswerVoting(AnswerConfig(sigma, args.n0, n, args.alpha, inner, args.radius), args.seed + index)
                 voting.add(answers[: args.n0 + n])
                 certificates.append(voting.certificate())
             right = [names(c.answer, phrase) for c, phrase in zip(certificates, phrases)]

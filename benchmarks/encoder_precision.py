@@ -7,7 +7,9 @@ certificate in each dtype.
 * packing: the same certification (seed 0, ``--n0``/``--n``) with encoder batches of each ``--packing`` size; the
   largest difference of the certified score bound p̲ and of the certified FCSB at ``--radius`` from the first
   size's. In float32 the samples are identical and only the encoder's batch-dependent rounding differs
-  (docs/method.md, "Reduced precision").
+  (docs/method.md, "Reduced precision"). Also the worst per-sample difference D between packings that a
+  statement for every packing subtracts: 64 noisy copies encoded in batches of 1 and of each ``--packing`` size,
+  the largest ‖f_π(z) − f_1(z)‖ and |⟨f_π(z) − f_1(z), û⟩| (û: the unit mean of the batch-of-1 features).
 
     python benchmarks/encoder_precision.py --encoder dinov2-s --image-size 112 --compile
 """
@@ -20,6 +22,7 @@ import time
 from collections.abc import Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 from common import arguments, machine, setup
 
 from fsmllm.certify import SmoothedEncoder
@@ -84,13 +87,34 @@ def packing_drift(
         for size in batch_sizes
     ]
     first = certificates[0]
-    return {
+    return per_sample_drift(encode, pixels, device, [1, *batch_sizes]) | {
         "score_lower": first.score_lower,
         "certified_fcsb": first.certified_fcsb[0] or 0.0,
         "max_abs_diff_score_lower": max(abs(c.score_lower - first.score_lower) for c in certificates),
         "max_abs_diff_certified_fcsb": max(abs((c.certified_fcsb[0] or 0.0) - (first.certified_fcsb[0] or 0.0)) for c in certificates),
         "max_abs_diff_feature": max(float((c.smoothed_feature - first.smoothed_feature).abs().max()) for c in certificates),
     }, first.smoothed_feature
+
+
+def per_sample_drift(
+    encode: Encode, pixels: torch.Tensor, device: str | torch.device, batch_sizes: Sequence[int], count: int = 64
+) -> dict[str, float]:
+    """The worst per-sample difference between packings (docs/method.md, "Reduced precision"): ``count`` noisy
+    copies encoded in batches of each size; the largest ‖f_π(z) − f_ref(z)‖ and |⟨f_π(z) − f_ref(z), û⟩| against
+    the first size's unit features f_ref, û their unit mean."""
+    batch = noisy_batch(pixels, count, device)
+
+    def units(size: int) -> torch.Tensor:
+        with torch.no_grad():
+            parts = [encode(batch[start : start + size]) for start in range(0, count, size)]
+        return torch.cat([F.normalize(part.reshape(part.shape[0], -1).float(), dim=1) for part in parts]).double()
+
+    reference, *others = (units(size) for size in batch_sizes)
+    direction = F.normalize(reference.mean(0), dim=0)
+    return {
+        "max_per_sample_feature_diff": max(float((other - reference).norm(dim=1).max()) for other in others),
+        "max_per_sample_cosine_diff": max(float(((other - reference) @ direction).abs().max()) for other in others),
+    }
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -111,7 +135,7 @@ def main() -> None:
     batch = noisy_batch(pixels, args.batch_size, args.device)
     print(f"device: {machine(args.device)}; encoder {encoder.name} @ {encoder.image_size}px, batch {args.batch_size}")
     print(f"{'dtype':>9} {'compiled':>8} {'samples/s':>10} {'vs f32 eager':>12} {'first call s':>12}"
-          f" {'Δp̲ packing':>12} {'ΔFCSB packing':>13} {'1 - cos(F̂,F̂32)':>13}")
+          f" {'Δp̲ packing':>12} {'ΔFCSB packing':>13} {'1 - cos(F̂,F̂32)':>13} {'D: max|Δc|':>11}")
     models = {precision: in_precision(encoder, precision) for precision in args.dtypes}
     variants = {(precision, False): model for precision, model in models.items()}
     if compile_too:
@@ -128,7 +152,8 @@ def main() -> None:
         rows.append(row)
         ratio = f"{row['vs_float32_eager']:.3f}" if row["vs_float32_eager"] else "-"
         drift = (f" {row['max_abs_diff_score_lower']:>12.2e} {row['max_abs_diff_certified_fcsb']:>13.2e}"
-                 f" {1 - row['cos_to_float32_feature']:>13.2e}" if "max_abs_diff_score_lower" in row else "")
+                 f" {1 - row['cos_to_float32_feature']:>13.2e} {row['max_per_sample_cosine_diff']:>11.2e}"
+                 if "max_abs_diff_score_lower" in row else "")
         print(f"{precision:>9} {str(compile_it):>8} {speed:>10.1f} {ratio:>12} {first:>12.2f}{drift}", flush=True)
     if args.json:
         with open(args.json, "w") as handle:

@@ -5,6 +5,8 @@ at a time, and the shared-prefix cache, measured side by side on fsmllm-demo (Sm
 
 The rows are the demo prompt with random unit visual tokens (17 x 384), as votes are. "no prefix cache" feeds the
 same rows with their first position made distinct, so that nothing is shared; its answers are not compared.
+Also counts the rows whose batched answer differs from the one generated alone (docs/method.md, "Votes as i.i.d.
+draws": a vote's answer should not depend on what it is batched with).
 """
 
 import argparse
@@ -37,10 +39,13 @@ def seconds(work) -> float:
     return time.perf_counter() - started
 
 
-batched = seconds(lambda: model.backend.generate_batch(embeds, params))
+answers: dict[str, list[str]] = {}
+batched = seconds(lambda: answers.setdefault("batched", [g.text for g in model.backend.generate_batch(embeds, params)]))
 uncached = seconds(lambda: model.backend.generate_batch(distinct, params))
-single = seconds(lambda: [model.backend.generate(row, params) for row in embeds])
+single = seconds(lambda: answers.setdefault("single", [model.backend.generate(row, params).text for row in embeds]))
+differ = sum(a != b for a, b in zip(answers["batched"], answers["single"]))
 print(f"{machine('cpu')}: {args.rows} votes, max {args.max_tokens} tokens")
 print(f"one at a time   {single:7.2f} s  ({single / args.rows:.3f} s/vote)")
 print(f"batched, no prefix cache {uncached:7.2f} s  ({single / uncached:.2f}x)")
 print(f"batched + prefix cache   {batched:7.2f} s  ({single / batched:.2f}x; prefix cache {uncached / batched:.2f}x)")
+print(f"answers that differ, batched against alone: {differ} of {args.rows}")

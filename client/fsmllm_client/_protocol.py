@@ -289,8 +289,14 @@ def _retry_after(headers: Mapping[str, str]) -> float | None:
         return max(0.0, (when - datetime.now(timezone.utc)).total_seconds())
 
 
+#: the gateway's 502 when no replica's answer reached it (docs/deploy.md): no result was delivered, and the same
+#: request gives the same certificate (its seed), so it is retried like a 503, after its ``Retry-After``
+UPSTREAM_UNAVAILABLE = "upstream_unavailable"
+
+
 def error_from(reply: Reply) -> FsmllmError:
-    """The exception for a refused request, carrying the server's message, error type and request id."""
+    """The exception for a refused request, carrying the server's message, error type and request id; the
+    retryable ones (429, 503, the gateway's 502 ``upstream_unavailable``) are :class:`Overloaded`."""
     body = reply.payload.get("error") if isinstance(reply.payload, dict) else None
     body = body if isinstance(body, dict) else {}
     message = str(body.get("message") or f"HTTP {reply.status}")
@@ -298,7 +304,7 @@ def error_from(reply: Reply) -> FsmllmError:
     kind = body.get("type")
     if reply.status in (401, 403):
         return AuthError(message, reply.status, request_id, kind)
-    if reply.status in (429, 503):
+    if reply.status in (429, 503) or (reply.status == 502 and kind == UPSTREAM_UNAVAILABLE):
         return Overloaded(message, reply.status, request_id, kind, _retry_after(reply.headers))
     if 400 <= reply.status < 500:
         return BadRequest(message, reply.status, request_id, kind)
@@ -326,8 +332,9 @@ class Retry:
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    """When to try again: 429/503 (honouring ``Retry-After``, capped at ``max_sleep`` seconds), and transport
-    errors of GETs or of connections that never opened. At most ``max_retries`` retries per call."""
+    """When to try again: 429/503 and the gateway's 502 ``upstream_unavailable`` (honouring ``Retry-After``,
+    capped at ``max_sleep`` seconds), and transport errors of GETs or of connections that never opened. At most
+    ``max_retries`` retries per call."""
 
     max_retries: int = 3
     max_sleep: float = 30.0

@@ -59,7 +59,8 @@ class Client:
 
     ``base_url``: the server (``http://host:8000``); ``api_key``: sent as ``Authorization: Bearer``;
     ``timeout``: seconds per request (certifications with large ``n`` take a while); ``max_retries``: retries
-    on 429/503 (waiting ``Retry-After``, at most ``max_retry_sleep`` seconds) and on connection errors;
+    on 429/503 and the gateway's 502 ``upstream_unavailable`` (waiting ``Retry-After``, at most
+    ``max_retry_sleep`` seconds) and on connection errors;
     ``transport``: an httpx transport (tests, proxies).
     """
 

@@ -34,7 +34,8 @@ class AuthError(FsmllmError):
 
 
 class Overloaded(FsmllmError):
-    """The server stayed busy (503 or 429) through every retry; ``retry_after`` is its last hint in seconds."""
+    """The server stayed busy (503 or 429), or the gateway found no replica (502 ``upstream_unavailable``), through
+    every retry; ``retry_after`` is its last hint in seconds."""
 
     def __init__(
         self,

@@ -9,17 +9,18 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from scipy.stats import norm
 
 from fsmllm.certify import betting_lower_bound, lower_bound, mean_lower_bound, upper_bound
-from fsmllm.certify.bounds import BETTING_TRUNCATION
+from fsmllm.certify.bounds import BETTING_TRUNCATION, VOTE_TRUNCATIONS
 
 
 def literal_betting_lower(
-    c: list[float], alpha: float, truncation: float = BETTING_TRUNCATION, horizon: int | None = None
+    c: list[float], alpha: float, truncations: tuple[float, ...] = (BETTING_TRUNCATION,), horizon: int | None = None
 ) -> float:
     """WSR eq. (26)–(27) (or, with a ``horizon`` n, the bets of §4.1 tuned for t = n) written out sample by
-    sample, and the confidence set's lower end found on a fine grid of candidate means (no vectorisation, no
-    root finder): an independent reference."""
+    sample, the capital averaged over the bet caps, and the confidence set's lower end found on a fine grid of
+    candidate means (no vectorisation, no root finder): an independent reference."""
     x = [(1 + v) / 2 for v in c]
     bets, mean_sum, var_sum, previous_var = [], 0.0, 0.0, 0.25
     for t, value in enumerate(x, start=1):
@@ -30,10 +31,13 @@ def literal_betting_lower(
         var_sum += (value - mu) ** 2
         previous_var = (0.25 + var_sum) / (t + 1)
     grid = np.linspace(1e-9, 1.0, 200_001)
-    capital = np.ones_like(grid)
+    capital = np.zeros_like(grid)
     with np.errstate(over="ignore"):  # the capital at tiny candidate means may overflow to inf (rejected anyway)
-        for bet, value in zip(bets, x):
-            capital *= 1 + np.minimum(bet, truncation / grid) * (value - grid)
+        for truncation in truncations:
+            product = np.ones_like(grid)
+            for bet, value in zip(bets, x):
+                product *= 1 + np.minimum(bet, truncation / grid) * (value - grid)
+            capital += product / len(truncations)
     rejected = grid[capital >= 1 / alpha]  # candidate means the capital has bet against successfully
     return -1.0 if rejected.size == 0 else 2 * float(rejected.max()) - 1
 
@@ -56,6 +60,52 @@ def test_matches_the_literal_transcription(seed: int, n: int, low: float, high: 
         assert betting_lower_bound(values, alpha) == pytest.approx(literal_betting_lower(list(values), alpha), abs=2e-5)
         tuned = literal_betting_lower(list(values), alpha, horizon=n)
         assert betting_lower_bound(values, alpha, horizon=n) == pytest.approx(tuned, abs=2e-5)
+
+
+@pytest.mark.parametrize(("seed", "n", "share"), [(0, 256, 0.9), (1, 64, 0.97), (2, 500, 0.7), (3, 40, 0.5)])
+def test_the_vote_mixture_matches_the_literal_transcription(seed: int, n: int, share: float) -> None:
+    """The certified answers' bound: ±1 votes, the average of the capitals capped at 0.5/m and 0.95/m."""
+    values = np.where(np.random.default_rng(seed).random(n) < share, 1.0, -1.0)
+    for alpha in (0.05, 0.001):
+        literal = literal_betting_lower(list(values), alpha, VOTE_TRUNCATIONS)
+        assert betting_lower_bound(values, alpha, truncations=VOTE_TRUNCATIONS) == pytest.approx(literal, abs=2e-5)
+
+
+def test_the_vote_mixture_certifies_radius_0_2_on_every_tenth_vote_disagreeing() -> None:
+    """Issue 29's votes: 256 estimation votes, every tenth (the sixth of each ten) disagreeing, α 0.001, monitored
+    at the checkpoints. Radius 0.2 at σ 0.25 needs p̲ ≥ Φ(0.8) = 0.788: the 0.95 cap alone reaches 0.7715 (a
+    disagreement keeps 5 % of its capital), the mixture 0.806; with every vote agreeing it needs 352 votes to
+    p̲ 0.977 where the 0.95 cap alone needs 320 (0.5 alone: 608)."""
+    from fsmllm.certify.smoothing import is_checkpoint
+
+    def monitored(values: np.ndarray, caps: tuple[float, ...]) -> float:
+        counts = [t for t in range(2, values.size + 1) if is_checkpoint(t)]
+        return max((1 + betting_lower_bound(values[:t], 0.001, truncations=caps)) / 2 for t in counts)
+
+    votes = np.where(np.arange(256) % 10 == 5, -1.0, 1.0)
+    assert int((votes > 0).sum()) == 230
+    assert monitored(votes, (BETTING_TRUNCATION,)) == pytest.approx(0.7715, abs=1e-4)
+    assert monitored(votes, VOTE_TRUNCATIONS) >= 0.8 > norm.cdf(0.2 / 0.25)
+    unanimous = np.ones(352)
+    assert monitored(unanimous, VOTE_TRUNCATIONS) >= 0.977 > monitored(unanimous[:320], VOTE_TRUNCATIONS)
+
+
+def test_the_returned_bound_is_never_above_the_exact_lower_end() -> None:
+    """The root finder's answer is lowered by its tolerance: the capital at the returned candidate mean has
+    always reached 1/α (so that mean is rejected, and the exact lower end is at or above it). Brent's own root
+    lies on either side of the exact one (by up to ~1e-13): without the margin, about half of these fail."""
+    from fsmllm.certify.bounds import betting_bets
+
+    rng = np.random.default_rng(11)
+    for trial in range(200):
+        values = np.clip(rng.normal(rng.uniform(-0.5, 0.9), rng.uniform(0.01, 0.5), int(rng.integers(20, 400))), -1, 1)
+        caps = VOTE_TRUNCATIONS if trial % 2 else (BETTING_TRUNCATION,)
+        alpha = float(rng.choice([0.05, 0.001]))
+        m = (1 + betting_lower_bound(values, alpha, truncations=caps)) / 2
+        x = (1 + values) / 2
+        bets = betting_bets(x, alpha)
+        products = [np.prod(1 + np.minimum(bets, cap / m) * (x - m)) for cap in caps]
+        assert m == 0 or sum(products) / len(caps) >= 1 / alpha, (trial, m)
 
 
 def test_reaches_the_limit_of_any_valid_bound_on_concentrated_samples() -> None:
@@ -113,6 +163,9 @@ def test_arguments() -> None:
         betting_lower_bound([0.5], 0.01)
     with pytest.raises(ValueError, match="alpha"):
         betting_lower_bound([0.5, 0.6], 1.0)
+    for caps in ((), (0.5, 1.0), (0.0,)):  # a cap of 1 lets a capital reach 0; none is no bound
+        with pytest.raises(ValueError, match=r"bet caps must lie in \(0, 1\)"):
+            betting_lower_bound([0.5, 0.6], 0.01, truncations=caps)
     with pytest.raises(ValueError, match="needs the samples"):
         mean_lower_bound(1.0, 1.0, 10, 0.01, "betting")
     with pytest.raises(ValueError, match="unknown bound"):

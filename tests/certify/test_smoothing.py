@@ -409,26 +409,30 @@ def test_a_checkpoint_on_the_first_sample_of_a_batch_is_not_skipped() -> None:
 def test_the_feature_sums_are_accumulated_in_float64(granularity: str) -> None:
     """The score estimate Ŝ² = (‖Σ f̃_i‖² − m)/(m(m − 1)) subtracts two numbers of order m²: the running sums
     must be float64 (float32 sums are off by ~1e-6 at m = 4000). Features: two fixed unit directions (cosine
-    0.48) in two tokens, chosen by a noisy pixel, so the exact value follows from how often each was drawn."""
+    0.48) in two tokens, chosen by a noisy pixel, so the exact value follows from the unit features drawn.
+    Those are the run's own: each batch the encoder returns is normalised by the same call on the same tensor
+    as in ``SmoothingRun``, then summed exactly: a lone vector normalised instead can come out an ulp apart on
+    another CPU's kernel, which moves the estimate by about 2e-8, as much as float32 sums do (2e-8 to 6e-8)."""
     u, v = F.normalize(torch.tensor([[0.6, 0.8, 0.0], [0.0, 0.6, 0.8]]), dim=1)
-    drawn = []
+    batches: list[torch.Tensor] = []
 
     def encode(x: torch.Tensor) -> torch.Tensor:
         pick = x.reshape(x.shape[0], -1)[:, 0] > 0.5
-        drawn.append(int(pick.sum()))
-        return torch.where(pick[:, None], u, v)[:, None, :].repeat(1, 2, 1)
+        batches.append(torch.where(pick[:, None], u, v)[:, None, :].repeat(1, 2, 1))
+        return batches[-1]
 
     certificate = SmoothedEncoder(encode, 0.25, batch_size=64).certify(
         torch.full((3, 4, 4), 0.5), n0=100, n=3900, radii=[0.1], seed=0, bound="hoeffding", granularity=granularity
     )
-    m, a = 4000, sum(drawn)
-    b = m - a
-    # the unit features as the run computes them (float32), then exact float64 arithmetic on them
-    layout = (lambda w: F.normalize(w.repeat(2), dim=0)) if granularity == "global" else (lambda w: F.normalize(w, dim=0))
-    fu, fv = layout(u).double(), layout(v).double()
-    squared_norm = float((a * fu + b * fv).square().sum())
+    features = torch.cat(batches)
+    m, a = features.shape[0], int((features[:, 0, 0] > 0).sum())
+    if granularity == "global":
+        units = torch.cat([F.normalize(batch.reshape(batch.shape[0], -1), dim=1) for batch in batches])
+    else:
+        units = torch.cat([F.normalize(batch, dim=2) for batch in batches])[:, 0]
+    squared_norm = float(units.double().sum(0).square().sum())  # float64 sums of float32 numbers: exact here
     exact = math.sqrt((squared_norm - m) / (m * (m - 1)))
-    assert 1000 < a < 3000 and abs(certificate.score_estimate - exact) < 1e-10
+    assert m == 4000 and 1000 < a < 3000 and abs(certificate.score_estimate - exact) < 1e-10
 
 
 def test_a_sample_run_keeps_the_mean_unit_feature_of_each_votes_copies() -> None:

@@ -115,9 +115,11 @@ def test_both_granularities_coincide_for_a_single_vector() -> None:
             for granularity in ("global", "token")
         ]
         whole, token = certificates
-        assert token.score_lower == pytest.approx(whole.score_lower, abs=1e-9)
-        assert token.certified_fcsb == pytest.approx(whole.certified_fcsb, abs=1e-9)
-        assert token.served_fcsb == pytest.approx(whole.served_fcsb, abs=1e-7)
+        # the two paths normalise the same float32 features by different calls ([B, D] rows, [B, 1, D] tokens),
+        # which may round an ulp apart on some kernels: equal to float32 precision, not bit for bit
+        assert token.score_lower == pytest.approx(whole.score_lower, abs=1e-6)
+        assert token.certified_fcsb == pytest.approx(whole.certified_fcsb, abs=1e-6)
+        assert token.served_fcsb == pytest.approx(whole.served_fcsb, abs=1e-6)
         torch.testing.assert_close(token.smoothed_feature, whole.smoothed_feature, atol=1e-6, rtol=0)
         assert token.worst_token == 0 and whole.worst_token is None
 

@@ -246,3 +246,76 @@ def test_a_full_queue_inside_the_servers_progress_stream_is_overloaded(sleeps: l
             assert len(sleeps) == 2  # retried, then given up
         wait_until(lambda: live.runtime.worker.depth == 0, "the cancelled job to leave")  # the hog hung up
 
+
+
+class FlakyGateway:
+    """A loopback HTTP gateway in front of a live server: the first ``failures`` requests get the gateway's 502
+    ``upstream_unavailable`` with ``Retry-After: 2`` (docker/nginx.conf, ``@unavailable``), the next ones are
+    forwarded to the server and its answer relayed."""
+
+    def __init__(self, upstream: str, failures: int) -> None:
+        import http.server
+
+        gateway = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers["content-length"]))
+                gateway.requests.append((self.path, body))
+                if len(gateway.requests) <= failures:
+                    answer = json.dumps({"error": {"type": "upstream_unavailable", "request_id": "g1",
+                                                   "message": "no fsmllm replica answered this request; retry it"}})
+                    status, headers, content = 502, {"Retry-After": "2"}, answer.encode()
+                else:
+                    reply = httpx.post(upstream + self.path, content=body, timeout=60,
+                                       headers={"content-type": self.headers["content-type"]})
+                    status, headers, content = reply.status_code, {}, reply.content
+                self.send_response(status)
+                for name, value in {**headers, "content-type": "application/json"}.items():
+                    self.send_header(name, value)
+                self.send_header("content-length", str(len(content)))
+                self.end_headers()
+                self.wfile.write(content)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.requests: list[tuple[str, bytes]] = []
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+def test_the_gateways_upstream_unavailable_is_retried_after_its_retry_after(sleeps: list[float]) -> None:
+    """A replica died under the gateway: 502 ``upstream_unavailable`` twice, then the request reaches a live
+    server. Both clients send the same POST again after ``Retry-After`` and get the certificate the server gives
+    that request directly (same seed); with no retries left the 502 is ``Overloaded`` with the gateway's hint."""
+    with live_server() as live:
+        def certificate(result: object) -> dict:
+            return result.certificate.model_dump(exclude={"cached"})  # type: ignore[attr-defined]
+
+        direct = certificate(Client(live.url).certify(png_bytes(), n=100, seed=3))
+        gateway = FlakyGateway(live.url, failures=2)
+        try:
+            with Client(gateway.url) as client:
+                assert certificate(client.certify(png_bytes(), n=100, seed=3)) == direct
+
+            async def run() -> object:
+                async with AsyncClient(gateway.url) as client:
+                    return await client.certify(png_bytes(), n=100, seed=3)
+
+            gateway.requests.clear()
+            assert certificate(asyncio.run(run())) == direct
+            assert sleeps == [2.0, 2.0, 2.0, 2.0] and len(gateway.requests) == 3
+            assert gateway.requests[0] == gateway.requests[1] == gateway.requests[2]  # the same request each time
+            gateway.requests.clear()
+            with Client(gateway.url, max_retries=1) as impatient, pytest.raises(Overloaded) as refused:
+                impatient.certify(png_bytes(), n=100, seed=3)
+            assert (refused.value.status_code, refused.value.error_type, refused.value.retry_after) == (502, "upstream_unavailable", 2.0)
+            assert refused.value.request_id == "g1" and len(gateway.requests) == 2
+        finally:
+            gateway.close()

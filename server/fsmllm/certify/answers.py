@@ -9,7 +9,8 @@ For a fixed prompt, the base classifier ``h(z)`` is the model's greedy answer, n
 1. ``n0`` selection votes choose the top answer Â;
 2. up to ``n`` fresh votes count ``k_A`` agreements and give a (1 − α) lower confidence bound p̲ on
    ``p_A = P(h = Â)``: one-sided Clopper–Pearson at a fixed n (``scipy.stats.binomtest``), or, when sampling
-   may stop early, the anytime-valid betting bound on the ±1 agreements (:func:`~fsmllm.certify.bounds.betting_lower_bound`);
+   may stop early, the anytime-valid betting bound on the ±1 agreements (:func:`~fsmllm.certify.bounds.betting_lower_bound`
+   with the bet caps of :data:`~fsmllm.certify.bounds.VOTE_TRUNCATIONS`, which lose less to a disagreeing vote);
 3. if p̲ > 1/2, g(x′) = Â for every ``‖x′ − x‖₂ < R = σ_eff Φ⁻¹(p̲)`` (Cohen et al., Theorem 1, with
    p̄_B = 1 − p̲), where ``σ_eff = σ / √k``: the k copies are one Gaussian vector of dimension k·d around
    (x, …, x), which moves by √k ‖x′ − x‖ when x does; otherwise abstain.
@@ -30,7 +31,7 @@ from scipy.stats import binomtest, norm
 
 import torch
 
-from fsmllm.certify.bounds import betting_lower_bound, upper_bound
+from fsmllm.certify.bounds import VOTE_TRUNCATIONS, betting_lower_bound
 from fsmllm.certify.smoothing import Encode, SampleRun, is_checkpoint, run_batched
 
 #: characters dropped at the end of an answer before votes are compared ("A cat." and "a cat" agree)
@@ -221,13 +222,14 @@ class AnswerVoting:
         if self.config.radius is None:
             return
         alpha = self.config.alpha
-        self._best_lower = max(self._best_lower, (1.0 + betting_lower_bound(self._agreements, alpha)) / 2.0)
+        lower = betting_lower_bound(self._agreements, alpha, truncations=VOTE_TRUNCATIONS)
+        self._best_lower = max(self._best_lower, (1.0 + lower) / 2.0)
         if self.estimated == self.config.n:
             return
         needed = needed_probability(self.config.radius, self.config.sigma, self.config.inner)
         if self._best_lower >= needed:
             self.stopped_by = "target_reached"
-        elif (1.0 + upper_bound(self._agreements, alpha, "betting")) / 2.0 < needed:
+        elif (1.0 - betting_lower_bound(-self._agreements, alpha, truncations=VOTE_TRUNCATIONS)) / 2.0 < needed:
             self.stopped_by = "target_unreachable"
 
     def p_lower(self) -> float:
