@@ -46,7 +46,7 @@ test-docker: install
 docker-bases:
 	docker/build-bases.sh
 
-# Mutation testing (docs/testing.md): mutmut over certify, engine, api/inputs.py, api/images.py and the client's
+# Mutation testing (docs/testing.md): mutmut over certify, engine, api/inputs.py, images.py and the client's
 # _protocol.py, on a scratch copy under build/mutation; slow, so not in CI. AREAS="inputs protocol" runs some;
 # MUTATION_SAMPLE=100 a uniform random sample of 100 mutants per area, scored with its 95 % interval.
 .PHONY: mutation

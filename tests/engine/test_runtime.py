@@ -20,7 +20,7 @@ from PIL import Image
 from fsmllm.api.serve import policy_from
 from fsmllm.api.settings import Settings
 from fsmllm.encoders import load_encoder
-from fsmllm.certify import SmoothedEncoder
+from fsmllm.certify import SmoothedEncoder, StopRule
 from fsmllm.engine.runtime import PolicyError, Runtime
 from fsmllm.lm.base import SamplingParams
 from fsmllm.lm.models import load_model
@@ -222,7 +222,7 @@ def test_the_runtime_passes_the_stop_rule_on() -> None:
     runtime = tiny_runtime()
     runtime.start()
     config = runtime.policy.config(None, 20, 2000, None, "betting")
-    rule = runtime.policy.stop_rule(config, [0.01], 0.0)
+    rule = StopRule.requested(config, [0.01], 0.0)
     try:
         outcome = asyncio.run(runtime.certify(Image.open(io.BytesIO(png_bytes())), config, [0.01], seed=1, stop=rule))
     finally:

@@ -10,12 +10,12 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from fsmllm.api.images import ImageError
 from fsmllm.api.schemas import validation_message
 from fsmllm.api.streaming import ClientDisconnected
 from fsmllm.engine.jobs import JobCancelled
 from fsmllm.engine.runtime import PolicyError
 from fsmllm.engine.worker import QueueFull, WorkerStopped
+from fsmllm.images import ImageError, ImageTooLarge, UnsupportedImage
 
 log = logging.getLogger("fsmllm.api")
 
@@ -51,7 +51,8 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(ImageError)
     async def _image(request: Request, error: ImageError) -> JSONResponse:
-        return error_response(request, error.status, "invalid_image", str(error))
+        status = 413 if isinstance(error, ImageTooLarge) else 415 if isinstance(error, UnsupportedImage) else 400
+        return error_response(request, status, "invalid_image", str(error))
 
     @app.exception_handler(PolicyError)
     async def _policy(request: Request, error: PolicyError) -> JSONResponse:

@@ -12,7 +12,7 @@ from fastapi.exceptions import RequestValidationError
 from starlette.datastructures import UploadFile
 
 from fsmllm.api.errors import RequestError
-from fsmllm.api.images import decode_base64_image, open_image
+from fsmllm.images import decode_base64_image, open_image
 
 Params = TypeVar("Params", bound=BaseModel)
 

@@ -28,7 +28,7 @@ from fsmllm.api.schemas import (
     Timings,
 )
 from fsmllm.api.streaming import ProgressCallback, progress_stream, unless_disconnected
-from fsmllm.certify import SmoothingConfig
+from fsmllm.certify import SmoothingConfig, StopRule
 from fsmllm.certify.answers import AnswerCertificate, AnswerConfig
 from fsmllm.engine.certifier import CertifyOutcome
 from fsmllm.engine.jobs import JobCancelled
@@ -154,7 +154,7 @@ async def certify(request: Request) -> Any:
     image, params = await image_and_params(request, CertifyParams, *_limits(request))
     config = runtime.policy.config(params.sigma, params.n0, params.n, params.alpha, params.bound, params.granularity)
     radii = runtime.policy.radii(params.radii())
-    stop = runtime.policy.stop_rule(config, radii, params.stop_at_fcsb, params.target_cos, params.radius_tolerance)
+    stop = StopRule.requested(config, radii, params.stop_at_fcsb, params.target_cos, params.radius_tolerance)
     request_id = request.state.request_id
 
     async def work(on_progress: ProgressCallback | None) -> dict[str, Any]:
@@ -191,7 +191,7 @@ async def generate(request: Request) -> Any:
         raise ValueError(f"the prompt has {len(params.prompt)} characters; the limit is {request.app.state.settings.max_prompt_chars}")
     config = runtime.policy.config(params.sigma, params.n0, params.n, params.alpha, params.bound, params.granularity)
     radii = runtime.policy.radii(params.radii())
-    stop = runtime.policy.stop_rule(config, radii, params.stop_at_fcsb)
+    stop = StopRule.requested(config, radii, params.stop_at_fcsb)
     sampling = runtime.policy.sampling(params.max_tokens, params.temperature, params.top_p, params.seed, params.stop_list())
     answer_config = answer_config_of(runtime, config, params.certify_answer)
     if runtime.model is None:

@@ -18,7 +18,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
 from fsmllm.api.errors import RequestError
-from fsmllm.api.images import decode_base64_image, open_image
+from fsmllm.images import decode_base64_image, open_image
 from fsmllm.api.routes_certify import ERRORS, answer_and_certificates, answer_config_of, certificate_out, error_event
 from fsmllm.api.schemas import (
     AnswerCertificateOut,
@@ -32,6 +32,7 @@ from fsmllm.api.schemas import (
     Usage,
 )
 from fsmllm.api.streaming import in_band_error, unless_disconnected
+from fsmllm.certify import StopRule
 from fsmllm.engine.certifier import CertifyOutcome
 from fsmllm.engine.runtime import Runtime
 from fsmllm.lm.base import Generation
@@ -82,7 +83,7 @@ async def chat_completions(request: Request, chat: ChatCompletionRequest) -> Any
         cert_params.sigma, cert_params.n0, cert_params.n, cert_params.alpha, cert_params.bound, cert_params.granularity
     )
     radii = runtime.policy.radii(cert_params.radii())
-    stop = runtime.policy.stop_rule(config, radii, cert_params.stop_at_fcsb)
+    stop = StopRule.requested(config, radii, cert_params.stop_at_fcsb)
     seed = chat.seed if chat.seed is not None else cert_params.seed
     sampling = runtime.policy.sampling(chat.max_tokens, chat.temperature, chat.top_p, seed, chat.stop_list())
     answer_config = answer_config_of(runtime, config, chat.certify_answer)

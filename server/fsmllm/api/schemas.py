@@ -10,7 +10,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from fsmllm.certify import BOUND_METHODS, Certificate
+from fsmllm.certify import BOUND_METHODS, DEFAULT_RADII, Certificate
 from fsmllm.certify.answers import AnswerCertificate
 
 NORM_NOTE = (
@@ -18,8 +18,6 @@ NORM_NOTE = (
     "(3 x S x S values after resizing the shorter side to S and centre-cropping)"
 )
 EXAMPLE_IMAGE = "data:image/png;base64,iVBORw0KGgo..."
-#: the radii of a request that names none
-DEFAULT_RADII = (0.1, 0.25, 0.5)
 #: names people send for a field, mapped to the field's one name (the client and both CLIs use these names too)
 ALIASES = {
     "radii": "radius",

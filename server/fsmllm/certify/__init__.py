@@ -21,6 +21,7 @@ from fsmllm.certify.bounds import (
 )
 from fsmllm.certify.classify import CosineClassifier, PredictionCertificate
 from fsmllm.certify.smoothing import (
+    DEFAULT_RADII,
     GRANULARITIES,
     NOISE_BLOCK,
     Certificate,
@@ -44,6 +45,7 @@ from fsmllm.certify.smoothing import (
 __all__ = [
     "ANYTIME_METHODS",
     "BOUND_METHODS",
+    "DEFAULT_RADII",
     "GRANULARITIES",
     "NOISE_BLOCK",
     "BoundMethod",

@@ -60,6 +60,8 @@ Encode = Callable[[torch.Tensor], torch.Tensor]
 #: what one certificate bounds: the whole feature flattened and normalised once, or every token on its own
 Granularity = Literal["global", "token"]
 GRANULARITIES: tuple[Granularity, ...] = ("global", "token")
+#: the radii (l2, pixels in [0, 1]) certified when a request or a command names none
+DEFAULT_RADII = (0.1, 0.25, 0.5)
 
 
 def is_checkpoint(count: int) -> bool:
@@ -99,6 +101,33 @@ class StopRule:
             raise ValueError(f"stop_at_fcsb must lie in [0, 1) and come with radii, got {self.fcsb}")
         if self.target_cos is not None and not (self.tolerance is not None and self.tolerance > 0):
             raise ValueError(f"radius_tolerance must be a positive l2 norm, got {self.tolerance}")
+
+    @classmethod
+    def requested(
+        cls,
+        config: SmoothingConfig,
+        radii: Sequence[float],
+        stop_at_fcsb: float | None,
+        target_cos: float | None = None,
+        radius_tolerance: float | None = None,
+    ) -> StopRule | None:
+        """The rule a request's ``stop_at_fcsb`` or ``radius_tolerance`` (with ``target_cos``) asks for, or None:
+        a target alone does not stop early. Raises ``ValueError`` for a combination that cannot stop soundly."""
+        if stop_at_fcsb is None and radius_tolerance is None:
+            return None
+        if config.bound not in ANYTIME_METHODS:
+            raise ValueError(
+                f"stopping early needs an anytime-valid bound: use bound 'betting' (the default), not {config.bound!r}"
+            )
+        if stop_at_fcsb is not None and radius_tolerance is not None:
+            raise ValueError("give stop_at_fcsb (stop at a certified cosine) or radius_tolerance (with target_cos), not both")
+        if radius_tolerance is not None:
+            if target_cos is None:
+                raise ValueError("radius_tolerance stops a target_cos request: give target_cos too")
+            return cls(target_cos=target_cos, tolerance=radius_tolerance)
+        if not radii:
+            raise ValueError("stop_at_fcsb needs at least one radius")
+        return cls(fcsb=stop_at_fcsb, radii=tuple(radii))
 
     def decide(self, lower: float, upper_bound: Callable[[], float], sigma: float) -> str | None:
         """The reason to stop given the score's lower confidence bound and its upper one (computed only when the

@@ -20,7 +20,7 @@ from typing import Protocol
 import torch
 from PIL import Image
 
-from fsmllm.certify import ANYTIME_METHODS, Certificate, SmoothingConfig, StopRule, new_seed
+from fsmllm.certify import Certificate, SmoothingConfig, StopRule, new_seed
 from fsmllm.certify.answers import AnswerCertificate, AnswerConfig, AnswerVoting, chunk_seed, vote_chunks
 from fsmllm.encoders.base import VisionEncoder
 from fsmllm.encoders.precision import compiled, precision_of
@@ -80,31 +80,6 @@ class Policy:
             raise PolicyError(f"n0 + n = {n0 + n} samples exceeds this deployment's maximum of {self.max_n}")
         alpha = self.default_alpha if alpha is None else alpha
         return SmoothingConfig(sigma=sigma, n0=n0, n=n, alpha=alpha, bound=bound, granularity=granularity)  # type: ignore[arg-type]
-
-    @staticmethod
-    def stop_rule(
-        config: SmoothingConfig,
-        radii: list[float],
-        stop_at_fcsb: float | None,
-        target_cos: float | None = None,
-        radius_tolerance: float | None = None,
-    ) -> StopRule | None:
-        """The early-stopping rule a request asked for (method.md, "Stopping early"), or None."""
-        if stop_at_fcsb is None and radius_tolerance is None:
-            return None
-        if config.bound not in ANYTIME_METHODS:
-            raise PolicyError(
-                f"stopping early needs an anytime-valid bound: use bound 'betting' (the default), not {config.bound!r}"
-            )
-        if stop_at_fcsb is not None and radius_tolerance is not None:
-            raise PolicyError("give stop_at_fcsb (stop at a certified cosine) or radius_tolerance (with target_cos), not both")
-        if radius_tolerance is not None:
-            if target_cos is None:
-                raise PolicyError("radius_tolerance stops a target_cos request: give target_cos too")
-            return StopRule(target_cos=target_cos, tolerance=radius_tolerance)
-        if not radii:
-            raise PolicyError("stop_at_fcsb needs at least one radius")
-        return StopRule(fcsb=stop_at_fcsb, radii=tuple(radii))
 
     def answer_config(
         self, sigma: float, n0: int, n: int, alpha: float, inner: int = 1, radius: float | None = None
