@@ -1,8 +1,8 @@
 """Images: decoding untrusted input once, with limits, and the preprocessing that defines the certified input space.
 
 Decoding (:func:`open_image`, :func:`decode_base64_image`): raw bytes of a PNG, JPEG, WebP, GIF (first frame), BMP
-or TIFF file; base64 text; a ``data:image/...;base64,`` URL. Refused with an :class:`ImageError` whose message a
-person can act on (the HTTP layer answers it with a 4xx): undecodable or truncated data, other formats (zero-size
+or TIFF file; base64 text; a ``data:image/...;base64,`` URL. Refused with an :class:`~fsmllm.errors.ImageError` whose
+message a person can act on (the HTTP layer answers it with a 4xx): undecodable or truncated data, other formats (zero-size
 files are not identified as images; :class:`UnsupportedImage`), and images whose decoded size exceeds the pixel
 limit (:class:`ImageTooLarge`; decompression bombs are refused from the header, before the pixels are decoded).
 
@@ -24,20 +24,10 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from fsmllm.errors import ImageError, ImageTooLarge, UnsupportedImage
+
 ALLOWED_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
 _DATA_URL = re.compile(r"^data:(?P<mime>[\w/+.-]*)(?P<params>(;[\w=.-]+)*?);base64,(?P<data>.*)$", re.DOTALL)
-
-
-class ImageError(ValueError):
-    """The image cannot be used: corrupt, truncated, empty or not an image (the HTTP layer answers 400)."""
-
-
-class UnsupportedImage(ImageError):
-    """The data is an image in a format outside :data:`ALLOWED_FORMATS`, or no image at all (415)."""
-
-
-class ImageTooLarge(ImageError):
-    """The decoded image has more pixels than the limit allows (413)."""
 
 
 def decode_base64_image(text: str) -> bytes:

@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 
 from fsmllm.certify import SmoothingConfig
-from fsmllm.engine.runtime import Policy, PolicyError
+from fsmllm.engine.runtime import Policy
+from fsmllm.errors import PolicyError
 from fsmllm.lm.base import SamplingParams
 
 POLICY = Policy(

@@ -17,12 +17,13 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from fsmllm import __version__
-from fsmllm.api.errors import INTERNAL_ERROR, RequestError, error_response, install_error_handlers
+from fsmllm.api.errors import INTERNAL_ERROR, error_response, install_error_handlers
 from fsmllm.api.metrics import Metrics
 from fsmllm.api.routes_certify import router as certify_router
 from fsmllm.api.routes_openai import router as openai_router
 from fsmllm.api.settings import Settings
 from fsmllm.engine.runtime import Runtime
+from fsmllm.errors import BodyTooLarge
 
 log = logging.getLogger("fsmllm.api")
 
@@ -52,7 +53,7 @@ class BodyLimit:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.limit:
-                    raise RequestError(413, f"the request body exceeds the limit of {self.limit} bytes", "too_large")
+                    raise BodyTooLarge(f"the request body exceeds the limit of {self.limit} bytes")
             return message
 
         await self.app(scope, limited, send)

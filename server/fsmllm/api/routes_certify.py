@@ -12,7 +12,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from PIL import Image
 
-from fsmllm.api.errors import INTERNAL_ERROR
+from fsmllm.api.errors import error_event
 from fsmllm.api.inputs import image_and_params
 from fsmllm.api.schemas import (
     AnswerCertificateOut,
@@ -28,12 +28,11 @@ from fsmllm.api.schemas import (
     Timings,
 )
 from fsmllm.api.streaming import ProgressCallback, progress_stream, unless_disconnected
-from fsmllm.certify import SmoothingConfig, StopRule
+from fsmllm.certify import SmoothingConfig
 from fsmllm.certify.answers import AnswerCertificate, AnswerConfig
 from fsmllm.engine.certifier import CertifyOutcome
-from fsmllm.engine.jobs import JobCancelled
 from fsmllm.engine.runtime import Runtime
-from fsmllm.engine.worker import QueueFull, WorkerStopped
+from fsmllm.errors import PolicyError
 from fsmllm.lm.base import Generation, SamplingParams
 
 router = APIRouter()
@@ -129,17 +128,6 @@ def _limits(request: Request) -> tuple[int, int]:
     return settings.max_body_bytes, settings.max_image_pixels
 
 
-#: failures whose message is meant for the client (outside a stream, the 503s and the 504)
-_TOLD = (QueueFull, WorkerStopped, JobCancelled, TimeoutError)
-
-
-def error_event(error: BaseException) -> dict[str, Any]:
-    """A progress stream's error event: the exception's class name (clients map it to the status it would have
-    had outside a stream) and its message, or for an unexpected error only where to look (as a 500 says)."""
-    message = (str(error) or type(error).__name__) if isinstance(error, _TOLD) else INTERNAL_ERROR
-    return {"type": type(error).__name__, "message": message}
-
-
 @router.post(
     "/certify",
     response_model=CertifyResponse,
@@ -154,7 +142,7 @@ async def certify(request: Request) -> Any:
     image, params = await image_and_params(request, CertifyParams, *_limits(request))
     config = runtime.policy.config(params.sigma, params.n0, params.n, params.alpha, params.bound, params.granularity)
     radii = runtime.policy.radii(params.radii())
-    stop = StopRule.requested(config, radii, params.stop_at_fcsb, params.target_cos, params.radius_tolerance)
+    stop = runtime.policy.stop_rule(config, radii, params.stop_at_fcsb, params.target_cos, params.radius_tolerance)
     request_id = request.state.request_id
 
     async def work(on_progress: ProgressCallback | None) -> dict[str, Any]:
@@ -188,14 +176,13 @@ async def generate(request: Request) -> Any:
     runtime = _runtime(request)
     image, params = await image_and_params(request, GenerateParams, *_limits(request))
     if len(params.prompt) > request.app.state.settings.max_prompt_chars:
-        raise ValueError(f"the prompt has {len(params.prompt)} characters; the limit is {request.app.state.settings.max_prompt_chars}")
+        raise PolicyError(f"the prompt has {len(params.prompt)} characters; the limit is {request.app.state.settings.max_prompt_chars}")
     config = runtime.policy.config(params.sigma, params.n0, params.n, params.alpha, params.bound, params.granularity)
     radii = runtime.policy.radii(params.radii())
-    stop = StopRule.requested(config, radii, params.stop_at_fcsb)
+    stop = runtime.policy.stop_rule(config, radii, params.stop_at_fcsb)
     sampling = runtime.policy.sampling(params.max_tokens, params.temperature, params.top_p, params.seed, params.stop_list())
     answer_config = answer_config_of(runtime, config, params.certify_answer)
-    if runtime.model is None:
-        raise ValueError("this deployment serves certificates only (model 'none'); use POST /certify")
+    runtime.language_model()
     request_id = request.state.request_id
 
     async def work(on_progress: ProgressCallback | None) -> dict[str, Any]:

@@ -17,9 +17,9 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
-from fsmllm.api.errors import RequestError
 from fsmllm.images import decode_base64_image, open_image
-from fsmllm.api.routes_certify import ERRORS, answer_and_certificates, answer_config_of, certificate_out, error_event
+from fsmllm.api.errors import error_event
+from fsmllm.api.routes_certify import ERRORS, answer_and_certificates, answer_config_of, certificate_out
 from fsmllm.api.schemas import (
     AnswerCertificateOut,
     CertificationParams,
@@ -32,9 +32,9 @@ from fsmllm.api.schemas import (
     Usage,
 )
 from fsmllm.api.streaming import in_band_error, unless_disconnected
-from fsmllm.certify import StopRule
 from fsmllm.engine.certifier import CertifyOutcome
 from fsmllm.engine.runtime import Runtime
+from fsmllm.errors import RequestError, UnknownModel
 from fsmllm.lm.base import Generation
 
 router = APIRouter(prefix="/v1")
@@ -50,16 +50,16 @@ def _question_and_image(chat: ChatCompletionRequest) -> tuple[str, str]:
         if part.type == "image_url"
     ]
     if len(images) != 1:
-        raise RequestError(422, f"send exactly one image (an image_url content part); this conversation has {len(images)}")
+        raise RequestError(f"send exactly one image (an image_url content part); this conversation has {len(images)}")
     users = [message for message in chat.messages if message.role == "user"]
     if not users:
-        raise RequestError(422, "the conversation has no user message")
+        raise RequestError("the conversation has no user message")
     content = users[-1].content
     text = content if isinstance(content, str) else " ".join(p.text for p in content if p.type == "text")
     if not text.strip():
-        raise RequestError(422, "the last user message has no text: ask a question about the image")
+        raise RequestError("the last user message has no text: ask a question about the image")
     if not images[0].startswith("data:"):
-        raise RequestError(422, "image_url must be a data:image/...;base64, URL; this server does not fetch remote URLs")
+        raise RequestError("image_url must be a data:image/...;base64, URL; this server does not fetch remote URLs")
     return text.strip(), images[0]
 
 
@@ -73,9 +73,8 @@ async def chat_completions(request: Request, chat: ChatCompletionRequest) -> Any
     runtime: Runtime = request.app.state.runtime
     settings = request.app.state.settings
     if chat.model is not None and chat.model != runtime.model_name:
-        raise RequestError(404, f"model {chat.model!r} is not served here; GET /v1/models lists {runtime.model_name!r}", "not_found")
-    if runtime.model is None:
-        raise RequestError(422, "this deployment serves certificates only (model 'none'); use POST /certify")
+        raise UnknownModel(f"model {chat.model!r} is not served here; GET /v1/models lists {runtime.model_name!r}")
+    runtime.language_model()
     question, url = _question_and_image(chat)
     image = open_image(decode_base64_image(url), settings.max_image_pixels)
     cert_params = chat.certification or CertificationParams()
@@ -83,7 +82,7 @@ async def chat_completions(request: Request, chat: ChatCompletionRequest) -> Any
         cert_params.sigma, cert_params.n0, cert_params.n, cert_params.alpha, cert_params.bound, cert_params.granularity
     )
     radii = runtime.policy.radii(cert_params.radii())
-    stop = StopRule.requested(config, radii, cert_params.stop_at_fcsb)
+    stop = runtime.policy.stop_rule(config, radii, cert_params.stop_at_fcsb)
     seed = chat.seed if chat.seed is not None else cert_params.seed
     sampling = runtime.policy.sampling(chat.max_tokens, chat.temperature, chat.top_p, seed, chat.stop_list())
     answer_config = answer_config_of(runtime, config, chat.certify_answer)

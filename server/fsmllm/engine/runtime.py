@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Protocol
@@ -27,6 +27,7 @@ from fsmllm.encoders.precision import compiled, precision_of
 from fsmllm.engine.certifier import Certifier, CertifyOutcome
 from fsmllm.engine.jobs import ProgressCallback
 from fsmllm.engine.worker import DeviceWorker
+from fsmllm.errors import CertificatesOnly, PolicyError, RequestError
 from fsmllm.images import to_pixels
 from fsmllm.lm.base import Generation, GenerationCancelled, SamplingParams, TextStream
 
@@ -45,8 +46,16 @@ class VisionLanguageModel(Protocol):
     def generate_batch(self, visual_tokens: torch.Tensor, prompt: str, params: SamplingParams) -> list[Generation]: ...
 
 
-class PolicyError(ValueError):
-    """A request asked for something this deployment does not allow (answered with 400/422)."""
+@contextlib.contextmanager
+def _asked_for() -> Iterator[None]:
+    """Building the engine's parameters from a request: a ``ValueError`` there is the request's
+    (:class:`~fsmllm.errors.RequestError`), not the server's."""
+    try:
+        yield
+    except RequestError:
+        raise
+    except ValueError as error:
+        raise RequestError(str(error)) from error
 
 
 @dataclass(frozen=True)
@@ -79,7 +88,20 @@ class Policy:
         if n0 + n > self.max_n:
             raise PolicyError(f"n0 + n = {n0 + n} samples exceeds this deployment's maximum of {self.max_n}")
         alpha = self.default_alpha if alpha is None else alpha
-        return SmoothingConfig(sigma=sigma, n0=n0, n=n, alpha=alpha, bound=bound, granularity=granularity)  # type: ignore[arg-type]
+        with _asked_for():
+            return SmoothingConfig(sigma=sigma, n0=n0, n=n, alpha=alpha, bound=bound, granularity=granularity)  # type: ignore[arg-type]
+
+    @staticmethod
+    def stop_rule(
+        config: SmoothingConfig,
+        radii: list[float],
+        stop_at_fcsb: float | None,
+        target_cos: float | None = None,
+        radius_tolerance: float | None = None,
+    ) -> StopRule | None:
+        """The early-stopping rule a request asked for (:meth:`StopRule.requested`), or None."""
+        with _asked_for():
+            return StopRule.requested(config, radii, stop_at_fcsb, target_cos, radius_tolerance)
 
     def answer_config(
         self, sigma: float, n0: int, n: int, alpha: float, inner: int = 1, radius: float | None = None
@@ -90,7 +112,8 @@ class Policy:
             raise PolicyError(
                 f"a certified answer of (n0 + n) x inner = {samples} samples exceeds this deployment's maximum of {self.max_n}"
             )
-        return AnswerConfig(sigma=sigma, n0=n0, n=n, alpha=alpha, inner=inner, radius=radius)
+        with _asked_for():
+            return AnswerConfig(sigma=sigma, n0=n0, n=n, alpha=alpha, inner=inner, radius=radius)
 
     def radii(self, radii: list[float]) -> list[float]:
         if len(radii) > self.max_radii:
@@ -100,7 +123,8 @@ class Policy:
     def sampling(self, max_tokens: int, temperature: float, top_p: float, seed: int | None, stop: list[str]) -> SamplingParams:
         if max_tokens > self.max_tokens:
             raise PolicyError(f"max_tokens {max_tokens} exceeds this deployment's limit of {self.max_tokens}")
-        return SamplingParams(max_tokens, temperature, top_p, seed, tuple(stop))
+        with _asked_for():
+            return SamplingParams(max_tokens, temperature, top_p, seed, tuple(stop))
 
 
 class Runtime:
@@ -184,12 +208,16 @@ class Runtime:
         """The smoothed feature in the encoder's token layout [T, W], as the language model reads it."""
         return certificate.smoothed_feature.reshape(self.encoder.num_tokens, self.encoder.token_dim)
 
+    def language_model(self) -> VisionLanguageModel:
+        """The served language model; :class:`~fsmllm.errors.CertificatesOnly` where there is none."""
+        if self.model is None:
+            raise CertificatesOnly()
+        return self.model
+
     def stream(self, certificate: Certificate, prompt: str, params: SamplingParams) -> TextStream:
         """Open a generation about ``certificate``'s smoothed features; consume it with :meth:`pieces` (which
         runs it on the LM threads)."""
-        if self.model is None:
-            raise PolicyError("this deployment serves certificates only (model 'none'); use POST /certify")
-        return self.model.stream(self.visual_tokens(certificate), prompt, params)
+        return self.language_model().stream(self.visual_tokens(certificate), prompt, params)
 
     async def generate(self, certificate: Certificate, prompt: str, params: SamplingParams) -> Generation:
         """The whole answer, generated on an LM thread; cancelling the awaiting task cancels the generation."""
@@ -231,8 +259,7 @@ class Runtime:
         the device worker (shared batches), their greedy answers are generated in batches on the LM threads, and
         the voting stops early when ``config.radius`` is certified or cannot be. The worker computes the next
         chunk's features while the language model answers the current one."""
-        if self.model is None:
-            raise PolicyError("this deployment serves certificates only (model 'none'); use POST /certify")
+        self.language_model()
         pixels = self.pixels(image)
         seed = new_seed() if seed is None else seed
         voting = AnswerVoting(config, seed)
