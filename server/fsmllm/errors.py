@@ -19,6 +19,9 @@ that is not a :class:`RequestError` (an encoder's, a bug's) is the server's faul
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 
 class RequestError(ValueError):
     """The request cannot be served as asked; the message says what to change."""
@@ -61,3 +64,15 @@ class UnsupportedImage(ImageError):
 
 class ImageTooLarge(ImageError):
     """The decoded image has more pixels than the limit allows."""
+
+
+@contextlib.contextmanager
+def as_request_error() -> Iterator[None]:
+    """Around building the engine's parameters from a request: a ``ValueError`` raised there (a core value
+    type refusing a value) is the request's, and becomes a :class:`RequestError` with the same message."""
+    try:
+        yield
+    except RequestError:
+        raise
+    except ValueError as error:
+        raise RequestError(str(error)) from error

@@ -16,7 +16,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from fsmllm.api.schemas import validation_message
+from fsmllm.api.schemas import ErrorResponse, validation_message
 from fsmllm.api.streaming import ClientDisconnected
 from fsmllm.engine.jobs import JobCancelled
 from fsmllm.engine.worker import QueueFull, WorkerStopped
@@ -52,6 +52,20 @@ ERROR_TABLE: dict[type[BaseException], tuple[int, str]] = {
     JobCancelled: (503, "cancelled"),
     TimeoutError: (504, "timeout"),
     ClientDisconnected: (499, "client_closed"),  # nobody reads it; the status reaches the log and the metrics
+}
+
+#: the error answers of the POST routes, for the OpenAPI schema
+ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse, "description": description}
+    for status, description in {
+        400: "corrupt image or body",
+        401: "missing or wrong API key",
+        413: "body or image too large",
+        415: "unsupported content type or image format",
+        422: "invalid parameters (sigma not offered, n too large, negative radius, ...)",
+        503: "queue full or shutting down (see Retry-After)",
+        504: "certification timed out",
+    }.items()
 }
 
 

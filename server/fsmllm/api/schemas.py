@@ -10,8 +10,12 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from fsmllm.certify import BOUND_METHODS, DEFAULT_RADII, Certificate
-from fsmllm.certify.answers import AnswerCertificate
+from fsmllm.certify import BOUND_METHODS, DEFAULT_RADII, Certificate, StopRule
+from fsmllm.certify.answers import AnswerCertificate, AnswerConfig
+from fsmllm.engine.runtime import Policy
+from fsmllm.engine.serving import Answered, AnswerTask, Certified, CertifyTask
+from fsmllm.errors import PolicyError, RequestError, as_request_error
+from fsmllm.lm.base import Generation, SamplingParams
 
 NORM_NOTE = (
     "sigma and every radius are l2 norms over the encoder's input pixels in [0, 1] "
@@ -173,6 +177,18 @@ class CertificationParams(RequestModel):
             return list(DEFAULT_RADII)
         return [float(self.radius)] if isinstance(self.radius, (int, float)) else [float(r) for r in self.radius]
 
+    def to_task(self, policy: Policy, seed: int | None = None) -> CertifyTask:
+        """The certification this asks for, checked against ``policy`` (a ``seed`` given overrides the request's)."""
+        config = policy.config(self.sigma, self.n0, self.n, self.alpha, self.bound, self.granularity)
+        radii = policy.radii(self.radii())
+        with as_request_error():
+            stop = StopRule.requested(config, radii, self.stop_at_fcsb, *self._stop_targets())
+        return CertifyTask(config, radii, self.seed if seed is None else seed, stop)
+
+    def _stop_targets(self) -> tuple[float | None, float | None]:
+        """The target cosine and radius tolerance of a radius stop rule (only POST /certify has them)."""
+        return None, None
+
 
 assert set(BOUND_METHODS) == {"betting", "empirical-bernstein", "hoeffding"}  # keep the Literal above in step
 
@@ -192,6 +208,9 @@ class CertifyParams(CertificationParams):
         "largest radius more samples could certify (needs bound 'betting')",
         examples=[0.01],
     )
+
+    def _stop_targets(self) -> tuple[float | None, float | None]:
+        return self.target_cos, self.radius_tolerance
 
 
 class CertifyRequest(CertifyParams):
@@ -215,6 +234,10 @@ class GenerationParams(RequestModel):
 
     def stop_list(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+    def to_sampling(self, policy: Policy, seed: int | None) -> SamplingParams:
+        """The sampling this asks for, checked against ``policy``."""
+        return policy.sampling(self.max_tokens, self.temperature, self.top_p, seed, self.stop_list())
 
 
 ANSWER_STATEMENT = (
@@ -273,11 +296,34 @@ class AnswerParams(RequestModel):
             return None
         return value
 
+    def to_answer_config(self, policy: Policy, sigma: float) -> AnswerConfig | None:
+        """The certified answer's parameters (at the certificate's ``sigma``), or None when not asked for."""
+        options = self.certify_answer
+        if options is None:
+            return None
+        return policy.answer_config(sigma, options.n0, options.n, options.alpha, options.inner, options.radius)
 
-class GenerateParams(CertificationParams, GenerationParams, AnswerParams):
+
+class AnsweringParams(GenerationParams, AnswerParams):
+    """The fields of an answer (POST /generate, a chat completion): how to sample, whether to certify it."""
+
+    def to_answer_task(self, policy: Policy, prompt: str, certify: CertifyTask) -> AnswerTask:
+        """The answer to ``prompt`` this asks for, after the certification ``certify``."""
+        return AnswerTask(
+            certify, prompt, self.to_sampling(policy, certify.seed), self.to_answer_config(policy, certify.config.sigma)
+        )
+
+
+class GenerateParams(CertificationParams, AnsweringParams):
     prompt: str = Field(
         ..., min_length=1, description="the question about the image (at most max_prompt_chars)", examples=["What is this?"]
     )
+
+    def to_answer(self, policy: Policy, max_prompt_chars: int) -> AnswerTask:
+        """The certified answer this asks for, checked against ``policy`` and the prompt limit."""
+        if len(self.prompt) > max_prompt_chars:
+            raise PolicyError(f"the prompt has {len(self.prompt)} characters; the limit is {max_prompt_chars}")
+        return self.to_answer_task(policy, self.prompt, self.to_task(policy))
 
 
 class GenerateRequest(GenerateParams):
@@ -321,6 +367,17 @@ class Timings(BaseModel):
     generate_ms: float = 0.0
     answer_ms: float = Field(0.0, description="certifying the answer (its votes), when asked")
     total_ms: float = 0.0
+
+    @classmethod
+    def of(cls, certified: Certified, answered: Answered | None = None) -> Timings:
+        """The milliseconds of a certification, or of an answer and its certification."""
+        return cls(
+            queue_ms=certified.queue_seconds * 1e3,
+            certify_ms=certified.compute_seconds * 1e3,
+            generate_ms=0.0 if answered is None else answered.generate_seconds * 1e3,
+            answer_ms=0.0 if answered is None else answered.answer_seconds * 1e3,
+            total_ms=(certified if answered is None else answered).total_seconds * 1e3,
+        )
 
 
 class CertificateOut(BaseModel):
@@ -403,11 +460,24 @@ class CertificateOut(BaseModel):
             cached=cached,
         )
 
+    @classmethod
+    def of(cls, certified: Certified, target_cos: float | None = None, per_token: bool = False) -> CertificateOut:
+        """The served certificate of ``certified``, with its provenance."""
+        served_by = certified.provenance
+        return cls.from_certificate(
+            certified.certificate, served_by.encoder, served_by.booster, served_by.input_size, target_cos, per_token,
+            certified.cached, served_by.encoder_dtype,
+        )
+
 
 class CertifyResponse(BaseModel):
     id: str
     certificate: CertificateOut
     timings: Timings
+
+    @classmethod
+    def of(cls, request_id: str, certified: Certified, target_cos: float | None, per_token: bool) -> CertifyResponse:
+        return cls(id=request_id, certificate=CertificateOut.of(certified, target_cos, per_token), timings=Timings.of(certified))
 
 
 class AnswerVote(BaseModel):
@@ -458,6 +528,21 @@ class GenerateResponse(BaseModel):
     )
     timings: Timings
 
+    @classmethod
+    def of(cls, request_id: str, answered: Answered, per_token: bool) -> GenerateResponse:
+        generation, voted = answered.generation, answered.answer_certificate
+        return cls(
+            id=request_id,
+            model=answered.certified.provenance.model,
+            answer=generation.text,
+            finish_reason=generation.finish_reason,
+            prompt_tokens=generation.prompt_tokens,
+            completion_tokens=generation.completion_tokens,
+            certificate=CertificateOut.of(answered.certified, per_token=per_token),
+            answer_certificate=None if voted is None else AnswerCertificateOut.from_certificate(voted),
+            timings=Timings.of(answered.certified, answered),
+        )
+
 
 class ErrorBody(BaseModel):
     type: str
@@ -496,7 +581,7 @@ class ChatMessage(BaseModel):
     )
 
 
-class ChatCompletionRequest(GenerationParams, AnswerParams):
+class ChatCompletionRequest(AnsweringParams):
     model_config = ConfigDict(extra="ignore")  # OpenAI clients send fields we do not use (n=1, user, ...)
 
     model: str | None = Field(
@@ -526,6 +611,33 @@ class ChatCompletionRequest(GenerationParams, AnswerParams):
     def _name_unknown_fields(cls, data: Any) -> Any:
         return data  # unknown fields are ignored here: OpenAI clients send fields we do not use (n=1, user, ...)
 
+    def question_and_image(self) -> tuple[str, str]:
+        """The last user message's text, and the one image of the conversation (as a data URL)."""
+        images = [
+            part.image_url.url
+            for message in self.messages
+            if not isinstance(message.content, str)
+            for part in message.content
+            if part.type == "image_url"
+        ]
+        if len(images) != 1:
+            raise RequestError(f"send exactly one image (an image_url content part); this conversation has {len(images)}")
+        users = [message for message in self.messages if message.role == "user"]
+        if not users:
+            raise RequestError("the conversation has no user message")
+        content = users[-1].content
+        text = content if isinstance(content, str) else " ".join(p.text for p in content if p.type == "text")
+        if not text.strip():
+            raise RequestError("the last user message has no text: ask a question about the image")
+        if not images[0].startswith("data:"):
+            raise RequestError("image_url must be a data:image/...;base64, URL; this server does not fetch remote URLs")
+        return text.strip(), images[0]
+
+    def to_answer(self, policy: Policy, question: str) -> AnswerTask:
+        """The certified answer to ``question`` this asks for (the seed overrides ``certification.seed``)."""
+        certification = self.certification or CertificationParams()
+        return self.to_answer_task(policy, question, certification.to_task(policy, seed=self.seed))
+
 
 class ChatChoiceMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
@@ -543,6 +655,14 @@ class Usage(BaseModel):
     completion_tokens: int
     total_tokens: int
 
+    @classmethod
+    def of(cls, generation: Generation) -> Usage:
+        return cls(
+            prompt_tokens=generation.prompt_tokens,
+            completion_tokens=generation.completion_tokens,
+            total_tokens=generation.prompt_tokens + generation.completion_tokens,
+        )
+
 
 class ChatCompletionResponse(BaseModel):
     id: str
@@ -555,6 +675,19 @@ class ChatCompletionResponse(BaseModel):
     answer_certificate: AnswerCertificateOut | None = Field(
         None, description="fsmllm extension, with certify_answer: the certified answer and its radius"
     )
+
+    @classmethod
+    def of(cls, completion_id: str, created: int, answered: Answered, per_token: bool) -> ChatCompletionResponse:
+        generation, voted = answered.generation, answered.answer_certificate
+        return cls(
+            id=completion_id,
+            created=created,
+            model=answered.certified.provenance.model,
+            choices=[ChatChoice(message=ChatChoiceMessage(content=generation.text), finish_reason=generation.finish_reason)],
+            usage=Usage.of(generation),
+            certificate=CertificateOut.of(answered.certified, per_token=per_token),
+            answer_certificate=None if voted is None else AnswerCertificateOut.from_certificate(voted),
+        )
 
 
 class ModelCard(BaseModel):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Protocol
@@ -27,7 +27,7 @@ from fsmllm.encoders.precision import compiled, precision_of
 from fsmllm.engine.certifier import Certifier, CertifyOutcome
 from fsmllm.engine.jobs import ProgressCallback
 from fsmllm.engine.worker import DeviceWorker
-from fsmllm.errors import CertificatesOnly, PolicyError, RequestError
+from fsmllm.errors import CertificatesOnly, PolicyError, as_request_error
 from fsmllm.images import to_pixels
 from fsmllm.lm.base import Generation, GenerationCancelled, SamplingParams, TextStream
 
@@ -44,18 +44,6 @@ class VisionLanguageModel(Protocol):
     def stream(self, visual_tokens: torch.Tensor, prompt: str, params: SamplingParams) -> TextStream: ...
 
     def generate_batch(self, visual_tokens: torch.Tensor, prompt: str, params: SamplingParams) -> list[Generation]: ...
-
-
-@contextlib.contextmanager
-def _asked_for() -> Iterator[None]:
-    """Building the engine's parameters from a request: a ``ValueError`` there is the request's
-    (:class:`~fsmllm.errors.RequestError`), not the server's."""
-    try:
-        yield
-    except RequestError:
-        raise
-    except ValueError as error:
-        raise RequestError(str(error)) from error
 
 
 @dataclass(frozen=True)
@@ -88,20 +76,8 @@ class Policy:
         if n0 + n > self.max_n:
             raise PolicyError(f"n0 + n = {n0 + n} samples exceeds this deployment's maximum of {self.max_n}")
         alpha = self.default_alpha if alpha is None else alpha
-        with _asked_for():
+        with as_request_error():
             return SmoothingConfig(sigma=sigma, n0=n0, n=n, alpha=alpha, bound=bound, granularity=granularity)  # type: ignore[arg-type]
-
-    @staticmethod
-    def stop_rule(
-        config: SmoothingConfig,
-        radii: list[float],
-        stop_at_fcsb: float | None,
-        target_cos: float | None = None,
-        radius_tolerance: float | None = None,
-    ) -> StopRule | None:
-        """The early-stopping rule a request asked for (:meth:`StopRule.requested`), or None."""
-        with _asked_for():
-            return StopRule.requested(config, radii, stop_at_fcsb, target_cos, radius_tolerance)
 
     def answer_config(
         self, sigma: float, n0: int, n: int, alpha: float, inner: int = 1, radius: float | None = None
@@ -112,7 +88,7 @@ class Policy:
             raise PolicyError(
                 f"a certified answer of (n0 + n) x inner = {samples} samples exceeds this deployment's maximum of {self.max_n}"
             )
-        with _asked_for():
+        with as_request_error():
             return AnswerConfig(sigma=sigma, n0=n0, n=n, alpha=alpha, inner=inner, radius=radius)
 
     def radii(self, radii: list[float]) -> list[float]:
@@ -123,7 +99,7 @@ class Policy:
     def sampling(self, max_tokens: int, temperature: float, top_p: float, seed: int | None, stop: list[str]) -> SamplingParams:
         if max_tokens > self.max_tokens:
             raise PolicyError(f"max_tokens {max_tokens} exceeds this deployment's limit of {self.max_tokens}")
-        with _asked_for():
+        with as_request_error():
             return SamplingParams(max_tokens, temperature, top_p, seed, tuple(stop))
 
 
