@@ -23,7 +23,9 @@ from fsmllm.certify import (
     run_batched,
 )
 from fsmllm.certify.bounds import certified_radius
-from fsmllm.certify.smoothing import NoisyCopies, SampleRun, certified_fcsb, new_seed, served_fcsb
+from fsmllm.certify.certificate import certified_fcsb, served_fcsb
+from fsmllm.certify.config import new_seed
+from fsmllm.certify.sampling import NoisyCopies, SampleRun
 
 from .analytic import RotationEncoder, TokenRotationEncoder, TwoValueEncoder, point_at, unit_direction
 
