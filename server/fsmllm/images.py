@@ -1,10 +1,11 @@
 """Images: decoding untrusted input once, with limits, and the preprocessing that defines the certified input space.
 
 Decoding (:func:`open_image`, :func:`decode_base64_image`): raw bytes of a PNG, JPEG, WebP, GIF (first frame), BMP
-or TIFF file; base64 text; a ``data:image/...;base64,`` URL. Refused with an :class:`~fsmllm.errors.ImageError` whose
-message a person can act on (the HTTP layer answers it with a 4xx): undecodable or truncated data, other formats (zero-size
-files are not identified as images; :class:`UnsupportedImage`), and images whose decoded size exceeds the pixel
-limit (:class:`ImageTooLarge`; decompression bombs are refused from the header, before the pixels are decoded).
+or TIFF file; base64 text; a ``data:image/...;base64,`` URL. Refused with an :class:`~fsmllm.errors.ImageError`
+whose message a person can act on (the HTTP layer answers it with a 4xx): undecodable or truncated data, other
+formats (zero-size files are not identified as images; :class:`~fsmllm.errors.UnsupportedImage`), and images whose
+decoded size exceeds the pixel limit (:class:`~fsmllm.errors.ImageTooLarge`; decompression bombs are refused from
+the header, before the pixels are decoded).
 
 The certified input x is the image after :func:`to_pixels`: resized so its shorter side is ``size`` (bicubic),
 centre-cropped to ``size`` x ``size``, RGB, values in [0, 1]. σ and ε are l2 norms in that space
@@ -57,10 +58,14 @@ def open_image(data: bytes, max_pixels: int) -> Image.Image:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data))
             if image.format not in ALLOWED_FORMATS:
-                raise UnsupportedImage(f"unsupported image format {image.format}; send one of {', '.join(ALLOWED_FORMATS)}")
+                raise UnsupportedImage(
+                    f"unsupported image format {image.format}; send one of {', '.join(ALLOWED_FORMATS)}"
+                )
             width, height = image.size  # never 0: Pillow does not identify a file of zero width or height
             if width * height > max_pixels:
-                raise ImageTooLarge(f"the image is {width}x{height} = {width * height} pixels; the limit is {max_pixels}")
+                raise ImageTooLarge(
+                    f"the image is {width}x{height} = {width * height} pixels; the limit is {max_pixels}"
+                )
             image.load()
             return image.convert("RGB")
     except ImageError:
@@ -71,7 +76,9 @@ def open_image(data: bytes, max_pixels: int) -> Image.Image:
         limit = min(max_pixels, Image.MAX_IMAGE_PIXELS or max_pixels)
         raise ImageTooLarge(f"the image decodes to more than the limit of {limit} pixels") from None
     except UnidentifiedImageError:
-        raise UnsupportedImage(f"the data is not an image this server can read (send {', '.join(ALLOWED_FORMATS)})") from None
+        raise UnsupportedImage(
+            f"the data is not an image this server can read (send {', '.join(ALLOWED_FORMATS)})"
+        ) from None
     except (OSError, SyntaxError, ValueError) as error:
         raise ImageError(f"the image is corrupt or truncated: {error}") from None
 
@@ -98,21 +105,26 @@ def load_image(source: str | Path, max_pixels: int = 40_000_000) -> Image.Image:
     :class:`ImageError`, a ``ValueError``)."""
     text = str(source)
     if text.startswith(SAMPLE_PREFIX):
-        return sample_image(text[len(SAMPLE_PREFIX):])
+        return sample_image(text[len(SAMPLE_PREFIX) :])
     path = Path(text)
     if not path.is_file():
-        raise FileNotFoundError(f"no image file at {path} (use sample:NAME for a bundled photo: {', '.join(SAMPLE_IMAGES)})")
+        raise FileNotFoundError(
+            f"no image file at {path} (use sample:NAME for a bundled photo: {', '.join(SAMPLE_IMAGES)})"
+        )
     return open_image(path.read_bytes(), max_pixels)
 
 
 def to_pixels(image: Image.Image, size: int) -> torch.Tensor:
-    """The certified input: shorter side resized to ``size`` (bicubic), centre crop, float32 [3, size, size] in [0, 1]."""
+    """The certified input: shorter side resized to ``size`` (bicubic), centre crop, float32 [3, size, size] in
+    [0, 1]."""
     if size <= 0:
         raise ValueError(f"size must be positive, got {size}")
     image = image.convert("RGB")
     width, height = image.size
     scale = size / min(width, height)
-    resized = image.resize((max(size, round(width * scale)), max(size, round(height * scale))), Image.Resampling.BICUBIC)
+    resized = image.resize(
+        (max(size, round(width * scale)), max(size, round(height * scale))), Image.Resampling.BICUBIC
+    )
     left = (resized.width - size) // 2
     top = (resized.height - size) // 2
     cropped = resized.crop((left, top, left + size, top + size))

@@ -102,14 +102,17 @@ def create_app(runtime: Runtime, settings: Settings, metrics: Metrics | None = N
             supplied = request.headers.get("authorization", "")
             if not secrets.compare_digest(supplied.encode(), f"Bearer {settings.api_key}".encode()):
                 response: Response = error_response(
-                    request, 401, "unauthorized", "missing or wrong API key: send 'Authorization: Bearer <key>'",
+                    request,
+                    401,
+                    "unauthorized",
+                    "missing or wrong API key: send 'Authorization: Bearer <key>'",
                     {"WWW-Authenticate": "Bearer"},
                 )
                 response.headers["X-Request-ID"] = request.state.request_id
                 return response
         try:
             response = await call_next(request)
-        except Exception:  # noqa: BLE001 - answered here, so the 500 carries the id, is logged with it and counted
+        except Exception:
             log.exception("unhandled error in %s %s id=%s", request.method, route, request.state.request_id)
             response = error_response(request, 500, "internal_error", INTERNAL_ERROR)
         elapsed = time.perf_counter() - started
@@ -118,7 +121,14 @@ def create_app(runtime: Runtime, settings: Settings, metrics: Metrics | None = N
         metrics.latency.labels(route=route).observe(elapsed)
         metrics.queue_depth.set(runtime.worker.depth)
         # no body and no image data in the log: method, path, status, time, id
-        log.info("%s %s %d %.1f ms id=%s", request.method, route, response.status_code, elapsed * 1e3, request.state.request_id)
+        log.info(
+            "%s %s %d %.1f ms id=%s",
+            request.method,
+            route,
+            response.status_code,
+            elapsed * 1e3,
+            request.state.request_id,
+        )
         return response
 
     @app.get("/health", summary="Liveness: the process answers")

@@ -38,7 +38,7 @@ log = logging.getLogger("fsmllm.api")
 INTERNAL_ERROR = "internal error; the request id is in the server log"
 
 #: exception -> (HTTP status, error kind); an exception takes the entry of its nearest class in the table
-ERROR_TABLE: dict[type[BaseException], tuple[int, str]] = {
+ERROR_TABLE: dict[type[Exception], tuple[int, str]] = {
     RequestError: (422, "invalid_request"),
     UnknownModel: (404, "not_found"),
     MalformedBody: (400, "invalid_request"),
@@ -126,5 +126,10 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, error: Exception) -> JSONResponse:
-        log.exception("unhandled error in %s %s id=%s", request.method, request.url.path, getattr(request.state, "request_id", None))
+        log.exception(
+            "unhandled error in %s %s id=%s",
+            request.method,
+            request.url.path,
+            getattr(request.state, "request_id", None),
+        )
         return error_response(request, 500, "internal_error", INTERNAL_ERROR)

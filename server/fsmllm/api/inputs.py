@@ -6,9 +6,9 @@ import json
 from typing import TypeVar
 
 from fastapi import Request
+from fastapi.exceptions import RequestValidationError
 from PIL import Image
 from pydantic import BaseModel, ValidationError
-from fastapi.exceptions import RequestValidationError
 from starlette.datastructures import UploadFile
 
 from fsmllm.errors import BodyTooLarge, MalformedBody, RequestError, UnsupportedMediaType
@@ -42,7 +42,9 @@ def _form_value(values: list[str], name: str) -> object:
     return values[-1]
 
 
-async def image_and_params(request: Request, model: type[Params], max_body: int, max_pixels: int) -> tuple[Image.Image, Params]:
+async def image_and_params(
+    request: Request, model: type[Params], max_body: int, max_pixels: int
+) -> tuple[Image.Image, Params]:
     """Parse ``model`` plus an image from JSON (``image`` as base64 or data URL) or multipart (file ``image``)."""
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type == "application/json":

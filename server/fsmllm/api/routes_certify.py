@@ -8,6 +8,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 
 from fsmllm.api.errors import ERRORS, error_event
 from fsmllm.api.inputs import image_and_params
@@ -25,7 +26,8 @@ from fsmllm.engine.runtime import Runtime
 
 router = APIRouter()
 
-def _body_schema(model: type) -> dict[str, Any]:
+
+def _body_schema(model: type[BaseModel]) -> dict[str, Any]:
     """OpenAPI: the same fields as JSON (image as base64 / data URL) or as multipart form fields + a file."""
     schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
     upload = {

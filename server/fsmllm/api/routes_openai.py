@@ -57,7 +57,8 @@ async def chat_completions(request: Request, chat: ChatCompletionRequest) -> Any
     answer = await unless_disconnected(request, serving.open_answer_stream(runtime, image, task))
     return StreamingResponse(
         _chunks(answer, completion_id, created, per_token, request.state.request_id),
-        media_type="text/event-stream", headers={"Cache-Control": "no-cache"},
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache"},
     )
 
 
@@ -71,8 +72,14 @@ async def _chunks(
 
     def chunk(delta: dict[str, Any], finish_reason: str | None = None, **extra: Any) -> str:
         choice = {"index": 0, "delta": delta, "finish_reason": finish_reason}
-        body = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model,
-                "choices": [choice], **extra}
+        body = {
+            "id": completion_id,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": model,
+            "choices": [choice],
+            **extra,
+        }
         return f"data: {json.dumps(body)}\n\n"
 
     answer.start_votes()  # the votes of a certified answer run beside the streamed answer
@@ -81,10 +88,13 @@ async def _chunks(
         async with aclosing(answer.pieces()) as pieces:  # closed early (client gone): the generation is cancelled
             async for piece in pieces:
                 yield chunk({"content": piece})
-        extra: dict[str, Any] = {"usage": Usage.of(answer.generation).model_dump(), "certificate": certificate.model_dump()}
+        extra: dict[str, Any] = {
+            "usage": Usage.of(answer.generation).model_dump(),
+            "certificate": certificate.model_dump(),
+        }
         try:
             voted = await answer.answer_certificate()
-        except Exception as error:  # noqa: BLE001 - the stream has started: report in-band
+        except Exception as error:
             body = in_band_error(error, error_event, request_id, "chat completion stream")
             yield f"data: {json.dumps({'error': body})}\n\n"
             return
@@ -107,7 +117,12 @@ async def models(request: Request) -> ModelList:
         input_size=runtime.input_size,
         encoder_dtype=runtime.encoder_dtype,
         allowed_sigmas=list(policy.allowed_sigmas),
-        defaults={"sigma": policy.default_sigma, "n0": policy.default_n0, "n": policy.default_n, "alpha": policy.default_alpha, "max_n": policy.max_n},
+        defaults={
+            "sigma": policy.default_sigma,
+            "n0": policy.default_n0,
+            "n": policy.default_n,
+            "alpha": policy.default_alpha,
+            "max_n": policy.max_n,
+        },
     )
     return ModelList(data=[card])
-

@@ -22,8 +22,8 @@ from fsmllm.certify.bounds import (
     prediction_radius,
     upper_bound,
 )
-from fsmllm.certify.classify import CosineClassifier, PredictionCertificate
 from fsmllm.certify.certificate import Certificate, TokenBounds, per_token_features
+from fsmllm.certify.classify import CosineClassifier, PredictionCertificate
 from fsmllm.certify.config import (
     DEFAULT_RADII,
     GRANULARITIES,

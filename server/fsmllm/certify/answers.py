@@ -31,8 +31,7 @@ from scipy.stats import binomtest, norm
 import torch
 
 from fsmllm.certify.bounds import betting_lower_bound, upper_bound
-from fsmllm.certify.config import Encode, is_checkpoint
-from fsmllm.certify.sampling import SampleRun, run_batched
+from fsmllm.certify.smoothing import Encode, SampleRun, is_checkpoint, run_batched
 
 #: characters dropped at the end of an answer before votes are compared ("A cat." and "a cat" agree)
 FINAL_PUNCTUATION = ".!?,;:。！？…\"'”’)"
@@ -158,7 +157,7 @@ class AnswerVoting:
 
     The first ``n0`` answers are the selection votes (they choose Â, the most frequent normalised answer, ties
     to the first seen); the next ones are estimation votes. With a target radius the anytime bound is checked
-    at the checkpoints of :func:`~fsmllm.certify.config.is_checkpoint` (functions of the count only, so the
+    at the checkpoints of :func:`~fsmllm.certify.smoothing.is_checkpoint` (functions of the count only, so the
     result never depends on how the votes were batched) and sampling stops once the target is certified or an
     upper confidence bound shows it never will be; answers past the stop are ignored.
     """

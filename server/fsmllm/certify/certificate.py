@@ -111,7 +111,9 @@ class Certificate:
         if self.tokens is None:
             raise ValueError("per-token values exist only for a token-level certificate (granularity 'token')")
         radii = np.asarray(self.radii, dtype=np.float64)
-        return [list(optional_floats(certified_fcsb(lower, self.config.sigma, radii))) for lower in self.tokens.score_lower]
+        return [
+            list(optional_floats(certified_fcsb(lower, self.config.sigma, radii))) for lower in self.tokens.score_lower
+        ]
 
     def to_dict(self, per_token: bool = False) -> dict[str, object]:
         """A JSON-ready summary (no tensors): every number plus what is needed to reproduce it; ``per_token``
@@ -142,7 +144,12 @@ class Certificate:
             summary["tokens"] = [
                 {"token": t, "score_estimate": e, "score_lower": p, "served_angle": a, "certified_fcsb": c}
                 for t, (e, p, a, c) in enumerate(
-                    zip(self.tokens.score_estimate, self.tokens.score_lower, self.tokens.served_angle, self.token_certified_fcsb())
+                    zip(
+                        self.tokens.score_estimate,
+                        self.tokens.score_lower,
+                        self.tokens.served_angle,
+                        self.token_certified_fcsb(),
+                    )
                 )
             ]
         if self.stop is not None:
@@ -169,4 +176,6 @@ def per_token_features(global_mean: torch.Tensor, token_mean: torch.Tensor) -> t
     direction (``token_mean``: the mean of the per-token unit rows) at the norm that token has in the mean of
     the flattened unit features (``global_mean``), which is what the ``global`` path serves, so the model sees
     token magnitudes as it does there (method.md, "Token-level certificates")."""
-    return F.normalize(token_mean, dim=-1) * global_mean.norm(dim=-1, keepdim=True)
+    directions: torch.Tensor = F.normalize(token_mean, dim=-1)
+    norms: torch.Tensor = global_mean.norm(dim=-1, keepdim=True)
+    return directions * norms

@@ -89,7 +89,9 @@ class StopRule:
                 f"stopping early needs an anytime-valid bound: use bound 'betting' (the default), not {config.bound!r}"
             )
         if stop_at_fcsb is not None and radius_tolerance is not None:
-            raise ValueError("give stop_at_fcsb (stop at a certified cosine) or radius_tolerance (with target_cos), not both")
+            raise ValueError(
+                "give stop_at_fcsb (stop at a certified cosine) or radius_tolerance (with target_cos), not both"
+            )
         if radius_tolerance is not None:
             if target_cos is None:
                 raise ValueError("radius_tolerance stops a target_cos request: give target_cos too")

@@ -60,7 +60,10 @@ from fsmllm.certify.config import (
     is_checkpoint,
     new_seed,
 )
-from fsmllm.certify.sampling import NoisyCopies, run_batched
+from fsmllm.certify.sampling import NoisyCopies, SampleRun, run_batched
+
+#: ``SampleRun``, ``is_checkpoint`` and ``Encode`` are also imported from here (by answers.py)
+__all__ = ["Encode", "SampleRun", "SmoothedEncoder", "SmoothingRun", "is_checkpoint", "run_batched"]
 
 
 def _score_estimates(sums: torch.Tensor, count: int) -> np.ndarray:
@@ -72,7 +75,10 @@ def _score_estimates(sums: torch.Tensor, count: int) -> np.ndarray:
 
 def _angles(a: torch.Tensor, b: torch.Tensor) -> np.ndarray:
     """Row-wise angles (radians) between a and b [..., W]."""
-    return np.arccos(np.clip(F.cosine_similarity(a.double(), b.double(), dim=-1).cpu().numpy(), -1.0, 1.0))
+    angles: np.ndarray = np.arccos(
+        np.clip(F.cosine_similarity(a.double(), b.double(), dim=-1).cpu().numpy(), -1.0, 1.0)
+    )
+    return angles
 
 
 class SmoothingRun:
@@ -110,7 +116,9 @@ class SmoothingRun:
         if stop is not None and classifier is not None:
             raise ValueError("stopping early is not available with a prediction certificate")
         if classifier is not None and config.granularity != "global":
-            raise ValueError("a prediction certificate needs granularity 'global' (the classifier reads the whole feature)")
+            raise ValueError(
+                "a prediction certificate needs granularity 'global' (the classifier reads the whole feature)"
+            )
         self.pixels = pixels
         self.config = config
         self.seed = seed
@@ -266,7 +274,8 @@ class SmoothingRun:
             weights = self.classifier.weights.to(global_direction.device)
             if weights.shape[1] != global_direction.shape[0]:
                 raise ValueError(
-                    f"classifier weights have dimension {weights.shape[1]}, the encoder's features {global_direction.shape[0]}"
+                    f"classifier weights have dimension {weights.shape[1]}, "
+                    f"the encoder's features {global_direction.shape[0]}"
                 )
             scores = weights @ global_direction
             self._selected_label = int(torch.argmax(scores))
@@ -290,7 +299,10 @@ class SmoothingRun:
 
     def _bounds(self, count: int, bound: Callable[..., float]) -> np.ndarray:
         return np.array(
-            [bound(self._values[:count, t], self._score_alpha, self.config.bound, self._horizon) for t in range(self.num_tokens)]
+            [
+                bound(self._values[:count, t], self._score_alpha, self.config.bound, self._horizon)
+                for t in range(self.num_tokens)
+            ]
         )
 
     def _check(self) -> None:
@@ -316,11 +328,16 @@ class SmoothingRun:
             lowest = float(self._best_lower.min())
             radii_array = np.asarray(list(radii), dtype=np.float64)
             values = certified_fcsb(lowest, self.config.sigma, radii_array)
-            self._interim = (key, {
-                "n": self._checked,
-                "score_lower": lowest,
-                "radii": [{"radius": float(r), "certified_fcsb": c} for r, c in zip(radii_array, optional_floats(values))],
-            })
+            self._interim = (
+                key,
+                {
+                    "n": self._checked,
+                    "score_lower": lowest,
+                    "radii": [
+                        {"radius": float(r), "certified_fcsb": c} for r, c in zip(radii_array, optional_floats(values))
+                    ],
+                },
+            )
         return self._interim[1]
 
     def _served(self, count: int) -> torch.Tensor:

@@ -5,6 +5,6 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a model hub: every weight ships in a package
 
-from fsmllm.cli.main import build_parser, main  # noqa: E402 - after the environment is set
+from fsmllm.cli.main import build_parser, main
 
 __all__ = ["build_parser", "main"]

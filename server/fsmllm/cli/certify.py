@@ -27,16 +27,23 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--encoder", default="dinov2-s", help="encoder name (see --list-encoders) or hf:/path")
     parser.add_argument("--image-size", type=int, default=None, help="encoder input size S (default: the encoder's)")
     parser.add_argument(
-        "--target-cos", type=float, default=None, metavar="C",
+        "--target-cos",
+        type=float,
+        default=None,
+        metavar="C",
         help="also print the largest radius whose certified FCSB is >= C (certified_radius; default: none)",
     )
     parser.add_argument(
-        "--radius-tolerance", type=float, default=None, metavar="DELTA",
+        "--radius-tolerance",
+        type=float,
+        default=None,
+        metavar="DELTA",
         help="with --target-cos: stop sampling once more samples could not raise the certified radius by more than "
         "DELTA; --n is the budget (default: never)",
     )
     parser.add_argument(
-        "--booster", default=server_default("booster"),
+        "--booster",
+        default=server_default("booster"),
         help="Gaussian Smoothness Booster: a shipped name, a folder, or none",
     )
     parser.add_argument("--classify", action="store_true", help="also certify the encoder's cosine classifier")

@@ -39,12 +39,19 @@ class ListEncoders(argparse.Action):
 
     def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: Any) -> None:
         super().__init__(
-            option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, nargs=0,
+            option_strings,
+            dest=argparse.SUPPRESS,
+            default=argparse.SUPPRESS,
+            nargs=0,
             help="list the encoders, boosters and models, then exit",
         )
 
     def __call__(
-        self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any, option_string: str | None = None
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
     ) -> None:
         print(catalogue())
         parser.exit()
@@ -79,7 +86,8 @@ def validated(model: type[BaseModel], args: argparse.Namespace) -> Any:
     except ValidationError as error:
         errors = [
             {**item, "loc": (f"answer_{item['loc'][1]}", *item["loc"][2:])}
-            if item["loc"][:1] == ("certify_answer",) and len(item["loc"]) > 1 else item
+            if item["loc"][:1] == ("certify_answer",) and len(item["loc"]) > 1
+            else item
             for item in error.errors()
         ]
         raise ValueError(validation_message(errors, flags=True)) from None

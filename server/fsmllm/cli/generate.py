@@ -41,37 +41,51 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("prompt", help="the question, e.g. 'What is this?'")
     parser.add_argument("--model", default=server_default("model"), help="named model, or a LLaVA checkpoint folder")
     parser.add_argument(
-        "--max-tokens", type=int, default=request_default(GenerateParams, "max_tokens"), help="largest number of new tokens"
+        "--max-tokens",
+        type=int,
+        default=request_default(GenerateParams, "max_tokens"),
+        help="largest number of new tokens",
     )
     parser.add_argument(
         "--temperature", type=float, default=request_default(GenerateParams, "temperature"), help="0 = greedy decoding"
     )
     parser.add_argument(
-        "--top-p", type=float, default=request_default(GenerateParams, "top_p"),
+        "--top-p",
+        type=float,
+        default=request_default(GenerateParams, "top_p"),
         help="nucleus sampling: keep the smallest set of tokens whose probabilities add up to this",
     )
     parser.add_argument(
         "--booster", default=server_default("booster"), help="Gaussian Smoothness Booster name or folder, or none"
     )
     answer = parser.add_argument_group(
-        "certified answer", "CERTIFY on the answer itself: greedy answers from noisy copies vote (method.md); the "
+        "certified answer",
+        "CERTIFY on the answer itself: greedy answers from noisy copies vote (method.md); the "
         "fields of the server's certify_answer object as --answer-FIELD, with its defaults",
     )
     answer.add_argument("--certify-answer", action="store_true", help="also certify the answer (n0 + n generations)")
-    answer.add_argument("--answer-n0", type=int, default=request_default(AnswerCertification, "n0"), help="selection votes")
     answer.add_argument(
-        "--answer-n", type=int, default=request_default(AnswerCertification, "n"),
+        "--answer-n0", type=int, default=request_default(AnswerCertification, "n0"), help="selection votes"
+    )
+    answer.add_argument(
+        "--answer-n",
+        type=int,
+        default=request_default(AnswerCertification, "n"),
         help="estimation votes, a budget with --answer-radius",
     )
     answer.add_argument(
         "--answer-alpha", type=float, default=request_default(AnswerCertification, "alpha"), help="failure probability"
     )
     answer.add_argument(
-        "--answer-radius", type=float, default=None,
+        "--answer-radius",
+        type=float,
+        default=None,
         help="target radius: stop voting once certified to it (betting bound; default: vote the whole budget)",
     )
     answer.add_argument(
-        "--answer-inner", type=int, default=request_default(AnswerCertification, "inner"),
+        "--answer-inner",
+        type=int,
+        default=request_default(AnswerCertification, "inner"),
         help="noisy copies per vote (radius / sqrt(inner))",
     )
     add_smoothing_arguments(parser)
@@ -97,8 +111,18 @@ def run(args: argparse.Namespace) -> int:
     )
     if args.json:
         answer_certificate = None if voted is None else AnswerCertificateOut.from_certificate(voted).model_dump()
-        print(json.dumps({"model": spec.name, "answer": answer.text, "finish_reason": answer.finish_reason,
-                          "certificate": out.model_dump(), "answer_certificate": answer_certificate}, indent=2))
+        print(
+            json.dumps(
+                {
+                    "model": spec.name,
+                    "answer": answer.text,
+                    "finish_reason": answer.finish_reason,
+                    "certificate": out.model_dump(),
+                    "answer_certificate": answer_certificate,
+                },
+                indent=2,
+            )
+        )
     else:
         print(f"answer: {answer.text}\n")
         print(certificate_table(cert, out, args.per_token))
@@ -115,7 +139,9 @@ def _certify_answer(
     from fsmllm.certify.answers import AnswerConfig, certify_answer
     from fsmllm.images import load_image, to_pixels
 
-    config = AnswerConfig(args.sigma, args.answer_n0, args.answer_n, args.answer_alpha, args.answer_inner, args.answer_radius)
+    config = AnswerConfig(
+        args.sigma, args.answer_n0, args.answer_n, args.answer_alpha, args.answer_inner, args.answer_radius
+    )
     greedy = dataclasses.replace(sampling, temperature=0.0, top_p=1.0, seed=None)
     shape = (-1, encoder.num_tokens, encoder.token_dim)
 

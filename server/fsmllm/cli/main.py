@@ -14,7 +14,9 @@ SUBCOMMANDS = (certify, generate, sample, serve, evaluate, train_projector, trai
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="fsmllm", description="Certified multimodal inference (Feature-space Smoothing)", formatter_class=HelpFormatter
+        prog="fsmllm",
+        description="Certified multimodal inference (Feature-space Smoothing)",
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("--list-encoders", action=ListEncoders)
     subparsers = parser.add_subparsers(dest="command", required=True)
@@ -30,4 +32,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.handler(args)
     except (ValueError, OSError) as error:  # user errors (bad values, unreadable or missing files): no traceback
         parser.exit(2, f"fsmllm {args.command}: error: {error}\n")
-

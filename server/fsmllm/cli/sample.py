@@ -25,7 +25,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if args.out is None and sys.stdout.isatty():
-        raise ValueError(f"a PNG is binary: redirect it (fsmllm sample {args.name} > {args.name}.png) or use --out FILE")
+        raise ValueError(
+            f"a PNG is binary: redirect it (fsmllm sample {args.name} > {args.name}.png) or use --out FILE"
+        )
     buffer = io.BytesIO()
     sample_image(args.name).save(buffer, format="PNG")
     if args.out is None:

@@ -32,7 +32,9 @@ def add_smoothing_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--n0", type=int, default=server_default("default_n0"), help="selection samples (fix the direction)"
     )
-    parser.add_argument("--n", type=int, default=server_default("default_n"), help="estimation samples (bound the score)")
+    parser.add_argument(
+        "--n", type=int, default=server_default("default_n"), help="estimation samples (bound the score)"
+    )
     parser.add_argument(
         "--alpha", type=float, default=server_default("default_alpha"), help="failure probability of the certificate"
     )
@@ -62,16 +64,25 @@ def add_smoothing_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--seed", type=int, default=None, help="noise seed (default: random, printed)")
     parser.add_argument("--device", default=server_default("device"), help="torch device, e.g. cpu or cuda")
-    parser.add_argument("--dtype", choices=PRECISIONS, default=server_default("dtype"),
-                        help="the encoder's precision; the certificate is for the encoder as computed in it")
+    parser.add_argument(
+        "--dtype",
+        choices=PRECISIONS,
+        default=server_default("dtype"),
+        help="the encoder's precision; the certificate is for the encoder as computed in it",
+    )
     parser.add_argument("--compile", action="store_true", help="torch.compile the encoder (compiling takes a while)")
     parser.add_argument("--json", action="store_true", help="print the certificate as JSON (the server's shape)")
-    parser.add_argument("--no-progress", action="store_true", help="hide the progress bars (sampling and weight loading)")
+    parser.add_argument(
+        "--no-progress", action="store_true", help="hide the progress bars (sampling and weight loading)"
+    )
     parser.add_argument("--list-encoders", action=ListEncoders)
 
 
 def smooth(
-    args: argparse.Namespace, params: CertificationParams, encoder: VisionEncoder, classifier: CosineClassifier | None = None
+    args: argparse.Namespace,
+    params: CertificationParams,
+    encoder: VisionEncoder,
+    classifier: CosineClassifier | None = None,
 ) -> Certificate:
     """Certify ``args.image`` with ``encoder`` under the validated ``params``, with a progress bar on stderr."""
     from tqdm import tqdm
@@ -81,13 +92,15 @@ def smooth(
     config = SmoothingConfig(args.sigma, args.n0, args.n, args.alpha, args.bound, args.granularity)
     radii = params.radii()
     stop = StopRule.requested(
-        config, radii, params.stop_at_fcsb, getattr(params, "target_cos", None), getattr(params, "radius_tolerance", None)
+        config,
+        radii,
+        params.stop_at_fcsb,
+        getattr(params, "target_cos", None),
+        getattr(params, "radius_tolerance", None),
     )
     pixels = to_pixels(load_image(args.image, server_default("max_image_pixels")), encoder.image_size)
     smoother = SmoothedEncoder(encoder, args.sigma, batch_size=args.batch_size, device=args.device)
-    with tqdm(
-        total=args.n0 + args.n, unit="sample", desc="sampling", disable=args.no_progress, file=sys.stderr
-    ) as bar:
+    with tqdm(total=args.n0 + args.n, unit="sample", desc="sampling", disable=args.no_progress, file=sys.stderr) as bar:
         return smoother.certify(
             pixels,
             n0=config.n0,

@@ -35,7 +35,8 @@ def certificate_table(cert: Certificate, out: CertificateOut, per_token: bool = 
         lines.append(f"{radius:>8.4f}  {_number(certified):>14}  {_number(served):>12}  {estimated:>14.4f}")
     lines.append("")
     lines.append(
-        f"certified FCSB: with probability >= {1 - cfg.alpha:g}, cos(F(x), F(x')) >= this for every ||x'-x||_2 <= radius"
+        f"certified FCSB: with probability >= {1 - cfg.alpha:g}, cos(F(x), F(x')) >= this for every "
+        "||x'-x||_2 <= radius"
         " (F: the smoothed encoder)"
     )
     lines.append("served FCSB: the same for the features handed to the language model (the mean of the samples)")
@@ -49,7 +50,9 @@ def certificate_table(cert: Certificate, out: CertificateOut, per_token: bool = 
             " (the worst)"
         )
     if per_token and cert.tokens is not None:
-        lines.append(f"{'token':>6}  {'score lower':>11}  " + "  ".join(f"{'ε=' + format(r, 'g'):>8}" for r in cert.radii))
+        lines.append(
+            f"{'token':>6}  {'score lower':>11}  " + "  ".join(f"{'ε=' + format(r, 'g'):>8}" for r in cert.radii)
+        )
         for t, (lower, row) in enumerate(zip(cert.tokens.score_lower, cert.token_certified_fcsb())):
             lines.append(f"{t:>6}  {lower:>11.4f}  " + "  ".join(f"{_number(v):>8}" for v in row))
     if cert.prediction is not None:

@@ -12,7 +12,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     from fsmllm.booster.training import BoosterTrainConfig
 
     add_training_parser(
-        subparsers, "train-booster", BoosterTrainConfig, "fsmllm.booster.training.train_booster",
+        subparsers,
+        "train-booster",
+        BoosterTrainConfig,
+        "fsmllm.booster.training.train_booster",
         "boosters/gsb-{encoder}-{sigma}",
         help="train a Gaussian Smoothness Booster (encoder, projector and LM frozen; needs Fashion-MNIST)",
         description="Train a purifier + smoothness mapper in front of / behind the frozen encoder at noise level "

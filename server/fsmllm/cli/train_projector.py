@@ -12,7 +12,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     from fsmllm.lm.training import TrainConfig
 
     add_training_parser(
-        subparsers, "train-projector", TrainConfig, "fsmllm.lm.training.train_projector",
+        subparsers,
+        "train-projector",
+        TrainConfig,
+        "fsmllm.lm.training.train_projector",
         "server/fsmllm/models/fsmllm-demo",
         help="train the demo model's projector (encoder and LM frozen; needs Fashion-MNIST)",
         description="Train the projector of fsmllm-demo on Fashion-MNIST (apt-get install dataset-fashion-mnist) "

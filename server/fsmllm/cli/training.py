@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+from typing import Any
 
 from fsmllm.cli.common import HelpFormatter, quiet_weight_loading
 
@@ -12,7 +13,7 @@ from fsmllm.cli.common import HelpFormatter, quiet_weight_loading
 def add_training_parser(
     subparsers: argparse._SubParsersAction,
     name: str,
-    config_cls: type,
+    config_cls: type[Any],
     train: str,
     out: str,
     help: str,
@@ -31,10 +32,15 @@ def add_training_parser(
         else:
             parser.add_argument(flag, type=type(value), default=value, help=text)
     parser.add_argument("--out", default=None, help=f"output folder (default {out})")
-    parser.add_argument("--no-progress", action="store_true", help="hide the progress bars (training and weight loading)")
+    parser.add_argument(
+        "--no-progress", action="store_true", help="hide the progress bars (training and weight loading)"
+    )
     if resumable:
         parser.add_argument(
-            "--stop-at", type=int, default=None, help="stop after this step, keeping the checkpoint (default: run all steps)"
+            "--stop-at",
+            type=int,
+            default=None,
+            help="stop after this step, keeping the checkpoint (default: run all steps)",
         )
 
     def handler(args: argparse.Namespace) -> int:

@@ -12,10 +12,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, cast
 
 import torch
 from PIL import Image
@@ -36,8 +36,11 @@ class VisionLanguageModel(Protocol):
     """A language model that answers from smoothed visual tokens [T, W] (the encoder's token layout)."""
 
     name: str
-    #: generations run at once (1 for the transformers backend; vLLM batches many)
-    max_concurrency: int
+
+    @property
+    def max_concurrency(self) -> int:
+        """Generations run at once (1 for the transformers backend; vLLM batches many)."""
+        ...
 
     def generate(self, visual_tokens: torch.Tensor, prompt: str, params: SamplingParams) -> Generation: ...
 
@@ -70,7 +73,9 @@ class Policy:
     ) -> SmoothingConfig:
         sigma = self.default_sigma if sigma is None else sigma
         if not any(math.isclose(sigma, allowed) for allowed in self.allowed_sigmas):
-            raise PolicyError(f"sigma {sigma} is not offered by this deployment; choose one of {list(self.allowed_sigmas)}")
+            raise PolicyError(
+                f"sigma {sigma} is not offered by this deployment; choose one of {list(self.allowed_sigmas)}"
+            )
         n0 = self.default_n0 if n0 is None else n0
         n = self.default_n if n is None else n
         if n0 + n > self.max_n:
@@ -86,7 +91,8 @@ class Policy:
         samples = (n0 + n) * inner
         if samples > self.max_n:
             raise PolicyError(
-                f"a certified answer of (n0 + n) x inner = {samples} samples exceeds this deployment's maximum of {self.max_n}"
+                f"a certified answer of (n0 + n) x inner = {samples} samples exceeds this deployment's maximum of "
+                f"{self.max_n}"
             )
         with as_request_error():
             return AnswerConfig(sigma=sigma, n0=n0, n=n, alpha=alpha, inner=inner, radius=radius)
@@ -96,7 +102,9 @@ class Policy:
             raise PolicyError(f"{len(radii)} radii requested; at most {self.max_radii} per request")
         return radii
 
-    def sampling(self, max_tokens: int, temperature: float, top_p: float, seed: int | None, stop: list[str]) -> SamplingParams:
+    def sampling(
+        self, max_tokens: int, temperature: float, top_p: float, seed: int | None, stop: list[str]
+    ) -> SamplingParams:
         if max_tokens > self.max_tokens:
             raise PolicyError(f"max_tokens {max_tokens} exceeds this deployment's limit of {self.max_tokens}")
         with as_request_error():
@@ -208,7 +216,7 @@ class Runtime:
                 self._account("cancelled", 0)
             raise
 
-    async def pieces(self, stream: TextStream) -> AsyncIterator[str]:
+    async def pieces(self, stream: TextStream) -> AsyncGenerator[str, None]:
         """The text of ``stream`` as generated, each piece computed on an LM thread, then read
         ``stream.result()``. If the consumer stops early (the client went away) the generation is cancelled
         and its end is accounted on an LM thread. Use it inside ``contextlib.aclosing``, right after
@@ -219,7 +227,7 @@ class Runtime:
         complete = False
         try:
             while (piece := await loop.run_in_executor(self._lm_executor, next, iterator, finished)) is not finished:
-                yield piece
+                yield cast(str, piece)
             complete = True
         finally:
             if complete:
@@ -246,9 +254,10 @@ class Runtime:
             work = self.certifier.samples(pixels, config.sigma, chunks[index], chunk_seed(seed, index), config.inner)
             return asyncio.ensure_future(work)
 
-        upcoming = features(0)
+        upcoming: asyncio.Future[torch.Tensor] | None = features(0)
         try:
             for index in range(len(chunks)):
+                assert upcoming is not None  # the chunk after index was started, or index is the last
                 current = await upcoming
                 upcoming = features(index + 1) if index + 1 < len(chunks) else None
                 tokens = current.reshape(current.shape[0], self.encoder.num_tokens, self.encoder.token_dim)
@@ -291,7 +300,7 @@ class Runtime:
     def _complete_quietly(self, stream: TextStream) -> None:
         try:
             self._complete(stream)
-        except Exception:  # noqa: BLE001 - nobody awaits a cancelled stream; its end is in the metrics
+        except Exception:
             pass
 
     def _account(self, event: str, tokens: int) -> None:

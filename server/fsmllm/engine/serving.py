@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from contextlib import aclosing
 from dataclasses import dataclass
 
@@ -92,7 +92,11 @@ async def certify(
     started = time.perf_counter()
     outcome = await runtime.certify(image, task.config, task.radii, task.seed, on_progress, task.stop)
     return Certified(
-        outcome.certificate, provenance(runtime), outcome.cached, outcome.queue_seconds, outcome.compute_seconds,
+        outcome.certificate,
+        provenance(runtime),
+        outcome.cached,
+        outcome.queue_seconds,
+        outcome.compute_seconds,
         time.perf_counter() - started,
     )
 
@@ -154,7 +158,7 @@ class AnswerStream:
                 )
             )
 
-    async def pieces(self) -> AsyncIterator[str]:
+    async def pieces(self) -> AsyncGenerator[str, None]:
         """The answer's text as generated; closed early (the client gone), the generation is cancelled."""
         stream = self._runtime.stream(self.certified.certificate, self._task.prompt, self._task.sampling)
         async with aclosing(self._runtime.pieces(stream)) as pieces:

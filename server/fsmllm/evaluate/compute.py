@@ -4,7 +4,7 @@ certified curves over images (:func:`certified_curves`), on held-out images (:fu
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -104,8 +104,20 @@ def attack_image(
         for (i, radius), goal in itertools.product(enumerate(radii), goals):
             if goal == "token":
                 if smoothed:  # the undefended encoder has no token-level certificate to compare with
-                    rows.append(_token_row(index, defence, sigma, float(radius), encode, x, clean_tokens,
-                                           token_certificate.certified_fcsb[i], attack, seed))
+                    rows.append(
+                        _token_row(
+                            index,
+                            defence,
+                            sigma,
+                            float(radius),
+                            encode,
+                            x,
+                            clean_tokens,
+                            token_certificate.certified_fcsb[i],
+                            attack,
+                            seed,
+                        )
+                    )
                 continue
             if goal == "feature":
                 adversarial = feature_attack(
@@ -113,11 +125,15 @@ def attack_image(
                 )
             else:
                 assert model is not None and target is not None
-                tokens = (1, encode.num_tokens, encode.token_dim)
-                wanted = [answer_for(target)]
                 adversarial = feature_space_attack(
-                    encode, x, radius, lambda feature: answer_loss(model, feature.reshape(tokens), wanted, prompt),
-                    sigma if smoothed else None, attack.samples, attack.steps, seed=seed,
+                    encode,
+                    x,
+                    radius,
+                    _answer_objective(model, encode, target, prompt),
+                    sigma if smoothed else None,
+                    attack.samples,
+                    attack.steps,
+                    seed=seed,
                 )
             if smoothed:
                 attacked = smoothed_feature(encode, adversarial, sigma, attack.observe, seed=seed + 2)
@@ -143,13 +159,23 @@ def attack_image(
                     goal=goal,
                     target=target if goal == "answer" else None,
                     names_target=(
-                        None if goal != "answer" or answer_attacked is None
+                        None
+                        if goal != "answer" or answer_attacked is None
                         else target is not None and names(answer_attacked, target)
                     ),
                     sigma=sigma if smoothed else None,
                 )
             )
     return rows
+
+
+def _answer_objective(
+    model: ProjectedVLM, encoder: VisionEncoder, target: str, prompt: str
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The answer goal's loss of a flat feature: the language model's cross-entropy of the target answer."""
+    tokens = (1, encoder.num_tokens, encoder.token_dim)
+    wanted = [answer_for(target)]
+    return lambda feature: answer_loss(model, feature.reshape(tokens), wanted, prompt)
 
 
 def _token_row(
@@ -170,8 +196,14 @@ def _token_row(
     attacked = smoothed_feature(encode, adversarial, sigma, attack.observe, seed=seed + 2, per_token=True)
     observed = float(worst_token_cosine(clean_tokens, attacked))
     return AttackRow(
-        image=index, defence=defence, radius=radius, observed_cos=observed, certified_fcsb=bound,
-        below_certificate=bound is not None and observed < bound, goal="token", sigma=sigma,
+        image=index,
+        defence=defence,
+        radius=radius,
+        observed_cos=observed,
+        certified_fcsb=bound,
+        below_certificate=bound is not None and observed < bound,
+        goal="token",
+        sigma=sigma,
     )
 
 
@@ -282,9 +314,8 @@ def certified_curves(
         for j, radius in enumerate(radii)
     ]
 
-def held_out_images(
-    count: int, size: int, photos: int | None = None, seed: int = 0
-) -> tuple[torch.Tensor, list[str]]:
+
+def held_out_images(count: int, size: int, photos: int | None = None, seed: int = 0) -> tuple[torch.Tensor, list[str]]:
     """``count`` Fashion-MNIST *test* images (never used in training) and the first ``photos`` bundled photos
     (``None``: all six), as pixels [N, 3, size, size] with their true answers (the phrases the demo model is
     taught)."""

@@ -43,16 +43,21 @@ class EvaluateConfig:
         default=(100, 1000), metadata=_flag("estimation samples of the certified curves", "--n", type=int, nargs="+")
     )
     n0: int = field(default=SmoothingConfig.n0, metadata=_flag("selection samples", type=int))
-    alpha: float = field(default=SmoothingConfig.alpha, metadata=_flag("failure probability of each certificate", type=float))
+    alpha: float = field(
+        default=SmoothingConfig.alpha, metadata=_flag("failure probability of each certificate", type=float)
+    )
     radii: tuple[float, ...] = field(
         default=DEFAULT_RADII, metadata=_flag("l2 radii ε of the curves", "--radius", type=float, nargs="+")
     )
     images: int = field(default=16, metadata=_flag("held-out Fashion-MNIST test images (+ bundled photos)", type=int))
-    photos: int | None = field(default=None, metadata=_flag("bundled photos added to the images (default: all 6)", type=int))
+    photos: int | None = field(
+        default=None, metadata=_flag("bundled photos added to the images (default: all 6)", type=int)
+    )
     attack_images: int = field(default=8, metadata=_flag("images attacked with PGD", type=int))
     attack_steps: int = field(default=AttackSettings.steps, metadata=_flag("PGD steps per attack", type=int))
     attack_samples: int = field(
-        default=AttackSettings.samples, metadata=_flag("noise samples per PGD step against the smoothed encoder", type=int)
+        default=AttackSettings.samples,
+        metadata=_flag("noise samples per PGD step against the smoothed encoder", type=int),
     )
     model: str | None = field(
         default=None, metadata=_flag("also compare generated answers (e.g. fsmllm-demo; default: no answers)")
@@ -62,7 +67,9 @@ class EvaluateConfig:
         metadata=_flag(
             "untargeted feature distortion, targeted wrong answer, and/or the worst token's cosine (token, vs the "
             "token-level certificate) (default: feature and answer with --model, else feature)",
-            "--attack-goals", nargs="+", choices=GOALS,
+            "--attack-goals",
+            nargs="+",
+            choices=GOALS,
         ),
     )
     granularities: tuple[Granularity, ...] = field(
@@ -70,7 +77,9 @@ class EvaluateConfig:
         metadata=_flag(
             "certified curves for the whole feature and/or the worst token (settings named '... (token)'); both "
             "come from the same noisy samples, encoded once",
-            "--granularity", nargs="+", choices=GRANULARITIES,
+            "--granularity",
+            nargs="+",
+            choices=GRANULARITIES,
         ),
     )
     seed: int = field(default=0, metadata=_flag("seed of the image choice, the noise and the attacks", type=int))
@@ -116,4 +125,5 @@ class EvaluateConfig:
     def from_args(cls, args: argparse.Namespace) -> EvaluateConfig:
         """The config of parsed flags (lists become tuples)."""
         values = {item.name: getattr(args, item.name) for item in fields(cls)}
-        return cls(**{name: tuple(value) if isinstance(value, list) else value for name, value in values.items()})
+        converted: dict[str, Any] = {name: tuple(v) if isinstance(v, list) else v for name, v in values.items()}
+        return cls(**converted)

@@ -67,7 +67,15 @@ def run(config: EvaluateConfig, progress: Callable[[str], None] = print) -> dict
                 progress(f"certified curve: {names}, σ={sigma}, n={n}, {len(pixels)} images")
                 results.add_curve(
                     certified_curves(
-                        setting, variant, pixels, sigma, config.n0, n, config.alpha, config.radii, seed=config.seed,
+                        setting,
+                        variant,
+                        pixels,
+                        sigma,
+                        config.n0,
+                        n,
+                        config.alpha,
+                        config.radii,
+                        seed=config.seed,
                         granularities=missing,
                     )
                 )
@@ -76,8 +84,20 @@ def run(config: EvaluateConfig, progress: Callable[[str], None] = print) -> dict
                 continue
             progress(f"attacks: σ={sigma}, image {i + 1}/{attacked_images}")
             rows = attack_image(
-                i, pixels[i], variants, encoder, sigma, config.radii, config.attack, config.n0, max(config.ns),
-                config.alpha, config.seed + i, model=model, answer=answers[i], goals=goals,
+                i,
+                pixels[i],
+                variants,
+                encoder,
+                sigma,
+                config.radii,
+                config.attack,
+                config.n0,
+                max(config.ns),
+                config.alpha,
+                config.seed + i,
+                model=model,
+                answer=answers[i],
+                goals=goals,
             )
             # the undefended encoder does not depend on σ: attacked once, with the first σ
             results.add_attacked([row for row in rows if sigma == config.sigmas[0] or row.defence != "none"])

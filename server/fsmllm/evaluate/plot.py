@@ -24,9 +24,16 @@ def curve_figure(points: Sequence[CurvePoint], title: str) -> Figure:
 
     token = curve_name("", "token")
     sigmas, ns = sorted({p.sigma for p in points}), sorted({p.n for p in points})
-    colours = {base: f"C{i % 10}" for i, base in enumerate(dict.fromkeys(p.setting.removesuffix(token) for p in points))}
+    colours = {
+        base: f"C{i % 10}" for i, base in enumerate(dict.fromkeys(p.setting.removesuffix(token) for p in points))
+    }
     figure, grid = plt.subplots(
-        len(ns), len(sigmas), figsize=(1 + 4 * len(sigmas), 1.2 + 2.8 * len(ns)), sharex=True, sharey=True, squeeze=False
+        len(ns),
+        len(sigmas),
+        figsize=(1 + 4 * len(sigmas), 1.2 + 2.8 * len(ns)),
+        sharex=True,
+        sharey=True,
+        squeeze=False,
     )
     for (row, n), (column, sigma) in itertools.product(enumerate(ns), enumerate(sigmas)):
         axes = grid[row][column]
@@ -35,7 +42,9 @@ def curve_figure(points: Sequence[CurvePoint], title: str) -> Figure:
             line = sorted((p for p in panel if p.setting == setting), key=lambda p: p.radius)
             radii, colour = [p.radius for p in line], colours[setting.removesuffix(token)]
             style = "--" if setting.endswith(token) else "-"
-            axes.plot(radii, [p.mean for p in line], marker="o", markersize=4, color=colour, linestyle=style, label=setting)
+            axes.plot(
+                radii, [p.mean for p in line], marker="o", markersize=4, color=colour, linestyle=style, label=setting
+            )
             axes.fill_between(radii, [p.q10 for p in line], [p.q90 for p in line], alpha=0.12, color=colour)
         axes.set_title(f"σ = {sigma:g}, n = {n}" + ("" if panel else " (not run)"), fontsize=10)
         axes.set_ylim(0, 1)
@@ -46,8 +55,10 @@ def curve_figure(points: Sequence[CurvePoint], title: str) -> Figure:
         row[0].set_ylabel("certified FCSB (abstain = 0)")
     handles = [Line2D([], [], color=colour, marker="o", label=base) for base, colour in colours.items()]
     if any(p.setting.endswith(token) for p in points):
-        handles += [Line2D([], [], color="grey", label="whole feature"),
-                    Line2D([], [], color="grey", linestyle="--", label="worst token")]
+        handles += [
+            Line2D([], [], color="grey", label="whole feature"),
+            Line2D([], [], color="grey", linestyle="--", label="worst token"),
+        ]
     columns = min(len(handles), 4)
     figure.legend(handles=handles, loc="lower center", ncol=columns, fontsize=8, frameon=False)
     figure.suptitle(title, fontsize=11)

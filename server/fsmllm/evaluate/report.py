@@ -36,7 +36,9 @@ def summarise(rows: Sequence[AttackRow]) -> list[AttackSummary]:
     keys = list(dict.fromkeys((row.defence, row.sigma, row.goal, row.radius) for row in rows))
     summaries = []
     for defence, sigma, goal, radius in keys:
-        group = [row for row in rows if (row.defence, row.sigma, row.goal, row.radius) == (defence, sigma, goal, radius)]
+        group = [
+            row for row in rows if (row.defence, row.sigma, row.goal, row.radius) == (defence, sigma, goal, radius)
+        ]
         observed = np.array([row.observed_cos for row in group])
         bounds = [row.certified_fcsb for row in group if row.certified_fcsb is not None]
         answered = [row for row in group if row.correct_clean]

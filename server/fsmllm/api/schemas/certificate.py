@@ -5,12 +5,13 @@ from __future__ import annotations
 
 from typing import Literal
 
+from pydantic import BaseModel, Field, field_validator, model_validator
+
 from fsmllm.api.schemas.common import ABSTAIN, NORM_NOTE, STATEMENT, RequestModel
 from fsmllm.certify import BOUND_METHODS, DEFAULT_RADII, Certificate, StopRule
 from fsmllm.engine.runtime import Policy
 from fsmllm.engine.serving import Answered, Certified, CertifyTask
 from fsmllm.errors import as_request_error
-from pydantic import BaseModel, Field, field_validator, model_validator
 
 
 class CertificationParams(RequestModel):
@@ -28,7 +29,10 @@ class CertificationParams(RequestModel):
         examples=[0.25],
     )
     n0: int | None = Field(
-        None, ge=1, description="selection samples (fix the smoothed direction); default: the deployment's", examples=[100]
+        None,
+        ge=1,
+        description="selection samples (fix the smoothed direction); default: the deployment's",
+        examples=[100],
     )
     n: int | None = Field(
         None,
@@ -169,7 +173,8 @@ class CertificateOut(BaseModel):
     booster: str
     input_size: int
     encoder_dtype: str = Field(
-        "float32", description="the precision the encoder computed in: the certificate is for the encoder as computed in it"
+        "float32",
+        description="the precision the encoder computed in: the certificate is for the encoder as computed in it",
     )
     norm: str = NORM_NOTE
     statement: str = Field(STATEMENT, description="what the certificate states, and about which vectors")
@@ -177,7 +182,9 @@ class CertificateOut(BaseModel):
         "global", description="'token': F, F_hat and the bounds are per token, and the numbers below the worst token's"
     )
     worst_token: int | None = Field(None, description="granularity 'token': the token with the lowest certified score")
-    tokens: list[TokenBound] | None = Field(None, description="granularity 'token' with per_token: every token's values")
+    tokens: list[TokenBound] | None = Field(
+        None, description="granularity 'token' with per_token: every token's values"
+    )
     sigma: float
     n0: int
     n: int = Field(description="estimation samples used (fewer than n_budget when sampling stopped early)")
@@ -189,9 +196,12 @@ class CertificateOut(BaseModel):
     bound: str
     seed: int
     score_estimate: float = Field(description="estimate of the Gaussian robustness score S = ||F(x)||")
-    score_lower: float = Field(description="(1 - alpha) lower confidence bound on <F(x), u> <= S, u fixed by the n0 samples")
+    score_lower: float = Field(
+        description="(1 - alpha) lower confidence bound on <F(x), u> <= S, u fixed by the n0 samples"
+    )
     served_angle: float = Field(
-        description="angle (radians) between u and the features handed to the language model (their mean over all samples)"
+        description="angle (radians) between u and the features handed to the language model "
+        "(their mean over all samples)"
     )
     abstain: bool = Field(description=ABSTAIN)
     radii: list[RadiusBound]
@@ -227,7 +237,7 @@ class CertificateOut(BaseModel):
             n0=cfg.n0,
             n=cert.n,
             n_budget=cfg.n,
-            stopped_by=cert.stopped_by,  # type: ignore[arg-type]
+            stopped_by=cert.stopped_by,
             alpha=cfg.alpha,
             bound=cfg.bound,
             seed=cert.seed,
@@ -247,6 +257,12 @@ class CertificateOut(BaseModel):
         """The served certificate of ``certified``, with its provenance."""
         served_by = certified.provenance
         return cls.from_certificate(
-            certified.certificate, served_by.encoder, served_by.booster, served_by.input_size, target_cos, per_token,
-            certified.cached, served_by.encoder_dtype,
+            certified.certificate,
+            served_by.encoder,
+            served_by.booster,
+            served_by.input_size,
+            target_cos,
+            per_token,
+            certified.cached,
+            served_by.encoder_dtype,
         )

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from pydantic import BaseModel, Field
+
 from fsmllm.api.schemas.certificate import CertificateOut, CertificationParams, Timings
 from fsmllm.api.schemas.common import EXAMPLE_IMAGE
 from fsmllm.engine.serving import Certified
-from pydantic import BaseModel, Field
 
 
 class CertifyParams(CertificationParams):
@@ -31,7 +32,9 @@ class CertifyParams(CertificationParams):
 class CertifyRequest(CertifyParams):
     """POST /certify as JSON. Multipart uploads send the same fields as form fields plus an ``image`` file."""
 
-    image: str = Field(..., min_length=1, description="base64 image or data:image/...;base64, URL", examples=[EXAMPLE_IMAGE])
+    image: str = Field(
+        ..., min_length=1, description="base64 image or data:image/...;base64, URL", examples=[EXAMPLE_IMAGE]
+    )
 
 
 class CertifyResponse(BaseModel):
@@ -41,4 +44,8 @@ class CertifyResponse(BaseModel):
 
     @classmethod
     def of(cls, request_id: str, certified: Certified, target_cos: float | None, per_token: bool) -> CertifyResponse:
-        return cls(id=request_id, certificate=CertificateOut.of(certified, target_cos, per_token), timings=Timings.of(certified))
+        return cls(
+            id=request_id,
+            certificate=CertificateOut.of(certified, target_cos, per_token),
+            timings=Timings.of(certified),
+        )

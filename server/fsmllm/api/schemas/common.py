@@ -80,7 +80,9 @@ class RequestModel(BaseModel):
                 meant = suggestion(name, known)
                 hints.append(f"unknown field {name!r}" + (f" (did you mean {meant!r}?)" if meant else ""))
             raise PydanticCustomError(
-                "unknown_field", "{hints}; the fields are {known}", {"hints": "; ".join(hints), "known": ", ".join(known)}
+                "unknown_field",
+                "{hints}; the fields are {known}",
+                {"hints": "; ".join(hints), "known": ", ".join(known)},
             )
         return data
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 from typing import Literal
 
+from pydantic import BaseModel, Field, field_validator
+
 from fsmllm.api.schemas.certificate import CertificateOut, CertificationParams, Timings
 from fsmllm.api.schemas.common import EXAMPLE_IMAGE, RequestModel
 from fsmllm.certify.answers import AnswerCertificate, AnswerConfig
@@ -13,7 +15,6 @@ from fsmllm.engine.runtime import Policy
 from fsmllm.engine.serving import Answered, AnswerTask, CertifyTask
 from fsmllm.errors import PolicyError
 from fsmllm.lm.base import SamplingParams
-from pydantic import BaseModel, Field, field_validator
 
 
 class GenerationParams(RequestModel):
@@ -23,8 +24,13 @@ class GenerationParams(RequestModel):
         64, ge=1, description="largest number of new tokens (at most the deployment's max_tokens_limit)", examples=[64]
     )
     temperature: float = Field(0.0, ge=0, le=2, description="sampling temperature; 0 = greedy decoding", examples=[0.0])
-    top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling: keep the smallest set of tokens whose "
-                         "probabilities add up to this", examples=[1.0])
+    top_p: float = Field(
+        1.0,
+        gt=0,
+        le=1,
+        description="nucleus sampling: keep the smallest set of tokens whose probabilities add up to this",
+        examples=[1.0],
+    )
     stop: list[str] | str | None = Field(
         None, description="stop strings: the answer ends before the first one it would contain", examples=[["\n\n"]]
     )
@@ -47,11 +53,15 @@ ANSWER_STATEMENT = (
 class AnswerCertification(RequestModel):
     """Certify the answer itself (CERTIFY on the whole model): n0 + n greedy answers from noisy copies vote."""
 
-    n0: int = Field(32, ge=1, description="selection votes: the most frequent answer among them is certified", examples=[32])
+    n0: int = Field(
+        32, ge=1, description="selection votes: the most frequent answer among them is certified", examples=[32]
+    )
     n: int = Field(
         256, ge=2, description="estimation votes (a budget when radius is set): each is one generation", examples=[256]
     )
-    alpha: float = Field(0.001, gt=0, lt=1, description="failure probability of the answer certificate", examples=[0.001])
+    alpha: float = Field(
+        0.001, gt=0, lt=1, description="failure probability of the answer certificate", examples=[0.001]
+    )
     radius: float | None = Field(
         None,
         gt=0,
@@ -113,7 +123,10 @@ class AnsweringParams(GenerationParams, AnswerParams):
 
 class GenerateParams(CertificationParams, AnsweringParams):
     prompt: str = Field(
-        ..., min_length=1, description="the question about the image (at most max_prompt_chars)", examples=["What is this?"]
+        ...,
+        min_length=1,
+        description="the question about the image (at most max_prompt_chars)",
+        examples=["What is this?"],
     )
 
     def to_answer(self, policy: Policy, max_prompt_chars: int) -> AnswerTask:
@@ -126,7 +139,9 @@ class GenerateParams(CertificationParams, AnsweringParams):
 class GenerateRequest(GenerateParams):
     """POST /generate as JSON. Multipart uploads send the same fields as form fields plus an ``image`` file."""
 
-    image: str = Field(..., min_length=1, description="base64 image or data:image/...;base64, URL", examples=[EXAMPLE_IMAGE])
+    image: str = Field(
+        ..., min_length=1, description="base64 image or data:image/...;base64, URL", examples=[EXAMPLE_IMAGE]
+    )
 
 
 class AnswerVote(BaseModel):

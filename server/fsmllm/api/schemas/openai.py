@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
 from fsmllm.api.schemas.certificate import CertificateOut, CertificationParams
 from fsmllm.api.schemas.common import EXAMPLE_IMAGE
 from fsmllm.api.schemas.generate import AnswerCertificateOut, AnsweringParams
@@ -12,22 +14,23 @@ from fsmllm.engine.runtime import Policy
 from fsmllm.engine.serving import Answered, AnswerTask
 from fsmllm.errors import RequestError
 from fsmllm.lm.base import Generation
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class ImageURL(BaseModel):
-    url: str = Field(
-        description="a data:image/...;base64, URL (remote URLs are not fetched)", examples=[EXAMPLE_IMAGE]
-    )
+    url: str = Field(description="a data:image/...;base64, URL (remote URLs are not fetched)", examples=[EXAMPLE_IMAGE])
 
 
 class TextPart(BaseModel):
     type: Literal["text"] = Field(description="a text part", examples=["text"])
-    text: str = Field(description="the text: in the last user message, the question about the image", examples=["What is this?"])
+    text: str = Field(
+        description="the text: in the last user message, the question about the image", examples=["What is this?"]
+    )
 
 
 class ImagePart(BaseModel):
-    type: Literal["image_url"] = Field(description="an image part (exactly one per conversation)", examples=["image_url"])
+    type: Literal["image_url"] = Field(
+        description="an image part (exactly one per conversation)", examples=["image_url"]
+    )
     image_url: ImageURL = Field(description="the image, as a data URL", examples=[{"url": EXAMPLE_IMAGE}])
 
 
@@ -35,7 +38,9 @@ class ChatMessage(BaseModel):
     role: Literal["system", "user", "assistant"] = Field(description="who speaks", examples=["user"])
     content: str | list[TextPart | ImagePart] = Field(
         description="the text, or a list of text and image_url parts",
-        examples=[[{"type": "text", "text": "What is this?"}, {"type": "image_url", "image_url": {"url": EXAMPLE_IMAGE}}]],
+        examples=[
+            [{"type": "text", "text": "What is this?"}, {"type": "image_url", "image_url": {"url": EXAMPLE_IMAGE}}]
+        ],
     )
 
 
@@ -49,11 +54,24 @@ class ChatCompletionRequest(AnsweringParams):
         ...,
         min_length=1,
         description="the conversation; the last user message's text is the question, and it holds one image",
-        examples=[[{"role": "user", "content": [{"type": "text", "text": "What is this?"},
-                                                {"type": "image_url", "image_url": {"url": EXAMPLE_IMAGE}}]}]],
+        examples=[
+            [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "text", "text": "What is this?"},
+                        {"type": "image_url", "image_url": {"url": EXAMPLE_IMAGE}},
+                    ],
+                }
+            ]
+        ],
     )
     seed: int | None = Field(
-        None, ge=0, lt=2**63, description="seeds the noise and the sampling (overrides certification.seed)", examples=[7]
+        None,
+        ge=0,
+        lt=2**63,
+        description="seeds the noise and the sampling (overrides certification.seed)",
+        examples=[7],
     )
     stream: bool = Field(False, description="answer as OpenAI chat.completion.chunk events", examples=[False])
     max_tokens: int = Field(64, ge=1, description="largest number of new tokens", examples=[32])
@@ -79,7 +97,9 @@ class ChatCompletionRequest(AnsweringParams):
             if part.type == "image_url"
         ]
         if len(images) != 1:
-            raise RequestError(f"send exactly one image (an image_url content part); this conversation has {len(images)}")
+            raise RequestError(
+                f"send exactly one image (an image_url content part); this conversation has {len(images)}"
+            )
         users = [message for message in self.messages if message.role == "user"]
         if not users:
             raise RequestError("the conversation has no user message")
@@ -141,7 +161,9 @@ class ChatCompletionResponse(BaseModel):
             id=completion_id,
             created=created,
             model=answered.certified.provenance.model,
-            choices=[ChatChoice(message=ChatChoiceMessage(content=generation.text), finish_reason=generation.finish_reason)],
+            choices=[
+                ChatChoice(message=ChatChoiceMessage(content=generation.text), finish_reason=generation.finish_reason)
+            ],
             usage=Usage.of(generation),
             certificate=CertificateOut.of(answered.certified, per_token=per_token),
             answer_certificate=None if voted is None else AnswerCertificateOut.from_certificate(voted),
