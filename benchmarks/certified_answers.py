@@ -24,7 +24,7 @@ import torch
 from common import machine
 from fsmllm.booster import load_booster
 from fsmllm.certify.answers import AnswerConfig, AnswerVoting, chunk_seed, vote_chunks
-from fsmllm.certify.smoothing import SampleRun, run_batched
+from fsmllm.certify.sampling import SampleRun, run_batched
 from fsmllm.encoders import load_encoder
 from fsmllm.lm.base import SamplingParams
 from fsmllm.lm.data import FASHION_MNIST_PHRASES, QUESTION, grey_to_pixels, load_fashion_mnist

@@ -21,7 +21,8 @@ from fsmllm.api.schemas import DEFAULT_RADII, AnswerCertification, CertificateOu
 from fsmllm.api.settings import Settings
 from fsmllm.cli import build_parser, main
 from fsmllm.images import sample_image
-from fsmllm_client.cli import HelpFormatter
+from fsmllm.cli.common import HelpFormatter
+from fsmllm_client.cli import HelpFormatter as ClientHelpFormatter
 from fsmllm_client.cli import build_parser as build_client_parser
 
 from .server.live import LiveServer, live_server, png_bytes
@@ -37,13 +38,16 @@ def _parsers(parser: argparse.ArgumentParser, name: str) -> Iterator[tuple[str, 
                 yield from _parsers(sub, f"{name} {command}")
 
 
-@pytest.mark.parametrize("root", [build_parser, build_client_parser], ids=["fsmllm", "fsmllm-client"])
-def test_every_flag_has_help_and_its_default_in_help(root) -> None:
+@pytest.mark.parametrize(
+    ("root", "formatter_class"), [(build_parser, HelpFormatter), (build_client_parser, ClientHelpFormatter)],
+    ids=["fsmllm", "fsmllm-client"],
+)
+def test_every_flag_has_help_and_its_default_in_help(root, formatter_class) -> None:
     problems = []
     commands = list(_parsers(root(), root().prog))
     assert len(commands) >= 4
     for name, parser in commands:
-        assert parser.formatter_class is HelpFormatter, name
+        assert parser.formatter_class is formatter_class, name
         formatter = parser._get_formatter()
         for action in parser._actions:
             if isinstance(action, (argparse._HelpAction, argparse._SubParsersAction)):

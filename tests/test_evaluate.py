@@ -14,7 +14,7 @@ from fsmllm.booster.training import BoosterTrainConfig, train_booster
 from fsmllm.attacks import feature_space_attack, smoothed_feature, unit_features, worst_token_cosine
 from fsmllm.encoders import load_encoder
 from fsmllm.evaluate import (
-    AttackRow, AttackSettings, CurvePoint, attack_image, certified_curves, curve_figure, held_out_images, markdown_attacks, markdown_curves, run,
+    AttackRow, AttackSettings, CurvePoint, EvaluateConfig, attack_image, certified_curves, curve_figure, held_out_images, markdown_attacks, markdown_curves, run,
     summarise, target_phrase,
 )
 from fsmllm.lm.data import FASHION_MNIST_DIR, SAMPLE_PHOTO_PHRASES, answer_for
@@ -176,9 +176,12 @@ def tiny_booster(tmp_path_factory):
 
 def tiny_run(out, booster, sigmas=(0.25,), resume=False, progress=lambda _: None, alpha=0.01, radii=(0.1,),
              attack_images=1, granularities=("global",)):
-    return run("tiny-cnn", [str(booster)], list(sigmas), [200], list(radii), images=2, attack_images=attack_images,
-               attack=AttackSettings(steps=2), n0=50, alpha=alpha, model_name=None, out=str(out),
-               progress=progress, resume=resume, photos=1, granularities=granularities)
+    config = EvaluateConfig(
+        encoder="tiny-cnn", boosters=(str(booster),), sigmas=tuple(sigmas), ns=(200,), radii=tuple(radii), images=2,
+        attack_images=attack_images, attack_steps=2, n0=50, alpha=alpha, model=None, out=str(out), resume=resume,
+        photos=1, granularities=granularities,
+    )
+    return run(config, progress=progress)
 
 
 def test_a_negative_radius_is_refused_before_any_work(tmp_path) -> None:

@@ -16,7 +16,7 @@ import math
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Generic, TypedDict, TypeVar
 
@@ -24,7 +24,7 @@ import httpx
 from pydantic import BaseModel, ValidationError
 
 from fsmllm_client.errors import AuthError, BadRequest, FsmllmError, Overloaded, ServerError, Unreachable
-from fsmllm_client.models import ChatCompletion, CertifyResult, GenerateResult, Health, ModelList, Readiness
+from fsmllm_client.models import CertifyResult, ChatCompletion, GenerateResult, Health, ModelList, Readiness
 
 T = TypeVar("T")
 ProgressCallback = Callable[[int, int], None]
@@ -268,7 +268,9 @@ class EventStream:
         """The stream's outcome, once it has ended."""
         self._dispatch()
         if self._reply is None:
-            raise ServerError("the progress stream ended without a result", self._status, self._headers.get("x-request-id"))
+            raise ServerError(
+                "the progress stream ended without a result", self._status, self._headers.get("x-request-id")
+            )
         return self._reply
 
 
@@ -285,8 +287,8 @@ def _retry_after(headers: Mapping[str, str]) -> float | None:
         except (TypeError, ValueError):
             return None
         if when.tzinfo is None:  # "-0000": no zone information; HTTP dates are in UTC
-            when = when.replace(tzinfo=timezone.utc)
-        return max(0.0, (when - datetime.now(timezone.utc)).total_seconds())
+            when = when.replace(tzinfo=UTC)
+        return max(0.0, (when - datetime.now(UTC)).total_seconds())
 
 
 #: the gateway's 502 when no replica's answer reached it (docs/deploy.md): no result was delivered, and the same

@@ -36,7 +36,9 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 def _add_certification_arguments(parser: argparse.ArgumentParser) -> None:
     """The certification fields of the server's requests, as flags; unset ones take the server's defaults."""
     parser.add_argument("--radius", type=float, nargs="+", help="l2 radii ε (default: the server's, 0.1 0.25 0.5)")
-    parser.add_argument("--sigma", type=float, help="noise level σ, one of the server's allowed sigmas (default: the server's)")
+    parser.add_argument(
+        "--sigma", type=float, help="noise level σ, one of the server's allowed sigmas (default: the server's)"
+    )
     parser.add_argument("--n0", type=int, help="selection samples (default: the server's)")
     parser.add_argument("--n", type=int, help="estimation samples (default: the server's)")
     parser.add_argument("--alpha", type=float, help="failure probability of the certificate (default: the server's)")
@@ -57,7 +59,9 @@ def _add_certification_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="C",
         help="stop sampling once the certified FCSB is >= C at every radius (--n is then the budget; default: never)",
     )
-    parser.add_argument("--seed", type=int, help="noise seed; the same seed reproduces the certificate (default: random)")
+    parser.add_argument(
+        "--seed", type=int, help="noise seed; the same seed reproduces the certificate (default: random)"
+    )
     parser.add_argument("--json", action="store_true", help="print the server's JSON answer (no progress bar)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
@@ -80,7 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
     certify.add_argument("image", help="image file (PNG, JPEG, WebP, GIF, BMP, TIFF)")
     _add_certification_arguments(certify)
     certify.add_argument(
-        "--target-cos", type=float, metavar="C", help="also find the largest radius certified at cosine C (default: none)"
+        "--target-cos",
+        type=float,
+        metavar="C",
+        help="also find the largest radius certified at cosine C (default: none)",
     )
     certify.add_argument(
         "--radius-tolerance",
@@ -88,7 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DELTA",
         help="with --target-cos: stop sampling once the certified radius is within DELTA of its best (default: never)",
     )
-    certify.add_argument("--plot", metavar="PNG", help="draw certified and estimated FCSB against radius (default: no plot)")
+    certify.add_argument(
+        "--plot", metavar="PNG", help="draw certified and estimated FCSB against radius (default: no plot)"
+    )
 
     generate = commands.add_parser(
         "generate", help="answer a question about an image, with the certificate", formatter_class=HelpFormatter
@@ -104,10 +113,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     answer.add_argument("--certify-answer", action="store_true", help="also certify the answer itself (votes)")
     answer.add_argument("--answer-n0", type=int, help="selection votes (default: the server's, 32)")
-    answer.add_argument("--answer-n", type=int, help="estimation votes, a budget with --answer-radius (default: the server's, 256)")
+    answer.add_argument(
+        "--answer-n", type=int, help="estimation votes, a budget with --answer-radius (default: the server's, 256)"
+    )
     answer.add_argument("--answer-alpha", type=float, help="failure probability (default: the server's, 0.001)")
     answer.add_argument(
-        "--answer-radius", type=float, help="stop voting once the answer is certified to this l2 radius (default: never)"
+        "--answer-radius",
+        type=float,
+        help="stop voting once the answer is certified to this l2 radius (default: never)",
     )
     answer.add_argument("--answer-inner", type=int, help="noisy copies per vote (default: the server's, 1)")
     generate.add_argument(
@@ -154,7 +167,10 @@ def _print_certificate(certificate: Certificate, shown: Sequence[float] | None) 
     c = certificate
     print(f"encoder {c.encoder}, booster {c.booster}, input {c.input_size} px")
     budget = f" of {c.n_budget} ({c.stopped_by})" if c.n_budget is not None and c.n_budget != c.n else ""
-    print(f"σ={c.sigma:g}  n0={c.n0}  n={c.n}{budget}  α={c.alpha:g} ({c.bound})  seed={c.seed}{'  (cached)' if c.cached else ''}")
+    print(
+        f"σ={c.sigma:g}  n0={c.n0}  n={c.n}{budget}  α={c.alpha:g} ({c.bound})  seed={c.seed}"
+        + ("  (cached)" if c.cached else "")
+    )
     print(f"robustness score S: estimate {c.score_estimate:.4f}, lower bound {c.score_lower:.4f}")
     if c.abstain:
         print(f"ABSTAIN: {ABSTAIN_NOTE}")
@@ -166,14 +182,19 @@ def _print_certificate(certificate: Certificate, shown: Sequence[float] | None) 
                 f"  {bound.estimated_fcsb:>15.4f}"
             )
     if c.worst_token is not None:
-        print(f"granularity token: every token certified on its own; the numbers are token {c.worst_token}'s (the worst)")
+        print(
+            f"granularity token: every token certified on its own; the numbers are token {c.worst_token}'s (the worst)"
+        )
     if c.tokens:
         for token in c.tokens:
             values = "  ".join(_number(v) for v in token.certified_fcsb)
             print(f"token {token.token:>4}: score lower bound {token.score_lower:.4f}  certified FCSB {values}")
     if c.certified_radius is not None:
         radius = c.certified_radius.radius
-        print(f"certified radius at cosine ≥ {c.certified_radius.target_cos:g}: {'none' if radius is None else f'{radius:.4g}'}")
+        print(
+            f"certified radius at cosine ≥ {c.certified_radius.target_cos:g}: "
+            + ("none" if radius is None else f"{radius:.4g}")
+        )
 
 
 def _certification_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -192,7 +213,9 @@ def _certify(client: Client, args: argparse.Namespace) -> int:
         grid = radius_grid(sigma, min(PLOT_POINTS, SERVER_MAX_RADII - len(requested)))
         radii = sorted(set(requested) | set(grid))
     options: dict[str, Any] = _certification_options(args) | {
-        "radius": radii, "target_cos": args.target_cos, "radius_tolerance": args.radius_tolerance,
+        "radius": radii,
+        "target_cos": args.target_cos,
+        "radius_tolerance": args.radius_tolerance,
     }
     with _progress_bar(not (args.json or args.no_progress)) as progress:
         options["progress"] = progress  # None: no stream
@@ -215,7 +238,10 @@ def _certify(client: Client, args: argparse.Namespace) -> int:
 
 def _generate(client: Client, args: argparse.Namespace) -> int:
     options: dict[str, Any] = _certification_options(args) | {
-        "max_tokens": args.max_tokens, "temperature": args.temperature, "top_p": args.top_p, "stop": args.stop,
+        "max_tokens": args.max_tokens,
+        "temperature": args.temperature,
+        "top_p": args.top_p,
+        "stop": args.stop,
     }
     answer = {name: getattr(args, f"answer_{name}") for name in ("n0", "n", "alpha", "radius", "inner")}
     if args.certify_answer or any(value is not None for value in answer.values()):
@@ -244,7 +270,9 @@ def _print_answer(voted: AnswerCertificate) -> None:
     radius = "abstain (p_lower <= 1/2: not certified)" if voted.radius is None else f"{voted.radius:.4f} (l2)"
     votes = ", ".join(f"{vote.answer!r} x{vote.count}" for vote in voted.votes)
     print(f"\ncertified answer: {voted.answer!r}\n  radius:   {radius}")
-    print(f"  p_lower:  {voted.p_lower:.4f} ({voted.bound}, alpha {voted.alpha:g}, {voted.agree}/{voted.n} votes agree)")
+    print(
+        f"  p_lower:  {voted.p_lower:.4f} ({voted.bound}, alpha {voted.alpha:g}, {voted.agree}/{voted.n} votes agree)"
+    )
     print(f"  votes:    {votes}")
 
 

@@ -32,7 +32,7 @@ from fsmllm_client._protocol import (
     generate_call,
     read_reply,
 )
-from fsmllm_client.models import ChatCompletion, CertifyResult, GenerateResult, Health, ModelList, Readiness
+from fsmllm_client.models import CertifyResult, ChatCompletion, GenerateResult, Health, ModelList, Readiness
 
 T = TypeVar("T")
 
@@ -125,7 +125,9 @@ class Client:
     def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None) -> None:
+    def __exit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
+    ) -> None:
         self.close()
 
 

@@ -1,4 +1,4 @@
-"""Typed results of the fsmllm server, mirroring its JSON responses (server/fsmllm/api/schemas.py).
+"""Typed results of the fsmllm server, mirroring its JSON responses (server/fsmllm/api/schemas/).
 
 The client does not import the server package: these models are written against the HTTP API. Unknown
 fields are kept (``extra="allow"``) so a newer server does not break an older client.

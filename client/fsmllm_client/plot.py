@@ -63,17 +63,29 @@ def plot_certificate(
     axes.plot(radii, estimated, "--", color="tab:gray", label="estimated FCSB (estimate, not a certificate)")
     token_level = certificate.granularity == "token"
     label = "certified FCSB, worst token" if token_level else "certified FCSB"
-    axes.plot(radii, certified, "-o", color="tab:blue", markersize=3, label=f"{label} (probability ≥ 1 − {certificate.alpha:g})")
+    axes.plot(
+        radii,
+        certified,
+        "-o",
+        color="tab:blue",
+        markersize=3,
+        label=f"{label} (probability ≥ 1 − {certificate.alpha:g})",
+    )
     if compare is not None:
         others = sorted(compare.radii, key=lambda bound: bound.radius)
         axes.plot(
             [b.radius for b in others],
             [math.nan if b.certified_fcsb is None else b.certified_fcsb for b in others],
-            "-s", color="tab:orange", markersize=3, label=f"certified FCSB, {compare.granularity} (same noise)",
+            "-s",
+            color="tab:orange",
+            markersize=3,
+            label=f"certified FCSB, {compare.granularity} (same noise)",
         )
     if any(math.isfinite(value) for value in served):
         axes.plot(radii, served, "-", color="tab:purple", linewidth=1, label="served FCSB (the features the LM read)")
-    marked = [(r, c) for r, c in zip(radii, certified) if math.isfinite(c) and any(math.isclose(r, h) for h in highlight)]
+    marked = [
+        (r, c) for r, c in zip(radii, certified) if math.isfinite(c) and any(math.isclose(r, h) for h in highlight)
+    ]
     if marked:
         axes.plot([r for r, _ in marked], [c for _, c in marked], "D", color="tab:red", label="requested radii")
         for point in marked:
@@ -82,9 +94,16 @@ def plot_certificate(
     if target is not None:
         axes.axhline(target.target_cos, color="tab:green", linestyle=":", label=f"target cosine {target.target_cos:g}")
         if target.radius is not None:
-            axes.axvline(target.radius, color="tab:green", linestyle="-.", label=f"certified radius {target.radius:.3g}")
+            axes.axvline(
+                target.radius, color="tab:green", linestyle="-.", label=f"certified radius {target.radius:.3g}"
+            )
     if answer is not None and answer.radius is not None:
-        axes.axvline(answer.radius, color="tab:brown", linestyle="--", label=f"answer {answer.answer!r} certified to {answer.radius:.3g}")
+        axes.axvline(
+            answer.radius,
+            color="tab:brown",
+            linestyle="--",
+            label=f"answer {answer.answer!r} certified to {answer.radius:.3g}",
+        )
     if certificate.abstain:
         note = "abstain: nothing certified at any requested radius (ask for a larger n)"
         axes.text(0.5, 0.5, note, transform=axes.transAxes, ha="center", color="tab:red")

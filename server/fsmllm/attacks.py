@@ -128,7 +128,15 @@ def feature_attack(
     with torch.no_grad():
         clean = unit_features(encode, noisy_copies(x, sigma, 4 * samples, generator)).mean(0)
     return feature_space_attack(
-        encode, x, eps, lambda feature: F.cosine_similarity(feature, clean, dim=0), sigma, samples, steps, seed, restarts
+        encode,
+        x,
+        eps,
+        lambda feature: F.cosine_similarity(feature, clean, dim=0),
+        sigma,
+        samples,
+        steps,
+        seed,
+        restarts,
     )
 
 
@@ -162,7 +170,9 @@ def token_attack(
         clean = token_features(encode, noisy_copies(x, sigma, 4 * samples, generator)).mean(0)
 
     def loss(candidate: torch.Tensor) -> torch.Tensor:
-        return worst_token_cosine(token_features(encode, noisy_copies(candidate, sigma, samples, generator)).mean(0), clean)
+        return worst_token_cosine(
+            token_features(encode, noisy_copies(candidate, sigma, samples, generator)).mean(0), clean
+        )
 
     return pgd_l2(loss, x, eps, steps=steps, seed=seed, restarts=restarts)
 

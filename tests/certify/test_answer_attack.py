@@ -14,7 +14,7 @@ from scipy.stats import norm
 
 from fsmllm.attacks import vote_attack
 from fsmllm.certify.answers import AnswerConfig, certify_answer, normalise_answer
-from fsmllm.certify.smoothing import SampleRun, run_batched
+from fsmllm.certify.sampling import SampleRun, run_batched
 from fsmllm.encoders import load_encoder
 from fsmllm.images import to_pixels
 from fsmllm.lm.base import SamplingParams

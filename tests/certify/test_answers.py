@@ -172,7 +172,7 @@ def test_every_vote_chunk_draws_its_own_noise() -> None:
     import torch
 
     from fsmllm.certify.answers import chunk_seed
-    from fsmllm.certify.smoothing import NoisyCopies
+    from fsmllm.certify.sampling import NoisyCopies
 
     seeds = {chunk_seed(seed, chunk) for seed in (0, 1, 2**62) for chunk in range(20)}
     assert len(seeds) == 60 and all(0 <= s < 2**63 for s in seeds)

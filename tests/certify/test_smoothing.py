@@ -23,7 +23,9 @@ from fsmllm.certify import (
     run_batched,
 )
 from fsmllm.certify.bounds import certified_radius
-from fsmllm.certify.smoothing import NoisyCopies, SampleRun, certified_fcsb, new_seed, served_fcsb
+from fsmllm.certify.certificate import certified_fcsb, served_fcsb
+from fsmllm.certify.config import new_seed
+from fsmllm.certify.sampling import NoisyCopies, SampleRun
 
 from .analytic import RotationEncoder, TokenRotationEncoder, TwoValueEncoder, point_at, unit_direction
 
@@ -522,3 +524,22 @@ def test_the_label_sums_are_accumulated_in_float64() -> None:
     c = float(classifier.weights[0, 0])  # exactly the float32 cosine of every sample
     exact = float(mean_lower_bound(4000 * c, 4000 * c * c, 4000, prediction.alpha / 2, "hoeffding"))
     assert abs(prediction.top_lower - exact) < 1e-10
+
+
+def test_the_stop_rule_a_request_asks_for() -> None:
+    betting = SmoothingConfig(0.25, bound="betting")
+    assert StopRule.requested(betting, [0.1], None) is None
+    assert StopRule.requested(betting, [0.1], None, target_cos=0.5) is None  # a target alone does not stop early
+    assert StopRule.requested(betting, [0.1, 0.2], 0.8) == StopRule(fcsb=0.8, radii=(0.1, 0.2))
+    assert StopRule.requested(betting, [], None, 0.5, 0.01) == StopRule(target_cos=0.5, tolerance=0.01)
+    fixed = SmoothingConfig(0.25, bound="empirical-bernstein")
+    with pytest.raises(ValueError, match="stopping early needs an anytime-valid bound: use bound 'betting'.*'empirical-bernstein'"):
+        StopRule.requested(fixed, [0.1], 0.8)
+    with pytest.raises(ValueError, match="anytime-valid"):
+        StopRule.requested(fixed, [], None, 0.5, 0.01)
+    with pytest.raises(ValueError, match="give stop_at_fcsb .* or radius_tolerance .*, not both"):
+        StopRule.requested(betting, [0.1], 0.8, 0.5, 0.01)
+    with pytest.raises(ValueError, match="^radius_tolerance stops a target_cos request: give target_cos too$"):
+        StopRule.requested(betting, [0.1], None, None, 0.01)
+    with pytest.raises(ValueError, match="^stop_at_fcsb needs at least one radius$"):
+        StopRule.requested(betting, [], 0.8)

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from fsmllm.certify import SmoothingConfig, StopRule
-from fsmllm.engine.runtime import Policy, PolicyError
+from fsmllm.certify import SmoothingConfig
+from fsmllm.engine.runtime import Policy
+from fsmllm.errors import PolicyError
 from fsmllm.lm.base import SamplingParams
 
 POLICY = Policy(
@@ -56,22 +57,3 @@ def test_sampling_up_to_the_token_limit() -> None:
     assert POLICY.sampling(64, 0.7, 0.9, 5, ["\n", "."]) == SamplingParams(64, 0.7, 0.9, 5, ("\n", "."))
     with pytest.raises(PolicyError, match="^max_tokens 65 exceeds this deployment's limit of 64$"):
         POLICY.sampling(65, 0.0, 1.0, None, [])
-
-
-def test_stop_rules() -> None:
-    betting = POLICY.config(None, None, None, None, "betting")
-    assert POLICY.stop_rule(betting, [0.1], None) is None
-    assert POLICY.stop_rule(betting, [0.1], None, target_cos=0.5) is None  # a target alone does not stop early
-    assert POLICY.stop_rule(betting, [0.1, 0.2], 0.8) == StopRule(fcsb=0.8, radii=(0.1, 0.2))
-    assert POLICY.stop_rule(betting, [], None, 0.5, 0.01) == StopRule(target_cos=0.5, tolerance=0.01)
-    fixed = POLICY.config(None, None, None, None, "empirical-bernstein")
-    with pytest.raises(PolicyError, match="stopping early needs an anytime-valid bound: use bound 'betting'.*'empirical-bernstein'"):
-        POLICY.stop_rule(fixed, [0.1], 0.8)
-    with pytest.raises(PolicyError, match="anytime-valid"):
-        POLICY.stop_rule(fixed, [], None, 0.5, 0.01)
-    with pytest.raises(PolicyError, match="give stop_at_fcsb .* or radius_tolerance .*, not both"):
-        POLICY.stop_rule(betting, [0.1], 0.8, 0.5, 0.01)
-    with pytest.raises(PolicyError, match="^radius_tolerance stops a target_cos request: give target_cos too$"):
-        POLICY.stop_rule(betting, [0.1], None, None, 0.01)
-    with pytest.raises(PolicyError, match="^stop_at_fcsb needs at least one radius$"):
-        POLICY.stop_rule(betting, [], 0.8)

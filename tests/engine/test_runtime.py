@@ -20,8 +20,9 @@ from PIL import Image
 from fsmllm.api.serve import policy_from
 from fsmllm.api.settings import Settings
 from fsmllm.encoders import load_encoder
-from fsmllm.certify import SmoothedEncoder
-from fsmllm.engine.runtime import PolicyError, Runtime
+from fsmllm.certify import SmoothedEncoder, StopRule
+from fsmllm.engine.runtime import Runtime
+from fsmllm.errors import CertificatesOnly
 from fsmllm.lm.base import SamplingParams
 from fsmllm.lm.models import load_model
 
@@ -113,10 +114,10 @@ def test_a_runtime_without_a_language_model_refuses_to_generate() -> None:
     runtime = Runtime(encoder, policy_from(Settings(model="none", _env_file=None)))
     certificate = SmoothedEncoder(encoder, 0.25).certify(torch.rand(3, 16, 16), n0=10, n=20, seed=0)
     message = "this deployment serves certificates only (model 'none'); use POST /certify"
-    with pytest.raises(PolicyError, match=f"^{re.escape(message)}$"):
+    with pytest.raises(CertificatesOnly, match=f"^{re.escape(message)}$"):
         runtime.stream(certificate, "what is it?", SamplingParams())
     answer = runtime.policy.answer_config(0.25, 2, 4, 0.1)
-    with pytest.raises(PolicyError, match=f"^{re.escape(message)}$"):
+    with pytest.raises(CertificatesOnly, match=f"^{re.escape(message)}$"):
         asyncio.run(runtime.certify_answer(Image.new("RGB", (16, 16)), "what is it?", answer, SamplingParams(), seed=0))
 
 
@@ -222,7 +223,7 @@ def test_the_runtime_passes_the_stop_rule_on() -> None:
     runtime = tiny_runtime()
     runtime.start()
     config = runtime.policy.config(None, 20, 2000, None, "betting")
-    rule = runtime.policy.stop_rule(config, [0.01], 0.0)
+    rule = StopRule.requested(config, [0.01], 0.0)
     try:
         outcome = asyncio.run(runtime.certify(Image.open(io.BytesIO(png_bytes())), config, [0.01], seed=1, stop=rule))
     finally:

@@ -149,7 +149,8 @@ def open_request(url: str, path: str, body: bytes, content_type: str = "applicat
 
 class Controlled(VisionEncoder):
     """A real encoder (tiny-cnn by default) with switches for the failure tests: ``fail_next`` makes that many
-    batches raise; while ``release`` is clear every batch waits for it (``entered`` is set once one does)."""
+    batches raise ``fail_with``; while ``release`` is clear every batch waits for it (``entered`` is set once one
+    does)."""
 
     def __init__(self, inner: VisionEncoder | None = None) -> None:
         super().__init__()
@@ -157,6 +158,7 @@ class Controlled(VisionEncoder):
         self.name, self.image_size = self.inner.name, self.inner.image_size
         self.num_tokens, self.token_dim = self.inner.num_tokens, self.inner.token_dim
         self.fail_next = 0
+        self.fail_with: type[Exception] = RuntimeError
         self.batches = 0
         self.entered = threading.Event()
         self.release = threading.Event()
@@ -174,5 +176,5 @@ class Controlled(VisionEncoder):
         self.batches += 1
         if self.fail_next > 0:
             self.fail_next -= 1
-            raise RuntimeError("injected encoder failure (as a device error would be)")
+            raise self.fail_with("injected encoder failure (as a device error would be)")
         return self.inner(pixels)

@@ -56,6 +56,30 @@ def test_an_encoder_failure_is_a_500_with_the_request_id_and_the_server_goes_on(
     wait_until(lambda: live.runtime.worker.depth == 0, "the worker to let go of the jobs")
 
 
+def test_an_encoder_raising_value_error_is_the_servers_fault_not_the_clients(
+    controlled: tuple[LiveServer, Controlled],
+) -> None:
+    """A ValueError from inside the worker (an encoder's bug) is a 500 with the request id, as any other internal
+    error, in a plain answer and in a progress stream alike: only request errors are 4xx."""
+    live, encoder = controlled
+    encoder.fail_with = ValueError
+    try:
+        encoder.fail_next = 1
+        response = certify(live, seed=4)
+        encoder.fail_next = 1
+        with httpx.stream("POST", f"{live.url}/certify", json={"image": data_url(png_bytes()), "stream": True},
+                          timeout=60) as streamed:
+            events = list(sse_events(streamed.iter_lines()))
+    finally:
+        encoder.fail_with = RuntimeError
+    assert response.status_code == 500, response.text
+    error = response.json()["error"]
+    assert error["type"] == "internal_error" and error["message"] == INTERNAL_ERROR and error["request_id"]
+    assert "injected encoder failure" not in response.text
+    assert events[-1][0] == "error" and events[-1][1]["message"] == INTERNAL_ERROR, events[-1]
+    assert certify(live, seed=4).status_code == 200
+
+
 def test_an_encoder_failure_fails_only_the_jobs_of_that_batch(controlled: tuple[LiveServer, Controlled]) -> None:
     """Two requests; the first batch holds only the first one's selection samples (n0 = batch size): it fails,
     the second request still gets its certificate."""

@@ -1,4 +1,4 @@
-"""Untrusted input at the HTTP edge (api/inputs.py, api/images.py): every malformed body gets a clear 4xx, the
+"""Untrusted input at the HTTP edge (api/inputs.py, images.py): every malformed body gets a clear 4xx, the
 server's own limits hold whether or not the client declares a length, and the server keeps serving.
 
 A small deployment (4 KiB bodies, 400 decoded pixels) makes the limits cheap to cross.
@@ -17,7 +17,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from fsmllm.api.images import ImageError, open_image
+from fsmllm.images import ImageError, open_image
 from fsmllm.api.settings import Settings
 
 from .live import LiveServer, data_url, live_server, png_bytes

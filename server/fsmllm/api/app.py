@@ -17,12 +17,13 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from fsmllm import __version__
-from fsmllm.api.errors import INTERNAL_ERROR, RequestError, error_response, install_error_handlers
+from fsmllm.api.errors import INTERNAL_ERROR, error_response, install_error_handlers
 from fsmllm.api.metrics import Metrics
 from fsmllm.api.routes_certify import router as certify_router
 from fsmllm.api.routes_openai import router as openai_router
 from fsmllm.api.settings import Settings
 from fsmllm.engine.runtime import Runtime
+from fsmllm.errors import BodyTooLarge
 
 log = logging.getLogger("fsmllm.api")
 
@@ -52,7 +53,7 @@ class BodyLimit:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.limit:
-                    raise RequestError(413, f"the request body exceeds the limit of {self.limit} bytes", "too_large")
+                    raise BodyTooLarge(f"the request body exceeds the limit of {self.limit} bytes")
             return message
 
         await self.app(scope, limited, send)
@@ -101,14 +102,17 @@ def create_app(runtime: Runtime, settings: Settings, metrics: Metrics | None = N
             supplied = request.headers.get("authorization", "")
             if not secrets.compare_digest(supplied.encode(), f"Bearer {settings.api_key}".encode()):
                 response: Response = error_response(
-                    request, 401, "unauthorized", "missing or wrong API key: send 'Authorization: Bearer <key>'",
+                    request,
+                    401,
+                    "unauthorized",
+                    "missing or wrong API key: send 'Authorization: Bearer <key>'",
                     {"WWW-Authenticate": "Bearer"},
                 )
                 response.headers["X-Request-ID"] = request.state.request_id
                 return response
         try:
             response = await call_next(request)
-        except Exception:  # noqa: BLE001 - answered here, so the 500 carries the id, is logged with it and counted
+        except Exception:
             log.exception("unhandled error in %s %s id=%s", request.method, route, request.state.request_id)
             response = error_response(request, 500, "internal_error", INTERNAL_ERROR)
         elapsed = time.perf_counter() - started
@@ -117,7 +121,14 @@ def create_app(runtime: Runtime, settings: Settings, metrics: Metrics | None = N
         metrics.latency.labels(route=route).observe(elapsed)
         metrics.queue_depth.set(runtime.worker.depth)
         # no body and no image data in the log: method, path, status, time, id
-        log.info("%s %s %d %.1f ms id=%s", request.method, route, response.status_code, elapsed * 1e3, request.state.request_id)
+        log.info(
+            "%s %s %d %.1f ms id=%s",
+            request.method,
+            route,
+            response.status_code,
+            elapsed * 1e3,
+            request.state.request_id,
+        )
         return response
 
     @app.get("/health", summary="Liveness: the process answers")

@@ -1,21 +1,35 @@
-"""Every failure becomes ``{"error": {"type", "message", "request_id"}}`` with the right status code."""
+"""Every failure becomes ``{"error": {"type", "message", "request_id"}}`` with the right status code.
+
+:data:`ERROR_TABLE` is the one mapping from an exception to its status and kind, used by plain answers
+(:func:`install_error_handlers`) and by streams whose 200 was already sent (:func:`error_event`). The request
+errors are :mod:`fsmllm.errors`' hierarchy; anything not in the table is a 500 whose message only names the
+request id, under which the server log keeps the error and its traceback.
+"""
 
 from __future__ import annotations
 
-import asyncio
 import logging
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from fsmllm.api.images import ImageError
-from fsmllm.api.schemas import validation_message
+from fsmllm.api.schemas import ErrorResponse, validation_message
 from fsmllm.api.streaming import ClientDisconnected
 from fsmllm.engine.jobs import JobCancelled
-from fsmllm.engine.runtime import PolicyError
 from fsmllm.engine.worker import QueueFull, WorkerStopped
+from fsmllm.errors import (
+    BodyTooLarge,
+    ImageError,
+    ImageTooLarge,
+    MalformedBody,
+    RequestError,
+    UnknownModel,
+    UnsupportedImage,
+    UnsupportedMediaType,
+)
 
 log = logging.getLogger("fsmllm.api")
 
@@ -23,65 +37,87 @@ log = logging.getLogger("fsmllm.api")
 #: stay in the server log, under the request id the answer carries
 INTERNAL_ERROR = "internal error; the request id is in the server log"
 
+#: exception -> (HTTP status, error kind); an exception takes the entry of its nearest class in the table
+ERROR_TABLE: dict[type[Exception], tuple[int, str]] = {
+    RequestError: (422, "invalid_request"),
+    UnknownModel: (404, "not_found"),
+    MalformedBody: (400, "invalid_request"),
+    BodyTooLarge: (413, "too_large"),
+    UnsupportedMediaType: (415, "unsupported_media_type"),
+    ImageError: (400, "invalid_image"),
+    UnsupportedImage: (415, "invalid_image"),
+    ImageTooLarge: (413, "invalid_image"),
+    QueueFull: (503, "overloaded"),
+    WorkerStopped: (503, "unavailable"),
+    JobCancelled: (503, "cancelled"),
+    TimeoutError: (504, "timeout"),
+    ClientDisconnected: (499, "client_closed"),  # nobody reads it; the status reaches the log and the metrics
+}
 
-class RequestError(Exception):
-    """A request problem found by the HTTP layer itself (bad content type, body too large, auth...)."""
+#: the error answers of the POST routes, for the OpenAPI schema
+ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse, "description": description}
+    for status, description in {
+        400: "corrupt image or body",
+        401: "missing or wrong API key",
+        413: "body or image too large",
+        415: "unsupported content type or image format",
+        422: "invalid parameters (sigma not offered, n too large, negative radius, ...)",
+        503: "queue full or shutting down (see Retry-After)",
+        504: "certification timed out",
+    }.items()
+}
 
-    def __init__(self, status: int, message: str, kind: str = "invalid_request", headers: dict[str, str] | None = None):
-        super().__init__(message)
-        self.status = status
-        self.kind = kind
-        self.headers = headers
+
+def status_and_kind(error: BaseException) -> tuple[int, str] | None:
+    """The table's entry for ``error`` (its nearest class in :data:`ERROR_TABLE`), or None: an internal error."""
+    return next((ERROR_TABLE[cls] for cls in type(error).__mro__ if cls in ERROR_TABLE), None)
 
 
-def error_response(request: Request, status: int, kind: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+def _message(error: BaseException) -> str:
+    """What a plain answer says of a known ``error``."""
+    if isinstance(error, TimeoutError):
+        return "the certification did not finish within the server's time limit; ask for fewer samples"
+    if isinstance(error, JobCancelled):
+        return f"the job was cancelled: {error}"
+    return str(error)
+
+
+def _headers(error: BaseException) -> dict[str, str] | None:
+    """``Retry-After`` for the 503s: the queue's estimate when it is full, else five seconds."""
+    if isinstance(error, QueueFull):
+        return {"Retry-After": str(max(1, round(error.retry_after)))}
+    if isinstance(error, (WorkerStopped, JobCancelled)):
+        return {"Retry-After": "5"}
+    return None
+
+
+def error_response(
+    request: Request, status: int, kind: str, message: str, headers: dict[str, str] | None = None
+) -> JSONResponse:
     request_id = getattr(request.state, "request_id", None)
     body = {"error": {"type": kind, "message": message, "request_id": request_id}}
     return JSONResponse(body, status_code=status, headers=headers)
 
 
+def error_event(error: BaseException) -> dict[str, Any]:
+    """A stream's error event: the exception's class name (clients map it to the status it would have had
+    outside a stream) and, for an error in :data:`ERROR_TABLE`, its message; for any other only where to look."""
+    told = status_and_kind(error) is not None
+    return {"type": type(error).__name__, "message": (str(error) or type(error).__name__) if told else INTERNAL_ERROR}
+
+
 def install_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(RequestError)
-    async def _request_error(request: Request, error: RequestError) -> JSONResponse:
-        return error_response(request, error.status, error.kind, str(error), error.headers)
+    async def known(request: Request, error: Exception) -> JSONResponse:
+        status, kind = status_and_kind(error) or (500, "internal_error")
+        return error_response(request, status, kind, _message(error), _headers(error))
+
+    for exception in ERROR_TABLE:
+        app.add_exception_handler(exception, known)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, error: RequestValidationError) -> JSONResponse:
         return error_response(request, 422, "invalid_request", validation_message(error.errors()))
-
-    @app.exception_handler(ImageError)
-    async def _image(request: Request, error: ImageError) -> JSONResponse:
-        return error_response(request, error.status, "invalid_image", str(error))
-
-    @app.exception_handler(PolicyError)
-    async def _policy(request: Request, error: PolicyError) -> JSONResponse:
-        return error_response(request, 422, "invalid_request", str(error))
-
-    @app.exception_handler(ValueError)
-    async def _value(request: Request, error: ValueError) -> JSONResponse:
-        return error_response(request, 422, "invalid_request", str(error))
-
-    @app.exception_handler(QueueFull)
-    async def _queue_full(request: Request, error: QueueFull) -> JSONResponse:
-        retry = str(max(1, round(error.retry_after)))
-        return error_response(request, 503, "overloaded", str(error), {"Retry-After": retry})
-
-    @app.exception_handler(WorkerStopped)
-    async def _stopped(request: Request, error: WorkerStopped) -> JSONResponse:
-        return error_response(request, 503, "unavailable", str(error), {"Retry-After": "5"})
-
-    @app.exception_handler(asyncio.TimeoutError)
-    async def _timeout(request: Request, error: asyncio.TimeoutError) -> JSONResponse:
-        return error_response(request, 504, "timeout", "the certification did not finish within the server's time limit; ask for fewer samples")
-
-    @app.exception_handler(JobCancelled)
-    async def _cancelled(request: Request, error: JobCancelled) -> JSONResponse:
-        return error_response(request, 503, "cancelled", f"the job was cancelled: {error}", {"Retry-After": "5"})
-
-    @app.exception_handler(ClientDisconnected)
-    async def _disconnected(request: Request, error: ClientDisconnected) -> JSONResponse:
-        # nobody reads it; the status (nginx's "client closed request") reaches the log and the metrics
-        return error_response(request, 499, "client_closed", str(error))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, error: StarletteHTTPException) -> JSONResponse:
@@ -90,5 +126,10 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, error: Exception) -> JSONResponse:
-        log.exception("unhandled error in %s %s id=%s", request.method, request.url.path, getattr(request.state, "request_id", None))
+        log.exception(
+            "unhandled error in %s %s id=%s",
+            request.method,
+            request.url.path,
+            getattr(request.state, "request_id", None),
+        )
         return error_response(request, 500, "internal_error", INTERNAL_ERROR)

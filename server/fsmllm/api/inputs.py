@@ -6,13 +6,13 @@ import json
 from typing import TypeVar
 
 from fastapi import Request
+from fastapi.exceptions import RequestValidationError
 from PIL import Image
 from pydantic import BaseModel, ValidationError
-from fastapi.exceptions import RequestValidationError
 from starlette.datastructures import UploadFile
 
-from fsmllm.api.errors import RequestError
-from fsmllm.api.images import decode_base64_image, open_image
+from fsmllm.errors import BodyTooLarge, MalformedBody, RequestError, UnsupportedMediaType
+from fsmllm.images import decode_base64_image, open_image
 
 Params = TypeVar("Params", bound=BaseModel)
 
@@ -25,7 +25,7 @@ def _refuse_declared(request: Request, limit: int) -> None:
     body without a declared length is bounded while it is read, by the app's ``BodyLimit`` middleware."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise RequestError(413, f"the request body is {declared} bytes; the limit is {limit}", "too_large")
+        raise BodyTooLarge(f"the request body is {declared} bytes; the limit is {limit}")
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -42,7 +42,9 @@ def _form_value(values: list[str], name: str) -> object:
     return values[-1]
 
 
-async def image_and_params(request: Request, model: type[Params], max_body: int, max_pixels: int) -> tuple[Image.Image, Params]:
+async def image_and_params(
+    request: Request, model: type[Params], max_body: int, max_pixels: int
+) -> tuple[Image.Image, Params]:
     """Parse ``model`` plus an image from JSON (``image`` as base64 or data URL) or multipart (file ``image``)."""
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type == "application/json":
@@ -50,19 +52,19 @@ async def image_and_params(request: Request, model: type[Params], max_body: int,
         try:
             payload = json.loads(body or b"null")
         except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise RequestError(400, f"the body is not valid JSON: {error}") from None
+            raise MalformedBody(f"the body is not valid JSON: {error}") from None
         if not isinstance(payload, dict):
-            raise RequestError(422, "the JSON body must be an object with an 'image' field")
+            raise RequestError("the JSON body must be an object with an 'image' field")
         image_text = payload.pop("image", None)
         if not isinstance(image_text, str) or not image_text:
-            raise RequestError(422, "image: required (base64 text or a data:image/...;base64, URL)")
+            raise RequestError("image: required (base64 text or a data:image/...;base64, URL)")
         image_bytes = decode_base64_image(image_text)
     elif content_type == "multipart/form-data":
         _refuse_declared(request, max_body)
         form = await request.form(max_files=1, max_fields=64, max_part_size=max_body)
         upload = form.get("image")
         if not isinstance(upload, UploadFile):
-            raise RequestError(422, "image: required as a file field named 'image'")
+            raise RequestError("image: required as a file field named 'image'")
         image_bytes = await upload.read()  # no larger than the body, which BodyLimit bounds
         payload = {
             key: _form_value([v for v in form.getlist(key) if isinstance(v, str)], key)
@@ -70,10 +72,8 @@ async def image_and_params(request: Request, model: type[Params], max_body: int,
             if key != "image"
         }
     else:
-        raise RequestError(
-            415,
-            f"unsupported content type {content_type or '(none)'}: send application/json or multipart/form-data",
-            "unsupported_media_type",
+        raise UnsupportedMediaType(
+            f"unsupported content type {content_type or '(none)'}: send application/json or multipart/form-data"
         )
     try:
         params = model.model_validate(payload)

@@ -22,7 +22,9 @@ class Metrics:
         )
         self.queue_depth = Gauge("fsmllm_queue_depth", "certification jobs queued or running", registry=self.registry)
         self.noise_samples = Counter("fsmllm_noise_samples", "noisy images encoded", registry=self.registry)
-        self.batches = Counter("fsmllm_encoder_batches", "encoder batches run by the device worker", registry=self.registry)
+        self.batches = Counter(
+            "fsmllm_encoder_batches", "encoder batches run by the device worker", registry=self.registry
+        )
         self.batch_fill = Histogram(
             "fsmllm_batch_fill",
             "fraction of each encoder batch filled with samples",

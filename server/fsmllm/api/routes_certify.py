@@ -1,59 +1,33 @@
-"""POST /certify and POST /generate: translate HTTP into runtime calls and certificates into JSON."""
+"""POST /certify and POST /generate: parse the request, make one call to :mod:`fsmllm.engine.serving`, render."""
 
 from __future__ import annotations
 
-import asyncio
-import time
 import uuid
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
-from PIL import Image
+from pydantic import BaseModel
 
-from fsmllm.api.errors import INTERNAL_ERROR
+from fsmllm.api.errors import ERRORS, error_event
 from fsmllm.api.inputs import image_and_params
 from fsmllm.api.schemas import (
-    AnswerCertificateOut,
-    AnswerCertification,
-    CertificateOut,
     CertifyParams,
     CertifyRequest,
     CertifyResponse,
-    ErrorResponse,
     GenerateParams,
     GenerateRequest,
     GenerateResponse,
-    Timings,
 )
 from fsmllm.api.streaming import ProgressCallback, progress_stream, unless_disconnected
-from fsmllm.certify import SmoothingConfig
-from fsmllm.certify.answers import AnswerCertificate, AnswerConfig
-from fsmllm.engine.certifier import CertifyOutcome
-from fsmllm.engine.jobs import JobCancelled
+from fsmllm.engine import serving
 from fsmllm.engine.runtime import Runtime
-from fsmllm.engine.worker import QueueFull, WorkerStopped
-from fsmllm.lm.base import Generation, SamplingParams
 
 router = APIRouter()
-T = TypeVar("T")
-
-ERRORS: dict[int | str, dict[str, Any]] = {
-    status: {"model": ErrorResponse, "description": description}
-    for status, description in {
-        400: "corrupt image or body",
-        401: "missing or wrong API key",
-        413: "body or image too large",
-        415: "unsupported content type or image format",
-        422: "invalid parameters (sigma not offered, n too large, negative radius, ...)",
-        503: "queue full or shutting down (see Retry-After)",
-        504: "certification timed out",
-    }.items()
-}
 
 
-def _body_schema(model: type) -> dict[str, Any]:
+def _body_schema(model: type[BaseModel]) -> dict[str, Any]:
     """OpenAPI: the same fields as JSON (image as base64 / data URL) or as multipart form fields + a file."""
     schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
     upload = {
@@ -72,54 +46,6 @@ def _body_schema(model: type) -> dict[str, Any]:
     }
 
 
-def certificate_out(
-    runtime: Runtime, outcome: CertifyOutcome, target_cos: float | None = None, per_token: bool = False
-) -> CertificateOut:
-    """The served certificate of ``outcome`` (see :meth:`CertificateOut.from_certificate`)."""
-    return CertificateOut.from_certificate(
-        outcome.certificate, runtime.encoder.name, runtime.booster, runtime.input_size, target_cos, per_token, outcome.cached,
-        runtime.encoder_dtype,
-    )
-
-
-def answer_config_of(runtime: Runtime, config: SmoothingConfig, options: AnswerCertification | None) -> AnswerConfig | None:
-    """The certified answer's parameters a request asked for (at the request's sigma), or None."""
-    if options is None:
-        return None
-    return runtime.policy.answer_config(config.sigma, options.n0, options.n, options.alpha, options.inner, options.radius)
-
-
-async def answer_and_certificates(
-    runtime: Runtime,
-    answer: Callable[[], Awaitable[T]],
-    image: Image.Image,
-    prompt: str,
-    answer_config: AnswerConfig | None,
-    sampling: SamplingParams,
-    seed: int | None,
-) -> tuple[T, AnswerCertificate | None, float]:
-    """``answer()`` and, when asked, the certified answer (its votes), run side by side: the votes share the
-    device worker and the language model with the answer's own work. Either failing cancels the other. Returns
-    the answer, the answer certificate (or None) and the seconds the votes took."""
-    if answer_config is None:
-        return await answer(), None, 0.0
-    started = time.perf_counter()
-
-    async def votes() -> tuple[AnswerCertificate, float]:
-        certificate = await runtime.certify_answer(image, prompt, answer_config, sampling, seed)
-        return certificate, time.perf_counter() - started
-
-    main, voted = asyncio.ensure_future(answer()), asyncio.ensure_future(votes())
-    try:
-        await asyncio.gather(main, voted)
-    except BaseException:  # the first error (or the caller gone): stop the other side, then report it
-        main.cancel()
-        voted.cancel()
-        await asyncio.gather(main, voted, return_exceptions=True)
-        raise
-    return main.result(), *voted.result()
-
-
 def _runtime(request: Request) -> Runtime:
     return request.app.state.runtime
 
@@ -127,17 +53,6 @@ def _runtime(request: Request) -> Runtime:
 def _limits(request: Request) -> tuple[int, int]:
     settings = request.app.state.settings
     return settings.max_body_bytes, settings.max_image_pixels
-
-
-#: failures whose message is meant for the client (outside a stream, the 503s and the 504)
-_TOLD = (QueueFull, WorkerStopped, JobCancelled, TimeoutError)
-
-
-def error_event(error: BaseException) -> dict[str, Any]:
-    """A progress stream's error event: the exception's class name (clients map it to the status it would have
-    had outside a stream) and its message, or for an unexpected error only where to look (as a 500 says)."""
-    message = (str(error) or type(error).__name__) if isinstance(error, _TOLD) else INTERNAL_ERROR
-    return {"type": type(error).__name__, "message": message}
 
 
 @router.post(
@@ -152,27 +67,14 @@ def error_event(error: BaseException) -> dict[str, Any]:
 async def certify(request: Request) -> Any:
     runtime = _runtime(request)
     image, params = await image_and_params(request, CertifyParams, *_limits(request))
-    config = runtime.policy.config(params.sigma, params.n0, params.n, params.alpha, params.bound, params.granularity)
-    radii = runtime.policy.radii(params.radii())
-    stop = runtime.policy.stop_rule(config, radii, params.stop_at_fcsb, params.target_cos, params.radius_tolerance)
+    task = params.to_task(runtime.policy)
     request_id = request.state.request_id
 
     async def work(on_progress: ProgressCallback | None) -> dict[str, Any]:
-        started = time.perf_counter()
-        outcome = await runtime.certify(image, config, radii, params.seed, on_progress, stop)
-        timings = Timings(
-            queue_ms=outcome.queue_seconds * 1e3,
-            certify_ms=outcome.compute_seconds * 1e3,
-            total_ms=(time.perf_counter() - started) * 1e3,
-        )
-        response = CertifyResponse(
-            id=request_id, certificate=certificate_out(runtime, outcome, params.target_cos, params.per_token), timings=timings
-        )
-        return response.model_dump()
+        certified = await serving.certify(runtime, image, task, on_progress)
+        return CertifyResponse.of(request_id, certified, params.target_cos, params.per_token).model_dump()
 
-    if params.stream:
-        return progress_stream(work, error_event, request_id)
-    return JSONResponse(await unless_disconnected(request, work(None)))
+    return await respond(request, params.stream, work)
 
 
 @router.post(
@@ -187,50 +89,23 @@ async def certify(request: Request) -> Any:
 async def generate(request: Request) -> Any:
     runtime = _runtime(request)
     image, params = await image_and_params(request, GenerateParams, *_limits(request))
-    if len(params.prompt) > request.app.state.settings.max_prompt_chars:
-        raise ValueError(f"the prompt has {len(params.prompt)} characters; the limit is {request.app.state.settings.max_prompt_chars}")
-    config = runtime.policy.config(params.sigma, params.n0, params.n, params.alpha, params.bound, params.granularity)
-    radii = runtime.policy.radii(params.radii())
-    stop = runtime.policy.stop_rule(config, radii, params.stop_at_fcsb)
-    sampling = runtime.policy.sampling(params.max_tokens, params.temperature, params.top_p, params.seed, params.stop_list())
-    answer_config = answer_config_of(runtime, config, params.certify_answer)
-    if runtime.model is None:
-        raise ValueError("this deployment serves certificates only (model 'none'); use POST /certify")
+    task = params.to_answer(runtime.policy, request.app.state.settings.max_prompt_chars)
+    runtime.language_model()  # CertificatesOnly (422) before any work
     request_id = request.state.request_id
 
     async def work(on_progress: ProgressCallback | None) -> dict[str, Any]:
-        started = time.perf_counter()
+        answered = await serving.answer(runtime, image, task, on_progress)
+        return GenerateResponse.of(request_id, answered, params.per_token).model_dump()
 
-        async def answer() -> tuple[CertifyOutcome, Generation, float]:
-            outcome = await runtime.certify(image, config, radii, params.seed, on_progress, stop)
-            generation_started = time.perf_counter()
-            generation = await runtime.generate(outcome.certificate, params.prompt, sampling)
-            return outcome, generation, time.perf_counter() - generation_started
+    return await respond(request, params.stream, work)
 
-        (outcome, generation, generate_s), voted, answer_s = await answer_and_certificates(
-            runtime, answer, image, params.prompt, answer_config, sampling, params.seed
-        )
-        response = GenerateResponse(
-            id=request_id,
-            model=runtime.model_name,
-            answer=generation.text,
-            finish_reason=generation.finish_reason,
-            prompt_tokens=generation.prompt_tokens,
-            completion_tokens=generation.completion_tokens,
-            certificate=certificate_out(runtime, outcome, per_token=params.per_token),
-            answer_certificate=None if voted is None else AnswerCertificateOut.from_certificate(voted),
-            timings=Timings(
-                queue_ms=outcome.queue_seconds * 1e3,
-                certify_ms=outcome.compute_seconds * 1e3,
-                generate_ms=generate_s * 1e3,
-                answer_ms=answer_s * 1e3,
-                total_ms=(time.perf_counter() - started) * 1e3,
-            ),
-        )
-        return response.model_dump()
 
-    if params.stream:
-        return progress_stream(work, error_event, request_id)
+async def respond(
+    request: Request, stream: bool, work: Callable[[ProgressCallback | None], Awaitable[dict[str, Any]]]
+) -> Response:
+    """``work``'s result as JSON, or with ``stream`` as progress events then a result event."""
+    if stream:
+        return progress_stream(work, error_event, request.state.request_id)
     return JSONResponse(await unless_disconnected(request, work(None)))
 
 

@@ -7,7 +7,6 @@ extra ``certification`` object (``extra_body`` in the openai client); otherwise 
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
@@ -17,14 +16,10 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
-from fsmllm.api.errors import RequestError
-from fsmllm.api.images import decode_base64_image, open_image
-from fsmllm.api.routes_certify import ERRORS, answer_and_certificates, answer_config_of, certificate_out, error_event
+from fsmllm.api.errors import ERRORS, error_event
 from fsmllm.api.schemas import (
     AnswerCertificateOut,
-    CertificationParams,
-    ChatChoice,
-    ChatChoiceMessage,
+    CertificateOut,
     ChatCompletionRequest,
     ChatCompletionResponse,
     ModelCard,
@@ -32,34 +27,12 @@ from fsmllm.api.schemas import (
     Usage,
 )
 from fsmllm.api.streaming import in_band_error, unless_disconnected
-from fsmllm.engine.certifier import CertifyOutcome
+from fsmllm.engine import serving
 from fsmllm.engine.runtime import Runtime
-from fsmllm.lm.base import Generation
+from fsmllm.errors import UnknownModel
+from fsmllm.images import decode_base64_image, open_image
 
 router = APIRouter(prefix="/v1")
-
-
-def _question_and_image(chat: ChatCompletionRequest) -> tuple[str, str]:
-    """The last user message's text, and the one image of the conversation (as a data URL)."""
-    images = [
-        part.image_url.url
-        for message in chat.messages
-        if not isinstance(message.content, str)
-        for part in message.content
-        if part.type == "image_url"
-    ]
-    if len(images) != 1:
-        raise RequestError(422, f"send exactly one image (an image_url content part); this conversation has {len(images)}")
-    users = [message for message in chat.messages if message.role == "user"]
-    if not users:
-        raise RequestError(422, "the conversation has no user message")
-    content = users[-1].content
-    text = content if isinstance(content, str) else " ".join(p.text for p in content if p.type == "text")
-    if not text.strip():
-        raise RequestError(422, "the last user message has no text: ask a question about the image")
-    if not images[0].startswith("data:"):
-        raise RequestError(422, "image_url must be a data:image/...;base64, URL; this server does not fetch remote URLs")
-    return text.strip(), images[0]
 
 
 @router.post(
@@ -70,94 +43,67 @@ def _question_and_image(chat: ChatCompletionRequest) -> tuple[str, str]:
 )
 async def chat_completions(request: Request, chat: ChatCompletionRequest) -> Any:
     runtime: Runtime = request.app.state.runtime
-    settings = request.app.state.settings
     if chat.model is not None and chat.model != runtime.model_name:
-        raise RequestError(404, f"model {chat.model!r} is not served here; GET /v1/models lists {runtime.model_name!r}", "not_found")
-    if runtime.model is None:
-        raise RequestError(422, "this deployment serves certificates only (model 'none'); use POST /certify")
-    question, url = _question_and_image(chat)
-    image = open_image(decode_base64_image(url), settings.max_image_pixels)
-    cert_params = chat.certification or CertificationParams()
-    config = runtime.policy.config(
-        cert_params.sigma, cert_params.n0, cert_params.n, cert_params.alpha, cert_params.bound, cert_params.granularity
-    )
-    radii = runtime.policy.radii(cert_params.radii())
-    stop = runtime.policy.stop_rule(config, radii, cert_params.stop_at_fcsb)
-    seed = chat.seed if chat.seed is not None else cert_params.seed
-    sampling = runtime.policy.sampling(chat.max_tokens, chat.temperature, chat.top_p, seed, chat.stop_list())
-    answer_config = answer_config_of(runtime, config, chat.certify_answer)
-    request_id = f"chatcmpl-{request.state.request_id}"
-    created = int(time.time())
-
+        raise UnknownModel(f"model {chat.model!r} is not served here; GET /v1/models lists {runtime.model_name!r}")
+    runtime.language_model()  # CertificatesOnly (422) before any work
+    question, url = chat.question_and_image()
+    image = open_image(decode_base64_image(url), request.app.state.settings.max_image_pixels)
+    task = chat.to_answer(runtime.policy, question)
+    completion_id, created = f"chatcmpl-{request.state.request_id}", int(time.time())
+    per_token = chat.certification is not None and chat.certification.per_token
     if not chat.stream:
-        async def answer() -> tuple[CertifyOutcome, Generation]:
-            outcome = await runtime.certify(image, config, radii, seed, stop=stop)
-            return outcome, await runtime.generate(outcome.certificate, question, sampling)
+        answered = await unless_disconnected(request, serving.answer(runtime, image, task))
+        return ChatCompletionResponse.of(completion_id, created, answered, per_token)
+    answer = await unless_disconnected(request, serving.open_answer_stream(runtime, image, task))
+    return StreamingResponse(
+        _chunks(answer, completion_id, created, per_token, request.state.request_id),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache"},
+    )
 
-        (outcome, generation), voted, _ = await unless_disconnected(
-            request,
-            answer_and_certificates(runtime, answer, image, question, answer_config, sampling, seed),
-        )
-        return ChatCompletionResponse(
-            id=request_id,
-            created=created,
-            model=runtime.model_name,
-            choices=[ChatChoice(message=ChatChoiceMessage(content=generation.text), finish_reason=generation.finish_reason)],
-            usage=Usage(
-                prompt_tokens=generation.prompt_tokens,
-                completion_tokens=generation.completion_tokens,
-                total_tokens=generation.prompt_tokens + generation.completion_tokens,
-            ),
-            certificate=certificate_out(runtime, outcome, per_token=cert_params.per_token),
-            answer_certificate=None if voted is None else AnswerCertificateOut.from_certificate(voted),
-        )
 
-    outcome = await unless_disconnected(request, runtime.certify(image, config, radii, seed, stop=stop))
-    certificate = certificate_out(runtime, outcome, per_token=cert_params.per_token)
+async def _chunks(
+    answer: serving.AnswerStream, completion_id: str, created: int, per_token: bool, request_id: str
+) -> AsyncIterator[str]:
+    """The OpenAI chat.completion.chunk events of a streamed answer: the role, the pieces, then one chunk with the
+    finish reason, the usage and fsmllm's certificates (an error in the votes ends the stream in-band)."""
+    model = answer.certified.provenance.model
+    certificate = CertificateOut.of(answer.certified, per_token=per_token)
 
     def chunk(delta: dict[str, Any], finish_reason: str | None = None, **extra: Any) -> str:
+        choice = {"index": 0, "delta": delta, "finish_reason": finish_reason}
         body = {
-            "id": request_id,
+            "id": completion_id,
             "object": "chat.completion.chunk",
             "created": created,
-            "model": runtime.model_name,
-            "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}],
+            "model": model,
+            "choices": [choice],
             **extra,
         }
         return f"data: {json.dumps(body)}\n\n"
 
-    async def events() -> AsyncIterator[str]:
-        # the votes of a certified answer run beside the streamed answer; their certificate comes in the last chunk
-        votes = None
-        if answer_config is not None:
-            votes = asyncio.ensure_future(runtime.certify_answer(image, question, answer_config, sampling, seed))
+    answer.start_votes()  # the votes of a certified answer run beside the streamed answer
+    try:
+        yield chunk({"role": "assistant", "content": ""})
+        async with aclosing(answer.pieces()) as pieces:  # closed early (client gone): the generation is cancelled
+            async for piece in pieces:
+                yield chunk({"content": piece})
+        extra: dict[str, Any] = {
+            "usage": Usage.of(answer.generation).model_dump(),
+            "certificate": certificate.model_dump(),
+        }
         try:
-            yield chunk({"role": "assistant", "content": ""})
-            stream = runtime.stream(outcome.certificate, question, sampling)
-            async with aclosing(runtime.pieces(stream)) as pieces:  # closed early (client gone): generation cancelled
-                async for piece in pieces:
-                    yield chunk({"content": piece})
-            generation = stream.result()
-            usage = Usage(
-                prompt_tokens=generation.prompt_tokens,
-                completion_tokens=generation.completion_tokens,
-                total_tokens=generation.prompt_tokens + generation.completion_tokens,
-            )
-            extra: dict[str, Any] = {"usage": usage.model_dump(), "certificate": certificate.model_dump()}
-            if votes is not None:
-                try:
-                    extra["answer_certificate"] = AnswerCertificateOut.from_certificate(await votes).model_dump()
-                except Exception as error:  # noqa: BLE001 - the stream has started: report in-band
-                    body = in_band_error(error, error_event, request.state.request_id, "chat completion stream")
-                    yield f"data: {json.dumps({'error': body})}\n\n"
-                    return
-            yield chunk({}, generation.finish_reason, **extra)
-            yield "data: [DONE]\n\n"
-        finally:  # also when the client has gone: stop the votes
-            if votes is not None:
-                votes.cancel()
-
-    return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+            voted = await answer.answer_certificate()
+        except Exception as error:
+            body = in_band_error(error, error_event, request_id, "chat completion stream")
+            yield f"data: {json.dumps({'error': body})}\n\n"
+            return
+        if voted is not None:
+            extra["answer_certificate"] = AnswerCertificateOut.from_certificate(voted).model_dump()
+        yield chunk({}, answer.generation.finish_reason, **extra)
+        yield "data: [DONE]\n\n"
+    finally:  # also when the client has gone: stop the votes
+        answer.close()
 
 
 @router.get("/models", response_model=ModelList, summary="The served model and its certification settings")
@@ -171,7 +117,12 @@ async def models(request: Request) -> ModelList:
         input_size=runtime.input_size,
         encoder_dtype=runtime.encoder_dtype,
         allowed_sigmas=list(policy.allowed_sigmas),
-        defaults={"sigma": policy.default_sigma, "n0": policy.default_n0, "n": policy.default_n, "alpha": policy.default_alpha, "max_n": policy.max_n},
+        defaults={
+            "sigma": policy.default_sigma,
+            "n0": policy.default_n0,
+            "n": policy.default_n,
+            "alpha": policy.default_alpha,
+            "max_n": policy.max_n,
+        },
     )
     return ModelList(data=[card])
-

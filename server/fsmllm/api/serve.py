@@ -52,7 +52,9 @@ def build_runtime(settings: Settings, metrics: Metrics) -> Runtime:
     if settings.model != "none":
         spec = model_spec(settings.model)
         if settings.encoder is not None and settings.encoder != spec.encoder:
-            raise ValueError(f"model {spec.name!r} reads the features of encoder {spec.encoder!r}, not {settings.encoder!r}")
+            raise ValueError(
+                f"model {spec.name!r} reads the features of encoder {spec.encoder!r}, not {settings.encoder!r}"
+            )
         if image_size is not None and image_size != spec.image_size:
             raise ValueError(f"model {spec.name!r} was trained at {spec.image_size} px, not {image_size}")
         encoder_name, image_size = spec.encoder, spec.image_size
@@ -62,7 +64,9 @@ def build_runtime(settings: Settings, metrics: Metrics) -> Runtime:
     if isinstance(encoder, BoostedEncoder) and encoder.booster.config.sigma != settings.default_sigma:
         log.warning(
             "booster %s was trained at sigma %g, the default sigma is %g: certificates stay valid, but the booster "
-            "helps most at the sigma it was trained for", settings.booster, encoder.booster.config.sigma,
+            "helps most at the sigma it was trained for",
+            settings.booster,
+            encoder.booster.config.sigma,
             settings.default_sigma,
         )
     return Runtime(

@@ -40,7 +40,9 @@ class Settings(BaseSettings):
     # HTTP
     host: str = Field("127.0.0.1", description="address to bind; 0.0.0.0 to listen on every interface")
     port: int = Field(8000, ge=1, le=65535, description="TCP port")
-    api_key: str | None = Field(None, description="if set, every route but health/ready/metrics needs 'Authorization: Bearer <key>'")
+    api_key: str | None = Field(
+        None, description="if set, every route but health/ready/metrics needs 'Authorization: Bearer <key>'"
+    )
 
     # certification policy
     allowed_sigmas: Annotated[list[float], NoDecode] = Field(
@@ -96,7 +98,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """One ``--flag`` per :class:`Settings` field (``max_n`` -> ``--max-n``), typed and documented from it."""
     for name, field in Settings.model_fields.items():
         kind = field.annotation
-        options: dict[str, Any] = {"help": f"{field.description or name} (env FSMLLM_{name.upper()}, default {field.default})"}
+        options: dict[str, Any] = {
+            "help": f"{field.description or name} (env FSMLLM_{name.upper()}, default {field.default})"
+        }
         if get_origin(kind) is Literal:
             options["choices"] = list(get_args(kind))
         elif get_origin(kind) is list:

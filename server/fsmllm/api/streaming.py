@@ -102,7 +102,7 @@ def progress_stream(
                     waiter.cancel()
             try:
                 result = task.result()
-            except Exception as error:  # noqa: BLE001 - the stream has started: report in-band
+            except Exception as error:
                 yield sse("error", in_band_error(error, describe_error, request_id, "progress stream"))
                 return
             while not updates.empty():  # updates still queued when the work finished
@@ -114,4 +114,3 @@ def progress_stream(
                 waiter.cancel()
 
     return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-

@@ -1,7 +1,10 @@
 """The certification core: pure functions on tensors, no server imports (method.md).
 
 * :mod:`~fsmllm.certify.bounds` — FCSB, its inverse, confidence bounds;
-* :mod:`~fsmllm.certify.smoothing` — the Monte Carlo smoothed encoder and its sound certificate;
+* :mod:`~fsmllm.certify.config` — what one certification asks for (σ, n0, n, α, bound, granularity, stop rule);
+* :mod:`~fsmllm.certify.smoothing` — the Monte Carlo estimator (:class:`SmoothingRun`) and :class:`SmoothedEncoder`;
+* :mod:`~fsmllm.certify.certificate` — the certificate it gives (certified and served FCSB per radius);
+* :mod:`~fsmllm.certify.sampling` — the seeded noise and the executors that batch many runs' samples;
 * :mod:`~fsmllm.certify.classify` — prediction-wise certification of a cosine classifier;
 * :mod:`~fsmllm.certify.answers` — certified answers (CERTIFY on the whole model's answer).
 """
@@ -19,31 +22,26 @@ from fsmllm.certify.bounds import (
     prediction_radius,
     upper_bound,
 )
+from fsmllm.certify.certificate import Certificate, TokenBounds, per_token_features
 from fsmllm.certify.classify import CosineClassifier, PredictionCertificate
-from fsmllm.certify.smoothing import (
+from fsmllm.certify.config import (
+    DEFAULT_RADII,
     GRANULARITIES,
     NOISE_BLOCK,
-    Certificate,
     Encode,
     Granularity,
-    SampleRun,
-    SmoothedEncoder,
     SmoothingConfig,
-    SmoothingRun,
     StopRule,
-    TokenBounds,
     check_radii,
-    deliver,
-    fill_batch,
     new_seed,
-    per_token_features,
-    run_batched,
-    run_shared,
 )
+from fsmllm.certify.sampling import SampleRun, deliver, fill_batch, run_batched, run_shared
+from fsmllm.certify.smoothing import SmoothedEncoder, SmoothingRun
 
 __all__ = [
     "ANYTIME_METHODS",
     "BOUND_METHODS",
+    "DEFAULT_RADII",
     "GRANULARITIES",
     "NOISE_BLOCK",
     "BoundMethod",

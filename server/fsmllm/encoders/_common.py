@@ -5,9 +5,12 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from torch import nn
+
+M = TypeVar("M", bound=nn.Module)
 
 #: ImageNet statistics (torchvision's; DINOv2 was trained with them).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -69,7 +72,7 @@ class PixelNormalize(nn.Module):
         return ((pixels - self.mean) / self.std).to(self.output_dtype)
 
 
-def freeze(module: nn.Module) -> nn.Module:
+def freeze(module: M) -> M:
     """Put ``module`` in eval mode with no parameter requiring gradients (gradients w.r.t. inputs still flow)."""
     module.eval()
     for parameter in module.parameters():

@@ -67,7 +67,7 @@ def dinov2_config() -> Dinov2Config:
         hidden_size=WIDTH,
         num_hidden_layers=12,
         num_attention_heads=6,
-        intermediate_size=4 * WIDTH,
+        mlp_ratio=4,  # MLP width 4 x WIDTH (Dinov2Config has no intermediate_size: it was ignored)
         patch_size=PATCH_SIZE,
         image_size=518,
         layerscale_value=1.0,
@@ -197,7 +197,8 @@ class Dinov2Encoder(VisionEncoder):
         freeze(self)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Pixels [B, 3, S, S] in [0, 1] -> tokens [B, 1 + pooled_grid², 384] (in the encoder's dtype, float32 by default)."""
+        """Pixels [B, 3, S, S] in [0, 1] -> tokens [B, 1 + pooled_grid², 384] (in the encoder's dtype, float32 by
+        default)."""
         check_pixels(pixels, self.image_size)
         hidden = self.model(pixel_values=self.normalize(pixels.float())).last_hidden_state
         if self.pooled_grid is None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 from importlib.resources import files
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -87,11 +88,13 @@ class EfficientNetLite0Encoder(VisionEncoder):
         self.num_tokens = 1
         self.token_dim = FEATURE_DIM
         self.normalize = PixelNormalize(LITE_MEAN, LITE_STD)
-        self.model = model if model is not None else load_lite0(image_size)
+        # efficientnet_lite_pytorch.EfficientNet: untyped (extract_features, _fc)
+        self.model: Any = model if model is not None else load_lite0(image_size)
         freeze(self)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Pixels [B, 3, S, S] in [0, 1] -> pooled features [B, 1, 1280] (in the encoder's dtype, float32 by default)."""
+        """Pixels [B, 3, S, S] in [0, 1] -> pooled features [B, 1, 1280] (in the encoder's dtype, float32 by
+        default)."""
         check_pixels(pixels, self.image_size)
         features = self.model.extract_features(self.normalize(pixels.float()))
         return features.mean(dim=(2, 3)).unsqueeze(1)
@@ -112,5 +115,6 @@ def head_classifier(model: nn.Module | None = None) -> CosineClassifier:
     1.95, and rescaling both to 1 undoes the head's 0.11 logit lead). The feature f is the encoder's single
     token, so the classifier's dimension is the encoder's ``feature_dim``.
     """
-    head = (model if model is not None else load_lite0())._fc
+    network: Any = model if model is not None else load_lite0()  # untyped: its head is ``_fc``
+    head = network._fc
     return CosineClassifier.from_rows(imagenet_class_names(), head.weight.detach().float().clone())

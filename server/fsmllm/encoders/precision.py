@@ -56,7 +56,7 @@ def precision_of(encoder: torch.nn.Module) -> Precision:
     else:
         dtype = next((p.dtype for p in encoder.parameters() if p.is_floating_point()), torch.float32)
     name = str(dtype).removeprefix("torch.")
-    return name if name in PRECISIONS else "float32"  # type: ignore[return-value]
+    return name if name in PRECISIONS else "float32"
 
 
 def compiled(encoder: VisionEncoder, backend: str = "inductor") -> VisionEncoder:

@@ -45,12 +45,14 @@ def available_encoders() -> dict[str, str]:
 def _hf_folder(name: str) -> Path | None:
     """The folder named by ``hf:PATH`` or by an existing directory path; None for other names."""
     if name.startswith(HF_PREFIX):
-        return Path(name[len(HF_PREFIX):]).expanduser()
+        return Path(name[len(HF_PREFIX) :]).expanduser()
     path = Path(name).expanduser()
     return path if name not in _CLASSES and path.is_dir() else None
 
 
-def load_encoder(name: str, *, image_size: int | None = None, device: str | torch.device = "cpu", **kw: Any) -> VisionEncoder:
+def load_encoder(
+    name: str, *, image_size: int | None = None, device: str | torch.device = "cpu", **kw: Any
+) -> VisionEncoder:
     """A frozen, eval-mode encoder by name, on ``device``.
 
     Args:

@@ -82,7 +82,8 @@ class TinyViTEncoder(VisionEncoder):
         freeze(self)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Pixels [B, 3, S, S] in [0, 1] -> tokens [B, 1 + (S / patch_size)², width] (in the encoder's dtype, float32 by default)."""
+        """Pixels [B, 3, S, S] in [0, 1] -> tokens [B, 1 + (S / patch_size)², width] (in the encoder's dtype,
+        float32 by default)."""
         check_pixels(pixels, self.image_size)
         patches = self.patch_embed(self.normalize(pixels.float())).flatten(2).transpose(1, 2)
         x = torch.cat([self.cls_token.expand(patches.shape[0], -1, -1), patches], dim=1) + self.position

@@ -59,7 +59,8 @@ class CertifyJob(_Completion):
 
     The worker builds the :class:`SmoothingRun` on its device when it admits the job (so routes never touch
     the device). ``on_progress(done, total, interim)`` is called from the worker thread after each batch that
-    touched the job, ``interim`` being the certificate valid so far (anytime bounds only, else None). The result (or the error) is delivered to ``future``, which belongs to ``loop``.
+    touched the job, ``interim`` being the certificate valid so far (anytime bounds only, else None). The result
+    (or the error) is delivered to ``future``, which belongs to ``loop``.
     """
 
     pixels: torch.Tensor

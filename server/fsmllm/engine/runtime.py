@@ -12,21 +12,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, cast
 
 import torch
 from PIL import Image
 
-from fsmllm.certify import ANYTIME_METHODS, Certificate, SmoothingConfig, StopRule, new_seed
+from fsmllm.certify import Certificate, SmoothingConfig, StopRule, new_seed
 from fsmllm.certify.answers import AnswerCertificate, AnswerConfig, AnswerVoting, chunk_seed, vote_chunks
 from fsmllm.encoders.base import VisionEncoder
 from fsmllm.encoders.precision import compiled, precision_of
 from fsmllm.engine.certifier import Certifier, CertifyOutcome
 from fsmllm.engine.jobs import ProgressCallback
 from fsmllm.engine.worker import DeviceWorker
+from fsmllm.errors import CertificatesOnly, PolicyError, as_request_error
 from fsmllm.images import to_pixels
 from fsmllm.lm.base import Generation, GenerationCancelled, SamplingParams, TextStream
 
@@ -35,18 +36,17 @@ class VisionLanguageModel(Protocol):
     """A language model that answers from smoothed visual tokens [T, W] (the encoder's token layout)."""
 
     name: str
-    #: generations run at once (1 for the transformers backend; vLLM batches many)
-    max_concurrency: int
+
+    @property
+    def max_concurrency(self) -> int:
+        """Generations run at once (1 for the transformers backend; vLLM batches many)."""
+        ...
 
     def generate(self, visual_tokens: torch.Tensor, prompt: str, params: SamplingParams) -> Generation: ...
 
     def stream(self, visual_tokens: torch.Tensor, prompt: str, params: SamplingParams) -> TextStream: ...
 
     def generate_batch(self, visual_tokens: torch.Tensor, prompt: str, params: SamplingParams) -> list[Generation]: ...
-
-
-class PolicyError(ValueError):
-    """A request asked for something this deployment does not allow (answered with 400/422)."""
 
 
 @dataclass(frozen=True)
@@ -73,38 +73,16 @@ class Policy:
     ) -> SmoothingConfig:
         sigma = self.default_sigma if sigma is None else sigma
         if not any(math.isclose(sigma, allowed) for allowed in self.allowed_sigmas):
-            raise PolicyError(f"sigma {sigma} is not offered by this deployment; choose one of {list(self.allowed_sigmas)}")
+            raise PolicyError(
+                f"sigma {sigma} is not offered by this deployment; choose one of {list(self.allowed_sigmas)}"
+            )
         n0 = self.default_n0 if n0 is None else n0
         n = self.default_n if n is None else n
         if n0 + n > self.max_n:
             raise PolicyError(f"n0 + n = {n0 + n} samples exceeds this deployment's maximum of {self.max_n}")
         alpha = self.default_alpha if alpha is None else alpha
-        return SmoothingConfig(sigma=sigma, n0=n0, n=n, alpha=alpha, bound=bound, granularity=granularity)  # type: ignore[arg-type]
-
-    @staticmethod
-    def stop_rule(
-        config: SmoothingConfig,
-        radii: list[float],
-        stop_at_fcsb: float | None,
-        target_cos: float | None = None,
-        radius_tolerance: float | None = None,
-    ) -> StopRule | None:
-        """The early-stopping rule a request asked for (method.md, "Stopping early"), or None."""
-        if stop_at_fcsb is None and radius_tolerance is None:
-            return None
-        if config.bound not in ANYTIME_METHODS:
-            raise PolicyError(
-                f"stopping early needs an anytime-valid bound: use bound 'betting' (the default), not {config.bound!r}"
-            )
-        if stop_at_fcsb is not None and radius_tolerance is not None:
-            raise PolicyError("give stop_at_fcsb (stop at a certified cosine) or radius_tolerance (with target_cos), not both")
-        if radius_tolerance is not None:
-            if target_cos is None:
-                raise PolicyError("radius_tolerance stops a target_cos request: give target_cos too")
-            return StopRule(target_cos=target_cos, tolerance=radius_tolerance)
-        if not radii:
-            raise PolicyError("stop_at_fcsb needs at least one radius")
-        return StopRule(fcsb=stop_at_fcsb, radii=tuple(radii))
+        with as_request_error():
+            return SmoothingConfig(sigma=sigma, n0=n0, n=n, alpha=alpha, bound=bound, granularity=granularity)  # type: ignore[arg-type]
 
     def answer_config(
         self, sigma: float, n0: int, n: int, alpha: float, inner: int = 1, radius: float | None = None
@@ -113,19 +91,24 @@ class Policy:
         samples = (n0 + n) * inner
         if samples > self.max_n:
             raise PolicyError(
-                f"a certified answer of (n0 + n) x inner = {samples} samples exceeds this deployment's maximum of {self.max_n}"
+                f"a certified answer of (n0 + n) x inner = {samples} samples exceeds this deployment's maximum of "
+                f"{self.max_n}"
             )
-        return AnswerConfig(sigma=sigma, n0=n0, n=n, alpha=alpha, inner=inner, radius=radius)
+        with as_request_error():
+            return AnswerConfig(sigma=sigma, n0=n0, n=n, alpha=alpha, inner=inner, radius=radius)
 
     def radii(self, radii: list[float]) -> list[float]:
         if len(radii) > self.max_radii:
             raise PolicyError(f"{len(radii)} radii requested; at most {self.max_radii} per request")
         return radii
 
-    def sampling(self, max_tokens: int, temperature: float, top_p: float, seed: int | None, stop: list[str]) -> SamplingParams:
+    def sampling(
+        self, max_tokens: int, temperature: float, top_p: float, seed: int | None, stop: list[str]
+    ) -> SamplingParams:
         if max_tokens > self.max_tokens:
             raise PolicyError(f"max_tokens {max_tokens} exceeds this deployment's limit of {self.max_tokens}")
-        return SamplingParams(max_tokens, temperature, top_p, seed, tuple(stop))
+        with as_request_error():
+            return SamplingParams(max_tokens, temperature, top_p, seed, tuple(stop))
 
 
 class Runtime:
@@ -209,12 +192,16 @@ class Runtime:
         """The smoothed feature in the encoder's token layout [T, W], as the language model reads it."""
         return certificate.smoothed_feature.reshape(self.encoder.num_tokens, self.encoder.token_dim)
 
+    def language_model(self) -> VisionLanguageModel:
+        """The served language model; :class:`~fsmllm.errors.CertificatesOnly` where there is none."""
+        if self.model is None:
+            raise CertificatesOnly()
+        return self.model
+
     def stream(self, certificate: Certificate, prompt: str, params: SamplingParams) -> TextStream:
         """Open a generation about ``certificate``'s smoothed features; consume it with :meth:`pieces` (which
         runs it on the LM threads)."""
-        if self.model is None:
-            raise PolicyError("this deployment serves certificates only (model 'none'); use POST /certify")
-        return self.model.stream(self.visual_tokens(certificate), prompt, params)
+        return self.language_model().stream(self.visual_tokens(certificate), prompt, params)
 
     async def generate(self, certificate: Certificate, prompt: str, params: SamplingParams) -> Generation:
         """The whole answer, generated on an LM thread; cancelling the awaiting task cancels the generation."""
@@ -229,7 +216,7 @@ class Runtime:
                 self._account("cancelled", 0)
             raise
 
-    async def pieces(self, stream: TextStream) -> AsyncIterator[str]:
+    async def pieces(self, stream: TextStream) -> AsyncGenerator[str, None]:
         """The text of ``stream`` as generated, each piece computed on an LM thread, then read
         ``stream.result()``. If the consumer stops early (the client went away) the generation is cancelled
         and its end is accounted on an LM thread. Use it inside ``contextlib.aclosing``, right after
@@ -240,7 +227,7 @@ class Runtime:
         complete = False
         try:
             while (piece := await loop.run_in_executor(self._lm_executor, next, iterator, finished)) is not finished:
-                yield piece
+                yield cast(str, piece)
             complete = True
         finally:
             if complete:
@@ -256,8 +243,7 @@ class Runtime:
         the device worker (shared batches), their greedy answers are generated in batches on the LM threads, and
         the voting stops early when ``config.radius`` is certified or cannot be. The worker computes the next
         chunk's features while the language model answers the current one."""
-        if self.model is None:
-            raise PolicyError("this deployment serves certificates only (model 'none'); use POST /certify")
+        self.language_model()
         pixels = self.pixels(image)
         seed = new_seed() if seed is None else seed
         voting = AnswerVoting(config, seed)
@@ -268,9 +254,10 @@ class Runtime:
             work = self.certifier.samples(pixels, config.sigma, chunks[index], chunk_seed(seed, index), config.inner)
             return asyncio.ensure_future(work)
 
-        upcoming = features(0)
+        upcoming: asyncio.Future[torch.Tensor] | None = features(0)
         try:
             for index in range(len(chunks)):
+                assert upcoming is not None  # the chunk after index was started, or index is the last
                 current = await upcoming
                 upcoming = features(index + 1) if index + 1 < len(chunks) else None
                 tokens = current.reshape(current.shape[0], self.encoder.num_tokens, self.encoder.token_dim)
@@ -313,7 +300,7 @@ class Runtime:
     def _complete_quietly(self, stream: TextStream) -> None:
         try:
             self._complete(stream)
-        except Exception:  # noqa: BLE001 - nobody awaits a cancelled stream; its end is in the metrics
+        except Exception:
             pass
 
     def _account(self, event: str, tokens: int) -> None:

@@ -2,7 +2,8 @@
 
 Requests put jobs (:class:`~fsmllm.engine.jobs.CertifyJob`, and :class:`~fsmllm.engine.jobs.SampleJob` for the
 votes of certified answers) on a bounded queue. The worker keeps every admitted job's run
-(:class:`~fsmllm.certify.SmoothingRun` or :class:`~fsmllm.certify.SampleRun`) and fills each encoder batch with noisy samples from as
+(:class:`~fsmllm.certify.SmoothingRun` or :class:`~fsmllm.certify.SampleRun`) and fills each encoder batch with
+noisy samples from as
 many jobs as it takes (continuous batching of Monte Carlo samples, :func:`~fsmllm.certify.fill_batch`), so the
 batch size is set by memory, not by request boundaries. Each job's noise comes from its own seeded generator,
 so a job's certificate is the same whether it shared batches or ran alone.
@@ -151,7 +152,7 @@ class DeviceWorker:
             return
         try:
             job.make_run(self.device)
-        except Exception as error:  # noqa: BLE001 - reported to the request, the worker keeps serving
+        except Exception as error:
             job.finish(error)
             return
         job.started = time.perf_counter()
@@ -180,7 +181,7 @@ class DeviceWorker:
             with torch.inference_mode():
                 features = self.encode(torch.cat([inputs for _, inputs in parts]))
             deliver(parts, features)
-        except Exception as error:  # noqa: BLE001 - fail these jobs, keep the worker alive
+        except Exception as error:
             log.exception("encoder batch failed")
             for job in jobs:
                 job.finish(error)
@@ -201,7 +202,7 @@ class DeviceWorker:
                 self._remove(job)
                 try:
                     job.finish(job.outcome())
-                except Exception as error:  # noqa: BLE001
+                except Exception as error:
                     job.finish(error)
                 assert job.started is not None
                 self._recent_job_seconds = 0.8 * self._recent_job_seconds + 0.2 * (time.perf_counter() - job.started)

@@ -53,7 +53,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from safetensors import safe_open
@@ -128,7 +128,12 @@ class LlavaProjector(nn.Module):
     """
 
     def __init__(
-        self, config: ProjectorConfig, *, intermediate_size: int, activation: str = "gelu", bias: bool = True,
+        self,
+        config: ProjectorConfig,
+        *,
+        intermediate_size: int,
+        activation: str = "gelu",
+        bias: bool = True,
         scale: float = 1.0,
     ) -> None:
         super().__init__()
@@ -136,6 +141,7 @@ class LlavaProjector(nn.Module):
         self.linear_1 = nn.Linear(config.token_dim, intermediate_size, bias=bias)
         self.act = ACT2FN[activation]
         self.linear_2 = nn.Linear(intermediate_size, config.hidden_size, bias=bias)
+        self.scale: torch.Tensor
         self.register_buffer("scale", torch.tensor(float(scale)))
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -192,9 +198,9 @@ def calibration_scale(encoder: HFVisionEncoder) -> float:
 def language_model_key(key: str) -> str | None:
     """The causal LM's parameter name for a LLaVA checkpoint key; None for the vision tower and projector."""
     if key.startswith("language_model."):  # old layout: language_model.model.*, language_model.lm_head.*
-        return key[len("language_model."):]
+        return key[len("language_model.") :]
     if key.startswith("model.language_model."):  # transformers >= 4.52
-        return "model." + key[len("model.language_model."):]
+        return "model." + key[len("model.language_model.") :]
     if key.startswith("lm_head."):
         return key
     return None
@@ -313,7 +319,11 @@ def image_token(folder: str | Path, tokenizer: PreTrainedTokenizerBase) -> str:
 
 
 def llava_layout(
-    tokenizer: PreTrainedTokenizerBase, question: str, num_image_tokens: int, *, image: str = "<image>",
+    tokenizer: PreTrainedTokenizerBase,
+    question: str,
+    num_image_tokens: int,
+    *,
+    image: str = "<image>",
     template: str | None = None,
 ) -> PromptLayout:
     """The prompt layout of one user turn (an image, then ``question``) and the assistant's generation prompt.
@@ -328,9 +338,12 @@ def llava_layout(
     if template is None:
         text = FALLBACK_TEMPLATE.format(image=image, question=question)
     else:
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-        text = tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=True, chat_template=template
+        messages: list[dict[str, Any]] = [
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}
+        ]
+        text = cast(
+            str,
+            tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, chat_template=template),
         )
         assert isinstance(text, str)
     parts = text.split(image)
@@ -357,7 +370,10 @@ def _adds_bos(tokenizer: PreTrainedTokenizerBase) -> bool:
 
 
 def load_llava(
-    folder: str | Path, device: torch.device, backend: str = "transformers", options: VllmOptions | None = None,
+    folder: str | Path,
+    device: torch.device,
+    backend: str = "transformers",
+    options: VllmOptions | None = None,
     name: str | None = None,
 ) -> ProjectedVLM:
     """The checkpoint in ``folder`` as a :class:`~fsmllm.lm.vlm.ProjectedVLM` reading the ``hf:FOLDER`` encoder.
@@ -394,4 +410,3 @@ def load_llava(
         return llava_layout(tokenizer, question, num_tokens, image=token, template=template)
 
     return ProjectedVLM(name or str(folder), projector, lm_backend, layout=layout)
-

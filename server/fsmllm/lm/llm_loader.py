@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig, PreTrainedModel, PreTrainedTokenizerBase
@@ -97,7 +98,10 @@ def load_causal_lm(
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """A frozen float32 causal LM and its tokenizer from a transformers folder, in eval mode on ``device``."""
     tokenizer = AutoTokenizer.from_pretrained(directory)
-    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).to(device)
+    model: Any = AutoModelForCausalLM.from_pretrained(
+        directory, dtype=torch.float32
+    )  # .to() is typed for its decorator
+    model = model.to(device)
     model.eval()
     model.requires_grad_(False)
     return model, tokenizer

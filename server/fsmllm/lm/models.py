@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -83,7 +83,7 @@ def _load_tiny(device: torch.device, backend: str, options: VllmOptions | None) 
             eos_token_id=tokenizer.eos_token_id,
             bos_token_id=tokenizer.bos_token_id,
         )
-        language_model = LlamaForCausalLM(config)
+        language_model: Any = LlamaForCausalLM(config)  # transformers types .to() for its decorator, not the model
         projector = Projector(ProjectorConfig(num_tokens=4, token_dim=16, hidden_size=32))
     finally:
         torch.random.set_rng_state(state)
@@ -94,11 +94,18 @@ def _load_tiny(device: torch.device, backend: str, options: VllmOptions | None) 
 
 MODELS: dict[str, ModelSpec] = {
     "fsmllm-demo": ModelSpec(
-        "fsmllm-demo", "dinov2-s", 112,
-        "DINOv2-S (112 px, 17 tokens) -> trained MLP projector -> SmolLM2-135M-Instruct", _load_demo,
+        "fsmllm-demo",
+        "dinov2-s",
+        112,
+        "DINOv2-S (112 px, 17 tokens) -> trained MLP projector -> SmolLM2-135M-Instruct",
+        _load_demo,
     ),
     "tiny-test": ModelSpec(
-        "tiny-test", "tiny-cnn", 16, "tiny random encoder, projector and 2-layer Llama, for tests", _load_tiny,
+        "tiny-test",
+        "tiny-cnn",
+        16,
+        "tiny random encoder, projector and 2-layer Llama, for tests",
+        _load_tiny,
     ),
 }
 

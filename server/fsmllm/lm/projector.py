@@ -50,7 +50,9 @@ class Projector(nn.Module):
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         expected = (self.config.num_tokens, self.config.token_dim)
         if tuple(tokens.shape[-2:]) != expected:
-            raise ValueError(f"projector expects visual tokens [..., {expected[0]}, {expected[1]}], got {list(tokens.shape)}")
+            raise ValueError(
+                f"projector expects visual tokens [..., {expected[0]}, {expected[1]}], got {list(tokens.shape)}"
+            )
         return self.fc2(self.act(self.fc1(self.norm(tokens)))) + self.position
 
     def save(self, directory: str | Path) -> Path:

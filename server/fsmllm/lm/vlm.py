@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
-from torch import nn
 
 from fsmllm.lm.base import Generation, LanguageBackend, SamplingParams, TextStream
 from fsmllm.lm.prompt import PromptLayout, build_prompt_embeds, chat_prompt
+
+if TYPE_CHECKING:
+    from fsmllm.lm.llava import LlavaProjector
+    from fsmllm.lm.projector import Projector
 
 #: ``layout(question) -> PromptLayout``: where the text tokens and the visual tokens go in the prompt.
 LayoutFn = Callable[[str], PromptLayout]
@@ -27,12 +31,17 @@ class ProjectedVLM:
     """
 
     def __init__(
-        self, name: str, projector: nn.Module, backend: LanguageBackend, system: str | None = None,
+        self,
+        name: str,
+        projector: Projector | LlavaProjector,
+        backend: LanguageBackend,
+        system: str | None = None,
         layout: LayoutFn | None = None,
     ) -> None:
         if projector.config.hidden_size != backend.hidden_size:
             raise ValueError(
-                f"projector outputs width {projector.config.hidden_size}, the language model takes {backend.hidden_size}"
+                f"projector outputs width {projector.config.hidden_size}, "
+                f"the language model takes {backend.hidden_size}"
             )
         self.name = name
         self.projector = projector.eval()
