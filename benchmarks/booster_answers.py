@@ -35,7 +35,7 @@ for sigma in args.sigma:
     first = None
     for name, granularity in ((b.format(sigma=sigma), g) for b in args.booster for g in args.granularity):
         result = evaluate_projector(
-            model, images=args.images, sigma=sigma, copies=args.copies, encoder=load_booster(name, base), granularity=granularity
+            model, images=args.images, sigma=sigma, copies=args.copies, encoder=load_booster(name, base, sigma=sigma), granularity=granularity
         )
         out[f"{name}@{sigma}" + ("" if granularity == "global" else f"/{granularity}")] = result
         photos = sum(p["smoothed_right"] for p in result["photos"].values())

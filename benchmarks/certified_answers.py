@@ -68,7 +68,7 @@ print(f"{args.backend} backend on {result['machine']}")
 print(f"{'booster':<22} {'σ':>5} {'n':>5} {'k':>2}  " + " ".join(f"r≥{r:<5g}" for r in args.radii) + "  abstain  s/answer (enc+gen)")
 for sigma, inner in itertools.product(args.sigma, args.inner):
     for booster in dict.fromkeys(b.format(sigma=sigma) for b in args.booster):
-        encoder = load_booster(booster, base)
+        encoder = load_booster(booster, base, sigma=sigma)
         votes: list[list[str]] = []
         encode_s = generate_s = 0.0
         for index, image in enumerate(pixels):

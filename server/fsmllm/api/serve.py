@@ -42,7 +42,7 @@ def vllm_options(settings: Settings) -> VllmOptions:
 def build_runtime(settings: Settings, metrics: Metrics) -> Runtime:
     """Load the named model's encoder (or ``settings.encoder`` when given) behind ``settings.booster``, and the
     model's projector and language model."""
-    from fsmllm.booster import BoostedEncoder, load_booster
+    from fsmllm.booster import load_booster
     from fsmllm.encoders import load_encoder
     from fsmllm.encoders.precision import set_precision
     from fsmllm.lm.models import load_model, model_spec
@@ -60,15 +60,8 @@ def build_runtime(settings: Settings, metrics: Metrics) -> Runtime:
         encoder_name, image_size = spec.encoder, spec.image_size
         model = load_model(settings.model, settings.device, settings.lm_backend, vllm_options(settings))
     encoder = load_encoder(encoder_name, image_size=image_size, device=settings.device)
-    encoder = load_booster(settings.booster, set_precision(encoder, settings.dtype))
-    if isinstance(encoder, BoostedEncoder) and encoder.booster.config.sigma != settings.default_sigma:
-        log.warning(
-            "booster %s was trained at sigma %g, the default sigma is %g: certificates stay valid, but the booster "
-            "helps most at the sigma it was trained for",
-            settings.booster,
-            encoder.booster.config.sigma,
-            settings.default_sigma,
-        )
+    # a noise-conditioned booster is bound to the default sigma; load_booster warns when it was not trained there
+    encoder = load_booster(settings.booster, set_precision(encoder, settings.dtype), sigma=settings.default_sigma)
     return Runtime(
         encoder,
         policy_from(settings),

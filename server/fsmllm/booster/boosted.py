@@ -26,7 +26,11 @@ class BoostedEncoder(VisionEncoder):
     """
 
     def __init__(
-        self, encoder: VisionEncoder, booster: Booster | ConditionedBooster, booster_name: str, sigma: float | None = None
+        self,
+        encoder: VisionEncoder,
+        booster: Booster | ConditionedBooster,
+        booster_name: str,
+        sigma: float | None = None,
     ) -> None:
         super().__init__()
         config = booster.config
@@ -121,7 +125,10 @@ def load_booster(name_or_path: str, encoder: VisionEncoder, sigma: float | None 
     if sigma is not None and not min(trained) - 1e-9 <= sigma <= max(trained) + 1e-9:
         log.warning(
             "booster %s was trained at sigma %s, not %g: certificates stay valid, but the booster helps most at the "
-            "sigma it was trained for", name, "/".join(f"{s:g}" for s in trained), sigma,
+            "sigma it was trained for",
+            name,
+            "/".join(f"{s:g}" for s in trained),
+            sigma,
         )
     bound = sigma if isinstance(booster, ConditionedBooster) else None
     return BoostedEncoder(encoder, booster, name, sigma=bound).eval()

@@ -17,13 +17,10 @@ objective improves.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
 from torch import nn
-
-from fsmllm.weights import load_weights, read_config, save_module
 
 STEM = "booster"
 
@@ -76,9 +73,10 @@ class Purifier(nn.Module):
         self.down = nn.Sequential(nn.Conv2d(width, 2 * width, 3, stride=2, padding=1), nn.GELU())
         self.middle = nn.Sequential(_ResidualBlock(2 * width), _ResidualBlock(2 * width))
         self.up = nn.ConvTranspose2d(2 * width, width, 4, stride=2, padding=1)
-        self.head = nn.Sequential(nn.Conv2d(2 * width, width, 3, padding=1), nn.GELU(), nn.Conv2d(width, 3, 3, padding=1))
-        nn.init.zeros_(self.head[-1].weight)
-        nn.init.zeros_(self.head[-1].bias)
+        last = nn.Conv2d(width, 3, 3, padding=1)
+        nn.init.zeros_(last.weight)
+        nn.init.zeros_(last.bias)  # type: ignore[arg-type]  # a Conv2d made with its bias
+        self.head = nn.Sequential(nn.Conv2d(2 * width, width, 3, padding=1), nn.GELU(), last)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         skip = self.stem(pixels)
@@ -107,21 +105,11 @@ class SmoothnessMapper(nn.Module):
 
 
 class Booster(nn.Module):
-    """The pair (:class:`Purifier`, :class:`SmoothnessMapper`) with its config; saved as a folder."""
+    """The pair (:class:`Purifier`, :class:`SmoothnessMapper`) with its config (read by
+    :func:`fsmllm.booster.boosted.read_booster`; v1 boosters are no longer trained, the shipped ones still load)."""
 
     def __init__(self, config: BoosterConfig) -> None:
         super().__init__()
         self.config = config
         self.purifier = Purifier(config.width)
         self.mapper = SmoothnessMapper(config.token_dim, config.mapper_hidden)
-
-    def save(self, directory: str | Path) -> Path:
-        """Write ``booster.json`` (config) and ``booster.safetensors`` (float32 weights) into ``directory``."""
-        return save_module(self, asdict(self.config), directory, STEM)
-
-    @classmethod
-    def load(cls, directory: str | Path, device: str | torch.device = "cpu") -> Booster:
-        """A booster saved by :meth:`save`, in eval mode on ``device``."""
-        booster = cls(BoosterConfig(**read_config(directory, STEM)))
-        load_weights(booster, directory, STEM, device)
-        return booster

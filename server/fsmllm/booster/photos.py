@@ -42,7 +42,10 @@ def average_hash(image: Image.Image) -> int:
     """The 64-bit average hash of the central square of ``image`` (grey, 8 x 8: a bit per cell above the mean)."""
     side = min(image.size)
     left, top = (image.width - side) // 2, (image.height - side) // 2
-    cells = np.asarray(image.crop((left, top, left + side, top + side)).convert("L").resize((8, 8), Image.BOX), float)
+    cells = np.asarray(
+        image.crop((left, top, left + side, top + side)).convert("L").resize((8, 8), Image.Resampling.BOX),
+        dtype=np.float64,
+    )
     return int("".join("1" if v else "0" for v in (cells > cells.mean()).ravel()), 2)
 
 
@@ -85,7 +88,9 @@ def read_photos(folders: Iterable[str | Path], max_side: int = 512) -> list[Imag
             del photos[same]
         scale = max_side / short
         if scale < 1:
-            image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.BICUBIC)
+            image = image.resize(
+                (max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.Resampling.BICUBIC
+            )
         photos[digest] = (short, image)
     if not photos:
         raise ValueError(

@@ -33,7 +33,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -144,7 +144,7 @@ class TrainingState:
 
     step: int = 0
     history: list[dict[str, float]] = field(default_factory=list)
-    runs: list[dict[str, object]] = field(default_factory=list)
+    runs: list[dict[str, Any]] = field(default_factory=list)
 
 
 class BatchSource:
@@ -183,9 +183,9 @@ class BatchSource:
     def state(self) -> dict[str, object]:
         return {"rng": self.rng.bit_generator.state, "generator": self.generator.get_state()}
 
-    def restore(self, state: dict[str, object]) -> None:
+    def restore(self, state: dict[str, Any]) -> None:
         self.rng.bit_generator.state = state["rng"]
-        self.generator.set_state(state["generator"])  # type: ignore[arg-type]
+        self.generator.set_state(state["generator"])
 
 
 def pairwise_agreement(units: torch.Tensor) -> torch.Tensor:
@@ -256,8 +256,14 @@ def train_booster(
         parameter.requires_grad_(False)
     booster = ConditionedBooster(
         ConditionedBoosterConfig(
-            config.encoder, encoder.image_size, encoder.num_tokens, encoder.token_dim, config.sigmas,
-            config.width, config.mapper_hidden, config.heads,
+            config.encoder,
+            encoder.image_size,
+            encoder.num_tokens,
+            encoder.token_dim,
+            config.sigmas,
+            config.width,
+            config.mapper_hidden,
+            config.heads,
         )
     ).to(device)
     model = _frozen_model(config, device)
@@ -312,7 +318,7 @@ def _utility(model: ProjectedVLM, smoothed: torch.Tensor, answers: list[str | No
     rows = [i for i, a in enumerate(answers) if a is not None]
     if not rows:
         return smoothed.new_zeros(())
-    return answer_loss(model, smoothed[rows], [answers[i] for i in rows])
+    return answer_loss(model, smoothed[rows], [a for a in answers if a is not None])
 
 
 def _frozen_model(config: BoosterTrainConfig, device: torch.device) -> ProjectedVLM | None:
@@ -328,53 +334,79 @@ def _frozen_model(config: BoosterTrainConfig, device: torch.device) -> Projected
             f"{config.image_size} px; pass --weight-utility 0 (no utility term) or the matching encoder"
         )
     model = load_model(config.model, device=device)
-    for parameter in [*model.projector.parameters(), *model.backend.model.parameters()]:
-        parameter.requires_grad_(False)
+    from fsmllm.lm.transformers_backend import TransformersBackend
+
+    if not isinstance(model.backend, TransformersBackend):
+        raise ValueError("the utility term needs the transformers backend (its gradients reach the visual tokens)")
+    model.projector.requires_grad_(False)
+    model.backend.model.requires_grad_(False)
     return model
 
 
-def _this_run(state: TrainingState, started: float, first_step: int) -> dict[str, object]:
+def _this_run(state: TrainingState, started: float, first_step: int) -> dict[str, Any]:
     return {
-        "command": " ".join(sys.argv), "from_step": first_step, "to_step": state.step,
+        "command": " ".join(sys.argv),
+        "from_step": first_step,
+        "to_step": state.step,
         "seconds": round(time.perf_counter() - started, 1),
     }
 
 
-def _summary(config: BoosterTrainConfig, booster: ConditionedBooster, state: TrainingState, started: float) -> dict[str, object]:
-    runs = [*state.runs, _this_run(state, started, int(state.runs[-1]["to_step"]) if state.runs else 0)]  # type: ignore[call-overload]
-    phases = {"pixel": [h for h in state.history if h["step"] < config.pixel_steps],
-              "feature": [h for h in state.history if h["step"] >= config.pixel_steps]}
+def _summary(
+    config: BoosterTrainConfig, booster: ConditionedBooster, state: TrainingState, started: float
+) -> dict[str, object]:
+    runs = [*state.runs, _this_run(state, started, int(state.runs[-1]["to_step"]) if state.runs else 0)]
+    phases = {
+        "pixel": [h for h in state.history if h["step"] < config.pixel_steps],
+        "feature": [h for h in state.history if h["step"] >= config.pixel_steps],
+    }
     return {
         "config": asdict(config),
         "parameters": sum(p.numel() for p in booster.parameters()),
         "runs": runs,
-        "seconds": round(sum(float(r["seconds"]) for r in runs), 1),  # type: ignore[arg-type]
+        "seconds": round(sum(float(r["seconds"]) for r in runs), 1),
         **{
             f"{phase}_{edge}": {k: float(np.mean([h[k] for h in part])) for k in part[0] if k != "step"}
-            for phase, rows in phases.items() if rows
+            for phase, rows in phases.items()
+            if rows
             for edge, part in (("first_20", rows[:20]), ("last_20", rows[-20:]))
         },
     }
 
 
 def _checkpoint(
-    path: Path, config: BoosterTrainConfig, booster: ConditionedBooster, optimiser: torch.optim.Optimizer,
-    schedule: torch.optim.lr_scheduler.LambdaLR, source: BatchSource, state: TrainingState, started: float,
+    path: Path,
+    config: BoosterTrainConfig,
+    booster: ConditionedBooster,
+    optimiser: torch.optim.Optimizer,
+    schedule: torch.optim.lr_scheduler.LambdaLR,
+    source: BatchSource,
+    state: TrainingState,
+    started: float,
 ) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    first = int(state.runs[-1]["to_step"]) if state.runs else 0  # type: ignore[call-overload]
+    first = int(state.runs[-1]["to_step"]) if state.runs else 0
     saved = {
-        "config": asdict(config), "step": state.step, "booster": booster.state_dict(),
-        "optimiser": optimiser.state_dict(), "schedule": schedule.state_dict(), "source": source.state(),
-        "history": state.history, "runs": [*state.runs, _this_run(state, started, first)],
+        "config": asdict(config),
+        "step": state.step,
+        "booster": booster.state_dict(),
+        "optimiser": optimiser.state_dict(),
+        "schedule": schedule.state_dict(),
+        "source": source.state(),
+        "history": state.history,
+        "runs": [*state.runs, _this_run(state, started, first)],
     }
     torch.save(saved, path.with_suffix(".tmp"))
     path.with_suffix(".tmp").replace(path)
 
 
 def _resume(
-    path: Path, config: BoosterTrainConfig, booster: ConditionedBooster, optimiser: torch.optim.Optimizer,
-    schedule: torch.optim.lr_scheduler.LambdaLR, source: BatchSource,
+    path: Path,
+    config: BoosterTrainConfig,
+    booster: ConditionedBooster,
+    optimiser: torch.optim.Optimizer,
+    schedule: torch.optim.lr_scheduler.LambdaLR,
+    source: BatchSource,
 ) -> TrainingState:
     """Restore a checkpoint of the same config; a fresh state without one."""
     if not path.is_file():

@@ -9,8 +9,9 @@ For a fixed prompt, the base classifier ``h(z)`` is the model's greedy answer, n
 1. ``n0`` selection votes choose the top answer Â;
 2. up to ``n`` fresh votes count ``k_A`` agreements and give a (1 − α) lower confidence bound p̲ on
    ``p_A = P(h = Â)``: one-sided Clopper–Pearson at a fixed n (``scipy.stats.binomtest``), or, when sampling
-   may stop early, the anytime-valid betting bound on the ±1 agreements (:func:`~fsmllm.certify.bounds.betting_lower_bound`
-   with the bet caps of :data:`~fsmllm.certify.bounds.VOTE_TRUNCATIONS`, which lose less to a disagreeing vote);
+   may stop early, the anytime-valid betting bound on the ±1 agreements
+   (:func:`~fsmllm.certify.bounds.betting_lower_bound` with the bet caps of
+   :data:`~fsmllm.certify.bounds.VOTE_TRUNCATIONS`, which lose less to a disagreeing vote);
 3. if p̲ > 1/2, g(x′) = Â for every ``‖x′ − x‖₂ < R = σ_eff Φ⁻¹(p̲)`` (Cohen et al., Theorem 1, with
    p̄_B = 1 − p̲), where ``σ_eff = σ / √k``: the k copies are one Gaussian vector of dimension k·d around
    (x, …, x), which moves by √k ‖x′ − x‖ when x does; otherwise abstain.
@@ -27,9 +28,8 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
-from scipy.stats import binomtest, norm
-
 import torch
+from scipy.stats import binomtest, norm
 
 from fsmllm.certify.bounds import VOTE_TRUNCATIONS, betting_lower_bound
 from fsmllm.certify.smoothing import Encode, SampleRun, is_checkpoint, run_batched

@@ -65,7 +65,7 @@ def _check_cosine(value: ArrayLike, name: str) -> NDArray[np.float64]:
 
 def _score_quantile(score: NDArray[np.float64]) -> NDArray[np.float64]:
     """Φ⁻¹((1 + S) / 2), written as the upper-tail quantile of (1 − S) / 2 for precision near S = 1."""
-    return norm.isf((1.0 - score) / 2.0)
+    return np.asarray(norm.isf((1.0 - score) / 2.0), dtype=np.float64)
 
 
 def fcsb(score: ArrayLike, sigma: ArrayLike, radius: ArrayLike) -> NDArray[np.float64]:
@@ -82,7 +82,7 @@ def fcsb(score: ArrayLike, sigma: ArrayLike, radius: ArrayLike) -> NDArray[np.fl
     if np.any(np.isnan(radius)) or np.any(radius < 0):
         raise ValueError(f"radius must be a non-negative l2 norm, got {radius}")
     # 2Φ(z) − 1 = 1 − 2Φ(−z): the survival form keeps precision when the bound is close to 1.
-    return 1.0 - 2.0 * norm.sf(_score_quantile(score) - radius / sigma)
+    return np.asarray(1.0 - 2.0 * norm.sf(_score_quantile(score) - radius / sigma), dtype=np.float64)
 
 
 def certified_radius(score: ArrayLike, sigma: ArrayLike, target_cos: ArrayLike) -> NDArray[np.float64]:
@@ -143,7 +143,7 @@ def mean_lower_bound(
         raise ValueError(f"{method!r} needs the samples, not their sums; sums serve {', '.join(SUM_METHODS)}")
     else:
         raise ValueError(f"unknown bound method {method!r}; choose one of {', '.join(BOUND_METHODS)}")
-    return np.clip(2.0 * lower_x - 1.0, -1.0, 1.0)
+    return np.asarray(np.clip(2.0 * lower_x - 1.0, -1.0, 1.0), dtype=np.float64)
 
 
 def _check_samples(values: ArrayLike, alpha: float) -> NDArray[np.float64]:
@@ -152,7 +152,7 @@ def _check_samples(values: ArrayLike, alpha: float) -> NDArray[np.float64]:
         raise ValueError(f"a confidence bound needs a 1-D array of at least 2 samples, got shape {values.shape}")
     if not 0 < alpha < 1:
         raise ValueError(f"alpha must lie in (0, 1), got {alpha}")
-    return np.clip(values, -1.0, 1.0)
+    return np.asarray(np.clip(values, -1.0, 1.0), dtype=np.float64)
 
 
 def betting_bets(x: NDArray[np.float64], alpha: float, horizon: int | None = None) -> NDArray[np.float64]:
@@ -215,7 +215,7 @@ def betting_lower_bound(
         return -1.0
     # at m = 1 every factor is ≤ 1, so ln K_t(1) ≤ 0 < ln(1/α): the root lies in (0, 1)
     root = brentq(log_capital, lowest, 1.0, xtol=BRENT_XTOL, rtol=BRENT_RTOL)
-    return max(2.0 * (root - BRENT_XTOL - BRENT_RTOL * root) - 1.0, -1.0)
+    return float(max(2.0 * (root - BRENT_XTOL - BRENT_RTOL * root) - 1.0, -1.0))
 
 
 def lower_bound(values: ArrayLike, alpha: float, method: BoundMethod, horizon: int | None = None) -> float:

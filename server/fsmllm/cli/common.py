@@ -111,5 +111,5 @@ def boosted_encoder(args: argparse.Namespace, name: str, image_size: int | None)
     from fsmllm.encoders.precision import compiled, set_precision
 
     encoder = set_precision(load_encoder(name, image_size=image_size, device=args.device), args.dtype)
-    boosted = load_booster(args.booster, encoder)
+    boosted = load_booster(args.booster, encoder, sigma=args.sigma)
     return compiled(boosted) if args.compile else boosted

@@ -53,7 +53,7 @@ def run(config: EvaluateConfig, progress: Callable[[str], None] = print) -> dict
     def boosted(name: str, sigma: float) -> VisionEncoder:
         from fsmllm.booster import load_booster
 
-        return load_booster(name.format(sigma=sigma), encoder)
+        return load_booster(name.format(sigma=sigma), encoder, sigma=sigma)
 
     for sigma in config.sigmas:
         variants: dict[str, VisionEncoder | None] = {"none": None, "FS": encoder}
