@@ -20,6 +20,7 @@ from fsmllm.evaluate import (
 from fsmllm.lm.data import FASHION_MNIST_DIR, SAMPLE_PHOTO_PHRASES, answer_for
 from fsmllm.lm.models import load_model
 from fsmllm.lm.training import answer_loss
+from tests.booster.photo_folder import training_photo_folder
 
 
 def test_pgd_beats_random_noise_and_smoothed_attacks_respect_the_certificate() -> None:
@@ -167,9 +168,10 @@ def test_the_plot_has_a_panel_per_n_and_sigma_a_colour_per_setting_and_dashes_fo
 @pytest.fixture(scope="module")
 def tiny_booster(tmp_path_factory):
     booster = tmp_path_factory.mktemp("booster")
+    photos = training_photo_folder(tmp_path_factory.mktemp("photos"))
     train_booster(
-        BoosterTrainConfig(encoder="tiny-cnn", image_size=32, model="none", fashion_images=0, photo_crops=2, steps=3,
-                           width=4, mapper_hidden=8), booster, progress=False,
+        BoosterTrainConfig(encoder="tiny-cnn", image_size=32, images=(str(photos),), fashion_share=0.0, pixel_steps=1,
+                           steps=2, width=8, mapper_hidden=8, heads=1, train_dtype="float32"), booster, progress=False,
     )
     return booster
 

@@ -131,8 +131,10 @@ class UNetPurifier(nn.Module):
         self.up1 = nn.ConvTranspose2d(2 * w, w, 4, stride=2, padding=1)
         self.dec1 = nn.Conv2d(2 * w, w, 1)
         self.block1 = ConvBlock(w, self.EMBED)
-        self.head = nn.Conv2d(w, 12, 3, padding=1, bias=False)
+        self.head = nn.Conv2d(w, 12, 3, padding=1)
         nn.init.zeros_(self.head.weight)
+        assert self.head.bias is not None
+        nn.init.zeros_(self.head.bias)
 
     def forward(self, pixels: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         e = self.embed(sigma)

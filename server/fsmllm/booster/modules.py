@@ -75,7 +75,8 @@ class Purifier(nn.Module):
         self.up = nn.ConvTranspose2d(2 * width, width, 4, stride=2, padding=1)
         last = nn.Conv2d(width, 3, 3, padding=1)
         nn.init.zeros_(last.weight)
-        nn.init.zeros_(last.bias)  # type: ignore[arg-type]  # a Conv2d made with its bias
+        assert last.bias is not None
+        nn.init.zeros_(last.bias)
         self.head = nn.Sequential(nn.Conv2d(2 * width, width, 3, padding=1), nn.GELU(), last)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
