@@ -19,6 +19,7 @@ from fsmllm.booster.conditioned import ConditionedBooster, ConditionedBoosterCon
 from fsmllm.booster.modules import STEM
 from fsmllm.booster.training import BoosterTrainConfig, feature_losses, pairwise_agreement, train_booster
 from fsmllm.certify import SmoothedEncoder
+from fsmllm.certify.meaning import clean_agreement
 from fsmllm.cli import main
 from fsmllm.encoders import load_encoder
 from fsmllm.images import load_image, to_pixels
@@ -264,10 +265,21 @@ def test_cli_train_booster_takes_several_folders_and_sigmas(photos: Path, tmp_pa
 
 @pytest.mark.slow
 def test_the_shipped_booster_serves_both_sigmas() -> None:
+    """Evaluation photos, never training images: at both σ the worst clean agreement of astronaut, coffee and
+    rocket rises well above the encoder's own (docs/booster-card.md, 32 copies: 0.223 -> 0.842 at σ 0.25,
+    -0.044 -> 0.706 at σ 0.5; the margin of 0.3 is far beyond 64 copies' Monte Carlo noise)."""
     assert "gsb-dinov2-s" in available_boosters()
     dinov2 = load_encoder("dinov2-s", image_size=112).requires_grad_(False)
-    for sigma in (0.25, 0.5):
-        boosted = load_booster("gsb-dinov2-s", dinov2, sigma=sigma)
-        # an evaluation photo, never a training image: the smoothed feature is nearer the clean one than without
-        base, better = (_agreement_and_score(e, dinov2, cat(112), sigma) for e in (dinov2, boosted))
-        assert better[0] > base[0] + 0.1, (sigma, base, better)
+    photos = [to_pixels(load_image(f"sample:{name}"), 112) for name in ("astronaut", "coffee", "rocket")]
+    with torch.no_grad():
+        clean = [dinov2(x[None])[0] for x in photos]
+        for sigma in (0.25, 0.5):
+            boosted = load_booster("gsb-dinov2-s", dinov2, sigma=sigma)
+            worst = {
+                name: min(
+                    clean_agreement(smoothed_feature(e, x, sigma, n=64, seed=1, batch_size=64), c)
+                    for x, c in zip(photos, clean)
+                )
+                for name, e in (("base", dinov2), ("boosted", boosted))
+            }
+            assert worst["boosted"] > worst["base"] + 0.3, (sigma, worst)
