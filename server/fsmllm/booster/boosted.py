@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import logging
+import math
 from importlib import resources
 from pathlib import Path
 
 import torch
 
-from fsmllm.booster.conditioned import KIND, ConditionedBooster, ConditionedBoosterConfig, sigma_column
+from fsmllm.booster.conditioned import KIND, ConditionedBooster, ConditionedBoosterConfig
 from fsmllm.booster.modules import STEM, Booster, BoosterConfig
 from fsmllm.encoders.base import VisionEncoder
 from fsmllm.weights import load_weights, read_config
@@ -46,6 +47,8 @@ class BoostedEncoder(VisionEncoder):
             )
         if isinstance(booster, ConditionedBooster) and sigma is None:
             raise ValueError(f"booster {booster_name!r} is noise-conditioned: give the sigma it serves")
+        if sigma is not None and not (math.isfinite(sigma) and sigma > 0):
+            raise ValueError(f"sigma must be a positive number, got {sigma}")
         self.encoder = encoder
         self.booster = booster
         self.booster_name = booster_name
@@ -58,7 +61,8 @@ class BoostedEncoder(VisionEncoder):
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         if isinstance(self.booster, ConditionedBooster):
             assert self.sigma is not None
-            return self.booster.boost(self.encoder, pixels, sigma_column(self.sigma, pixels.shape[0], pixels.device))
+            sigma = torch.full((pixels.shape[0],), self.sigma, device=pixels.device)  # every sample's noise level
+            return self.booster.boost(self.encoder, pixels, sigma)
         return self.booster.mapper(self.encoder(self.booster.purifier(pixels)).float())  # a 16-bit encoder's tokens
 
 

@@ -15,7 +15,6 @@ booster is exactly the identity, at every σ: the boosted encoder starts as the 
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 
 import torch
@@ -204,10 +203,3 @@ class ConditionedBooster(nn.Module):
         """M_σ(f(P_σ(z))) for noisy pixels z [B, 3, S, S] and their noise levels σ [B]: tokens [B, T, W]."""
         tokens = encode(self.purifier(noisy, sigma)).float()  # a 16-bit encoder's tokens
         return self.mapper(tokens, sigma)
-
-
-def sigma_column(sigma: float, batch: int, device: torch.device) -> torch.Tensor:
-    """σ repeated for a batch (the noise level every sample of a certificate shares)."""
-    if not (math.isfinite(sigma) and sigma > 0):
-        raise ValueError(f"sigma must be a positive number, got {sigma}")
-    return torch.full((batch,), float(sigma), device=device)

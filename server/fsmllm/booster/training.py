@@ -27,7 +27,6 @@ are refused) and, with ``fashion_share`` > 0, Fashion-MNIST *train* images.
 from __future__ import annotations
 
 import json
-import math
 import sys
 import time
 from collections.abc import Callable
@@ -46,7 +45,7 @@ from fsmllm.booster.photos import random_crop, read_photos
 from fsmllm.encoders import load_encoder
 from fsmllm.lm.data import fashion_train_set
 from fsmllm.lm.projector import unit_feature_tokens
-from fsmllm.lm.training import answer_loss
+from fsmllm.lm.training import answer_loss, warmup_cosine_factor
 from fsmllm.lm.vlm import ProjectedVLM
 from fsmllm.weights import save_module
 
@@ -225,14 +224,10 @@ def learning_rate(config: BoosterTrainConfig) -> Callable[[int], float]:
     """The factor on ``lr`` at each step: a warm-up (a tenth of the phase) and cosine decay in each phase, the
     feature phase scaled to ``feature_lr``."""
 
-    def phase(step: int, length: int) -> float:
-        warmup = max(1, length // 10)
-        return min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / length))
-
     def factor(step: int) -> float:
         if step < config.pixel_steps:
-            return phase(step, config.pixel_steps)
-        return phase(step - config.pixel_steps, config.steps) * config.feature_lr / config.lr
+            return warmup_cosine_factor(step, config.pixel_steps)
+        return warmup_cosine_factor(step - config.pixel_steps, config.steps) * config.feature_lr / config.lr
 
     return factor
 
@@ -343,10 +338,11 @@ def _frozen_model(config: BoosterTrainConfig, device: torch.device) -> Projected
     return model
 
 
-def _this_run(state: TrainingState, started: float, first_step: int) -> dict[str, Any]:
+def _this_run(state: TrainingState, started: float) -> dict[str, Any]:
+    """This process's run: its command, the steps it trained (from where the runs before it ended), its time."""
     return {
         "command": " ".join(sys.argv),
-        "from_step": first_step,
+        "from_step": int(state.runs[-1]["to_step"]) if state.runs else 0,
         "to_step": state.step,
         "seconds": round(time.perf_counter() - started, 1),
     }
@@ -355,7 +351,7 @@ def _this_run(state: TrainingState, started: float, first_step: int) -> dict[str
 def _summary(
     config: BoosterTrainConfig, booster: ConditionedBooster, state: TrainingState, started: float
 ) -> dict[str, object]:
-    runs = [*state.runs, _this_run(state, started, int(state.runs[-1]["to_step"]) if state.runs else 0)]
+    runs = [*state.runs, _this_run(state, started)]
     phases = {
         "pixel": [h for h in state.history if h["step"] < config.pixel_steps],
         "feature": [h for h in state.history if h["step"] >= config.pixel_steps],
@@ -385,7 +381,6 @@ def _checkpoint(
     started: float,
 ) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    first = int(state.runs[-1]["to_step"]) if state.runs else 0
     saved = {
         "config": asdict(config),
         "step": state.step,
@@ -394,7 +389,7 @@ def _checkpoint(
         "schedule": schedule.state_dict(),
         "source": source.state(),
         "history": state.history,
-        "runs": [*state.runs, _this_run(state, started, first)],
+        "runs": [*state.runs, _this_run(state, started)],
     }
     torch.save(saved, path.with_suffix(".tmp"))
     path.with_suffix(".tmp").replace(path)

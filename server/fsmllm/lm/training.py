@@ -118,12 +118,15 @@ def cached_features(config: TrainConfig) -> tuple[torch.Tensor, torch.Tensor, li
     return clean, smoothed, answers
 
 
+def warmup_cosine_factor(step: int, steps: int) -> float:
+    """The learning-rate factor at ``step`` of ``steps``: linear warm-up over the first tenth, then cosine decay."""
+    warmup = max(1, steps // 10)
+    return float(min(1.0, (step + 1) / warmup) * 0.5 * (1 + np.cos(np.pi * step / steps)))
+
+
 def warmup_cosine(optimiser: torch.optim.Optimizer, steps: int) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warm-up over the first tenth of ``steps``, then cosine decay to zero."""
-    warmup = max(1, steps // 10)
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimiser, lambda step: min(1.0, (step + 1) / warmup) * 0.5 * (1 + np.cos(np.pi * step / steps))
-    )
+    return torch.optim.lr_scheduler.LambdaLR(optimiser, lambda step: warmup_cosine_factor(step, steps))
 
 
 def answer_batch(
