@@ -44,9 +44,11 @@ def _start(port: int) -> subprocess.Popen[bytes]:
 
 
 def _refuses_connections(url: str) -> bool:
+    """True once a new request goes unserved: the listener is closed (connection refused), or, in the moment
+    between the signal and the listener's closing, the connection is accepted and closed without an answer."""
     try:
         httpx.get(f"{url}/health", timeout=5)
-    except httpx.ConnectError:
+    except (httpx.ConnectError, httpx.RemoteProtocolError):
         return True
     return False
 
