@@ -214,6 +214,17 @@ def test_resuming_a_checkpoint_gives_the_same_booster(tmp_path: Path, encoder: t
         train_booster(tiny_config(photos, steps=12, lr=2e-2), tmp_path / "other", progress=False)
 
 
+def test_init_from_starts_at_the_trained_booster(tmp_path: Path, encoder: torch.nn.Module, trained: Path, photos: Path) -> None:
+    """--init-from continues a trained booster: with the learning rate at 0 the result is that booster (the identity
+    start would differ); a booster of another architecture is refused, naming what differs."""
+    train_booster(tiny_config(photos, pixel_steps=0, steps=2, feature_lr=0.0, init_from=str(trained)), tmp_path / "w", progress=False)
+    x = torch.rand(4, 3, SIZE, SIZE)
+    source, warm = (load_booster(str(d), encoder, sigma=0.5) for d in (trained, tmp_path / "w"))
+    assert torch.equal(source(x), warm(x)) and not torch.equal(source(x), encoder(x))
+    with pytest.raises(ValueError, match=r"architecture differs from this run's in \['mapper_hidden'\]"):
+        train_booster(tiny_config(photos, mapper_hidden=16, init_from=str(trained)), tmp_path / "x", progress=False)
+
+
 def test_the_config_refuses_what_cannot_train(photos: Path) -> None:
     with pytest.raises(ValueError, match="copies must be at least 2"):
         tiny_config(photos, copies=1)

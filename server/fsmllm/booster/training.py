@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from fsmllm.booster.boosted import booster_dir, read_booster
 from fsmllm.booster.conditioned import ConditionedBooster, ConditionedBoosterConfig
 from fsmllm.booster.modules import STEM
 from fsmllm.booster.photos import random_crop, read_photos
@@ -86,6 +87,7 @@ class BoosterTrainConfig:
     checkpoint_every: int = 50
     seed: int = 0
     device: str = "cpu"
+    init_from: str = "none"
 
     #: the help of each field's ``fsmllm train-booster`` flag
     FLAG_HELP: ClassVar[dict[str, str]] = {
@@ -118,6 +120,8 @@ class BoosterTrainConfig:
         "checkpoint_every": "steps between checkpoints (a restart resumes from the last)",
         "seed": "seed of the data, the noise and the initial weights",
         "device": "torch device to train on: cpu, cuda, ...",
+        "init_from": "a trained v2 booster (shipped name or folder) to start from instead of the identity, e.g. to "
+        "train a shipped one longer with --pixel-steps 0; its architecture must match ('none': the identity)",
     }
 
     def __post_init__(self) -> None:
@@ -261,6 +265,8 @@ def train_booster(
             config.heads,
         )
     ).to(device)
+    if config.init_from != "none":
+        _start_from(booster, config.init_from)
     model = _frozen_model(config, device)
     source = BatchSource(config)
     optimiser = torch.optim.AdamW(booster.parameters(), lr=config.lr, weight_decay=0.01)
@@ -306,6 +312,17 @@ def train_booster(
     summary = _summary(config, booster, state, started)
     (out / "training.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def _start_from(booster: ConditionedBooster, name_or_path: str) -> None:
+    """Copy the weights of a trained v2 booster of the same architecture into ``booster``."""
+    trained = read_booster(booster_dir(name_or_path))
+    if not isinstance(trained, ConditionedBooster) or trained.config != booster.config:
+        mine = booster.config.to_json()
+        theirs = trained.config.to_json() if isinstance(trained, ConditionedBooster) else {"kind": "gsb-v1"}
+        differ = sorted(k for k in mine if mine.get(k) != theirs.get(k))
+        raise ValueError(f"--init-from {name_or_path}: its architecture differs from this run's in {differ}")
+    booster.load_state_dict(trained.state_dict())
 
 
 def _utility(model: ProjectedVLM, smoothed: torch.Tensor, answers: list[str | None]) -> torch.Tensor:
