@@ -86,6 +86,24 @@ def test_votes_wanted_per_phase_and_ties_go_to_the_first_answer_seen() -> None:
     assert voting.wanted() == 0 and voting.done
 
 
+def test_progress_reports_each_phase_and_an_interim_bound_only_when_it_is_valid() -> None:
+    fixed = AnswerVoting(AnswerConfig(sigma=SIGMA, n0=4, n=10, alpha=0.1), seed=0)
+    fixed.add(["b", "a"])
+    assert fixed.progress() == {"done": 2, "total": 14, "phase": "selection"}
+    fixed.add(["A.", "a", "b", "a"])  # "a" chosen (3 of 4: "A." is shown as first seen), then b, a
+    assert fixed.progress() == {"done": 6, "total": 14, "phase": "estimation", "answer": "a", "agree": 1, "estimated": 2}
+    fixed.add(["a"] * 8)
+    assert fixed.progress()["stopped_by"] == "budget" and "p_lower" not in fixed.progress()  # Clopper-Pearson
+    anytime = AnswerVoting(AnswerConfig(sigma=SIGMA, n0=2, n=1000, alpha=0.1, radius=0.1), seed=0)
+    anytime.add(["a"] * 2)
+    assert (anytime.progress()["p_lower"], anytime.progress()["radius"]) == (0.0, None)
+    while not anytime.done:
+        anytime.add(["a"] * 16)
+    report, certificate = anytime.progress(), anytime.certificate()
+    assert report["stopped_by"] == "target_reached" == certificate.stopped_by
+    assert (report["p_lower"], report["radius"], report["estimated"]) == (certificate.p_lower, certificate.radius, certificate.n)
+
+
 def test_unfinished_voting_has_no_certificate() -> None:
     voting = AnswerVoting(AnswerConfig(sigma=SIGMA, n0=2, n=10), seed=0)
     voting.add(["a", "a", "a"])

@@ -174,6 +174,34 @@ def test_streamed_generate_carries_the_answer_certificate_in_its_result(server: 
     assert result["answer_certificate"] == plain["answer_certificate"] and result["answer"] == plain["answer"]
 
 
+@pytest.mark.parametrize("answer", [{"n0": 8, "n": 40}, {"n0": 8, "n": 2000, "radius": 0.05}])
+def test_streamed_generate_reports_the_votes_as_they_come(server: LiveServer, answer: dict) -> None:
+    """A certified answer streams a votes event per chunk: the count rises to where the voting stopped, the
+    chosen answer once selected, and (anytime bound only: a target radius) the bound valid so far, whose last
+    value is the certificate's; at a fixed n no interim bound is given, since none is valid before the end."""
+    body = {"image": data_url(png_bytes()), "prompt": PROMPT, "stream": True, "n": 100, "seed": 1, "max_tokens": 3,
+            "certify_answer": answer}
+    with httpx.stream("POST", f"{server.url}/generate", json=body, timeout=120) as response:
+        events = list(sse_events(response.iter_lines()))
+    votes = [data for name, data in events if name == "votes"]
+    name, result = events[-1]
+    assert name == "result" and [n for n, _ in events].index("votes") < len(events) - 1
+    voted = result["answer_certificate"]
+    assert [v["done"] for v in votes] == sorted({v["done"] for v in votes}) and votes[-1]["done"] == 8 + voted["n"]
+    assert {v["total"] for v in votes} == {8 + answer["n"]}
+    assert (votes[0]["done"], votes[0]["estimated"]) == (8, 0)  # one chunk of selection votes: the answer chosen
+    last = votes[-1]
+    assert last["phase"] == "estimation" and last["stopped_by"] == voted["stopped_by"]
+    assert (last["answer"], last["agree"], last["estimated"]) == (voted["answer"], voted["agree"], voted["n"])
+    assert all("stopped_by" not in v for v in votes[:-1])
+    if "radius" in answer:
+        assert last["p_lower"] == voted["p_lower"] and last["radius"] == voted["radius"]
+        lowers = [v["p_lower"] for v in votes if "p_lower" in v]
+        assert lowers == sorted(lowers)  # the best bound so far never falls
+    else:
+        assert all("p_lower" not in v and "radius" not in v for v in votes)
+
+
 def test_certified_answer_defaults_and_early_stop(server: LiveServer) -> None:
     body = generate(server, seed=2, max_tokens=3, n=50, certify_answer=True).json()
     assert (body["answer_certificate"]["n0"], body["answer_certificate"]["n_budget"]) == (32, 256)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
@@ -20,8 +19,9 @@ from fsmllm.api.schemas import (
     GenerateRequest,
     GenerateResponse,
 )
-from fsmllm.api.streaming import ProgressCallback, progress_stream, unless_disconnected
+from fsmllm.api.streaming import Work, progress_stream, unless_disconnected
 from fsmllm.engine import serving
+from fsmllm.engine.jobs import ProgressCallback, VoteProgressCallback
 from fsmllm.engine.runtime import Runtime
 
 router = APIRouter()
@@ -70,7 +70,7 @@ async def certify(request: Request) -> Any:
     task = params.to_task(runtime.policy)
     request_id = request.state.request_id
 
-    async def work(on_progress: ProgressCallback | None) -> dict[str, Any]:
+    async def work(on_progress: ProgressCallback | None, _: VoteProgressCallback | None) -> dict[str, Any]:
         certified = await serving.certify(runtime, image, task, on_progress)
         return CertifyResponse.of(request_id, certified, params.target_cos, params.per_token).model_dump()
 
@@ -84,7 +84,8 @@ async def certify(request: Request) -> Any:
     openapi_extra=_body_schema(GenerateRequest),
     summary="Answer a question about an image from its smoothed features, with the certificate",
     description="The image's features are smoothed (Monte Carlo over Gaussian noise), certified, and handed "
-    "to the language model. With stream=true: progress events, then a result event.",
+    "to the language model. With stream=true: progress events (and, with certify_answer, votes events), then "
+    "a result event.",
 )
 async def generate(request: Request) -> Any:
     runtime = _runtime(request)
@@ -93,20 +94,18 @@ async def generate(request: Request) -> Any:
     runtime.language_model()  # CertificatesOnly (422) before any work
     request_id = request.state.request_id
 
-    async def work(on_progress: ProgressCallback | None) -> dict[str, Any]:
-        answered = await serving.answer(runtime, image, task, on_progress)
+    async def work(on_progress: ProgressCallback | None, on_votes: VoteProgressCallback | None) -> dict[str, Any]:
+        answered = await serving.answer(runtime, image, task, on_progress, on_votes)
         return GenerateResponse.of(request_id, answered, params.per_token).model_dump()
 
     return await respond(request, params.stream, work)
 
 
-async def respond(
-    request: Request, stream: bool, work: Callable[[ProgressCallback | None], Awaitable[dict[str, Any]]]
-) -> Response:
-    """``work``'s result as JSON, or with ``stream`` as progress events then a result event."""
+async def respond(request: Request, stream: bool, work: Work) -> Response:
+    """``work``'s result as JSON, or with ``stream`` as progress (and votes) events then a result event."""
     if stream:
         return progress_stream(work, error_event, request.state.request_id)
-    return JSONResponse(await unless_disconnected(request, work(None)))
+    return JSONResponse(await unless_disconnected(request, work(None, None)))
 
 
 def new_request_id() -> str:

@@ -12,8 +12,10 @@ from typing import Any, TypeVar
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 
-ProgressCallback = Callable[[int, int, "dict[str, Any] | None"], None]
-Update = tuple[int, int, "dict[str, Any] | None"]
+from fsmllm.engine.jobs import ProgressCallback, VoteProgressCallback
+
+#: a request's work, told where its sample progress and its votes' progress go (None: nowhere)
+Work = Callable[[ProgressCallback | None, VoteProgressCallback | None], Awaitable[dict[str, Any]]]
 T = TypeVar("T")
 
 log = logging.getLogger("fsmllm.api")
@@ -63,41 +65,42 @@ def in_band_error(
 
 
 def progress_stream(
-    work: Callable[[ProgressCallback], Awaitable[dict[str, Any]]],
-    describe_error: Callable[[BaseException], dict[str, Any]],
-    request_id: str,
+    work: Work, describe_error: Callable[[BaseException], dict[str, Any]], request_id: str
 ) -> StreamingResponse:
-    """Run ``work(on_progress)`` and stream ``progress`` events then one ``result`` event.
+    """Run ``work(on_progress, on_votes)`` and stream ``progress`` and ``votes`` events, then one ``result`` event.
 
-    A progress event is ``{done, total}`` (samples drawn, the budget) plus, with an anytime-valid bound,
-    ``certificate``: the certificate valid so far ({n, score_lower, radii}). ``on_progress`` may be called from
-    any thread; the worker reports a batch's progress before it resolves the job, so every event arrives
-    before the result. If the client goes away, the work is cancelled (which
-    cancels the job's remaining samples on the device worker).
+    A ``progress`` event is ``{done, total}`` (samples drawn, the budget) plus, with an anytime-valid bound,
+    ``certificate``: the certificate valid so far ({n, score_lower, radii}). A ``votes`` event (a certified
+    answer) is :meth:`~fsmllm.certify.answers.AnswerVoting.progress` after each chunk of votes. The callbacks may
+    be called from any thread; the worker reports a batch's progress before it resolves the job, so every event
+    arrives before the result. If the client goes away, the work is cancelled (which cancels the job's
+    remaining samples on the device worker and the votes still to come).
 
     If the work fails once the stream has started (its 200 already sent), the last event is ``error``:
     ``describe_error(error)`` plus ``request_id``, the id of the ``X-Request-ID`` header, which the server log
     names with the error and its traceback (as it does for a 500 outside a stream).
     """
     loop = asyncio.get_running_loop()
-    updates: asyncio.Queue[Update] = asyncio.Queue()
+    updates: asyncio.Queue[str] = asyncio.Queue()
+
+    def emit(event: str, data: dict[str, Any]) -> None:
+        loop.call_soon_threadsafe(updates.put_nowait, sse(event, data))
 
     def on_progress(done: int, total: int, interim: dict[str, Any] | None) -> None:
-        loop.call_soon_threadsafe(updates.put_nowait, (done, total, interim))
+        emit("progress", {"done": done, "total": total, **({"certificate": interim} if interim else {})})
 
-    def progress(update: Update) -> str:
-        done, total, interim = update
-        return sse("progress", {"done": done, "total": total, **({"certificate": interim} if interim else {})})
+    def on_votes(votes: dict[str, Any]) -> None:
+        emit("votes", votes)
 
     async def events() -> AsyncIterator[str]:
-        task = asyncio.ensure_future(work(on_progress))
-        waiter: asyncio.Future[Update] | None = None
+        task = asyncio.ensure_future(work(on_progress, on_votes))
+        waiter: asyncio.Future[str] | None = None
         try:
             while not task.done():
                 waiter = asyncio.ensure_future(updates.get())
                 await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
                 if waiter.done():
-                    yield progress(waiter.result())
+                    yield waiter.result()
                 else:
                     waiter.cancel()
             try:
@@ -106,7 +109,7 @@ def progress_stream(
                 yield sse("error", in_band_error(error, describe_error, request_id, "progress stream"))
                 return
             while not updates.empty():  # updates still queued when the work finished
-                yield progress(updates.get_nowait())
+                yield updates.get_nowait()
             yield sse("result", result)
         finally:  # also when the client has gone: stop the work and the wait for its progress
             task.cancel()

@@ -239,6 +239,31 @@ class AnswerVoting:
         agree = int((self._agreements > 0).sum())
         return clopper_pearson_lower(agree, self.estimated, self.config.alpha)
 
+    def progress(self) -> dict[str, object]:
+        """The votes so far, for a progress event: ``done`` of ``total`` (= n0 + n) votes counted, the ``phase``,
+        then (estimation) the chosen ``answer`` and its ``agree``-ing estimation votes of ``estimated``, and
+        ``stopped_by`` once voting has ended. With a target radius (the anytime-valid betting bound) also the
+        bound valid so far, ``p_lower`` (the best over the checkpoints passed) and its ``radius``, valid whenever
+        the voting stops; at a fixed n (Clopper-Pearson) no interim bound is valid, so none is given."""
+        config = self.config
+        report: dict[str, object] = {
+            "done": len(self._selection) + self.estimated,
+            "total": config.n0 + config.n,
+            "phase": "selection" if self._chosen is None else "estimation",
+        }
+        if self._chosen is not None:
+            report |= {
+                "answer": self._display[self._chosen],
+                "agree": int((self._agreements > 0).sum()),
+                "estimated": self.estimated,
+            }
+            if config.radius is not None:
+                radius = answer_radius(self._best_lower, config.sigma, config.inner)
+                report |= {"p_lower": self._best_lower, "radius": radius}
+        if self.stopped_by is not None:
+            report["stopped_by"] = self.stopped_by
+        return report
+
     def certificate(self) -> AnswerCertificate:
         if self.stopped_by is None or self._chosen is None:
             raise RuntimeError(f"voting not finished: {self.estimated} of {self.config.n} estimation votes counted")

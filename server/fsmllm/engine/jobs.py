@@ -15,6 +15,8 @@ from fsmllm.certify import Certificate, CosineClassifier, SampleRun, SmoothingCo
 
 #: ``on_progress(done, total, interim)``: samples done, the budget, and the certificate valid so far (or None)
 ProgressCallback = Callable[[int, int, "dict[str, object] | None"], None]
+#: the votes of a certified answer so far (:meth:`~fsmllm.certify.answers.AnswerVoting.progress`), after each chunk
+VoteProgressCallback = Callable[["dict[str, object]"], None]
 
 
 class JobCancelled(Exception):

@@ -25,7 +25,7 @@ from fsmllm.certify.answers import AnswerCertificate, AnswerConfig, AnswerVoting
 from fsmllm.encoders.base import VisionEncoder
 from fsmllm.encoders.precision import compiled, precision_of
 from fsmllm.engine.certifier import Certifier, CertifyOutcome
-from fsmllm.engine.jobs import ProgressCallback
+from fsmllm.engine.jobs import ProgressCallback, VoteProgressCallback
 from fsmllm.engine.worker import DeviceWorker
 from fsmllm.errors import CertificatesOnly, PolicyError, as_request_error
 from fsmllm.images import to_pixels
@@ -237,12 +237,19 @@ class Runtime:
                 self._lm_executor.submit(self._complete_quietly, stream)
 
     async def certify_answer(
-        self, image: Image.Image, prompt: str, config: AnswerConfig, params: SamplingParams, seed: int | None = None
+        self,
+        image: Image.Image,
+        prompt: str,
+        config: AnswerConfig,
+        params: SamplingParams,
+        seed: int | None = None,
+        on_votes: VoteProgressCallback | None = None,
     ) -> AnswerCertificate:
         """CERTIFY on the model's answer (method.md, "Certified answers"): the votes' noisy samples go through
         the device worker (shared batches), their greedy answers are generated in batches on the LM threads, and
         the voting stops early when ``config.radius`` is certified or cannot be. The worker computes the next
-        chunk's features while the language model answers the current one."""
+        chunk's features while the language model answers the current one. ``on_votes`` hears the votes so far
+        after each chunk."""
         self.language_model()
         pixels = self.pixels(image)
         seed = new_seed() if seed is None else seed
@@ -262,6 +269,8 @@ class Runtime:
                 upcoming = features(index + 1) if index + 1 < len(chunks) else None
                 tokens = current.reshape(current.shape[0], self.encoder.num_tokens, self.encoder.token_dim)
                 voting.add([generation.text for generation in await self._votes(tokens, prompt, greedy)])
+                if on_votes is not None:
+                    on_votes(voting.progress())
                 if voting.done:
                     break
         finally:

@@ -18,7 +18,7 @@ from PIL import Image
 
 from fsmllm.certify import Certificate, SmoothingConfig, StopRule
 from fsmllm.certify.answers import AnswerCertificate, AnswerConfig
-from fsmllm.engine.jobs import ProgressCallback
+from fsmllm.engine.jobs import ProgressCallback, VoteProgressCallback
 from fsmllm.engine.runtime import Runtime
 from fsmllm.lm.base import Generation, SamplingParams
 
@@ -102,11 +102,15 @@ async def certify(
 
 
 async def answer(
-    runtime: Runtime, image: Image.Image, task: AnswerTask, on_progress: ProgressCallback | None = None
+    runtime: Runtime,
+    image: Image.Image,
+    task: AnswerTask,
+    on_progress: ProgressCallback | None = None,
+    on_votes: VoteProgressCallback | None = None,
 ) -> Answered:
     """POST /generate and a plain chat completion: certify, then answer from the smoothed features; with
     ``task.answer`` the certified answer's votes run beside them, sharing the device worker and the language
-    model. Either failing cancels the other."""
+    model (``on_votes`` hears them after each chunk). Either failing cancels the other."""
     started = time.perf_counter()
 
     async def certified_answer() -> tuple[Certified, Generation, float]:
@@ -119,7 +123,7 @@ async def answer(
         (certified, generation, generate_s), voted, answer_s = await certified_answer(), None, 0.0
     else:
         main = asyncio.ensure_future(certified_answer())
-        votes = asyncio.ensure_future(_votes(runtime, image, task, task.answer, started))
+        votes = asyncio.ensure_future(_votes(runtime, image, task, task.answer, started, on_votes))
         try:
             await asyncio.gather(main, votes)
         except BaseException:  # the first error (or the caller gone): stop the other side, then report it
@@ -132,10 +136,15 @@ async def answer(
 
 
 async def _votes(
-    runtime: Runtime, image: Image.Image, task: AnswerTask, config: AnswerConfig, started: float
+    runtime: Runtime,
+    image: Image.Image,
+    task: AnswerTask,
+    config: AnswerConfig,
+    started: float,
+    on_votes: VoteProgressCallback | None,
 ) -> tuple[AnswerCertificate, float]:
     """The certified answer and the seconds since ``started`` when it was done."""
-    voted = await runtime.certify_answer(image, task.prompt, config, task.sampling, task.certify.seed)
+    voted = await runtime.certify_answer(image, task.prompt, config, task.sampling, task.certify.seed, on_votes)
     return voted, time.perf_counter() - started
 
 
