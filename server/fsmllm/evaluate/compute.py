@@ -229,7 +229,7 @@ class CurvePoint:
     certified_fraction: float
     mean_score: float
     per_image: list[float] = field(default_factory=list)
-    #: the paper's score Ŝ = E[(1 + cos(f(x+δ), f(x)))/2], relative to the clean feature (paper-notes.md)
+    #: the paper's score Ŝ = E[(1 + cos(f(x+δ), f(x)))/2], relative to the clean feature (docs/paper-notes.md)
     mean_paper_score: float | None = None
     mean_score_lower: float | None = None
 

