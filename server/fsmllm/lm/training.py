@@ -91,12 +91,15 @@ def encode_features(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Clean unit features u(x) and smoothed ones mean_j u(x + σ δ_j), both [N, T, W] (float32, CPU); with
     ``granularity="token"`` the smoothed ones are the per-token smoothed features the server serves then
-    (:func:`~fsmllm.certify.per_token_features`), from the same noise."""
+    (:func:`~fsmllm.certify.per_token_features`), from the same noise. ``copies`` 0: clean ones only (the
+    smoothed ones are then an empty tensor)."""
     generator = torch.Generator().manual_seed(seed)
     clean, smoothed = [], []
     for start in tqdm(range(0, len(pixels), batch_size), desc="encoding", unit="batch", leave=False):
         x = pixels[start : start + batch_size]
         clean.append(unit_feature_tokens(encoder(x)))
+        if copies == 0:
+            continue
         noise = torch.randn((copies, *x.shape), generator=generator)
         noisy = (x[None] + sigma * noise).flatten(0, 1)
         raw = encoder(noisy)
@@ -106,12 +109,15 @@ def encode_features(
             smoothed.append(per_token_features(units.mean(0), rows.mean(0)))
         else:
             smoothed.append(units.mean(0))
-    return torch.cat(clean), torch.cat(smoothed)
+    return torch.cat(clean), torch.cat(smoothed) if smoothed else torch.empty(0)
 
 
 def cached_features(config: TrainConfig) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    """The training set's clean and smoothed features and answers, computed once per data configuration."""
+    """The training set's clean and smoothed features and answers, computed once per data configuration (no
+    smoothed ones when none are read: ``smoothed_share`` 0)."""
     key = {k: v for k, v in asdict(config).items() if k not in ("steps", "batch_size", "lr", "smoothed_share")}
+    if config.smoothed_share == 0:
+        key |= {"copies": 0, "sigma": 0.0}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     path = cache_dir() / f"projector-features-{digest}.pt"
     if path.is_file():
@@ -119,7 +125,8 @@ def cached_features(config: TrainConfig) -> tuple[torch.Tensor, torch.Tensor, li
         return saved["clean"], saved["smoothed"], saved["answers"]
     pixels, answers = training_set(config.image_size, config.train_images, config.photo_copies, config.seed)
     encoder = load_encoder(config.encoder, image_size=config.image_size).eval()
-    clean, smoothed = encode_features(encoder, pixels, config.sigma, config.copies, config.seed)
+    copies = config.copies if config.smoothed_share > 0 else 0
+    clean, smoothed = encode_features(encoder, pixels, config.sigma, copies, config.seed)
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"clean": clean, "smoothed": smoothed, "answers": answers}, path)
     return clean, smoothed, answers
@@ -195,8 +202,11 @@ def train_projector(config: TrainConfig, out: str | Path, progress: bool = True)
     bar = tqdm(range(config.steps), desc="train-projector", disable=not progress)
     for _ in bar:
         index = torch.randint(len(answers), (config.batch_size,), generator=generator)
-        use_smoothed = torch.rand(config.batch_size, generator=generator) < config.smoothed_share
-        features = torch.where(use_smoothed[:, None, None], smoothed[index], clean[index])
+        if config.smoothed_share > 0:
+            use_smoothed = torch.rand(config.batch_size, generator=generator) < config.smoothed_share
+            features = torch.where(use_smoothed[:, None, None], smoothed[index], clean[index])
+        else:
+            features = clean[index]
         embeds, mask, labels = answer_batch(
             backend, (layout.prefix_ids, layout.suffix_ids), projector(features), [answer_ids[i] for i in index]
         )
