@@ -28,6 +28,8 @@ from fsmllm_client.models import CertifyResult, ChatCompletion, GenerateResult, 
 
 T = TypeVar("T")
 ProgressCallback = Callable[[int, int], None]
+#: a certified answer's ``votes`` event: {done, total, phase, answer, agree, estimated, p_lower, radius, stopped_by}
+VoteProgressCallback = Callable[[dict[str, Any]], None]
 #: an image: a file path, the bytes of an image file, a ``data:image/...;base64,`` URL, or a PIL image
 ImageInput = Any
 
@@ -80,6 +82,8 @@ class GenerateOptions(CertificationOptions, total=False):
     stop: str | Sequence[str]
     #: certify the answer itself: True for the server's defaults, or {n0, n, alpha, radius, inner}
     certify_answer: bool | Mapping[str, Any]
+    #: called with each ``votes`` event of the certified answer (asks for the progress stream, as ``progress`` does)
+    vote_progress: VoteProgressCallback
 
 
 def image_data_url(image: ImageInput) -> str:
@@ -134,6 +138,12 @@ class Call(Generic[T]):
     body: dict[str, Any] | None = None
     progress: ProgressCallback | None = None
     accept: frozenset[int] = field(default=frozenset({200}))
+    votes: VoteProgressCallback | None = None
+
+    @property
+    def streamed(self) -> bool:
+        """Whether the answer comes as a progress stream (someone listens to its events)."""
+        return self.progress is not None or self.votes is not None
 
     @property
     def idempotent(self) -> bool:
@@ -161,12 +171,14 @@ def _options(given: Mapping[str, Any], allowed: Any) -> dict[str, Any]:
 
 
 def _certification_fields(options: dict[str, Any], names: Iterable[str]) -> dict[str, Any]:
-    """The request fields ``names`` that are set, with ``radius`` as a list and ``stream`` when ``progress`` is."""
-    fields: dict[str, Any] = {key: options[key] for key in names if key in options and key != "progress"}
+    """The request fields ``names`` that are set, with ``radius`` as a list and ``stream`` when a progress callback
+    is."""
+    listeners = ("progress", "vote_progress")
+    fields: dict[str, Any] = {key: options[key] for key in names if key in options and key not in listeners}
     if "radius" in fields:
         radius = fields["radius"]
         fields["radius"] = [float(radius)] if isinstance(radius, (int, float)) else [float(r) for r in radius]
-    if "progress" in options:
+    if any(name in options for name in listeners):
         fields["stream"] = True
     return fields
 
@@ -188,7 +200,7 @@ def generate_call(image: ImageInput, prompt: str, options: Mapping[str, Any]) ->
     if answer:  # True: the server's defaults
         fields["certify_answer"] = {} if answer is True else dict(answer)
     body = {"image": image_data_url(image), "prompt": prompt, **fields}
-    return Call("POST", "/generate", GenerateResult, body, chosen.get("progress"))
+    return Call("POST", "/generate", GenerateResult, body, chosen.get("progress"), votes=chosen.get("vote_progress"))
 
 
 def chat_call(messages: Iterable[Mapping[str, Any]], options: Mapping[str, Any]) -> Call[ChatCompletion]:
@@ -214,11 +226,17 @@ def read_reply(status: int, headers: Mapping[str, str], content: bytes) -> Reply
 
 
 class EventStream:
-    """Reads the server's progress stream line by line: ``progress`` events feed the callback, then one
-    ``result`` (or ``error``) event becomes the reply."""
+    """Reads the server's progress stream line by line: ``progress`` and ``votes`` events feed the call's
+    callbacks, then one ``result`` (or ``error``) event becomes the reply."""
 
-    def __init__(self, progress: ProgressCallback, status: int, headers: Mapping[str, str]) -> None:
-        self._progress = progress
+    def __init__(
+        self,
+        progress: ProgressCallback | None,
+        status: int,
+        headers: Mapping[str, str],
+        votes: VoteProgressCallback | None = None,
+    ) -> None:
+        self._progress, self._votes = progress, votes
         self._status = status
         self._headers = headers
         self._event = "message"
@@ -250,7 +268,11 @@ class EventStream:
                 self._headers.get("x-request-id"),
             ) from None
         if event == "progress":
-            self._progress(done, total)
+            if self._progress is not None:
+                self._progress(done, total)
+        elif event == "votes":
+            if self._votes is not None:
+                self._votes(data)
         elif event == "result":
             self._reply = Reply(self._status, self._headers, data)
         elif event == "error":

@@ -131,7 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 @contextmanager
-def _progress_bar(enabled: bool) -> Iterator[Callable[[int, int], None] | None]:
+def _progress_bar(
+    enabled: bool, unit: str = "sample", desc: str = "noise samples"
+) -> Iterator[Callable[[int, int], None] | None]:
     """A progress callback drawing a tqdm bar on stderr (``None`` when disabled or tqdm is missing)."""
     try:
         from tqdm import tqdm
@@ -144,7 +146,7 @@ def _progress_bar(enabled: bool) -> Iterator[Callable[[int, int], None] | None]:
 
     def update(done: int, total: int) -> None:
         if not bars:
-            bars.append(tqdm(total=total, unit="sample", desc="noise samples", file=sys.stderr, leave=False))
+            bars.append(tqdm(total=total, unit=unit, desc=desc, file=sys.stderr, leave=False))
         bars[0].update(done - bars[0].n)
 
     try:
@@ -248,8 +250,11 @@ def _generate(client: Client, args: argparse.Namespace) -> int:
         options["certify_answer"] = {key: value for key, value in answer.items() if value is not None}
     if args.plot:
         require_matplotlib()
-    with _progress_bar(not (args.json or args.no_progress)) as progress:
+    bars = not (args.json or args.no_progress)
+    with _progress_bar(bars) as progress, _progress_bar(bars and "certify_answer" in options, "vote", "votes") as votes:
         options["progress"] = progress  # None: no stream
+        if votes is not None:
+            options["vote_progress"] = lambda event: votes(event["done"], event["total"])
         result = client.generate(args.image, args.prompt, **options)
     if args.plot:
         plot_certificate(result.certificate, args.plot, args.radius or (), answer=result.answer_certificate)

@@ -105,9 +105,10 @@ class Client:
     def _exchange(self, call: Call[Any]) -> Reply | httpx.TransportError:
         try:
             with self._http.stream(call.method, call.path, json=call.body) as response:
-                if call.progress is None or response.status_code != 200:
+                if not call.streamed or response.status_code != 200:
                     return read_reply(response.status_code, response.headers, response.read())
-                return EventStream(call.progress, response.status_code, response.headers).read(response.iter_lines())
+                events = EventStream(call.progress, response.status_code, response.headers, call.votes)
+                return events.read(response.iter_lines())
         except httpx.TransportError as error:
             return error
 
@@ -175,9 +176,9 @@ class AsyncClient:
     async def _exchange(self, call: Call[Any]) -> Reply | httpx.TransportError:
         try:
             async with self._http.stream(call.method, call.path, json=call.body) as response:
-                if call.progress is None or response.status_code != 200:
+                if not call.streamed or response.status_code != 200:
                     return read_reply(response.status_code, response.headers, await response.aread())
-                events = EventStream(call.progress, response.status_code, response.headers)
+                events = EventStream(call.progress, response.status_code, response.headers, call.votes)
                 async for line in response.aiter_lines():
                     events.feed(line)
                 return events.reply()

@@ -38,6 +38,21 @@ def test_client_sends_certify_answer_and_types_the_result(server: LiveServer) ->
     assert plain.answer_certificate is None
 
 
+def test_client_hears_the_votes_and_the_cli_draws_their_bar(server: LiveServer, tmp_path: Path, capsys) -> None:
+    heard: list[dict] = []
+    with Client(server.url) as client:
+        result = client.generate(png_bytes(2), "What?", seed=8, max_tokens=3, certify_answer={"n0": 8, "n": 64},
+                                 vote_progress=heard.append)
+    voted = result.answer_certificate
+    assert heard and heard[-1]["done"] == 8 + voted.n and heard[-1]["stopped_by"] == voted.stopped_by
+    assert heard[-1]["answer"] == voted.answer
+    image = tmp_path / "x.png"
+    image.write_bytes(png_bytes(2))
+    args = ["--url", server.url, "generate", str(image), "What?", "--seed", "8", "--max-tokens", "3", "--answer-n", "64"]
+    assert main(args) == 0
+    assert "votes" in capsys.readouterr().err  # the votes' bar beside the noise samples' one
+
+
 def test_client_cli_prints_json_table_and_plots_the_answer_radius(server: LiveServer, tmp_path: Path, capsys) -> None:
     image = tmp_path / "x.png"
     image.write_bytes(png_bytes(2))

@@ -197,6 +197,19 @@ def test_event_stream_reports_progress_then_the_result() -> None:
     assert HEALTH.result(result).status == "ok"
 
 
+def test_votes_events_feed_their_own_callback() -> None:
+    seen: list[object] = []
+    stream = EventStream(None, 200, httpx.Headers(), votes=seen.append)
+    feed(stream, 'event: progress\ndata: {"done": 32, "total": 64}\n\nevent: votes\ndata: {"done": 8, "total": 40, '
+                 '"phase": "estimation", "answer": "a cat"}\n\nevent: result\ndata: {"status": "ok"}\n\n')
+    assert seen == [{"done": 8, "total": 40, "phase": "estimation", "answer": "a cat"}]
+    assert stream.reply().payload == {"status": "ok"}
+    call = generate_call(b"\x89PNG\r\n\x1a\n", "What is this?", {"certify_answer": True, "vote_progress": seen.append})
+    assert call.body is not None and call.body["stream"] is True and "vote_progress" not in call.body
+    assert call.streamed and call.votes is not None and call.progress is None
+    assert not generate_call(b"\x89PNG\r\n\x1a\n", "What is this?", {}).streamed
+
+
 def test_event_stream_fields_without_the_optional_space() -> None:
     seen: list[tuple[int, int]] = []
     stream = EventStream(lambda done, total: seen.append((done, total)), 200, httpx.Headers())
