@@ -15,6 +15,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 export DOCKER_BUILDKIT=0 COMPOSE_DOCKER_CLI_BUILD=0 COMPOSE_PROJECT_NAME=fsmllm-test
+# creating a container copies the whole 2.4 GB image on the vfs driver: over compose's 60 s default on a busy machine
+export COMPOSE_HTTP_TIMEOUT=${COMPOSE_HTTP_TIMEOUT:-600}
 REPLICAS=${REPLICAS:-2}
 OUT=$ROOT/build/test-docker
 PY=$ROOT/.venv/bin/python

@@ -82,7 +82,7 @@ def _flags(parser: argparse.ArgumentParser) -> set[str]:
 
 def test_one_name_per_field_across_the_api_the_client_and_both_clis() -> None:
     """Every certification field of the server is a flag of the same name in both CLIs and an option of the
-    client (image, stream and the client's progress aside)."""
+    client (image, stream and the client's progress listeners aside)."""
     from fsmllm_client import CertifyOptions, GenerateOptions
 
     commands = {name: parser for name, parser in _parsers(build_parser(), "fsmllm")}
@@ -92,7 +92,7 @@ def test_one_name_per_field_across_the_api_the_client_and_both_clis() -> None:
         (GenerateRequest, GenerateOptions, "generate"),
     ):
         fields = set(request.model_fields) - {"image", "stream", "prompt"}
-        assert fields == set(options.__optional_keys__) - {"progress"}, command
+        assert fields == set(options.__optional_keys__) - {"progress", "vote_progress"}, command
         for parser in (commands[f"fsmllm {command}"], client_commands[f"fsmllm-client {command}"]):
             missing = {name for name in fields if f"--{name.replace('_', '-')}" not in _flags(parser)}
             # fsmllm generate runs its model in process: stop strings are a server feature
