@@ -10,17 +10,25 @@ samples/s is its own ceiling, what its per-sample work allows with an infinitely
 runs the same measurement on the fsmllm of another checkout (e.g. main) in child processes, alternating with this
 one, and reports both (the best of ``--repeats`` each) and whether their certificates are identical.
 
+``--dtypes float32 auto``: the same measurement for each precision (``auto``: what ``fsmllm serve --dtype auto``
+chooses on this machine, timed afresh), interleaved, best of ``--repeats`` each, and their ratios to the first.
+
     python benchmarks/worker_throughput.py --encoder dinov2-s --samples 1024
+    python benchmarks/worker_throughput.py --encoder dinov2-s --samples 256 --dtypes float32 auto
     python benchmarks/worker_throughput.py --zero-cost --encoder tiny-cnn --samples 8192 --against /work/main
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import copy
 import json
+import logging
 import os
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -28,8 +36,11 @@ import torch
 from common import arguments, machine, setup, timed
 
 from fsmllm.certify import Certificate, SmoothingConfig, StopRule
+from fsmllm.encoders import load_encoder
+from fsmllm.encoders.precision import PRECISIONS, set_precision
 from fsmllm.engine.jobs import CertifyJob
 from fsmllm.engine.worker import DeviceWorker
+from fsmllm.images import load_image, to_pixels
 
 
 def certify_through(
@@ -118,6 +129,34 @@ def against(tree: Path, argv: list[str], repeats: int) -> None:
     print(f"worker this/other = {speedup:.2f}x; the same certificates (score_lower of every job): {same}")
 
 
+def per_dtype(args: argparse.Namespace) -> None:
+    """worker_vs_raw for each of ``args.dtypes`` (``auto`` resolved as the server does, timed afresh), one repeat
+    at a time round-robin; the best of each and its ratio to the first precision's."""
+    from fsmllm.fastest_dtype import encoder_precision  # here: --against runs this file on older checkouts too
+
+    with tempfile.TemporaryDirectory() as folder:
+        os.environ["FSMLLM_CACHE"] = folder  # a fresh timing, not this machine's cached one
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
+        base = load_encoder(args.encoder, image_size=args.image_size, device=args.device)
+        names = {d: encoder_precision(base, d, args.device, args.batch_size) for d in args.dtypes}
+    encoders = {d: set_precision(copy.deepcopy(base), p) for d, p in names.items()}
+    pixels = to_pixels(load_image("sample:chelsea"), base.image_size)
+    best: dict[str, dict[str, float]] = {}
+    for _ in range(args.repeats):
+        for d, encoder in encoders.items():
+            result = worker_vs_raw(encoder, pixels, args.device, args.batch_size, args.samples, 1)
+            if d not in best or result["worker_samples_per_s"] > best[d]["worker_samples_per_s"]:
+                best[d] = result
+    first = best[args.dtypes[0]]
+    print(f"device: {machine(args.device)}; encoder {base.name} @ {base.image_size}px, batch {args.batch_size}, "
+          f"{first['samples']} samples, best of {args.repeats} interleaved")
+    for d, result in best.items():
+        print(f"{d:>8} ({names[d]:>8}): raw {result['raw_samples_per_s']:8.1f} samples/s "
+              f"({result['raw_samples_per_s'] / first['raw_samples_per_s']:.2f}x), worker "
+              f"{result['worker_samples_per_s']:8.1f} ({result['worker_samples_per_s'] / first['worker_samples_per_s']:.2f}x)"
+              f", worker/raw {result['ratio']:.3f}")
+
+
 def main() -> None:
     parser = arguments(__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=1024)
@@ -127,13 +166,18 @@ def main() -> None:
     parser.add_argument("--zero-cost", action="store_true", help="an encoder that computes nothing: the ceiling")
     parser.add_argument("--against", type=Path, default=None, help="another checkout to compare with, side by side")
     parser.add_argument("--json", action="store_true", help="print the result as one JSON line")
+    parser.add_argument("--dtypes", nargs="+", choices=("auto", *PRECISIONS), default=None,
+                        help="compare these precisions (auto: the server's choice), side by side")
     args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    if args.dtypes is not None:
+        per_dtype(args)
+        return
     if args.against is not None:
         argv = [a for a in sys.argv[1:] if a not in ("--against", str(args.against), "--repeats", str(args.repeats))]
         against(args.against, argv, args.repeats)
         return
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
     encoder, pixels = setup(args)
     encode = zero_cost() if args.zero_cost else encoder
     result = worker_vs_raw(encode, pixels, args.device, args.batch_size, args.samples, args.repeats, args.jobs)

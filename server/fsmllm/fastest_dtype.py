@@ -1,9 +1,9 @@
 """``--dtype auto`` and ``--lm-dtype auto``: the fastest precision a model runs in on this machine, by measuring.
 
 At start-up each candidate precision (float32 and bfloat16; float16 too on CUDA) runs one batch of the model,
-after a warm-up, ``REPEATS`` times interleaved (so drifting load hits every candidate alike); the best time of
-each counts. A reduced precision is chosen only when it takes at most ``1 / MARGIN`` of float32's time
-(:func:`choose`): where bfloat16 is emulated in software (a CPU without AMX or AVX512-BF16) it is no faster, or
+after a warm-up, in ``REPEATS`` rounds interleaved (so drifting load hits every candidate alike; a round of a fast
+model repeats the batch for ``MIN_SECONDS``); the best round of each counts. A reduced precision is chosen only
+when it takes at most ``1 / MARGIN`` of float32's time (:func:`choose`): where bfloat16 is emulated in software (a CPU without AMX or AVX512-BF16) it is no faster, or
 slower, and the margin keeps timing noise from picking it. The choice is cached in
 ``cache_dir()/fastest-dtype.json`` under a key naming the machine (:func:`machine`: the CPU or GPU, the torch
 version, the threads) and the model, so later starts on the same machine skip the timing and choose the same
@@ -38,8 +38,11 @@ DtypeChoice = Literal["auto", "float32", "bfloat16", "float16"]
 DTYPE_CHOICES: tuple[DtypeChoice, ...] = get_args(DtypeChoice)
 #: a reduced precision must be at least this many times faster than float32 to be chosen
 MARGIN = 1.5
-#: timed runs per candidate (after one warm-up run each); the best counts
+#: timed rounds per candidate (after one warm-up run each), interleaved; the best counts
 REPEATS = 3
+#: a round of a candidate repeats its run for at least this long and counts the mean (one call of a small model
+#: is at the mercy of a busy machine's scheduler)
+MIN_SECONDS = 0.05
 
 #: one timed run of the model in the given precision (a closure over a copy of the model in it and its input)
 Trial = Callable[[], object]
@@ -67,17 +70,20 @@ def choose(seconds: Mapping[Precision, float], margin: float = MARGIN) -> Precis
 
 def measure_trials(make_trial: Callable[[Precision], Trial], device: str | torch.device) -> Measure:
     """A :data:`Measure` that times ``make_trial(p)()`` for each candidate ``p``: one warm-up run each, then
-    ``REPEATS`` rounds interleaved over the candidates, the best time of each (CUDA synchronised around a run)."""
+    ``REPEATS`` rounds interleaved over the candidates (each at least ``MIN_SECONDS`` of runs, their mean), the best
+    round of each (CUDA synchronised around a run)."""
     cuda = torch.device(device).type == "cuda"
 
     def timed(trial: Trial) -> float:
         if cuda:
             torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        trial()
-        if cuda:
-            torch.cuda.synchronize(device)
-        return time.perf_counter() - start
+        start, calls = time.perf_counter(), 0
+        while calls == 0 or time.perf_counter() - start < MIN_SECONDS:  # a fast model: several calls, their mean
+            trial()
+            if cuda:
+                torch.cuda.synchronize(device)
+            calls += 1
+        return (time.perf_counter() - start) / calls
 
     def measure(precisions: Sequence[Precision]) -> dict[Precision, float]:
         trials = {p: make_trial(p) for p in precisions}
