@@ -3,11 +3,11 @@
 At start-up each candidate precision (float32 and bfloat16; float16 too on CUDA) runs one batch of the model,
 after a warm-up, in ``REPEATS`` rounds interleaved (so drifting load hits every candidate alike; a round of a fast
 model repeats the batch for ``MIN_SECONDS``); the best round of each counts. A reduced precision is chosen only
-when it takes at most ``1 / MARGIN`` of float32's time (:func:`choose`): where bfloat16 is emulated in software (a CPU without AMX or AVX512-BF16) it is no faster, or
-slower, and the margin keeps timing noise from picking it. The choice is cached in
-``cache_dir()/fastest-dtype.json`` under a key naming the machine (:func:`machine`: the CPU or GPU, the torch
-version, the threads) and the model, so later starts on the same machine skip the timing and choose the same
-precision (certificates with the same seed stay the same).
+when it takes at most ``1 / MARGIN`` of float32's time (:func:`choose`): where bfloat16 is emulated in software (a
+CPU without AMX or AVX512-BF16) it is no faster, or slower, and the margin keeps timing noise from picking it. The
+choice is cached in ``cache_dir()/fastest-dtype.json`` under a key naming the machine (:func:`machine`: the CPU or
+GPU, the torch version, the threads) and the model, so later starts on the same machine skip the timing and choose
+the same precision (certificates with the same seed stay the same).
 
 What a reduced precision means for a certificate is unchanged (docs/method.md, "Reduced precision"): it is for
 the model as computed in that precision; the noise is drawn in float32.
