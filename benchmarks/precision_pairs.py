@@ -9,6 +9,7 @@
   bfloat16, and with both encoder and language model in bfloat16; images gained / lost against float32 (McNemar).
 
     python benchmarks/precision_pairs.py --fmnist 6 --n 1000 --answers 100
+    python benchmarks/precision_pairs.py --images 0 --answers 60      # the answers only
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ def certificates(args: argparse.Namespace) -> dict[str, object]:
     base = load_encoder("dinov2-s", image_size=112)
     encoders = {p: set_precision(copy.deepcopy(base), p) for p in PRECISIONS}
     rows: dict[str, dict[str, object]] = {}
-    for name, pixels in images(base.image_size, args.fmnist).items():
+    for name, pixels in list(images(base.image_size, args.fmnist).items())[: args.images]:
         certs = {p: SmoothedEncoder(e, args.sigma, batch_size=32).certify(pixels, n0=args.n0, n=args.n,
                                                                             radii=args.radii, seed=args.seed)
                  for p, e in encoders.items()}
@@ -105,6 +106,7 @@ def answers(args: argparse.Namespace) -> dict[str, object]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--fmnist", type=int, default=6, help="Fashion-MNIST test images besides the photos")
+    parser.add_argument("--images", type=int, default=None, help="certify only the first N images (0: none)")
     parser.add_argument("--sigma", type=float, default=0.25)
     parser.add_argument("--n0", type=int, default=100)
     parser.add_argument("--n", type=int, default=1000)
@@ -113,7 +115,7 @@ def main() -> None:
     parser.add_argument("--answers", type=int, default=0, help="Fashion-MNIST images for the answer accuracy (0: none)")
     parser.add_argument("--copies", type=int, default=32)
     args = parser.parse_args()
-    out = {"certificates": certificates(args)}
+    out: dict[str, object] = {"certificates": certificates(args)} if args.images != 0 else {}
     if args.answers:
         out["answers"] = answers(args)
     print(json.dumps(out, indent=2))
