@@ -13,10 +13,15 @@ no longer fits, least important last):
 
 * ``raw``: encoder samples/s against batch size (doubling until < 10 % more, or out of memory) in the serving
   dtype; the saturating batch is the smallest within 10 % of the best; then every dtype at that batch.
+* ``dtype``: what ``--dtype auto`` chooses on this device for each tower at its saturating batch (one batch timed
+  per candidate precision: float32, bfloat16, and float16 on CUDA; a reduced one only if ≥ 1.5x faster), with the
+  timings; timed afresh (a temporary cache).
 * ``latency``: one certificate of the ViT-L/14-336 tower through the device worker at n0 = 100, n = 1000, per
   dtype; with ``stop-at-fcsb 0.8`` at radius 0.1 (budget n = 1000); and at n = 256 (the median a stopped
   certificate used on real DINOv2-S weights, docs/benchmarks.md "Early stopping").
 * ``worker``: one job through the worker vs the raw encoder on the same samples (goal ≥ 0.9).
+* ``ceiling``: the worker's own ceiling: samples/s of one job through it with a zero-cost encoder (a view of the
+  noisy input) at each tower's image size and saturating batch: what noise, sums and bookkeeping allow.
 * ``concurrent``: 8 and 32 certifications of DINOv2-S submitted at once to the worker vs the same runs packed
   into one batched run vs a per-request batched loop (goal ≥ 3x the loop).
 * ``memory``: device memory of one certification against n (must be flat).
@@ -57,14 +62,15 @@ from concurrent_requests import batched_vs_loop  # noqa: E402
 from encoder_precision import cosine, in_precision, noisy_batch, packing_drift, side_by_side, throughput  # noqa: E402
 from transformers import CLIPVisionConfig, CLIPVisionModel, Dinov2Config, Dinov2Model  # noqa: E402
 from transformers.utils.constants import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD  # noqa: E402
-from worker_throughput import certify_through, worker_vs_raw  # noqa: E402
+from worker_throughput import certify_through, worker_vs_raw, zero_cost  # noqa: E402
 
 from fsmllm.certify import SmoothingConfig, StopRule  # noqa: E402
 from fsmllm.encoders import VisionEncoder  # noqa: E402
 from fsmllm.encoders.dinov2_imgfocus import Dinov2Encoder, dinov2_config  # noqa: E402
 from fsmllm.encoders.hf_vision import HFVisionEncoder  # noqa: E402
-from fsmllm.encoders.precision import PRECISIONS, compiled  # noqa: E402
+from fsmllm.encoders.precision import PRECISIONS, compiled, timing_trial  # noqa: E402
 from fsmllm.engine.worker import DeviceWorker  # noqa: E402
+from fsmllm.fastest_dtype import MARGIN, choose, fastest, measure_trials  # noqa: E402
 from fsmllm.images import load_image, to_pixels  # noqa: E402
 
 GOALS = {
@@ -236,6 +242,19 @@ class Suite:
         return {"seconds": seconds, "n_used": result[0].n, "stopped_by": result[0].stopped_by,
                 "batch": self.batch[name]}
 
+    def dtype_choice(self) -> dict[str, object]:
+        out: dict[str, object] = {"margin": MARGIN}
+        with tempfile.TemporaryDirectory() as folder:
+            for name, encoder in self.encoders.items():
+                trial = timing_trial(encoder, self.batch[name])
+                choice = fastest(f"{name} batch {self.batch[name]}", self.device, measure_trials(trial, self.device),
+                                 Path(folder) / "fastest-dtype.json")
+                assert choice.precision == choose(choice.seconds) and not choice.cached
+                out[name] = {"chosen": choice.precision, "batch": self.batch[name], "seconds_by_dtype": choice.seconds,
+                             "speedup_over_float32": {p: choice.seconds["float32"] / s for p, s in choice.seconds.items()}}
+                self.release()
+        return out
+
     def latency(self) -> dict[str, object]:
         out: dict[str, object] = {}
         for precision in dict.fromkeys([self.dtype, *PRECISIONS]):  # the serving dtype first
@@ -259,6 +278,10 @@ class Suite:
     def worker(self) -> dict[str, object]:
         return {name: worker_vs_raw(encoder, self.pixels[name], self.device, self.batch[name], 4 * self.batch[name], 2)
                 for name, encoder in self.serving.items()}
+
+    def ceiling(self) -> dict[str, object]:
+        return {name: worker_vs_raw(zero_cost(), self.pixels[name], self.device, self.batch[name], 8 * self.batch[name],
+                                    3) for name in self.encoders}
 
     def concurrent(self) -> dict[str, object]:
         out: dict[str, object] = {}
@@ -407,6 +430,16 @@ def table(results: dict[str, object]) -> str:
                     line(name, f"{encoder}: saturating batch", row["saturating_batch"])
                     for precision, speed in row["samples_per_s_by_dtype"].items():
                         line(name, f"{encoder}: {precision} samples/s", speed)
+        elif name == "dtype":
+            for encoder, row in section.items():
+                if isinstance(row, dict):
+                    speedups = ", ".join(f"{p} {x:.2f}x" for p, x in row["speedup_over_float32"].items() if p != "float32")
+                    line(name, f"{encoder}: auto chooses ({speedups})", row["chosen"], f"≥ {MARGIN}x for 16-bit")
+        elif name == "ceiling":
+            for encoder, row in section.items():
+                if isinstance(row, dict):
+                    line(name, f"{encoder}: worker samples/s, zero-cost encoder", row["worker_samples_per_s"],
+                         "≫ the raw encoder's")
         elif name == "latency":
             for precision, row in section.items():
                 if isinstance(row, dict):
@@ -467,8 +500,8 @@ def main() -> None:
     except Exception:  # nothing can be measured: say why, in the JSON too
         Path(args.out).write_text(json.dumps({"setup_error": traceback.format_exc()}, indent=2))
         raise
-    plan = [("raw", suite.raw, 60), ("latency", suite.latency, 45), ("worker", suite.worker, 20),
-            ("concurrent", suite.concurrent, 40), ("memory", suite.memory, 20), ("transfer", suite.transfer, 15),
+    plan = [("raw", suite.raw, 60), ("dtype", suite.dtype_choice, 15), ("latency", suite.latency, 45),
+            ("worker", suite.worker, 20), ("ceiling", suite.ceiling, 15), ("concurrent", suite.concurrent, 40), ("memory", suite.memory, 20), ("transfer", suite.transfer, 15),
             ("packing", suite.packing, 20), ("compile", suite.compile, 90)]
     for name, section, needs_s in plan:
         if args.sections is None or name in args.sections:

@@ -2,6 +2,8 @@
 
 * Hypothesis' default deadline (200 ms per example) fails tests on a loaded machine for reasons that have
   nothing to do with the code; every property test runs without one.
+* Served encoders and language models are float32 (``FSMLLM_DTYPE``, ``FSMLLM_LM_DTYPE``), not the default
+  ``auto`` whose choice depends on the machine; tests of ``auto`` name it.
 * In CI (``CI`` set to a true value, as .ci/run does), a test skipped because the Fashion-MNIST data set is
   missing is a failure: CI must not report green without running it. Locally the same tests skip, with the
   reason in the summary. (The vLLM test skips in the main environment, where the extra is not installed by
@@ -15,6 +17,12 @@ from collections.abc import Generator
 
 import pytest
 from hypothesis import settings
+
+# Tests compare served certificates with numbers computed in the test in float32: servers (FSMLLM_* settings, also
+# in the servers tests start as processes) keep the encoder and the language model in float32 unless a test asks
+# otherwise. ``--dtype auto``, the default, is tested on its own (tests/test_fastest_dtype.py).
+os.environ.setdefault("FSMLLM_DTYPE", "float32")
+os.environ.setdefault("FSMLLM_LM_DTYPE", "float32")
 
 settings.register_profile("fsmllm", deadline=None)
 settings.load_profile("fsmllm")

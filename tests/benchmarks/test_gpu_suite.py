@@ -13,7 +13,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 #: packages the GPU host does not have (docs/benchmarks.md, "First GPU run"); importing one fails in the child
 ABSENT = ("fastapi", "uvicorn", "starlette", "pydantic", "pydantic_settings", "vllm")
-SECTIONS = ("raw", "latency", "worker", "concurrent", "memory", "transfer", "packing", "compile")
+SECTIONS = ("raw", "dtype", "latency", "worker", "ceiling", "concurrent", "memory", "transfer", "packing", "compile")
 
 LAUNCH = """
 import runpy, sys
@@ -26,6 +26,10 @@ runpy.run_path({script!r}, run_name="__main__")
 
 def number(value: object) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value) and not isinstance(value, bool)
+
+
+def raw_batch(sections: dict, encoder: str) -> int:
+    return sections["raw"][encoder]["saturating_batch"]
 
 
 def test_the_smoke_run_measures_every_section_without_the_server_packages(tmp_path: Path) -> None:
@@ -48,6 +52,13 @@ def test_the_smoke_run_measures_every_section_without_the_server_packages(tmp_pa
         assert all(number(v) and v > 0 for v in raw["samples_per_s_by_dtype"].values())
         assert set(raw["samples_per_s_by_dtype"]) == {"float32", "bfloat16", "float16"}
         assert number(sections["worker"][encoder]["ratio"]) and sections["worker"][encoder]["ratio"] > 0
+    for encoder in ("dinov2", "clip"):
+        choice = sections["dtype"][encoder]
+        assert set(choice["seconds_by_dtype"]) == {"float32", "bfloat16"}  # float16 is a candidate on CUDA only
+        assert all(number(v) and v > 0 for v in choice["seconds_by_dtype"].values())
+        assert choice["chosen"] in choice["seconds_by_dtype"] and choice["batch"] == raw_batch(sections, encoder)
+        ceiling = sections["ceiling"][encoder]
+        assert number(ceiling["worker_samples_per_s"]) and ceiling["worker_samples_per_s"] > 0
     latency = sections["latency"]
     assert {"float32", "bfloat16", "float16"} <= set(latency)
     serving = latency[report["meta"]["serving_dtype"]]

@@ -304,11 +304,11 @@ class NoiseFails:
     def __getattr__(self, name: str) -> Any:
         return getattr(self.run, name)
 
-    def take(self, limit: int) -> torch.Tensor | None:
+    def take(self, limit: int, out: torch.Tensor | None = None) -> torch.Tensor | None:
         self.takes += 1
         if self.takes > 1:
             raise RuntimeError("out of memory drawing the noise")
-        return self.run.take(limit)
+        return self.run.take(limit, out)
 
 
 class NoiseFailingJob(CertifyJob):

@@ -45,6 +45,7 @@ def build_runtime(settings: Settings, metrics: Metrics) -> Runtime:
     from fsmllm.booster import load_booster
     from fsmllm.encoders import load_encoder
     from fsmllm.encoders.precision import set_precision
+    from fsmllm.fastest_dtype import encoder_precision
     from fsmllm.lm.models import load_model, model_spec
 
     model = None
@@ -58,10 +59,13 @@ def build_runtime(settings: Settings, metrics: Metrics) -> Runtime:
         if image_size is not None and image_size != spec.image_size:
             raise ValueError(f"model {spec.name!r} was trained at {spec.image_size} px, not {image_size}")
         encoder_name, image_size = spec.encoder, spec.image_size
-        model = load_model(settings.model, settings.device, settings.lm_backend, vllm_options(settings))
+        model = load_model(
+            settings.model, settings.device, settings.lm_backend, vllm_options(settings), settings.lm_dtype
+        )
     encoder = load_encoder(encoder_name, image_size=image_size, device=settings.device)
+    precision = encoder_precision(encoder, settings.dtype, settings.device, settings.batch_size)
     # a noise-conditioned booster is bound to the default sigma; load_booster warns when it was not trained there
-    encoder = load_booster(settings.booster, set_precision(encoder, settings.dtype), sigma=settings.default_sigma)
+    encoder = load_booster(settings.booster, set_precision(encoder, precision), sigma=settings.default_sigma)
     return Runtime(
         encoder,
         policy_from(settings),

@@ -9,7 +9,7 @@ from typing import Annotated, Any, Literal, get_args, get_origin
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from fsmllm.encoders.precision import Precision
+from fsmllm.fastest_dtype import DtypeChoice
 
 
 class Settings(BaseSettings):
@@ -27,8 +27,14 @@ class Settings(BaseSettings):
     booster: str = Field("none", description="Gaussian Smoothness Booster name or path, or 'none'")
     lm_backend: Literal["transformers", "vllm"] = Field("transformers", description="language-model backend")
     device: str = Field("cpu", description="torch device of the encoder worker: cpu, cuda, cuda:1, ...")
-    dtype: Precision = Field(
-        "float32", description="precision of the encoder on the certified path (certificates are for it as computed)"
+    dtype: DtypeChoice = Field(
+        "auto",
+        description="precision of the encoder on the certified path (certificates are for it as computed); auto: "
+        "the fastest this machine runs natively, timed at start-up and cached",
+    )
+    lm_dtype: DtypeChoice = Field(
+        "auto",
+        description="precision of the language model (transformers backend); auto: the fastest, timed and cached",
     )
     compile: bool = Field(False, description="torch.compile the encoder (the first batches compile it: slow start)")
     vllm_dtype: str = Field("auto", description="vllm backend: weight dtype (auto, float16, bfloat16, float32)")

@@ -35,12 +35,13 @@ from fsmllm.certify.config import (
     check_radii,
     new_seed,
 )
-from fsmllm.certify.sampling import SampleRun, deliver, fill_batch, run_batched, run_shared
+from fsmllm.certify.sampling import Batcher, SampleRun, deliver, run_batched, run_shared
 from fsmllm.certify.smoothing import SmoothedEncoder, SmoothingRun
 
 __all__ = [
     "ANYTIME_METHODS",
     "BOUND_METHODS",
+    "Batcher",
     "DEFAULT_RADII",
     "GRANULARITIES",
     "NOISE_BLOCK",
@@ -60,7 +61,6 @@ __all__ = [
     "certified_radius",
     "check_radii",
     "deliver",
-    "fill_batch",
     "fcsb",
     "lower_bound",
     "mean_lower_bound",

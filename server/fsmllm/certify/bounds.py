@@ -208,7 +208,8 @@ def betting_lower_bound(
 
     def log_capital(m: float) -> float:
         logs = np.log1p(np.minimum(bets[None, :], caps[:, None] / m) * (x[None, :] - m)).sum(axis=1)
-        return float(logsumexp(logs)) - threshold
+        # one cap: logsumexp of one value is that value, exactly (and without scipy's per-call overhead)
+        return float(logs[0] if logs.size == 1 else logsumexp(logs)) - threshold
 
     lowest = np.finfo(np.float64).tiny
     if log_capital(lowest) < 0:

@@ -1,6 +1,7 @@
 """Noise and executors: the seeded noisy copies of an image (:class:`NoisyCopies`), the kept samples of a
 certified answer's votes (:class:`SampleRun`), and the executors that pack the samples of many runs into encoder
-batches (:func:`run_batched`, the reference; :func:`run_shared`, one pass for runs of the same samples)."""
+batches (:class:`Batcher`; :func:`run_batched`, the reference; :func:`run_shared`, one pass for runs of the same
+samples)."""
 
 from __future__ import annotations
 
@@ -20,7 +21,10 @@ class NoisyCopies:
     """The noisy copies ``x + σ δ_i``, δ_i ~ N(0, I), of one image [C, H, W] from a seeded generator on the image's
     device. The noise is drawn in blocks of NOISE_BLOCK, so the i-th copy depends only on the seed and i, never
     on how many copies each call asks for. The noise is drawn in the image's dtype, float32 (or float64): 16-bit
-    noise would not be the stated Gaussian (a reduced-precision encoder casts ``x + σ δ`` itself)."""
+    noise would not be the stated Gaussian (a reduced-precision encoder casts ``x + σ δ`` itself).
+
+    Each block is drawn into one reused buffer and the copies are written where the caller asks (``out``: an
+    executor's batch), so drawing allocates nothing and copies nothing per sample."""
 
     def __init__(self, pixels: torch.Tensor, sigma: float, seed: int) -> None:
         if pixels.dtype not in (torch.float32, torch.float64):
@@ -31,20 +35,38 @@ class NoisyCopies:
         self.pixels = pixels
         self.sigma = sigma
         self._generator = torch.Generator(device=pixels.device).manual_seed(seed)
-        self._noise = pixels.new_empty((0, *pixels.shape))
+        self._block = pixels.new_empty((NOISE_BLOCK, *pixels.shape))
+        self._used = NOISE_BLOCK  # rows of the block already handed out
 
-    def draw(self, count: int) -> torch.Tensor:
-        """The next ``count`` noisy copies [count, C, H, W]."""
-        while self._noise.shape[0] < count:
-            block = torch.randn(
-                (NOISE_BLOCK, *self.pixels.shape),
-                generator=self._generator,
-                device=self.pixels.device,
-                dtype=self.pixels.dtype,
-            )
-            self._noise = torch.cat([self._noise, block])
-        noise, self._noise = self._noise[:count], self._noise[count:]
-        return self.pixels + self.sigma * noise
+    def fits(self, out: torch.Tensor, count: int) -> bool:
+        """Whether ``out`` can take ``count`` copies: [≥ count, C, H, W], contiguous, the pixels' dtype and device."""
+        return (
+            out.shape[0] >= count
+            and out.shape[1:] == self.pixels.shape
+            and out.dtype == self.pixels.dtype
+            and out.device == self.pixels.device
+            and out.is_contiguous()
+        )
+
+    def draw(self, count: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The next ``count`` noisy copies [count, C, H, W], written into ``out[:count]`` when it :meth:`fits`
+        (else into a new tensor)."""
+        if out is not None and self.fits(out, count):
+            copies = out[:count]
+        else:
+            copies = self.pixels.new_empty((count, *self.pixels.shape))
+        done = 0
+        while done < count:
+            if self._used == NOISE_BLOCK:
+                self._block.normal_(generator=self._generator)  # the same numbers as torch.randn of the block
+                self._used = 0
+            step = min(count - done, NOISE_BLOCK - self._used)
+            rows = copies[done : done + step]
+            torch.mul(self._block[self._used : self._used + step], self.sigma, out=rows)
+            rows.add_(self.pixels)  # x + σ δ, rounded as (σ δ) then the sum
+            self._used += step
+            done += step
+        return copies
 
 
 class SampleRun:
@@ -76,12 +98,12 @@ class SampleRun:
     def done(self) -> bool:
         return self.consumed == self.total
 
-    def take(self, limit: int) -> torch.Tensor | None:
+    def take(self, limit: int, out: torch.Tensor | None = None) -> torch.Tensor | None:
         count = min(limit, self.total - self.issued)
         if count <= 0:
             return None
         self.issued += count
-        return self._noise.draw(count)
+        return self._noise.draw(count, out)
 
     def consume(self, features: torch.Tensor) -> None:
         if features.shape[0] > self.issued - self.consumed:
@@ -101,13 +123,14 @@ class SampleRun:
 
 
 class Run(Protocol):
-    """What an executor drives: a run hands out noisy inputs (``take``) and takes back their features
-    (``consume``) in order until ``done``; ``interim`` is the certificate valid so far, if any."""
+    """What an executor drives: a run hands out noisy inputs (``take``, written into ``out`` where it fits) and
+    takes back their features (``consume``) in order until ``done``; ``interim`` is the certificate valid so far,
+    if any."""
 
     @property
     def done(self) -> bool: ...
 
-    def take(self, limit: int) -> torch.Tensor | None: ...
+    def take(self, limit: int, out: torch.Tensor | None = None) -> torch.Tensor | None: ...
 
     def consume(self, features: torch.Tensor) -> None: ...
 
@@ -115,17 +138,55 @@ class Run(Protocol):
 Batch = list[tuple[Run, torch.Tensor]]
 
 
-def fill_batch(runs: Sequence[Run], batch_size: int) -> Batch:
-    """Take noisy inputs from ``runs`` in order until ``batch_size`` samples are gathered (or none is left)."""
-    parts: Batch = []
-    room = batch_size
-    for run in runs:
-        if room == 0:
-            break
-        if not run.done and (inputs := run.take(room)) is not None:
+class Batcher:
+    """Packs the noisy samples of many runs into encoder batches of ≤ ``batch_size``, in one input tensor reused
+    from batch to batch: each run draws its copies straight into its rows (:class:`NoisyCopies`), so a batch costs
+    no allocation and no concatenation. A run that hands back a tensor of its own is copied into its rows; runs of
+    another image shape or dtype than the batch's first are concatenated instead, as before."""
+
+    def __init__(self, batch_size: int) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        self.batch_size = batch_size
+        self._buffer: torch.Tensor | None = None
+
+    def fill(self, runs: Sequence[Run]) -> tuple[Batch, torch.Tensor | None]:
+        """Take noisy inputs from ``runs`` in order until ``batch_size`` samples are gathered (or none is left):
+        the parts (each run with its inputs) and the batch (None when no run had a sample to issue)."""
+        parts: Batch = []
+        filled = 0
+        packed = True  # every part lies in the buffer, in order
+        for run in runs:
+            if filled == self.batch_size:
+                break
+            rows = None if self._buffer is None else self._buffer[filled:]
+            if run.done or (inputs := run.take(self.batch_size - filled, rows)) is None:
+                continue
+            if rows is None or inputs.data_ptr() != rows.data_ptr():  # not drawn into the buffer
+                if filled == 0 and not self._holds(inputs):
+                    self._buffer = inputs.new_empty((self.batch_size, *inputs.shape[1:]))
+                if self._holds(inputs):
+                    assert self._buffer is not None
+                    inputs = self._buffer[filled : filled + inputs.shape[0]].copy_(inputs)
+                else:
+                    packed = False
             parts.append((run, inputs))
-            room -= inputs.shape[0]
-    return parts
+            filled += inputs.shape[0]
+        if not parts:
+            return parts, None
+        if packed:
+            assert self._buffer is not None
+            return parts, self._buffer[:filled]
+        return parts, torch.cat([inputs for _, inputs in parts])
+
+    def _holds(self, inputs: torch.Tensor) -> bool:
+        buffer = self._buffer
+        return (
+            buffer is not None
+            and buffer.shape[1:] == inputs.shape[1:]
+            and buffer.dtype == inputs.dtype
+            and buffer.device == inputs.device
+        )
 
 
 def deliver(parts: Batch, features: torch.Tensor) -> None:
@@ -147,11 +208,13 @@ def run_batched(
     This is the reference executor (the server's device worker does the same across requests). ``progress``
     is called with the number of samples finished after each batch.
     """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-    while parts := fill_batch(runs, batch_size):
+    batcher = Batcher(batch_size)
+    while True:
+        parts, inputs = batcher.fill(runs)
+        if inputs is None:
+            break
         with torch.inference_mode():
-            features = encode(torch.cat([inputs for _, inputs in parts]))
+            features = encode(inputs)
         deliver(parts, features)
         if progress is not None:
             progress(features.shape[0])

@@ -52,6 +52,7 @@ from fsmllm.certify.certificate import (
 )
 from fsmllm.certify.classify import CosineClassifier, certify_prediction
 from fsmllm.certify.config import (
+    NOISE_BLOCK,
     Encode,
     Granularity,
     SmoothingConfig,
@@ -165,8 +166,9 @@ class SmoothingRun:
             return 1
         return 0 if self._token_sum is None else int(self._token_sum.shape[0])
 
-    def take(self, limit: int) -> torch.Tensor | None:
-        """Up to ``limit`` noisy copies ``x + δ`` [k, C, H, W]; None when none can be issued now."""
+    def take(self, limit: int, out: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Up to ``limit`` noisy copies ``x + δ`` [k, C, H, W] (written into ``out`` where it fits, e.g. an
+        executor's batch); None when none can be issued now."""
         n0 = self.config.n0
         if self.done:
             return None
@@ -180,7 +182,7 @@ class SmoothingRun:
         if count <= 0:
             return None
         self.issued += count
-        return self._noise.draw(count)
+        return self._noise.draw(count, out)
 
     def _rows(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(flattened unit features [B, D], unit rows [B, T, W]) of a batch of raw features."""
@@ -216,10 +218,16 @@ class SmoothingRun:
         while flat.shape[0] and not self.done:
             # up to the next checkpoint (or the budget), so that a stop never depends on the batch boundaries
             start = self.estimated
+            # checkpoints are multiples of NOISE_BLOCK: only those counts are looked at, not every sample
             step = next(
-                (k for k in range(1, flat.shape[0]) if is_checkpoint(start + k) or start + k == self.config.n),
+                (
+                    k
+                    for k in range(NOISE_BLOCK - start % NOISE_BLOCK, flat.shape[0], NOISE_BLOCK)
+                    if is_checkpoint(start + k)
+                ),
                 flat.shape[0],
             )
+            step = min(step, self.config.n - start)
             self._estimate(flat[:step], rows[:step])
             flat, rows = flat[step:], rows[step:]
             if self.estimated == self.config.n:

@@ -105,11 +105,16 @@ def quiet_weight_loading() -> None:
 
 def boosted_encoder(args: argparse.Namespace, name: str, image_size: int | None) -> VisionEncoder:
     """The encoder ``name`` in precision ``args.dtype`` behind ``args.booster`` (``"none"``: the encoder itself; a
-    booster stays float32) on ``args.device``, compiled (once, for every use) with ``args.compile``."""
+    booster stays float32) on ``args.device``, compiled (once, for every use) with ``args.compile``. With
+    ``--dtype auto`` the precision is measured (or read from the cache) and ``args.dtype`` becomes its name, which
+    the certificate reports."""
     from fsmllm.booster import load_booster
     from fsmllm.encoders import load_encoder
     from fsmllm.encoders.precision import compiled, set_precision
+    from fsmllm.fastest_dtype import encoder_precision
 
-    encoder = set_precision(load_encoder(name, image_size=image_size, device=args.device), args.dtype)
+    encoder = load_encoder(name, image_size=image_size, device=args.device)
+    args.dtype = encoder_precision(encoder, args.dtype, args.device, args.batch_size)
+    encoder = set_precision(encoder, args.dtype)
     boosted = load_booster(args.booster, encoder, sigma=args.sigma)
     return compiled(boosted) if args.compile else boosted

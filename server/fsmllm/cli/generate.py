@@ -20,6 +20,7 @@ from fsmllm.cli.common import (
 from fsmllm.cli.smoothing import add_smoothing_arguments, smooth
 from fsmllm.cli.tables import answer_summary, certificate_table
 from fsmllm.encoders.base import VisionEncoder
+from fsmllm.fastest_dtype import DTYPE_CHOICES
 
 if TYPE_CHECKING:
     import torch
@@ -40,6 +41,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("image", help="an image file, or sample:NAME for a bundled photo")
     parser.add_argument("prompt", help="the question, e.g. 'What is this?'")
     parser.add_argument("--model", default=server_default("model"), help="named model, or a LLaVA checkpoint folder")
+    parser.add_argument(
+        "--lm-dtype",
+        choices=DTYPE_CHOICES,
+        default=server_default("lm_dtype"),
+        help="the language model's precision (auto: the fastest this machine runs natively, timed once and cached)",
+    )
     parser.add_argument(
         "--max-tokens",
         type=int,
@@ -102,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
     if args.no_progress:
         quiet_weight_loading()
     encoder = boosted_encoder(args, spec.encoder, spec.image_size)
-    model = load_model(args.model, device=args.device)
+    model = load_model(args.model, device=args.device, lm_dtype=args.lm_dtype)
     cert = smooth(args, params, encoder)
     answer = model.generate(cert.smoothed_feature.reshape(encoder.num_tokens, encoder.token_dim), args.prompt, sampling)
     voted = _certify_answer(args, encoder, model, sampling) if args.certify_answer else None

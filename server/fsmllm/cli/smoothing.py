@@ -19,7 +19,7 @@ from fsmllm.certify import (
 )
 from fsmllm.cli.common import ListEncoders, request_default, server_default
 from fsmllm.encoders.base import VisionEncoder
-from fsmllm.encoders.precision import PRECISIONS
+from fsmllm.fastest_dtype import DTYPE_CHOICES
 
 
 def add_smoothing_arguments(parser: argparse.ArgumentParser) -> None:
@@ -66,9 +66,10 @@ def add_smoothing_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=server_default("device"), help="torch device, e.g. cpu or cuda")
     parser.add_argument(
         "--dtype",
-        choices=PRECISIONS,
+        choices=DTYPE_CHOICES,
         default=server_default("dtype"),
-        help="the encoder's precision; the certificate is for the encoder as computed in it",
+        help="the encoder's precision; the certificate is for the encoder as computed in it (auto: the fastest "
+        "this machine runs natively, timed once and cached)",
     )
     parser.add_argument("--compile", action="store_true", help="torch.compile the encoder (compiling takes a while)")
     parser.add_argument("--json", action="store_true", help="print the certificate as JSON (the server's shape)")

@@ -14,6 +14,8 @@ varying batch sizes (a job's selection samples, partial batches at the end of jo
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Callable
 from typing import Literal, get_args
 
 import torch
@@ -57,6 +59,27 @@ def precision_of(encoder: torch.nn.Module) -> Precision:
         dtype = next((p.dtype for p in encoder.parameters() if p.is_floating_point()), torch.float32)
     name = str(dtype).removeprefix("torch.")
     return name if name in PRECISIONS else "float32"
+
+
+def timing_trial(encoder: VisionEncoder, batch_size: int) -> Callable[[Precision], Callable[[], object]]:
+    """For ``--dtype auto`` (:mod:`fsmllm.fastest_dtype`): a function of the precision giving one run of a copy of
+    ``encoder`` in it on a batch of ``batch_size`` noisy images (``encoder`` itself is not touched)."""
+    parameter = next(encoder.parameters(), None)
+    device = parameter.device if parameter is not None else torch.device("cpu")
+    side = encoder.image_size
+    noise = torch.randn(batch_size, 3, side, side, generator=torch.Generator().manual_seed(0))
+    pixels = (0.5 + 0.25 * noise).to(device)
+
+    def trial(precision: Precision) -> Callable[[], object]:
+        model = set_precision(copy.deepcopy(encoder), precision)
+
+        def run() -> object:
+            with torch.inference_mode():
+                return model(pixels)
+
+        return run
+
+    return trial
 
 
 def compiled(encoder: VisionEncoder, backend: str = "inductor") -> VisionEncoder:

@@ -4,9 +4,11 @@ Requests put jobs (:class:`~fsmllm.engine.jobs.CertifyJob`, and :class:`~fsmllm.
 votes of certified answers) on a bounded queue. The worker keeps every admitted job's run
 (:class:`~fsmllm.certify.SmoothingRun` or :class:`~fsmllm.certify.SampleRun`) and fills each encoder batch with
 noisy samples from as
-many jobs as it takes (continuous batching of Monte Carlo samples, :func:`~fsmllm.certify.fill_batch`), so the
+many jobs as it takes (continuous batching of Monte Carlo samples, :class:`~fsmllm.certify.Batcher`), so the
 batch size is set by memory, not by request boundaries. Each job's noise comes from its own seeded generator,
-so a job's certificate is the same whether it shared batches or ran alone.
+so a job's certificate is the same whether it shared batches or ran alone. Each job draws its noise on the device
+straight into its rows of one reused input tensor, a block of samples per call: nothing is done per sample in
+Python, and nothing is allocated or concatenated per batch.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fsmllm.certify import Encode, deliver, fill_batch
+from fsmllm.certify import Batcher, Encode, deliver
 from fsmllm.engine.jobs import Job, JobCancelled
 
 log = logging.getLogger("fsmllm.engine")
@@ -76,6 +78,7 @@ class DeviceWorker:
         self.device = torch.device(device)
         self.batch_size = batch_size
         self.capacity = capacity
+        self._batcher = Batcher(batch_size)
         self.stats = WorkerStats()
         self._on_batch = on_batch
         self._pending: deque[Job] = deque()
@@ -174,12 +177,14 @@ class DeviceWorker:
         the encoder fails; the worker goes on either way."""
         jobs = list(self._active)
         try:
-            parts = fill_batch([job.run for job in jobs], self.batch_size)  # type: ignore[misc]
+            parts, inputs = self._batcher.fill([job.run for job in jobs])  # type: ignore[misc]
             touched = {id(run) for run, _ in parts}
             jobs = [job for job in jobs if id(job.run) in touched]
+            if inputs is None:
+                return
             started = time.perf_counter()
             with torch.inference_mode():
-                features = self.encode(torch.cat([inputs for _, inputs in parts]))
+                features = self.encode(inputs)
             deliver(parts, features)
         except Exception as error:
             log.exception("encoder batch failed")

@@ -158,12 +158,24 @@ def load_model(
     device: str | torch.device = "cpu",
     backend: str = "transformers",
     vllm_options: VllmOptions | None = None,
+    lm_dtype: str | None = None,
 ) -> ProjectedVLM:
     """The named model's projector and language model on ``device`` behind ``backend`` (``vllm_options``: the
     engine options of the ``vllm`` backend).
+
+    ``lm_dtype``: the transformers backend's language model in that precision, or ``auto``: the fastest sound one
+    on this machine, measured (:mod:`fsmllm.fastest_dtype`); None: as loaded (float32 on CPU). The vllm backend
+    takes its precision from ``vllm_options.dtype`` (``lm_dtype`` None or ``auto``).
 
     The encoder is not loaded here: whoever computes the (smoothed) visual tokens owns it (``spec.encoder``).
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown language-model backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-    return model_spec(name).load(torch.device(device), backend, vllm_options)
+    if backend == "vllm" and lm_dtype not in (None, "auto"):
+        raise ValueError(f"the vllm backend takes its precision from --vllm-dtype, not --lm-dtype {lm_dtype}")
+    vlm = model_spec(name).load(torch.device(device), backend, vllm_options)
+    if lm_dtype is not None and isinstance(vlm.backend, TransformersBackend):
+        from fsmllm.fastest_dtype import resolve
+
+        vlm.backend.set_precision(resolve(lm_dtype, f"language model of {name}", device, vlm.backend.timing_trial()))
+    return vlm

@@ -8,15 +8,17 @@ Greedy decoding gives the same tokens as ``model.generate(inputs_embeds=..., do_
 
 from __future__ import annotations
 
+import copy
 import secrets
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import cast
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from fsmllm.encoders.precision import Precision, torch_dtype
 from fsmllm.lm.base import FinishReason, Generation, GenerationCancelled, SamplingParams, TextStream
 from fsmllm.lm.llm_loader import load_causal_lm
 
@@ -146,6 +148,29 @@ class TransformersBackend:
     def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu") -> TransformersBackend:
         """Load a transformers model folder (e.g. the converted SmolLM2 cache) in float32 on ``device``."""
         return cls(*load_causal_lm(directory, device=device))
+
+    def set_precision(self, precision: str) -> None:
+        """Cast the model's weights to ``precision`` (the prompt embeddings are cast to it on the way in; the
+        sampling's softmax runs in float32)."""
+        self.model.to(torch_dtype(precision))
+
+    def timing_trial(self, rows: int = 8, length: int = 64) -> Callable[[Precision], Callable[[], object]]:
+        """For ``--lm-dtype auto`` (:mod:`fsmllm.fastest_dtype`): a function of the precision giving one forward
+        pass of a copy of the model in it over ``rows`` prompts of ``length`` tokens (a chunk of votes'
+        prompts); the model itself is not touched."""
+        embeds = torch.randn(rows, length, self.hidden_size, generator=torch.Generator().manual_seed(0))
+
+        def trial(precision: Precision) -> Callable[[], object]:
+            model = copy.deepcopy(self.model).to(torch_dtype(precision))
+            inputs = embeds.to(self.device, torch_dtype(precision))
+
+            def run() -> object:
+                with torch.inference_mode():
+                    return model(inputs_embeds=inputs, use_cache=False, logits_to_keep=1)
+
+            return run
+
+        return trial
 
     @property
     def tokenizer(self) -> PreTrainedTokenizerBase:
