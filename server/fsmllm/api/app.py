@@ -145,9 +145,8 @@ def create_app(runtime: Runtime, settings: Settings, metrics: Metrics | None = N
             return JSONResponse({"status": "ready", "model": runtime.model_name, "encoder": runtime.encoder.name})
         return JSONResponse({"status": "starting"}, status_code=503)
 
-    @app.api_route(
-        "/metrics", methods=["GET", "HEAD"], summary="Prometheus metrics", response_class=PlainTextResponse
-    )
+    @app.head("/metrics", include_in_schema=False)
+    @app.get("/metrics", summary="Prometheus metrics", response_class=PlainTextResponse)
     async def prometheus(request: Request) -> Response:
         """Prometheus's text format, or OpenMetrics when the scraper's Accept header asks for it."""
         metrics.queue_depth.set(runtime.worker.depth)

@@ -98,12 +98,14 @@ def openai_status(status: int) -> int:
 
 def _validation_code(errors: Sequence[Mapping[str, Any]]) -> tuple[str, str | None]:
     """The OpenAI ``code`` and ``param`` of a validation failure: from its first error's pydantic type and place
-    (an unknown or unsupported parameter names itself in the error's context)."""
+    (an unknown or unsupported field names itself in the error's context, relative to that place)."""
     if not errors:
         return "invalid_value", None
     first = errors[0]
     kind = str(first.get("type", ""))
-    param = (first.get("ctx") or {}).get("param") or ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+    where = [str(part) for part in first.get("loc", ()) if part != "body"]
+    named = (first.get("ctx") or {}).get("param")  # an unknown field, inside the object at ``where``
+    param = ".".join([*where, named] if named else where)
     code = {
         "unknown_field": "unsupported_parameter",
         "unsupported_parameter": "unsupported_parameter",

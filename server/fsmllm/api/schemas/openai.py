@@ -118,11 +118,11 @@ class ChatCertification(CertifyParams):
     @classmethod
     def _stream_is_top_level(cls, value: object) -> object:
         if value not in (False, None):
-            raise PydanticCustomError(
+            raise PydanticCustomError(  # its place (certification.stream) is its param
                 "unsupported_value",
-                "certification.stream is not used here: stream the completion with the top-level 'stream' "
-                "(its last chunk carries the certificate)",
-                {"param": "certification.stream"},
+                "not taken here: a chat completion streams with the top-level 'stream' (its last chunk carries "
+                "the certificate)",
+                {},
             )
         return False
 
