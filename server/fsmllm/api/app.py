@@ -19,6 +19,7 @@ from fsmllm import __version__
 from fsmllm.api.errors import INTERNAL_ERROR, error_response, install_error_handlers
 from fsmllm.api.metrics import Metrics, RouteLabels
 from fsmllm.api.routes_certify import router as certify_router
+from fsmllm.api.routes_openai import document_served_model
 from fsmllm.api.routes_openai import router as openai_router
 from fsmllm.api.settings import Settings
 from fsmllm.engine.runtime import Runtime
@@ -85,6 +86,8 @@ def create_app(runtime: Runtime, settings: Settings, metrics: Metrics | None = N
     install_error_handlers(app)
     app.include_router(certify_router)
     app.include_router(openai_router)
+    generated_openapi = app.openapi
+    app.openapi = lambda: document_served_model(generated_openapi(), runtime.model_name)  # type: ignore[method-assign]
 
     # inside request_context: its receive must reach the route unwrapped, so that the 413 raised while the body is
     # read is answered by the error handlers (a BaseHTTPMiddleware in between turns it into an ExceptionGroup)

@@ -25,7 +25,7 @@ from fsmllm.api.schemas import (
     ModelList,
     Usage,
 )
-from fsmllm.api.streaming import in_band_error, unless_disconnected
+from fsmllm.api.streaming import STREAMED, in_band_error, unless_disconnected
 from fsmllm.engine import serving
 from fsmllm.engine.runtime import Runtime
 from fsmllm.errors import UnknownModel
@@ -37,7 +37,7 @@ router = APIRouter(prefix="/v1")
 @router.post(
     "/chat/completions",
     response_model=ChatCompletionResponse,
-    responses=OPENAI_ERRORS,
+    responses={**OPENAI_ERRORS, **STREAMED},
     summary="OpenAI-compatible chat completion about one image, with its certificate",
 )
 async def chat_completions(request: Request, chat: ChatCompletionRequest) -> Any:
@@ -114,6 +114,15 @@ async def _chunks(
         yield "data: [DONE]\n\n"
     finally:  # also when the client has gone: stop the votes
         answer.close()
+
+
+def document_served_model(openapi: dict[str, Any], model_name: str) -> dict[str, Any]:
+    """The API schema with the chat request's ``model`` as this deployment takes it: the served model's id, the one
+    value accepted (its example too, so that the documented example is a request that works)."""
+    model = openapi["components"]["schemas"]["ChatCompletionRequest"]["properties"]["model"]
+    model["anyOf"] = [{"type": "string", "enum": [model_name]}, {"type": "null"}]
+    model["examples"] = [model_name]
+    return openapi
 
 
 def _card(runtime: Runtime) -> ModelCard:

@@ -16,6 +16,14 @@ ProgressCallback = Callable[[int, int, "dict[str, Any] | None"], None]
 Update = tuple[int, int, "dict[str, Any] | None"]
 T = TypeVar("T")
 
+#: OpenAPI: with ``stream: true`` a route answers 200 as server-sent events instead of JSON
+STREAMED: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "the JSON answer, or with stream: true server-sent events (their last event carries it)",
+        "content": {"text/event-stream": {"schema": {"description": "one JSON object per event"}}},
+    }
+}
+
 log = logging.getLogger("fsmllm.api")
 
 

@@ -14,7 +14,11 @@ NORM_NOTE = (
     "sigma and every radius are l2 norms over the encoder's input pixels in [0, 1] "
     "(3 x S x S values after resizing the shorter side to S and centre-cropping)"
 )
-EXAMPLE_IMAGE = "data:image/png;base64,iVBORw0KGgo..."
+#: the documentation's example image: a whole 8 x 8 PNG as a data URL, so that every example is a request that works
+EXAMPLE_IMAGE = (
+    "data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAgAAAAICAIAAABLbSncAAAAGUlEQVR42mNkYGhQYGDARCwMCgxYweCUAABo"
+    "bwJednxjlwAAAABJRU5ErkJggg=="
+)
 #: names people send for a field, mapped to the field's one name (the client and both CLIs use these names too)
 ALIASES = {
     "radii": "radius",

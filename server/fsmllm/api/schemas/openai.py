@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from fsmllm.api.schemas.certificate import CertificateOut
@@ -130,6 +130,27 @@ class ChatCertification(CertifyParams):
 class ChatCompletionRequest(AnsweringParams):
     """An OpenAI chat completion request: the parameters of :data:`HONOURED` are honoured, those of
     :data:`NOT_IMPLEMENTED` accepted only with values that ask for nothing, any other refused naming the one meant."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "messages": [
+                        {
+                            "role": "user",
+                            "content": [
+                                {"type": "text", "text": "What is this?"},
+                                {"type": "image_url", "image_url": {"url": EXAMPLE_IMAGE}},
+                            ],
+                        }
+                    ],
+                    "max_completion_tokens": 16,
+                    "seed": 7,
+                    "certification": {"radius": [0.25]},
+                }
+            ]
+        }
+    )
 
     model: str | None = Field(
         None, description="the served model's id (GET /v1/models); any other id is refused", examples=["fsmllm-demo"]
