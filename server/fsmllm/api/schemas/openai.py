@@ -196,7 +196,7 @@ class ChatCompletionRequest(AnsweringParams):
         examples=[1],
     )
     user: str | None = Field(
-        None, max_length=256, description="the end user, for the server log's abuse monitoring", examples=["user-1"]
+        None, max_length=256, description="OpenAI's end-user id: accepted, not used", examples=["user-1"]
     )
     certification: ChatCertification | None = Field(
         None,
