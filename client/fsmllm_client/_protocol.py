@@ -325,7 +325,7 @@ def error_from(reply: Reply) -> FsmllmError:
     body = body if isinstance(body, dict) else {}
     message = str(body.get("message") or f"HTTP {reply.status}")
     request_id = body.get("request_id") or reply.headers.get("x-request-id")
-    kind = body.get("type")
+    kind = body.get("code") or body.get("type")  # the OpenAI routes' shape names fsmllm's kind in its code
     if reply.status in (401, 403):
         return AuthError(message, reply.status, request_id, kind)
     if reply.status in (429, 503) or (reply.status == 502 and kind == UPSTREAM_UNAVAILABLE):

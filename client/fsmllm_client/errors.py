@@ -7,7 +7,8 @@ class FsmllmError(Exception):
     """A request failed. ``message`` is the server's own message when it sent one.
 
     ``status_code`` is the HTTP status (``None`` when the server was not reached), ``error_type`` the server's
-    error type (``invalid_request``, ``overloaded``, ...), ``request_id`` the id to look up in the server log.
+    error type (``invalid_request``, ``overloaded``, ...; from the OpenAI routes, the error's ``code``), ``request_id``
+    the id to look up in the server log.
     """
 
     def __init__(

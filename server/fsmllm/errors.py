@@ -24,7 +24,12 @@ from collections.abc import Iterator
 
 
 class RequestError(ValueError):
-    """The request cannot be served as asked; the message says what to change."""
+    """The request cannot be served as asked; the message says what to change, ``param`` (when one field is at
+    fault) names that field as the request spells it (the OpenAI route's errors carry it)."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
 
 
 class PolicyError(RequestError):

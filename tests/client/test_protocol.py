@@ -289,6 +289,14 @@ def test_error_classes_by_status(status: int, error_class: type) -> None:
     assert str(error) == f"HTTP {status}: m (request id r)"
 
 
+def test_an_error_in_the_openai_routes_shape_keeps_fsmllms_kind() -> None:
+    body = {"message": "m", "type": "invalid_request_error", "param": "logprobs", "code": "unsupported_parameter",
+            "request_id": "r"}
+    error = error_from(reply(400, {"error": body}))
+    assert type(error) is BadRequest and (error.message, error.error_type, error.request_id) == (
+        "m", "unsupported_parameter", "r")
+
+
 def test_error_without_the_servers_envelope() -> None:
     error = error_from(reply(502, ["not", "a", "dict"], x_request_id="from-header"))
     assert (error.message, error.request_id, error.error_type) == ("HTTP 502", "from-header", None)

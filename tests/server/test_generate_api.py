@@ -122,7 +122,7 @@ def test_openai_client_works_unchanged_and_gets_the_certificate(server: LiveServ
 
     with pytest.raises(openai.NotFoundError, match="not served"):
         client.chat.completions.create(model="gpt-4o", messages=messages, max_tokens=4)
-    with pytest.raises(openai.UnprocessableEntityError):
+    with pytest.raises(openai.BadRequestError, match="exactly one image"):  # OpenAI's 400, not 422
         client.chat.completions.create(model="tiny-test", messages=[{"role": "user", "content": PROMPT}], max_tokens=4)
 
 

@@ -12,14 +12,14 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse, PlainTextResponse
 from fastapi_offline import FastAPIOffline
-from prometheus_client import generate_latest
-from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.exposition import choose_encoder
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from fsmllm import __version__
 from fsmllm.api.errors import INTERNAL_ERROR, error_response, install_error_handlers
-from fsmllm.api.metrics import Metrics
+from fsmllm.api.metrics import Metrics, RouteLabels
 from fsmllm.api.routes_certify import router as certify_router
+from fsmllm.api.routes_openai import document_served_model
 from fsmllm.api.routes_openai import router as openai_router
 from fsmllm.api.settings import Settings
 from fsmllm.engine.runtime import Runtime
@@ -86,10 +86,15 @@ def create_app(runtime: Runtime, settings: Settings, metrics: Metrics | None = N
     install_error_handlers(app)
     app.include_router(certify_router)
     app.include_router(openai_router)
+    generated_openapi = app.openapi
+    app.openapi = lambda: document_served_model(generated_openapi(), runtime.model_name)  # type: ignore[method-assign]
 
     # inside request_context: its receive must reach the route unwrapped, so that the 413 raised while the body is
     # read is answered by the error handlers (a BaseHTTPMiddleware in between turns it into an ExceptionGroup)
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+
+    # the routes' templates: those of the API schema, the documentation's pages and its assets
+    route_labels = RouteLabels(lambda: [*app.openapi()["paths"], *sorted(OPEN_PATHS), DOCS_ASSETS + "{asset:path}"])
 
     @app.middleware("http")
     async def request_context(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
@@ -107,6 +112,7 @@ def create_app(runtime: Runtime, settings: Settings, metrics: Metrics | None = N
                     "unauthorized",
                     "missing or wrong API key: send 'Authorization: Bearer <key>'",
                     {"WWW-Authenticate": "Bearer"},
+                    code="invalid_api_key",
                 )
                 response.headers["X-Request-ID"] = request.state.request_id
                 return response
@@ -117,8 +123,9 @@ def create_app(runtime: Runtime, settings: Settings, metrics: Metrics | None = N
             response = error_response(request, 500, "internal_error", INTERNAL_ERROR)
         elapsed = time.perf_counter() - started
         response.headers["X-Request-ID"] = request.state.request_id
-        metrics.requests.labels(route=route, status=str(response.status_code)).inc()
-        metrics.latency.labels(route=route).observe(elapsed)
+        template = route_labels(route)  # not the raw path: one series per route
+        metrics.requests.labels(route=template, status=str(response.status_code)).inc()
+        metrics.latency.labels(route=template).observe(elapsed)
         metrics.queue_depth.set(runtime.worker.depth)
         # no body and no image data in the log: method, path, status, time, id
         log.info(
@@ -141,9 +148,12 @@ def create_app(runtime: Runtime, settings: Settings, metrics: Metrics | None = N
             return JSONResponse({"status": "ready", "model": runtime.model_name, "encoder": runtime.encoder.name})
         return JSONResponse({"status": "starting"}, status_code=503)
 
+    @app.head("/metrics", include_in_schema=False)
     @app.get("/metrics", summary="Prometheus metrics", response_class=PlainTextResponse)
-    async def prometheus() -> Response:
+    async def prometheus(request: Request) -> Response:
+        """Prometheus's text format, or OpenMetrics when the scraper's Accept header asks for it."""
         metrics.queue_depth.set(runtime.worker.depth)
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        encode, content_type = choose_encoder(request.headers.get("accept", ""))
+        return Response(encode(metrics.registry), media_type=content_type)
 
     return app

@@ -1,4 +1,8 @@
-"""Every failure becomes ``{"error": {"type", "message", "request_id"}}`` with the right status code.
+"""Every failure becomes ``{"error": {"type", "message", "request_id"}}`` with the right status code; on the
+OpenAI routes (``/v1/``) the same error is written in OpenAI's shape and statuses, so that OpenAI's clients raise
+their own exception classes: ``{"error": {"message", "type", "param", "code", "request_id"}}``, ``type``
+``invalid_request_error`` (4xx) or ``server_error`` (5xx), ``code`` the kind below, ``param`` the field at fault,
+and 400 where the native routes answer 422 or 415 (:func:`openai_status`).
 
 :data:`ERROR_TABLE` is the one mapping from an exception to its status and kind, used by plain answers
 (:func:`install_error_handlers`) and by streams whose 200 was already sent (:func:`error_event`). The request
@@ -9,6 +13,7 @@ request id, under which the server log keeps the error and its traceback.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -16,7 +21,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from fsmllm.api.schemas import ErrorResponse, validation_message
+from fsmllm.api.schemas import ErrorResponse, OpenAIErrorResponse, validation_message
 from fsmllm.api.streaming import ClientDisconnected
 from fsmllm.engine.jobs import JobCancelled
 from fsmllm.engine.worker import QueueFull, WorkerStopped
@@ -40,7 +45,7 @@ INTERNAL_ERROR = "internal error; the request id is in the server log"
 #: exception -> (HTTP status, error kind); an exception takes the entry of its nearest class in the table
 ERROR_TABLE: dict[type[Exception], tuple[int, str]] = {
     RequestError: (422, "invalid_request"),
-    UnknownModel: (404, "not_found"),
+    UnknownModel: (404, "model_not_found"),
     MalformedBody: (400, "invalid_request"),
     BodyTooLarge: (413, "too_large"),
     UnsupportedMediaType: (415, "unsupported_media_type"),
@@ -53,6 +58,9 @@ ERROR_TABLE: dict[type[Exception], tuple[int, str]] = {
     TimeoutError: (504, "timeout"),
     ClientDisconnected: (499, "client_closed"),  # nobody reads it; the status reaches the log and the metrics
 }
+
+#: the routes whose errors are written in OpenAI's shape and statuses
+OPENAI_PREFIX = "/v1/"
 
 #: the error answers of the POST routes, for the OpenAPI schema
 ERRORS: dict[int | str, dict[str, Any]] = {
@@ -67,6 +75,45 @@ ERRORS: dict[int | str, dict[str, Any]] = {
         504: "certification timed out",
     }.items()
 }
+
+#: the error answers of the OpenAI routes (OpenAI's shape and statuses), for the OpenAPI schema
+OPENAI_ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": OpenAIErrorResponse, "description": description}
+    for status, description in {
+        400: "invalid or unsupported parameter, corrupt or unsupported image, body not JSON (param names the field, "
+        "code the kind: unsupported_parameter, invalid_value, invalid_image, ...)",
+        401: "missing or wrong API key",
+        404: "model not served here",
+        413: "body or image too large",
+        503: "queue full or shutting down (see Retry-After)",
+        504: "certification timed out",
+    }.items()
+}
+
+
+def openai_status(status: int) -> int:
+    """OpenAI's status for a native one: OpenAI answers every invalid request, and unreadable images, with 400."""
+    return 400 if status in (415, 422) else status
+
+
+def _validation_code(errors: Sequence[Mapping[str, Any]]) -> tuple[str, str | None]:
+    """The OpenAI ``code`` and ``param`` of a validation failure: from its first error's pydantic type and place
+    (an unknown or unsupported field names itself in the error's context, relative to that place)."""
+    if not errors:
+        return "invalid_value", None
+    first = errors[0]
+    kind = str(first.get("type", ""))
+    where = [str(part) for part in first.get("loc", ()) if part != "body"]
+    named = (first.get("ctx") or {}).get("param")  # an unknown field, inside the object at ``where``
+    param = ".".join([*where, named] if named else where)
+    code = {
+        "unknown_field": "unsupported_parameter",
+        "unsupported_parameter": "unsupported_parameter",
+        "unsupported_value": "unsupported_value",
+        "missing": "missing_required_parameter",
+        "json_invalid": "invalid_json",
+    }.get(kind, "invalid_value")
+    return code, param or None
 
 
 def status_and_kind(error: BaseException) -> tuple[int, str] | None:
@@ -93,11 +140,29 @@ def _headers(error: BaseException) -> dict[str, str] | None:
 
 
 def error_response(
-    request: Request, status: int, kind: str, message: str, headers: dict[str, str] | None = None
+    request: Request,
+    status: int,
+    kind: str,
+    message: str,
+    headers: dict[str, str] | None = None,
+    param: str | None = None,
+    code: str | None = None,
 ) -> JSONResponse:
+    """The error answer: fsmllm's shape, or on the OpenAI routes OpenAI's (``code``: the OpenAI code where it is
+    finer than ``kind``, ``param``: the field at fault)."""
     request_id = getattr(request.state, "request_id", None)
-    body = {"error": {"type": kind, "message": message, "request_id": request_id}}
-    return JSONResponse(body, status_code=status, headers=headers)
+    if not request.url.path.startswith(OPENAI_PREFIX):
+        body = {"error": {"type": kind, "message": message, "request_id": request_id}}
+        return JSONResponse(body, status_code=status, headers=headers)
+    status = openai_status(status)
+    error = {
+        "message": message,
+        "type": "invalid_request_error" if status < 500 else "server_error",
+        "param": param,
+        "code": code or kind,
+        "request_id": request_id,
+    }
+    return JSONResponse({"error": error}, status_code=status, headers=headers)
 
 
 def error_event(error: BaseException) -> dict[str, Any]:
@@ -110,14 +175,15 @@ def error_event(error: BaseException) -> dict[str, Any]:
 def install_error_handlers(app: FastAPI) -> None:
     async def known(request: Request, error: Exception) -> JSONResponse:
         status, kind = status_and_kind(error) or (500, "internal_error")
-        return error_response(request, status, kind, _message(error), _headers(error))
+        return error_response(request, status, kind, _message(error), _headers(error), getattr(error, "param", None))
 
     for exception in ERROR_TABLE:
         app.add_exception_handler(exception, known)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, error: RequestValidationError) -> JSONResponse:
-        return error_response(request, 422, "invalid_request", validation_message(error.errors()))
+        code, param = _validation_code(error.errors())
+        return error_response(request, 422, "invalid_request", validation_message(error.errors()), None, param, code)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, error: StarletteHTTPException) -> JSONResponse:

@@ -45,7 +45,8 @@ def _form_value(values: list[str], name: str) -> object:
 async def image_and_params(
     request: Request, model: type[Params], max_body: int, max_pixels: int
 ) -> tuple[Image.Image, Params]:
-    """Parse ``model`` plus an image from JSON (``image`` as base64 or data URL) or multipart (file ``image``)."""
+    """Parse ``model`` plus an image from JSON (``image`` as base64 or data URL) or multipart (file ``image``, or
+    a text field ``image`` holding what JSON's would)."""
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type == "application/json":
         body = await read_body(request, max_body)
@@ -63,9 +64,12 @@ async def image_and_params(
         _refuse_declared(request, max_body)
         form = await request.form(max_files=1, max_fields=64, max_part_size=max_body)
         upload = form.get("image")
-        if not isinstance(upload, UploadFile):
-            raise RequestError("image: required as a file field named 'image'")
-        image_bytes = await upload.read()  # no larger than the body, which BodyLimit bounds
+        if isinstance(upload, UploadFile):
+            image_bytes = await upload.read()  # no larger than the body, which BodyLimit bounds
+        elif isinstance(upload, str) and upload:  # a text field: the JSON form's base64 or data URL
+            image_bytes = decode_base64_image(upload)
+        else:
+            raise RequestError("image: required as a file field named 'image' (or its data URL as a text field)")
         payload = {
             key: _form_value([v for v in form.getlist(key) if isinstance(v, str)], key)
             for key in form.keys()

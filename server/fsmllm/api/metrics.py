@@ -1,8 +1,39 @@
-"""Prometheus metrics of one server (a registry per app, so several apps can live in one process)."""
+"""Prometheus metrics of one server (a registry per app, so several apps can live in one process), with the
+standard process and Python collectors that common dashboards read (``process_*``, ``python_*``)."""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+import re
+from collections.abc import Callable, Iterable
+
+from prometheus_client import (
+    GC_COLLECTOR,
+    PLATFORM_COLLECTOR,
+    PROCESS_COLLECTOR,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+)
+from starlette.routing import compile_path
+
+#: the ``route`` label of a request no route matched (a scanner's paths make no new series)
+UNMATCHED = "unmatched"
+
+
+class RouteLabels:
+    """The ``route`` label of a request: the template its path matches (``/v1/models/{model_id}``, whatever the
+    method), or :data:`UNMATCHED`; so the label takes one value per route of the app. ``templates`` is called
+    once, at the first request, when every route is in place."""
+
+    def __init__(self, templates: Callable[[], Iterable[str]]) -> None:
+        self._templates = templates
+        self._compiled: list[tuple[re.Pattern[str], str]] | None = None
+
+    def __call__(self, path: str) -> str:
+        if self._compiled is None:
+            self._compiled = [(compile_path(template)[0], template) for template in self._templates()]
+        return next((template for pattern, template in self._compiled if pattern.match(path)), UNMATCHED)
 
 
 class Metrics:
@@ -10,6 +41,8 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        for collector in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):  # the process's, shared by the apps
+            self.registry.register(collector)
         self.requests = Counter(
             "fsmllm_requests", "HTTP requests by route and status", ["route", "status"], registry=self.registry
         )

@@ -12,6 +12,7 @@ from pydantic import BaseModel
 from fsmllm.api.errors import ERRORS, error_event
 from fsmllm.api.inputs import image_and_params
 from fsmllm.api.schemas import (
+    EXAMPLE_IMAGE,
     CertifyParams,
     CertifyRequest,
     CertifyResponse,
@@ -19,7 +20,7 @@ from fsmllm.api.schemas import (
     GenerateRequest,
     GenerateResponse,
 )
-from fsmllm.api.streaming import Work, progress_stream, unless_disconnected
+from fsmllm.api.streaming import STREAMED, Work, progress_stream, unless_disconnected
 from fsmllm.engine import serving
 from fsmllm.engine.jobs import ProgressCallback, VoteProgressCallback
 from fsmllm.engine.runtime import Runtime
@@ -31,10 +32,10 @@ def _body_schema(model: type[BaseModel]) -> dict[str, Any]:
     """OpenAPI: the same fields as JSON (image as base64 / data URL) or as multipart form fields + a file."""
     schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
     upload = {
-        "type": "string",
-        "format": "binary",
-        "description": "the image file (PNG, JPEG, WebP, GIF, BMP or TIFF): curl -F image=@cat.png",
-        "examples": ["cat.png"],
+        "anyOf": [{"type": "string", "format": "binary"}, {"type": "string", "minLength": 1}],
+        "description": "the image file (PNG, JPEG, WebP, GIF, BMP or TIFF): curl -F image=@cat.png; or, as a text "
+        "field, its base64 or data:image/...;base64, URL",
+        "examples": [EXAMPLE_IMAGE],
     }
     multipart = {**schema, "properties": {**schema["properties"], "image": upload}}
     multipart.pop("$defs", None)
@@ -58,7 +59,7 @@ def _limits(request: Request) -> tuple[int, int]:
 @router.post(
     "/certify",
     response_model=CertifyResponse,
-    responses=ERRORS,
+    responses={**ERRORS, **STREAMED},
     openapi_extra=_body_schema(CertifyRequest),
     summary="Certify how far an l2 perturbation can move the image's smoothed features",
     description="Returns the certified FCSB at each radius (or, with target_cos, the certified radius). "
@@ -80,7 +81,7 @@ async def certify(request: Request) -> Any:
 @router.post(
     "/generate",
     response_model=GenerateResponse,
-    responses=ERRORS,
+    responses={**ERRORS, **STREAMED},
     openapi_extra=_body_schema(GenerateRequest),
     summary="Answer a question about an image from its smoothed features, with the certificate",
     description="The image's features are smoothed (Monte Carlo over Gaussian noise), certified, and handed "

@@ -16,17 +16,16 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
-from fsmllm.api.errors import ERRORS, error_event
+from fsmllm.api.errors import OPENAI_ERRORS, error_event
 from fsmllm.api.schemas import (
     AnswerCertificateOut,
-    CertificateOut,
     ChatCompletionRequest,
     ChatCompletionResponse,
     ModelCard,
     ModelList,
     Usage,
 )
-from fsmllm.api.streaming import in_band_error, unless_disconnected
+from fsmllm.api.streaming import STREAMED, in_band_error, unless_disconnected
 from fsmllm.engine import serving
 from fsmllm.engine.runtime import Runtime
 from fsmllm.errors import UnknownModel
@@ -38,60 +37,65 @@ router = APIRouter(prefix="/v1")
 @router.post(
     "/chat/completions",
     response_model=ChatCompletionResponse,
-    responses=ERRORS,
+    responses={**OPENAI_ERRORS, **STREAMED},
     summary="OpenAI-compatible chat completion about one image, with its certificate",
 )
 async def chat_completions(request: Request, chat: ChatCompletionRequest) -> Any:
     runtime: Runtime = request.app.state.runtime
     if chat.model is not None and chat.model != runtime.model_name:
-        raise UnknownModel(f"model {chat.model!r} is not served here; GET /v1/models lists {runtime.model_name!r}")
+        raise UnknownModel(
+            f"model {chat.model!r} is not served here; GET /v1/models lists {runtime.model_name!r}", param="model"
+        )
     runtime.language_model()  # CertificatesOnly (422) before any work
     question, url = chat.question_and_image()
     image = open_image(decode_base64_image(url), request.app.state.settings.max_image_pixels)
     task = chat.to_answer(runtime.policy, question)
     completion_id, created = f"chatcmpl-{request.state.request_id}", int(time.time())
-    per_token = chat.certification is not None and chat.certification.per_token
     if not chat.stream:
         answered = await unless_disconnected(request, serving.answer(runtime, image, task))
-        return ChatCompletionResponse.of(completion_id, created, answered, per_token)
+        return ChatCompletionResponse.of(completion_id, created, answered, chat.certificate(answered.certified))
     answer = await unless_disconnected(request, serving.open_answer_stream(runtime, image, task))
     return StreamingResponse(
-        _chunks(answer, completion_id, created, per_token, request.state.request_id),
+        _chunks(answer, completion_id, created, chat, request.state.request_id),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache"},
     )
 
 
 async def _chunks(
-    answer: serving.AnswerStream, completion_id: str, created: int, per_token: bool, request_id: str
+    answer: serving.AnswerStream, completion_id: str, created: int, chat: ChatCompletionRequest, request_id: str
 ) -> AsyncIterator[str]:
-    """The OpenAI chat.completion.chunk events of a streamed answer: the role, the pieces, then one chunk with the
-    finish reason, the usage and fsmllm's certificates (an error in the votes ends the stream in-band)."""
+    """The OpenAI chat.completion.chunk events of a streamed answer: for each choice its role, its pieces and its
+    finish reason; the usage (in the last choice's chunk, or with ``stream_options.include_usage`` in one more
+    chunk without choices, as OpenAI sends it) and fsmllm's certificates ride in the last chunk (an error in the
+    votes ends the stream in-band)."""
     model = answer.certified.provenance.model
-    certificate = CertificateOut.of(answer.certified, per_token=per_token)
+    certificate = chat.certificate(answer.certified)
 
-    def chunk(delta: dict[str, Any], finish_reason: str | None = None, **extra: Any) -> str:
-        choice = {"index": 0, "delta": delta, "finish_reason": finish_reason}
+    def chunk(choices: list[dict[str, Any]], **extra: Any) -> str:
         body = {
             "id": completion_id,
             "object": "chat.completion.chunk",
             "created": created,
             "model": model,
-            "choices": [choice],
+            "choices": choices,
             **extra,
         }
         return f"data: {json.dumps(body)}\n\n"
 
+    def delta(index: int, content: dict[str, Any], finish_reason: str | None = None) -> list[dict[str, Any]]:
+        return [{"index": index, "delta": content, "finish_reason": finish_reason}]
+
     answer.start_votes()  # the votes of a certified answer run beside the streamed answer
     try:
-        yield chunk({"role": "assistant", "content": ""})
-        async with aclosing(answer.pieces()) as pieces:  # closed early (client gone): the generation is cancelled
-            async for piece in pieces:
-                yield chunk({"content": piece})
-        extra: dict[str, Any] = {
-            "usage": Usage.of(answer.generation).model_dump(),
-            "certificate": certificate.model_dump(),
-        }
+        for index in range(answer.choices):
+            yield chunk(delta(index, {"role": "assistant", "content": ""}))
+            async with aclosing(answer.pieces(index)) as pieces:  # closed early (client gone): generation cancelled
+                async for piece in pieces:
+                    yield chunk(delta(index, {"content": piece}))
+            if index < answer.choices - 1:
+                yield chunk(delta(index, {}, answer.generation(index).finish_reason))
+        extra: dict[str, Any] = {"certificate": certificate.model_dump()}
         try:
             voted = await answer.answer_certificate()
         except Exception as error:
@@ -100,17 +104,31 @@ async def _chunks(
             return
         if voted is not None:
             extra["answer_certificate"] = AnswerCertificateOut.from_certificate(voted).model_dump()
-        yield chunk({}, answer.generation.finish_reason, **extra)
+        usage = Usage.of(answer.generations).model_dump()
+        last = delta(answer.choices - 1, {}, answer.generations[-1].finish_reason)
+        if chat.include_usage:
+            yield chunk(last, usage=None)
+            yield chunk([], usage=usage, **extra)
+        else:
+            yield chunk(last, usage=usage, **extra)
         yield "data: [DONE]\n\n"
     finally:  # also when the client has gone: stop the votes
         answer.close()
 
 
-@router.get("/models", response_model=ModelList, summary="The served model and its certification settings")
-async def models(request: Request) -> ModelList:
-    runtime: Runtime = request.app.state.runtime
+def document_served_model(openapi: dict[str, Any], model_name: str) -> dict[str, Any]:
+    """The API schema with the chat request's ``model`` as this deployment takes it: the served model's id, the one
+    value accepted (its example too, so that the documented example is a request that works)."""
+    model = openapi["components"]["schemas"]["ChatCompletionRequest"]["properties"]["model"]
+    model["anyOf"] = [{"type": "string", "enum": [model_name]}, {"type": "null"}]
+    model["examples"] = [model_name]
+    return openapi
+
+
+def _card(runtime: Runtime) -> ModelCard:
+    """The served model's card: its encoder, booster, input size, allowed sigmas and certification defaults."""
     policy = runtime.policy
-    card = ModelCard(
+    return ModelCard(
         id=runtime.model_name,
         encoder=runtime.encoder.name,
         booster=runtime.booster,
@@ -125,4 +143,21 @@ async def models(request: Request) -> ModelList:
             "max_n": policy.max_n,
         },
     )
-    return ModelList(data=[card])
+
+
+@router.get("/models", response_model=ModelList, summary="The served model and its certification settings")
+async def models(request: Request) -> ModelList:
+    return ModelList(data=[_card(request.app.state.runtime)])
+
+
+@router.get(
+    "/models/{model_id}",
+    response_model=ModelCard,
+    responses={404: OPENAI_ERRORS[404]},
+    summary="One model's card: the served model's, or 404",
+)
+async def model(request: Request, model_id: str) -> ModelCard:
+    runtime: Runtime = request.app.state.runtime
+    if model_id != runtime.model_name:
+        raise UnknownModel(f"model {model_id!r} is not served here; GET /v1/models lists {runtime.model_name!r}")
+    return _card(runtime)

@@ -18,6 +18,14 @@ from fsmllm.engine.jobs import ProgressCallback, VoteProgressCallback
 Work = Callable[[ProgressCallback | None, VoteProgressCallback | None], Awaitable[dict[str, Any]]]
 T = TypeVar("T")
 
+#: OpenAPI: with ``stream: true`` a route answers 200 as server-sent events instead of JSON
+STREAMED: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "the JSON answer, or with stream: true server-sent events (their last event carries it)",
+        "content": {"text/event-stream": {"schema": {"description": "one JSON object per event"}}},
+    }
+}
+
 log = logging.getLogger("fsmllm.api")
 
 

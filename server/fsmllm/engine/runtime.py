@@ -106,7 +106,9 @@ class Policy:
         self, max_tokens: int, temperature: float, top_p: float, seed: int | None, stop: list[str]
     ) -> SamplingParams:
         if max_tokens > self.max_tokens:
-            raise PolicyError(f"max_tokens {max_tokens} exceeds this deployment's limit of {self.max_tokens}")
+            raise PolicyError(
+                f"max_tokens {max_tokens} exceeds this deployment's limit of {self.max_tokens}", param="max_tokens"
+            )
         with as_request_error():
             return SamplingParams(max_tokens, temperature, top_p, seed, tuple(stop))
 

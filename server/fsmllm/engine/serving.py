@@ -12,7 +12,7 @@ import asyncio
 import time
 from collections.abc import AsyncGenerator
 from contextlib import aclosing
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from PIL import Image
 
@@ -35,13 +35,20 @@ class CertifyTask:
 
 @dataclass(frozen=True)
 class AnswerTask:
-    """An answer about an image: its certification, the question, the sampling, and (when asked) the parameters
-    of the certified answer (its votes)."""
+    """An answer about an image: its certification, the question, the sampling, (when asked) the parameters
+    of the certified answer (its votes), and how many answers (``choices``) to generate from the one certificate."""
 
     certify: CertifyTask
     prompt: str
     sampling: SamplingParams
     answer: AnswerConfig | None = None
+    choices: int = 1
+
+    def choice_sampling(self, index: int) -> SamplingParams:
+        """The sampling of answer ``index``: a seeded request's answer i is seeded seed + i (answer 0 is the one
+        a single answer would be); unseeded, each draws its own seed."""
+        seed = self.sampling.seed
+        return replace(self.sampling, seed=None if seed is None else (seed + index) % 2**63)
 
 
 @dataclass(frozen=True)
@@ -69,14 +76,20 @@ class Certified:
 
 @dataclass(frozen=True)
 class Answered:
-    """An answer, its certificate, and its certified answer when asked, with the seconds each took."""
+    """The answers (one per choice), their certificate, and the certified answer when asked, with the seconds
+    each took."""
 
     certified: Certified
-    generation: Generation
+    generations: tuple[Generation, ...]
     answer_certificate: AnswerCertificate | None
     generate_seconds: float
     answer_seconds: float
     total_seconds: float
+
+    @property
+    def generation(self) -> Generation:
+        """The first answer (the only one unless more choices were asked for)."""
+        return self.generations[0]
 
 
 def provenance(runtime: Runtime) -> Provenance:
@@ -113,14 +126,16 @@ async def answer(
     model (``on_votes`` hears them after each chunk). Either failing cancels the other."""
     started = time.perf_counter()
 
-    async def certified_answer() -> tuple[Certified, Generation, float]:
+    async def certified_answer() -> tuple[Certified, tuple[Generation, ...], float]:
         certified = await certify(runtime, image, task.certify, on_progress)
         generation_started = time.perf_counter()
-        generation = await runtime.generate(certified.certificate, task.prompt, task.sampling)
-        return certified, generation, time.perf_counter() - generation_started
+        generations = []
+        for index in range(task.choices):  # one after the other: the language model runs one generation at a time
+            generations.append(await runtime.generate(certified.certificate, task.prompt, task.choice_sampling(index)))
+        return certified, tuple(generations), time.perf_counter() - generation_started
 
     if task.answer is None:
-        (certified, generation, generate_s), voted, answer_s = await certified_answer(), None, 0.0
+        (certified, generations, generate_s), voted, answer_s = await certified_answer(), None, 0.0
     else:
         main = asyncio.ensure_future(certified_answer())
         votes = asyncio.ensure_future(_votes(runtime, image, task, task.answer, started, on_votes))
@@ -131,8 +146,8 @@ async def answer(
             votes.cancel()
             await asyncio.gather(main, votes, return_exceptions=True)
             raise
-        (certified, generation, generate_s), (voted, answer_s) = main.result(), votes.result()
-    return Answered(certified, generation, voted, generate_s, answer_s, time.perf_counter() - started)
+        (certified, generations, generate_s), (voted, answer_s) = main.result(), votes.result()
+    return Answered(certified, generations, voted, generate_s, answer_s, time.perf_counter() - started)
 
 
 async def _votes(
@@ -149,13 +164,15 @@ async def _votes(
 
 
 class AnswerStream:
-    """A streamed chat completion: the certificate first (:func:`open_answer_stream`), then the answer piece by
-    piece (:meth:`pieces`), then :attr:`generation` and the certified answer (:meth:`answer_certificate`)."""
+    """A streamed chat completion: the certificate first (:func:`open_answer_stream`), then each choice's answer
+    piece by piece (:meth:`pieces`, choice after choice), then :attr:`generations` and the certified answer
+    (:meth:`answer_certificate`)."""
 
     def __init__(self, runtime: Runtime, image: Image.Image, task: AnswerTask, certified: Certified) -> None:
         self.certified = certified
+        self.choices = task.choices
         self._runtime, self._image, self._task = runtime, image, task
-        self._generation: Generation | None = None
+        self._generations: dict[int, Generation] = {}
         self._votes: asyncio.Future[AnswerCertificate] | None = None
 
     def start_votes(self) -> None:
@@ -167,19 +184,24 @@ class AnswerStream:
                 )
             )
 
-    async def pieces(self) -> AsyncGenerator[str, None]:
-        """The answer's text as generated; closed early (the client gone), the generation is cancelled."""
-        stream = self._runtime.stream(self.certified.certificate, self._task.prompt, self._task.sampling)
+    async def pieces(self, choice: int = 0) -> AsyncGenerator[str, None]:
+        """Answer ``choice``'s text as generated; closed early (the client gone), the generation is cancelled."""
+        sampling = self._task.choice_sampling(choice)
+        stream = self._runtime.stream(self.certified.certificate, self._task.prompt, sampling)
         async with aclosing(self._runtime.pieces(stream)) as pieces:
             async for piece in pieces:
                 yield piece
-        self._generation = stream.result()
+        self._generations[choice] = stream.result()
+
+    def generation(self, choice: int) -> Generation:
+        """Answer ``choice``'s whole generation, once its :meth:`pieces` have ended."""
+        assert choice in self._generations, "the pieces have not ended"
+        return self._generations[choice]
 
     @property
-    def generation(self) -> Generation:
-        """The whole generation, once :meth:`pieces` has ended."""
-        assert self._generation is not None, "the pieces have not ended"
-        return self._generation
+    def generations(self) -> tuple[Generation, ...]:
+        """Every choice's whole generation, once their :meth:`pieces` have ended."""
+        return tuple(self.generation(index) for index in range(self.choices))
 
     async def answer_certificate(self) -> AnswerCertificate | None:
         return None if self._votes is None else await self._votes

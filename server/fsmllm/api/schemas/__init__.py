@@ -26,6 +26,7 @@ from fsmllm.api.schemas.common import (
     ErrorBody,
     ErrorResponse,
     RequestModel,
+    refuse_unknown_fields,
     suggestion,
     validation_message,
 )
@@ -51,6 +52,8 @@ from fsmllm.api.schemas.openai import (
     ImageURL,
     ModelCard,
     ModelList,
+    OpenAIError,
+    OpenAIErrorResponse,
     TextPart,
     Usage,
 )
@@ -90,8 +93,11 @@ __all__ = [
     "ImageURL",
     "ModelCard",
     "ModelList",
+    "OpenAIError",
+    "OpenAIErrorResponse",
     "RadiusBound",
     "RequestModel",
+    "refuse_unknown_fields",
     "TextPart",
     "Timings",
     "TokenBound",

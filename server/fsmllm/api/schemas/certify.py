@@ -21,8 +21,8 @@ class CertifyParams(CertificationParams):
         None,
         gt=0,
         description="with target_cos: stop sampling once the certified radius is within this l2 distance of the "
-        "largest radius more samples could certify (needs bound 'betting')",
-        examples=[0.01],
+        "largest radius more samples could certify, e.g. 0.01 (needs bound 'betting'; not with stop_at_fcsb)",
+        examples=[None],  # the examples combine into one request, and stop_at_fcsb's excludes this one
     )
 
     def _stop_targets(self) -> tuple[float | None, float | None]:

@@ -14,7 +14,11 @@ NORM_NOTE = (
     "sigma and every radius are l2 norms over the encoder's input pixels in [0, 1] "
     "(3 x S x S values after resizing the shorter side to S and centre-cropping)"
 )
-EXAMPLE_IMAGE = "data:image/png;base64,iVBORw0KGgo..."
+#: the documentation's example image: a whole 8 x 8 PNG as a data URL, so that every example is a request that works
+EXAMPLE_IMAGE = (
+    "data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAgAAAAICAIAAABLbSncAAAAGUlEQVR42mNkYGhQYGDARCwMCgxYweCUAABo"
+    "bwJednxjlwAAAABJRU5ErkJggg=="
+)
 #: names people send for a field, mapped to the field's one name (the client and both CLIs use these names too)
 ALIASES = {
     "radii": "radius",
@@ -62,6 +66,29 @@ def validation_message(errors: Sequence[Mapping[str, Any]], flags: bool = False)
     return "; ".join(parts) or "invalid request"
 
 
+def refuse_unknown_fields(
+    data: Mapping[str, Any], known: list[str], nested: Mapping[str, list[str]] | None = None
+) -> None:
+    """Refuse the keys of ``data`` outside ``known`` with one error naming each and the field most likely meant,
+    among ``known`` or, failing that, the fields of the objects in ``nested`` (``certification.target_cos``);
+    its context's ``param`` is the first unknown name."""
+    unknown = [str(key) for key in data if key not in known]
+    if not unknown:
+        return
+    hints = []
+    for name in unknown:
+        meant = suggestion(name, known)
+        for parent, fields in (nested or {}).items():
+            inner = None if meant else suggestion(name, fields)
+            meant = meant or (inner and f"{parent}.{inner}")
+        hints.append(f"unknown field {name!r}" + (f" (did you mean {meant!r}?)" if meant else ""))
+    raise PydanticCustomError(
+        "unknown_field",
+        "{hints}; the fields are {known}",
+        {"hints": "; ".join(hints), "known": ", ".join(known), "param": unknown[0]},
+    )
+
+
 class RequestModel(BaseModel):
     """A request body (or part of one) that refuses unknown fields with a 422 naming the field meant."""
 
@@ -70,20 +97,8 @@ class RequestModel(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _name_unknown_fields(cls, data: Any) -> Any:
-        if not isinstance(data, dict):
-            return data
-        known = list(cls.model_fields)
-        unknown = [str(key) for key in data if key not in cls.model_fields]
-        if unknown:
-            hints = []
-            for name in unknown:
-                meant = suggestion(name, known)
-                hints.append(f"unknown field {name!r}" + (f" (did you mean {meant!r}?)" if meant else ""))
-            raise PydanticCustomError(
-                "unknown_field",
-                "{hints}; the fields are {known}",
-                {"hints": "; ".join(hints), "known": ", ".join(known)},
-            )
+        if isinstance(data, dict):
+            refuse_unknown_fields(data, list(cls.model_fields))
         return data
 
 

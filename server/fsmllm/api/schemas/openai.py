@@ -3,15 +3,20 @@ certificate fields."""
 
 from __future__ import annotations
 
+import json
+from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
-from fsmllm.api.schemas.certificate import CertificateOut, CertificationParams
-from fsmllm.api.schemas.common import EXAMPLE_IMAGE
+from fsmllm.api.schemas.certificate import CertificateOut
+from fsmllm.api.schemas.certify import CertifyParams
+from fsmllm.api.schemas.common import EXAMPLE_IMAGE, RequestModel, refuse_unknown_fields
 from fsmllm.api.schemas.generate import AnswerCertificateOut, AnsweringParams
 from fsmllm.engine.runtime import Policy
-from fsmllm.engine.serving import Answered, AnswerTask
+from fsmllm.engine.serving import Answered, AnswerTask, Certified
 from fsmllm.errors import RequestError
 from fsmllm.lm.base import Generation
 
@@ -35,7 +40,9 @@ class ImagePart(BaseModel):
 
 
 class ChatMessage(BaseModel):
-    role: Literal["system", "user", "assistant"] = Field(description="who speaks", examples=["user"])
+    role: Literal["developer", "system", "user", "assistant"] = Field(
+        description="who speaks ('developer' is OpenAI's newer name for 'system')", examples=["user"]
+    )
     content: str | list[TextPart | ImagePart] = Field(
         description="the text, or a list of text and image_url parts",
         examples=[
@@ -44,8 +51,106 @@ class ChatMessage(BaseModel):
     )
 
 
+#: the most answers (``n``) one chat completion may ask for: each is a generation from the one certificate
+MAX_CHOICES = 8
+
+#: the OpenAI request parameters this server honours (with fsmllm's certification and certify_answer)
+HONOURED = (
+    "model",
+    "messages",
+    "max_completion_tokens",
+    "max_tokens",
+    "n",
+    "seed",
+    "stop",
+    "stream",
+    "stream_options.include_usage",
+    "temperature",
+    "top_p",
+    "user",
+)
+
+#: OpenAI request parameters this server does not implement, with the values that ask for nothing: sent with one
+#: of those (or null) they are accepted, so that clients sending their defaults work; any other value is refused
+#: (400 ``unsupported_parameter``)
+NOT_IMPLEMENTED: dict[str, tuple[object, ...]] = {
+    "logprobs": (False,),
+    "top_logprobs": (0,),
+    "frequency_penalty": (0,),
+    "presence_penalty": (0,),
+    "logit_bias": ({},),
+    "response_format": ({"type": "text"},),
+    "tools": ([],),
+    "tool_choice": ("none",),
+    "functions": ([],),
+    "function_call": ("none",),
+    "parallel_tool_calls": (),
+    "modalities": (["text"],),
+    "audio": (),
+    "prediction": (),
+    "reasoning_effort": (),
+    "verbosity": (),
+    "web_search_options": (),
+    "service_tier": ("auto", "default"),
+    "store": (False,),
+    "metadata": ({},),
+    "prompt_cache_key": (),
+}
+
+
+class StreamOptions(RequestModel):
+    include_usage: bool = Field(
+        False,
+        description="end the stream with one more chunk holding the usage and no choices (the certificate moves to it)",
+        examples=[True],
+    )
+
+
+class ChatCertification(CertifyParams):
+    """The chat completion's ``certification`` object: POST /certify's fields, ``stream`` apart (the completion
+    streams with the top-level ``stream``)."""
+
+    stream: Literal[False] = Field(
+        False, description="not here: a chat completion streams with the top-level 'stream'", examples=[False]
+    )
+
+    @field_validator("stream", mode="before")
+    @classmethod
+    def _stream_is_top_level(cls, value: object) -> object:
+        if value not in (False, None):
+            raise PydanticCustomError(  # its place (certification.stream) is its param
+                "unsupported_value",
+                "not taken here: a chat completion streams with the top-level 'stream' (its last chunk carries "
+                "the certificate)",
+                {},
+            )
+        return False
+
+
 class ChatCompletionRequest(AnsweringParams):
-    model_config = ConfigDict(extra="ignore")  # OpenAI clients send fields we do not use (n=1, user, ...)
+    """An OpenAI chat completion request: the parameters of :data:`HONOURED` are honoured, those of
+    :data:`NOT_IMPLEMENTED` accepted only with values that ask for nothing, any other refused naming the one meant."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "messages": [
+                        {
+                            "role": "user",
+                            "content": [
+                                {"type": "text", "text": "What is this?"},
+                                {"type": "image_url", "image_url": {"url": EXAMPLE_IMAGE}},
+                            ],
+                        }
+                    ],
+                    "max_completion_tokens": 16,
+                    "seed": 7,
+                    "certification": {"radius": [0.25]},
+                }
+            ]
+        }
+    )
 
     model: str | None = Field(
         None, description="the served model's id (GET /v1/models); any other id is refused", examples=["fsmllm-demo"]
@@ -70,22 +175,63 @@ class ChatCompletionRequest(AnsweringParams):
         None,
         ge=0,
         lt=2**63,
-        description="seeds the noise and the sampling (overrides certification.seed)",
+        description="seeds the noise and the sampling (overrides certification.seed); answer i of n is seeded seed + i",
         examples=[7],
     )
     stream: bool = Field(False, description="answer as OpenAI chat.completion.chunk events", examples=[False])
-    max_tokens: int = Field(64, ge=1, description="largest number of new tokens", examples=[32])
-    certification: CertificationParams | None = Field(
+    stream_options: StreamOptions | None = Field(
+        None, description="with stream: include_usage", examples=[{"include_usage": True}]
+    )
+    max_completion_tokens: int | None = Field(
         None,
-        description="fsmllm extension: certification parameters, the fields of POST /certify's (unset: the "
-        "deployment's defaults)",
+        ge=1,
+        description="OpenAI's current name for max_tokens; when both are given, this one applies",
+        examples=[32],
+    )
+    n: int = Field(
+        1,
+        ge=1,
+        le=MAX_CHOICES,
+        description=f"answers to generate from the one certificate (at most {MAX_CHOICES})",
+        examples=[1],
+    )
+    user: str | None = Field(
+        None, max_length=256, description="OpenAI's end-user id: accepted, not used", examples=["user-1"]
+    )
+    certification: ChatCertification | None = Field(
+        None,
+        description="fsmllm extension: certification parameters, the fields of POST /certify's but 'stream' (unset: "
+        "the deployment's defaults)",
         examples=[{"radius": [0.25]}],
     )
 
     @model_validator(mode="before")
     @classmethod
     def _name_unknown_fields(cls, data: Any) -> Any:
-        return data  # unknown fields are ignored here: OpenAI clients send fields we do not use (n=1, user, ...)
+        if not isinstance(data, dict):
+            return data
+        for name, neutral in NOT_IMPLEMENTED.items():
+            value = data.get(name)
+            if value is not None and not any(value == accepted for accepted in neutral):
+                asks = (
+                    ""
+                    if not neutral
+                    else f" (only {' or '.join(json.dumps(v) for v in neutral)}, which asks for nothing)"
+                )
+                raise PydanticCustomError(
+                    "unsupported_parameter",
+                    "{name} is not supported by this server{asks}; leave it out. The parameters it honours: {honoured}",
+                    {"name": name, "asks": asks, "honoured": ", ".join(HONOURED), "param": name},
+                )
+        data = {key: value for key, value in data.items() if key not in NOT_IMPLEMENTED}
+        refuse_unknown_fields(data, list(cls.model_fields), {"certification": list(ChatCertification.model_fields)})
+        return data
+
+    @model_validator(mode="after")
+    def _one_token_limit(self) -> ChatCompletionRequest:
+        if self.max_completion_tokens is not None:  # OpenAI's newer name wins, under the same limit
+            self.max_tokens = self.max_completion_tokens
+        return self
 
     def question_and_image(self) -> tuple[str, str]:
         """The last user message's text, and the one image of the conversation (as a data URL)."""
@@ -112,9 +258,19 @@ class ChatCompletionRequest(AnsweringParams):
         return text.strip(), images[0]
 
     def to_answer(self, policy: Policy, question: str) -> AnswerTask:
-        """The certified answer to ``question`` this asks for (the seed overrides ``certification.seed``)."""
-        certification = self.certification or CertificationParams()
-        return self.to_answer_task(policy, question, certification.to_task(policy, seed=self.seed))
+        """The certified answers to ``question`` this asks for (the seed overrides ``certification.seed``)."""
+        certification = self.certification or ChatCertification()
+        task = self.to_answer_task(policy, question, certification.to_task(policy, seed=self.seed))
+        return replace(task, choices=self.n)
+
+    def certificate(self, certified: Certified) -> CertificateOut:
+        """The served certificate, with what ``certification`` asks of it (certified_radius, per-token values)."""
+        certification = self.certification or ChatCertification()
+        return CertificateOut.of(certified, certification.target_cos, certification.per_token)
+
+    @property
+    def include_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
 
 
 class ChatChoiceMessage(BaseModel):
@@ -134,12 +290,11 @@ class Usage(BaseModel):
     total_tokens: int
 
     @classmethod
-    def of(cls, generation: Generation) -> Usage:
-        return cls(
-            prompt_tokens=generation.prompt_tokens,
-            completion_tokens=generation.completion_tokens,
-            total_tokens=generation.prompt_tokens + generation.completion_tokens,
-        )
+    def of(cls, generations: Sequence[Generation]) -> Usage:
+        """The tokens of the prompt (read once) and of every choice's answer."""
+        prompt = generations[0].prompt_tokens
+        completion = sum(generation.completion_tokens for generation in generations)
+        return cls(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
 
 
 class ChatCompletionResponse(BaseModel):
@@ -155,19 +310,43 @@ class ChatCompletionResponse(BaseModel):
     )
 
     @classmethod
-    def of(cls, completion_id: str, created: int, answered: Answered, per_token: bool) -> ChatCompletionResponse:
-        generation, voted = answered.generation, answered.answer_certificate
+    def of(
+        cls, completion_id: str, created: int, answered: Answered, certificate: CertificateOut
+    ) -> ChatCompletionResponse:
+        voted = answered.answer_certificate
         return cls(
             id=completion_id,
             created=created,
             model=answered.certified.provenance.model,
             choices=[
-                ChatChoice(message=ChatChoiceMessage(content=generation.text), finish_reason=generation.finish_reason)
+                ChatChoice(
+                    index=index,
+                    message=ChatChoiceMessage(content=generation.text),
+                    finish_reason=generation.finish_reason,
+                )
+                for index, generation in enumerate(answered.generations)
             ],
-            usage=Usage.of(generation),
-            certificate=CertificateOut.of(answered.certified, per_token=per_token),
+            usage=Usage.of(answered.generations),
+            certificate=certificate,
             answer_certificate=None if voted is None else AnswerCertificateOut.from_certificate(voted),
         )
+
+
+class OpenAIError(BaseModel):
+    message: str = Field(description="what is wrong and what to change")
+    type: Literal["invalid_request_error", "server_error"] = Field(description="OpenAI's error type")
+    param: str | None = Field(description="the request field at fault, when one is")
+    code: str = Field(
+        description="the kind: unsupported_parameter, unsupported_value, invalid_value, missing_required_parameter, "
+        "invalid_image, model_not_found, too_large, overloaded, ..."
+    )
+    request_id: str | None = Field(None, description="fsmllm extension: the id under which the server log keeps it")
+
+
+class OpenAIErrorResponse(BaseModel):
+    """An error on the OpenAI routes, in OpenAI's shape (the native routes answer :class:`ErrorResponse`)."""
+
+    error: OpenAIError
 
 
 class ModelCard(BaseModel):
