@@ -7,16 +7,18 @@ extra ``certification`` object (``extra_body`` in the openai client); otherwise 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Request, Response
 from fastapi.responses import StreamingResponse
 
 from fsmllm.api.errors import ERRORS, error_event
+from fsmllm.api.routes_certify import issue
 from fsmllm.api.schemas import (
     AnswerCertificateOut,
     CertificateOut,
@@ -30,6 +32,7 @@ from fsmllm.api.streaming import in_band_error, unless_disconnected
 from fsmllm.engine import serving
 from fsmllm.engine.runtime import Runtime
 from fsmllm.errors import UnknownModel
+from fsmllm.evidence import CERTIFICATE_HEADER
 from fsmllm.images import decode_base64_image, open_image
 
 router = APIRouter(prefix="/v1")
@@ -41,34 +44,58 @@ router = APIRouter(prefix="/v1")
     responses=ERRORS,
     summary="OpenAI-compatible chat completion about one image, with its certificate",
 )
-async def chat_completions(request: Request, chat: ChatCompletionRequest) -> Any:
+async def chat_completions(request: Request, response: Response, chat: ChatCompletionRequest) -> Any:
     runtime: Runtime = request.app.state.runtime
     if chat.model is not None and chat.model != runtime.model_name:
         raise UnknownModel(f"model {chat.model!r} is not served here; GET /v1/models lists {runtime.model_name!r}")
     runtime.language_model()  # CertificatesOnly (422) before any work
     question, url = chat.question_and_image()
-    image = open_image(decode_base64_image(url), request.app.state.settings.max_image_pixels)
+    image_bytes = decode_base64_image(url)
+    image = open_image(image_bytes, request.app.state.settings.max_image_pixels)
     task = chat.to_answer(runtime.policy, question)
     completion_id, created = f"chatcmpl-{request.state.request_id}", int(time.time())
     per_token = chat.certification is not None and chat.certification.per_token
+    record_samples = chat.certification is not None and chat.certification.record_samples
+    image_sha256 = hashlib.sha256(image_bytes).hexdigest()
     if not chat.stream:
         answered = await unless_disconnected(request, serving.answer(runtime, image, task))
-        return ChatCompletionResponse.of(completion_id, created, answered, per_token)
+        completion = ChatCompletionResponse.of(completion_id, created, answered, per_token)
+        signed = await issue(
+            request,
+            completion.certificate.model_dump(),
+            answered.certified,
+            image,
+            image_sha256,
+            record_samples,
+            completion_id,
+        )
+        completion.certificate = CertificateOut.model_validate(signed)
+        response.headers[CERTIFICATE_HEADER] = signed["id"]
+        return completion
     answer = await unless_disconnected(request, serving.open_answer_stream(runtime, image, task))
+    signed = await issue(
+        request,
+        CertificateOut.of(answer.certified, per_token=per_token).model_dump(),
+        answer.certified,
+        image,
+        image_sha256,
+        record_samples,
+        completion_id,
+    )
     return StreamingResponse(
-        _chunks(answer, completion_id, created, per_token, request.state.request_id),
+        _chunks(answer, completion_id, created, signed, request.state.request_id),
         media_type="text/event-stream",
-        headers={"Cache-Control": "no-cache"},
+        headers={"Cache-Control": "no-cache", CERTIFICATE_HEADER: signed["id"]},
     )
 
 
 async def _chunks(
-    answer: serving.AnswerStream, completion_id: str, created: int, per_token: bool, request_id: str
+    answer: serving.AnswerStream, completion_id: str, created: int, certificate: dict[str, Any], request_id: str
 ) -> AsyncIterator[str]:
     """The OpenAI chat.completion.chunk events of a streamed answer: the role, the pieces, then one chunk with the
-    finish reason, the usage and fsmllm's certificates (an error in the votes ends the stream in-band)."""
+    finish reason, the usage and fsmllm's certificates (the signed ``certificate``; an error in the votes ends
+    the stream in-band)."""
     model = answer.certified.provenance.model
-    certificate = CertificateOut.of(answer.certified, per_token=per_token)
 
     def chunk(delta: dict[str, Any], finish_reason: str | None = None, **extra: Any) -> str:
         choice = {"index": 0, "delta": delta, "finish_reason": finish_reason}
@@ -90,7 +117,7 @@ async def _chunks(
                 yield chunk({"content": piece})
         extra: dict[str, Any] = {
             "usage": Usage.of(answer.generation).model_dump(),
-            "certificate": certificate.model_dump(),
+            "certificate": certificate,
         }
         try:
             voted = await answer.answer_certificate()
