@@ -34,7 +34,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=HelpFormatter,
     )
     parser.add_argument("certificate", help="JSON file: a certificate, or a response holding one")
-    parser.add_argument("--image", default=None, help="the image file it was issued for (checks bytes and pixels; default: no image check)")
+    parser.add_argument(
+        "--image", default=None, help="the image it was issued for (checks bytes, pixels; default: none)"
+    )
     parser.add_argument(
         "--keys", default=None, help="JWKS file or URL (.../v1/certificates/keys); default: this machine's keys"
     )
