@@ -91,7 +91,8 @@ def test_one_name_per_field_across_the_api_the_client_and_both_clis() -> None:
         (CertifyRequest, CertifyOptions, "certify"),
         (GenerateRequest, GenerateOptions, "generate"),
     ):
-        fields = set(request.model_fields) - {"image", "stream", "prompt"}
+        # record_samples: a server field, not yet a flag (issue 30)
+        fields = set(request.model_fields) - {"image", "stream", "prompt", "record_samples"}
         assert fields == set(options.__optional_keys__) - {"progress", "vote_progress"}, command
         for parser in (commands[f"fsmllm {command}"], client_commands[f"fsmllm-client {command}"]):
             missing = {name for name in fields if f"--{name.replace('_', '-')}" not in _flags(parser)}
@@ -184,6 +185,9 @@ def test_certify_json_prints_the_servers_certificate(server: LiveServer, tmp_pat
     printed = json.loads(capsys.readouterr().out)
     assert list(printed) == list(served) == list(CertificateOut.model_fields)
     assert printed["radii"][-1]["certified_fcsb"] is None and printed["tokens"] is None  # null, never []
+    issued = {"id", "issued_at", "model", "completion_id", "image", "weights", "software", "device", "samples", "signature"}
+    served = {key: value for key, value in served.items() if key not in issued}  # the command line issues none
+    printed = {key: value for key, value in printed.items() if key not in issued}
     assert printed == served  # the server's cached flag is false on a first request, as on the command line
 
 

@@ -6,6 +6,7 @@
           ├── PolicyError              422  beyond what this deployment allows (sigma, n0 + n, radii, max_tokens)
           ├── CertificatesOnly         422  an answer asked of a deployment without a language model (model 'none')
           ├── UnknownModel             404  a model this deployment does not serve
+          ├── CertificateNotFound      404  no stored certificate has that id (or chat completion id)
           ├── MalformedBody            400  the body is not valid JSON
           ├── BodyTooLarge             413  the body is over the limit
           ├── UnsupportedMediaType     415  neither JSON nor multipart
@@ -45,6 +46,10 @@ class CertificatesOnly(RequestError):
 
 class UnknownModel(RequestError):
     """The request names a model this deployment does not serve."""
+
+
+class CertificateNotFound(RequestError):
+    """No stored certificate has the id (or the chat completion id) asked for."""
 
 
 class MalformedBody(RequestError):

@@ -5,7 +5,9 @@ from __future__ import annotations
 import base64
 import io
 import json
+import shutil
 import socket
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -49,6 +51,10 @@ def live_server(
     on exit. ``booster``: a booster name or folder put in front of the encoder; ``encoder``: serve this one
     instead (e.g. a :class:`Controlled` encoder)."""
     settings = settings or Settings(model="none", default_n0=20, default_n=100, batch_size=64, _env_file=None)
+    scratch = None
+    if settings.cert_folder is None:  # the store and the keys of this server alone, not the user's cache
+        scratch = tempfile.mkdtemp(prefix="fsmllm-certs-")
+        settings = settings.model_copy(update={"cert_folder": scratch})
     metrics = Metrics()
     if encoder is None:
         encoder = load_booster(booster, load_encoder(encoder_name, image_size=image_size))
@@ -80,6 +86,8 @@ def live_server(
     finally:
         server.should_exit = True
         thread.join(60)
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
 
 
 @contextmanager

@@ -18,18 +18,31 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from fsmllm import __version__
 from fsmllm.api.errors import INTERNAL_ERROR, error_response, install_error_handlers
 from fsmllm.api.metrics import Metrics, RouteLabels
+from fsmllm.api.routes_certificates import router as certificates_router
 from fsmllm.api.routes_certify import router as certify_router
 from fsmllm.api.routes_openai import document_served_model
 from fsmllm.api.routes_openai import router as openai_router
 from fsmllm.api.settings import Settings
 from fsmllm.engine.runtime import Runtime
 from fsmllm.errors import BodyTooLarge
+from fsmllm.evidence import open_issuer
 
 log = logging.getLogger("fsmllm.api")
 
 #: routes that need no API key: probes, scrapers and the API documentation (it describes the API and holds no data,
 #: and a browser cannot send a bearer token to load a page; README, "What the server answers")
-OPEN_PATHS = frozenset({"/health", "/ready", "/metrics", "/docs", "/docs/oauth2-redirect", "/openapi.json", "/redoc"})
+OPEN_PATHS = frozenset(
+    {
+        "/health",
+        "/ready",
+        "/metrics",
+        "/docs",
+        "/docs/oauth2-redirect",
+        "/openapi.json",
+        "/redoc",
+        "/v1/certificates/keys",  # the public keys that verify certificates
+    }
+)
 #: where /docs and /redoc load their scripts and styles from: files of the fastapi-offline package, not a CDN
 DOCS_ASSETS = "/static-offline-docs/"
 
@@ -64,13 +77,23 @@ def create_app(runtime: Runtime, settings: Settings, metrics: Metrics | None = N
     metrics = metrics or Metrics()
 
     @asynccontextmanager
-    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        app.state.issuer = open_issuer(
+            runtime,
+            device=settings.device,
+            folder=settings.cert_folder,
+            store=settings.cert_store,
+            retention_days=settings.cert_retention_days,
+            signing_key=None if settings.signing_key is None else settings.signing_key.get_secret_value(),
+            signing_key_file=settings.signing_key_file,
+        )
         runtime.start()
         log.info("serving model %s (encoder %s, booster %s)", runtime.model_name, runtime.encoder.name, runtime.booster)
         try:
             yield
         finally:
             runtime.stop()
+            app.state.issuer.store.close()
 
     app = FastAPIOffline(  # a FastAPI app whose /docs and /redoc work offline (assets under DOCS_ASSETS)
         static_url=DOCS_ASSETS.rstrip("/"),
@@ -88,6 +111,7 @@ def create_app(runtime: Runtime, settings: Settings, metrics: Metrics | None = N
     app.include_router(openai_router)
     generated_openapi = app.openapi
     app.openapi = lambda: document_served_model(generated_openapi(), runtime.model_name)  # type: ignore[method-assign]
+    app.include_router(certificates_router)
 
     # inside request_context: its receive must reach the route unwrapped, so that the 413 raised while the body is
     # read is answered by the error handlers (a BaseHTTPMiddleware in between turns it into an ExceptionGroup)

@@ -27,6 +27,7 @@ from fsmllm.engine.jobs import JobCancelled
 from fsmllm.engine.worker import QueueFull, WorkerStopped
 from fsmllm.errors import (
     BodyTooLarge,
+    CertificateNotFound,
     ImageError,
     ImageTooLarge,
     MalformedBody,
@@ -46,6 +47,7 @@ INTERNAL_ERROR = "internal error; the request id is in the server log"
 ERROR_TABLE: dict[type[Exception], tuple[int, str]] = {
     RequestError: (422, "invalid_request"),
     UnknownModel: (404, "model_not_found"),
+    CertificateNotFound: (404, "not_found"),
     MalformedBody: (400, "invalid_request"),
     BodyTooLarge: (413, "too_large"),
     UnsupportedMediaType: (415, "unsupported_media_type"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from typing import TypeVar
 
@@ -44,9 +45,10 @@ def _form_value(values: list[str], name: str) -> object:
 
 async def image_and_params(
     request: Request, model: type[Params], max_body: int, max_pixels: int
-) -> tuple[Image.Image, Params]:
+) -> tuple[Image.Image, Params, str]:
     """Parse ``model`` plus an image from JSON (``image`` as base64 or data URL) or multipart (file ``image``, or
-    a text field ``image`` holding what JSON's would)."""
+    a text field ``image`` holding what JSON's would); with the SHA-256 of the image's bytes as received (hex),
+    which its certificate is bound to."""
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type == "application/json":
         body = await read_body(request, max_body)
@@ -83,4 +85,4 @@ async def image_and_params(
         params = model.model_validate(payload)
     except ValidationError as error:
         raise RequestValidationError(error.errors()) from None
-    return open_image(image_bytes, max_pixels), params
+    return open_image(image_bytes, max_pixels), params, hashlib.sha256(image_bytes).hexdigest()

@@ -7,6 +7,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
+from PIL import Image
 from pydantic import BaseModel
 
 from fsmllm.api.errors import ERRORS, error_event
@@ -24,6 +25,8 @@ from fsmllm.api.streaming import STREAMED, Work, progress_stream, unless_disconn
 from fsmllm.engine import serving
 from fsmllm.engine.jobs import ProgressCallback, VoteProgressCallback
 from fsmllm.engine.runtime import Runtime
+from fsmllm.engine.serving import Certified
+from fsmllm.evidence import Issuer
 
 router = APIRouter()
 
@@ -67,13 +70,17 @@ def _limits(request: Request) -> tuple[int, int]:
 )
 async def certify(request: Request) -> Any:
     runtime = _runtime(request)
-    image, params = await image_and_params(request, CertifyParams, *_limits(request))
+    image, params, image_sha256 = await image_and_params(request, CertifyParams, *_limits(request))
     task = params.to_task(runtime.policy)
     request_id = request.state.request_id
 
     async def work(on_progress: ProgressCallback | None, _: VoteProgressCallback | None) -> dict[str, Any]:
         certified = await serving.certify(runtime, image, task, on_progress)
-        return CertifyResponse.of(request_id, certified, params.target_cos, params.per_token).model_dump()
+        response = CertifyResponse.of(request_id, certified, params.target_cos, params.per_token).model_dump()
+        response["certificate"] = await issue(
+            request, response["certificate"], certified, image, image_sha256, params.record_samples
+        )
+        return response
 
     return await respond(request, params.stream, work)
 
@@ -90,16 +97,36 @@ async def certify(request: Request) -> Any:
 )
 async def generate(request: Request) -> Any:
     runtime = _runtime(request)
-    image, params = await image_and_params(request, GenerateParams, *_limits(request))
+    image, params, image_sha256 = await image_and_params(request, GenerateParams, *_limits(request))
     task = params.to_answer(runtime.policy, request.app.state.settings.max_prompt_chars)
     runtime.language_model()  # CertificatesOnly (422) before any work
     request_id = request.state.request_id
 
     async def work(on_progress: ProgressCallback | None, on_votes: VoteProgressCallback | None) -> dict[str, Any]:
         answered = await serving.answer(runtime, image, task, on_progress, on_votes)
-        return GenerateResponse.of(request_id, answered, params.per_token).model_dump()
+        response = GenerateResponse.of(request_id, answered, params.per_token).model_dump()
+        response["certificate"] = await issue(
+            request, response["certificate"], answered.certified, image, image_sha256, params.record_samples
+        )
+        return response
 
     return await respond(request, params.stream, work)
+
+
+async def issue(
+    request: Request,
+    certificate: dict[str, Any],
+    certified: Certified,
+    image: Image.Image,
+    image_sha256: str,
+    record_samples: bool,
+    completion_id: str | None = None,
+) -> dict[str, Any]:
+    """The rendered certificate of ``image`` bound, signed and committed to the store (returns once committed);
+    with ``record_samples`` it carries the samples its bound was computed from."""
+    samples = certified.certificate.samples if record_samples else None
+    issuer: Issuer = request.app.state.issuer
+    return await issuer.issue(certificate, image, image_sha256, samples, completion_id)
 
 
 async def respond(request: Request, stream: bool, work: Work) -> Response:

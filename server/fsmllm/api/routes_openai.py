@@ -7,18 +7,21 @@ extra ``certification`` object (``extra_body`` in the openai client); otherwise 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Request, Response
 from fastapi.responses import StreamingResponse
 
 from fsmllm.api.errors import OPENAI_ERRORS, error_event
+from fsmllm.api.routes_certify import issue
 from fsmllm.api.schemas import (
     AnswerCertificateOut,
+    CertificateOut,
     ChatCompletionRequest,
     ChatCompletionResponse,
     ModelCard,
@@ -29,6 +32,7 @@ from fsmllm.api.streaming import STREAMED, in_band_error, unless_disconnected
 from fsmllm.engine import serving
 from fsmllm.engine.runtime import Runtime
 from fsmllm.errors import UnknownModel
+from fsmllm.evidence import CERTIFICATE_HEADER
 from fsmllm.images import decode_base64_image, open_image
 
 router = APIRouter(prefix="/v1")
@@ -40,7 +44,7 @@ router = APIRouter(prefix="/v1")
     responses={**OPENAI_ERRORS, **STREAMED},
     summary="OpenAI-compatible chat completion about one image, with its certificate",
 )
-async def chat_completions(request: Request, chat: ChatCompletionRequest) -> Any:
+async def chat_completions(request: Request, response: Response, chat: ChatCompletionRequest) -> Any:
     runtime: Runtime = request.app.state.runtime
     if chat.model is not None and chat.model != runtime.model_name:
         raise UnknownModel(
@@ -48,29 +52,57 @@ async def chat_completions(request: Request, chat: ChatCompletionRequest) -> Any
         )
     runtime.language_model()  # CertificatesOnly (422) before any work
     question, url = chat.question_and_image()
-    image = open_image(decode_base64_image(url), request.app.state.settings.max_image_pixels)
+    image_bytes = decode_base64_image(url)
+    image = open_image(image_bytes, request.app.state.settings.max_image_pixels)
     task = chat.to_answer(runtime.policy, question)
     completion_id, created = f"chatcmpl-{request.state.request_id}", int(time.time())
+    record_samples = chat.certification is not None and chat.certification.record_samples
+    image_sha256 = hashlib.sha256(image_bytes).hexdigest()
     if not chat.stream:
         answered = await unless_disconnected(request, serving.answer(runtime, image, task))
-        return ChatCompletionResponse.of(completion_id, created, answered, chat.certificate(answered.certified))
+        completion = ChatCompletionResponse.of(completion_id, created, answered, chat.certificate(answered.certified))
+        signed = await issue(
+            request,
+            completion.certificate.model_dump(),
+            answered.certified,
+            image,
+            image_sha256,
+            record_samples,
+            completion_id,
+        )
+        completion.certificate = CertificateOut.model_validate(signed)
+        response.headers[CERTIFICATE_HEADER] = signed["id"]
+        return completion
     answer = await unless_disconnected(request, serving.open_answer_stream(runtime, image, task))
+    signed = await issue(
+        request,
+        chat.certificate(answer.certified).model_dump(),
+        answer.certified,
+        image,
+        image_sha256,
+        record_samples,
+        completion_id,
+    )
     return StreamingResponse(
-        _chunks(answer, completion_id, created, chat, request.state.request_id),
+        _chunks(answer, completion_id, created, chat, signed, request.state.request_id),
         media_type="text/event-stream",
-        headers={"Cache-Control": "no-cache"},
+        headers={"Cache-Control": "no-cache", CERTIFICATE_HEADER: signed["id"]},
     )
 
 
 async def _chunks(
-    answer: serving.AnswerStream, completion_id: str, created: int, chat: ChatCompletionRequest, request_id: str
+    answer: serving.AnswerStream,
+    completion_id: str,
+    created: int,
+    chat: ChatCompletionRequest,
+    certificate: dict[str, Any],
+    request_id: str,
 ) -> AsyncIterator[str]:
     """The OpenAI chat.completion.chunk events of a streamed answer: for each choice its role, its pieces and its
     finish reason; the usage (in the last choice's chunk, or with ``stream_options.include_usage`` in one more
-    chunk without choices, as OpenAI sends it) and fsmllm's certificates ride in the last chunk (an error in the
-    votes ends the stream in-band)."""
+    chunk without choices, as OpenAI sends it) and fsmllm's certificates (the signed ``certificate``) ride in the
+    last chunk (an error in the votes ends the stream in-band)."""
     model = answer.certified.provenance.model
-    certificate = chat.certificate(answer.certified)
 
     def chunk(choices: list[dict[str, Any]], **extra: Any) -> str:
         body = {
@@ -95,7 +127,7 @@ async def _chunks(
                     yield chunk(delta(index, {"content": piece}))
             if index < answer.choices - 1:
                 yield chunk(delta(index, {}, answer.generation(index).finish_reason))
-        extra: dict[str, Any] = {"certificate": certificate.model_dump()}
+        extra: dict[str, Any] = {"certificate": certificate}
         try:
             voted = await answer.answer_certificate()
         except Exception as error:

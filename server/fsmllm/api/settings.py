@@ -6,7 +6,7 @@ import argparse
 import json
 from typing import Annotated, Any, Literal, get_args, get_origin
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from fsmllm.fastest_dtype import DtypeChoice
@@ -66,6 +66,26 @@ class Settings(BaseSettings):
     queue_capacity: int = Field(32, ge=1, description="jobs queued or running before new ones get 503")
     request_timeout_s: float = Field(600.0, gt=0, description="a certification still running after this is cancelled")
     cache_size: int = Field(256, ge=0, description="certificates kept for identical (image, parameters, seed)")
+
+    # certificates: signed, stored (docs/certificates.md)
+    cert_folder: str | None = Field(
+        None,
+        description="folder of the SQLite certificate store and generated signing keys; default <cache>/certificates",
+    )
+    cert_store: str | None = Field(
+        None,
+        description="certificate store URL: postgresql://user:password@host/db (shared by replicas) or sqlite:///FILE; "
+        "default SQLite in cert_folder",
+    )
+    cert_retention_days: float | None = Field(
+        None, gt=0, description="certificates older than this are deleted from the store; default: kept"
+    )
+    signing_key: SecretStr | None = Field(
+        None, description="Ed25519 private key (PEM or JWK text) that signs certificates, e.g. from a secret"
+    )
+    signing_key_file: str | None = Field(
+        None, description="file of the signing key (PEM or JWK); default: generated in cert_folder on first start"
+    )
 
     # input limits
     max_body_bytes: int = Field(20 * 1024 * 1024, ge=1024, description="request bodies above this get 413")

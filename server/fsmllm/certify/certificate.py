@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 import torch.nn.functional as F
+from numpy.typing import NDArray
 
 from fsmllm.certify.bounds import (
     certified_radius,
@@ -69,7 +70,9 @@ class Certificate:
     ``score_estimate`` (an estimate of S(x)) and ``estimated_fcsb`` (the paper's FCSB at that estimate) are
     *not* certified. ``None`` in a certified list means abstention at that radius; ``abstain`` means no
     requested radius is certified. ``n`` is the number of estimation samples used, ``stopped_by`` why
-    sampling ended ("budget", "target_reached", "target_unreachable", "radius_converged").
+    sampling ended ("budget", "target_reached", "target_unreachable", "radius_converged"). ``samples`` holds the
+    c_i the score bounds were computed from, float64 [n, T] (T = 1 for a global certificate), so that
+    :func:`~fsmllm.certify.replay.score_lower` recomputes ``score_lower`` from them bit for bit.
     """
 
     config: SmoothingConfig
@@ -90,6 +93,7 @@ class Certificate:
     stop: StopRule | None = None
     worst_token: int | None = None
     tokens: TokenBounds | None = field(default=None, repr=False)
+    samples: NDArray[np.float64] | None = field(default=None, repr=False, compare=False)
 
     @property
     def abstain(self) -> bool:

@@ -416,6 +416,7 @@ class SmoothingRun:
             tokens=TokenBounds(tuple(map(float, estimates)), tuple(map(float, lowers)), tuple(map(float, angles)))
             if token_mode
             else None,
+            samples=self._values[:count, : self.num_tokens].copy(),
         )
 
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from fsmllm.cli import certify, evaluate, generate, sample, serve, train_booster, train_projector
+from fsmllm.cli import certify, evaluate, generate, sample, serve, train_booster, train_projector, verify
 from fsmllm.cli.common import HelpFormatter, ListEncoders
 
 #: the subcommands in the order ``fsmllm --help`` lists them; each module has ``add_parser(subparsers)``
-SUBCOMMANDS = (certify, generate, sample, serve, evaluate, train_projector, train_booster)
+SUBCOMMANDS = (certify, generate, sample, serve, evaluate, train_projector, train_booster, verify)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -3,6 +3,7 @@ shape of a :class:`~fsmllm.certify.Certificate`, with its timings."""
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from typing import Literal
 
 from pydantic import BaseModel, Field, field_validator, model_validator
@@ -78,6 +79,13 @@ class CertificationParams(RequestModel):
     )
     stream: bool = Field(
         False, description="answer with a server-sent event stream: progress events, then the result", examples=[False]
+    )
+    record_samples: bool = Field(
+        False,
+        description="put the per-sample values the bound is computed from into the certificate (samples: the c_i as "
+        "little-endian float64, base64, 8 bytes each per token), so that a verifier recomputes every number: "
+        "fsmllm verify",
+        examples=[False],
     )
 
     @field_validator("radius")
@@ -166,6 +174,31 @@ class Timings(BaseModel):
         )
 
 
+class StopOut(BaseModel):
+    fcsb: float | None = Field(None, description="stop_at_fcsb: stop once the certified FCSB reaches this")
+    radii: list[float] = Field(default_factory=list, description="at these radii")
+    target_cos: float | None = Field(None, description="radius_tolerance: the target cosine")
+    tolerance: float | None = Field(None, description="radius_tolerance: the l2 tolerance")
+
+
+class ImageBinding(BaseModel):
+    sha256: str = Field(description="SHA-256 of the image's bytes as received")
+    pixels_sha256: str = Field(description="SHA-256 of the pixels the encoder read (layout in 'pixels')")
+    pixels: str = Field(description="the layout of the hashed pixels")
+
+
+class WeightFile(BaseModel):
+    name: str
+    sha256: str
+
+
+class SamplesRecord(BaseModel):
+    encoding: Literal["float64-le-base64"] = "float64-le-base64"
+    shape: list[int] = Field(description="[n, T]: n estimation samples, T tokens (1 for global); [n] for votes")
+    sha256: str = Field(description="SHA-256 of the decoded bytes")
+    data: str = Field(description="base64 of the little-endian float64 values, row-major")
+
+
 class CertificateOut(BaseModel):
     """A complete certificate: every number can be reproduced from the fields of this object and the image."""
 
@@ -209,6 +242,24 @@ class CertificateOut(BaseModel):
         None, description="with target_cos: the largest radius certified at that cosine; null without target_cos"
     )
     cached: bool = Field(False, description="served from the certificate cache (same image, parameters and seed)")
+    stop: StopOut | None = Field(None, description="the early-stopping rule sampling ran under; null: none")
+    # the binding and the signature (issued certificates; docs/certificates.md)
+    id: str | None = Field(None, description="the certificate's id: GET /v1/certificates/{id}")
+    issued_at: str | None = Field(None, description="when it was issued (ISO 8601, UTC)")
+    model: str | None = Field(None, description="the served model")
+    completion_id: str | None = Field(None, description="the chat completion it was issued with, if any")
+    image: ImageBinding | None = None
+    weights: dict[str, list[WeightFile]] | None = Field(
+        None, description="every weight file in play by component (encoder, booster, projector, language_model)"
+    )
+    software: dict[str, str] | None = Field(None, description="versions of fsmllm, torch, transformers, python")
+    device: str | None = Field(None, description="the device the encoder ran on")
+    samples: SamplesRecord | None = Field(None, description="with record_samples: the values the bound is from")
+    signature: str | None = Field(
+        None,
+        description="JWS (RFC 7515, compact, detached payload), Ed25519, over the RFC 8785 canonical JSON of this "
+        "object without 'signature'; keys: GET /v1/certificates/keys",
+    )
 
     @classmethod
     def from_certificate(
@@ -250,6 +301,7 @@ class CertificateOut(BaseModel):
             if target_cos is None
             else CertifiedRadius(target_cos=target_cos, radius=cert.certified_radius(target_cos)),
             cached=cached,
+            stop=None if cert.stop is None else StopOut(**asdict(cert.stop)),
         )
 
     @classmethod

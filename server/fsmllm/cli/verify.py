@@ -1,0 +1,105 @@
+"""``fsmllm verify CERT.json [--image FILE] [--keys FILE|URL]``: check a signed certificate offline.
+
+Checks, in order, each with its own exit status (:class:`fsmllm_client.verify.Failure`): the signature (by a key of
+the key set: a JWKS file or URL, by default this machine's keys), the image's bytes and the pixels the encoder
+read from it, the recorded samples, the bound recomputed from them bit for bit (:mod:`fsmllm.certify.replay`), and
+the certified FCSB at every radius recomputed from that bound.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+
+from fsmllm.certify.certificate import certified_fcsb, optional_floats
+from fsmllm.certify.replay import score_lower
+from fsmllm.cli.common import HelpFormatter
+from fsmllm.evidence import cert_folder
+from fsmllm.evidence.binding import pixels_sha256
+from fsmllm.images import open_image, to_pixels
+from fsmllm_client.verify import Check, Failure, load_key_set, outcome, verify
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "verify",
+        help="check a signed certificate: signature, image, recorded samples, bound",
+        description=__doc__,
+        formatter_class=HelpFormatter,
+    )
+    parser.add_argument("certificate", help="JSON file: a certificate, or a response holding one")
+    parser.add_argument(
+        "--image", default=None, help="the image it was issued for (checks bytes, pixels; default: none)"
+    )
+    parser.add_argument(
+        "--keys", default=None, help="JWKS file or URL (.../v1/certificates/keys); default: this machine's keys"
+    )
+    parser.set_defaults(handler=run)
+
+
+def replay(certificate: dict[str, Any], values: list[float]) -> list[Check]:
+    """The bound from the recorded c_i, then the FCSB at each radius from the bound: both exactly as served."""
+    shape = certificate["samples"]["shape"]
+    samples = np.asarray(values, dtype=np.float64).reshape(shape)
+    tokens = 1 if samples.ndim == 1 else samples.shape[1]
+    try:
+        lowers = score_lower(
+            samples,
+            certificate["alpha"] / tokens,
+            certificate["bound"],
+            certificate["n_budget"],
+            certificate["stop"] is not None,
+        )
+    except ValueError as error:
+        return [Check("bound", False, str(error), Failure.SAMPLES)]
+    lower = float(lowers.min())
+    if lower != certificate["score_lower"]:
+        return [
+            Check("bound", False, f"recomputed {lower!r}, certified {certificate['score_lower']!r}", Failure.SAMPLES)
+        ]
+    radii = np.asarray([entry["radius"] for entry in certificate["radii"]], dtype=np.float64)
+    recomputed = optional_floats(certified_fcsb(lower, certificate["sigma"], radii))
+    served = tuple(entry["certified_fcsb"] for entry in certificate["radii"])
+    if recomputed != served:
+        return [
+            Check("bound", True, f"score_lower {lower!r}"),
+            Check("fcsb", False, f"{recomputed} != {served}", Failure.FCSB),
+        ]
+    return [Check("bound", True, f"score_lower {lower!r}, bit for bit"), Check("fcsb", True, f"{len(radii)} radii")]
+
+
+def run(args: argparse.Namespace) -> int:
+    document = json.loads(Path(args.certificate).read_text(encoding="utf-8"))
+    if args.keys is None:
+        keys = load_key_set(json.dumps(_local_jwks()))
+    elif args.keys.startswith(("http://", "https://")):
+        keys = load_key_set(httpx.get(args.keys, timeout=30).raise_for_status().json())
+    else:
+        keys = load_key_set(args.keys)
+    image = None if args.image is None else Path(args.image).read_bytes()
+
+    def pixels(certificate: dict[str, Any]) -> list[Check]:
+        if image is None:
+            return []
+        actual = pixels_sha256(to_pixels(open_image(image, math.inf), certificate["input_size"]))  # type: ignore[arg-type]
+        expected = certificate["image"]["pixels_sha256"]
+        if actual != expected:
+            return [Check("pixels", False, f"SHA-256 {actual} is not the certified {expected}", Failure.PIXELS)]
+        return [Check("pixels", True, f"SHA-256 {actual}")]
+
+    checks = verify(document, keys, image, replay, pixels)
+    for check in checks:
+        print(check.line())
+    return int(outcome(checks))
+
+
+def _local_jwks() -> dict[str, Any]:
+    """The public keys that signed on this machine (the default key folder)."""
+    folder = cert_folder(None) / "signing-keys" / "public"
+    return {"keys": [json.loads(path.read_text(encoding="utf-8")) for path in sorted(folder.glob("*.json"))]}

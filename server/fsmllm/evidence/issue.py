@@ -1,0 +1,96 @@
+"""Issuing a certificate: bind it (id, time, image, weights, software), sign it, commit it to the store.
+
+The route renders the certificate (:class:`~fsmllm.api.schemas.certificate.CertificateOut`) and hands its JSON
+here; :meth:`Issuer.issue` adds the binding (and the recorded samples when asked), signs the result
+(:mod:`fsmllm_client.verify` says what exactly is signed), commits it, and only then returns it for the response.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from fsmllm.engine.runtime import Runtime
+from fsmllm.evidence.binding import Deployment, pixels_sha256
+from fsmllm.evidence.keys import Keyring
+from fsmllm.evidence.store import CertificateStore
+from fsmllm_client.verify import encode_samples, signing_input
+
+#: what ``image.pixels_sha256`` is the hash of
+PIXELS_LAYOUT = "float32 [3, S, S] in [0, 1], C order, little-endian: the image after resize and centre crop"
+#: the response header that carries the certificate's id (it survives wrappers that drop body extras)
+CERTIFICATE_HEADER = "X-Fsmllm-Certificate-Id"
+
+
+def samples_record(samples: np.ndarray) -> dict[str, Any]:
+    """The recorded c_i [n, T] (or votes ±1 [n]) as little-endian float64, base64 (8 bytes a value)."""
+    values = np.ascontiguousarray(samples, dtype="<f8")
+    return encode_samples(values.tobytes(), tuple(int(size) for size in values.shape))
+
+
+class Issuer:
+    """Binds, signs and stores the certificates of one deployment."""
+
+    def __init__(self, runtime: Runtime, keyring: Keyring, store: CertificateStore, deployment: Deployment) -> None:
+        self.runtime = runtime
+        self.keyring = keyring
+        self.store = store
+        self.deployment = deployment
+
+    def bind(
+        self,
+        certificate: dict[str, Any],
+        image: Image.Image,
+        image_sha256: str,
+        samples: np.ndarray | None,
+        completion_id: str | None = None,
+    ) -> dict[str, Any]:
+        """The certificate with its id, time, image, weights, software, device and (when given) samples, signed."""
+        document = {
+            **certificate,
+            "id": f"cert-{uuid.uuid4().hex}",
+            "issued_at": datetime.now(UTC).isoformat(timespec="microseconds"),
+            "model": self.runtime.model_name,
+            "completion_id": completion_id,
+            "image": {
+                "sha256": image_sha256,
+                "pixels_sha256": pixels_sha256(self.runtime.pixels(image)),
+                "pixels": PIXELS_LAYOUT,
+            },
+            "weights": self.deployment.weights,
+            "software": self.deployment.software,
+            "device": self.deployment.device,
+        }
+        if samples is not None:
+            document["samples"] = samples_record(samples)
+        document["signature"] = self.keyring.sign(signing_input(document))
+        return document
+
+    def issue_now(
+        self,
+        certificate: dict[str, Any],
+        image: Image.Image,
+        image_sha256: str,
+        samples: np.ndarray | None,
+        completion_id: str | None = None,
+    ) -> dict[str, Any]:
+        """Bind, sign and commit (blocking); the signed certificate."""
+        document = self.bind(certificate, image, image_sha256, samples, completion_id)
+        self.store.put(document, completion_id)
+        return document
+
+    async def issue(
+        self,
+        certificate: dict[str, Any],
+        image: Image.Image,
+        image_sha256: str,
+        samples: np.ndarray | None,
+        completion_id: str | None = None,
+    ) -> dict[str, Any]:
+        """:meth:`issue_now` on a worker thread: returns once the certificate is committed."""
+        return await asyncio.to_thread(self.issue_now, certificate, image, image_sha256, samples, completion_id)
