@@ -22,7 +22,7 @@ import pytest
 from fsmllm.api.settings import Settings
 from fsmllm_client import AsyncClient, Client, Overloaded, ServerError, Unreachable
 
-from ..server.live import data_url, live_server, open_request, png_bytes, wait_until
+from ..server.live import certified_content, data_url, live_server, open_request, png_bytes, wait_until
 
 OVERLOADED = {"error": {"type": "overloaded", "message": "busy", "request_id": "r1"}}
 
@@ -296,7 +296,7 @@ def test_the_gateways_upstream_unavailable_is_retried_after_its_retry_after(slee
     that request directly (same seed); with no retries left the 502 is ``Overloaded`` with the gateway's hint."""
     with live_server() as live:
         def certificate(result: object) -> dict:
-            return result.certificate.model_dump(exclude={"cached"})  # type: ignore[attr-defined]
+            return certified_content(result.certificate.model_dump())  # type: ignore[attr-defined]
 
         direct = certificate(Client(live.url).certify(png_bytes(), n=100, seed=3))
         gateway = FlakyGateway(live.url, failures=2)

@@ -26,7 +26,8 @@ def test_the_client_has_its_own_pyproject() -> None:
     client, server = _project(ROOT / "client" / "pyproject.toml"), _project(ROOT / "pyproject.toml")
     assert client["name"] == "fsmllm-client" and client["version"] == server["version"]
     needs = {Requirement(text).name: Requirement(text) for text in client["dependencies"]}
-    assert set(needs) == {"httpx", "pydantic"}
+    # joserfc and rfc8785: verifying a certificate's signature over its canonical JSON (fsmllm_client.verify)
+    assert set(needs) == {"httpx", "pydantic", "joserfc", "rfc8785"}
     assert client["scripts"] == {"fsmllm-client": "fsmllm_client.cli:main"}
     # the server package keeps shipping the client (make install: pip install -e ".[dev]") with at least its needs
     shipped = {Requirement(text).name: Requirement(text) for text in server["dependencies"]}

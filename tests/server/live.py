@@ -108,6 +108,16 @@ def png_bytes(seed: int = 0, size: tuple[int, int] = (24, 20)) -> bytes:
     return buffer.getvalue()
 
 
+#: what each issue of a certificate has of its own (docs/certificates.md): two issues of one certification differ
+#: only in these
+ISSUANCE_FIELDS = frozenset({"id", "issued_at", "signature", "completion_id", "cached"})
+
+
+def certified_content(certificate: dict[str, Any]) -> dict[str, Any]:
+    """``certificate`` without its issuance fields: equal for every issue of the same certification."""
+    return {key: value for key, value in certificate.items() if key not in ISSUANCE_FIELDS}
+
+
 def data_url(data: bytes, mime: str = "image/png") -> str:
     return f"data:{mime};base64,{base64.b64encode(data).decode()}"
 

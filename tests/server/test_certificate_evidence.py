@@ -123,3 +123,15 @@ def test_samples_that_do_not_give_the_bound_fail(issued, tmp_path: Path):
     assert all(check.passed for check in replay(certificate, values))
     values[0] = -1.0
     assert replay(certificate, values)[0].failure == Failure.SAMPLES
+
+
+def test_a_generated_signing_key_is_kept_whole_and_signs_after_a_restart(tmp_path: Path) -> None:
+    """The key generated on the first start is saved with its private half: the next start signs with it."""
+    from fsmllm.evidence import Keyring
+
+    first = Keyring(tmp_path)
+    (saved,) = tmp_path.glob("*.jwk.json")
+    assert "d" in json.loads(saved.read_text()) and saved.stat().st_mode & 0o777 == 0o600
+    again = Keyring(tmp_path)
+    assert again.kid == first.kid and again.sign(b"payload") == first.sign(b"payload")  # Ed25519 is deterministic
+    assert [key["kid"] for key in again.jwks()["keys"]] == [first.kid]

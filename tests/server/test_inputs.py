@@ -124,9 +124,18 @@ def test_multipart_without_an_image_file_is_422(server: LiveServer) -> None:
     body, content_type = multipart({"seed": "1"}, {})
     response = post(server, content=body, headers={"content-type": content_type})
     check_error(response, 422, "invalid_request", "image: required")
-    assert response.json()["error"]["message"] == "image: required as a file field named 'image'"
-    as_text, content_type = multipart({"image": base64.b64encode(small_png()).decode()}, {"other": ("x.png", small_png(), "image/png")})
-    check_error(post(server, content=as_text, headers={"content-type": content_type}), 422, "invalid_request", "file field named 'image'")
+    assert response.json()["error"]["message"] == (
+        "image: required as a file field named 'image' (or its data URL as a text field)"
+    )
+    misnamed, content_type = multipart({"seed": "1"}, {"other": ("x.png", small_png(), "image/png")})
+    check_error(post(server, content=misnamed, headers={"content-type": content_type}), 422, "invalid_request", "file field named 'image'")
+    # the image as a text field (its base64, as JSON takes it) is read like the file
+    as_text, content_type = multipart({"image": base64.b64encode(small_png()).decode(), "seed": "1"}, {})
+    as_file, file_type = multipart({"seed": "1"}, {"image": ("x.png", small_png(), "image/png")})
+    by_text = post(server, content=as_text, headers={"content-type": content_type})
+    by_file = post(server, content=as_file, headers={"content-type": file_type})
+    assert by_text.status_code == by_file.status_code == 200, by_text.text
+    assert by_text.json()["certificate"]["score_lower"] == by_file.json()["certificate"]["score_lower"]
 
 
 @pytest.mark.parametrize("content_type", ["text/plain", "", "application/x-www-form-urlencoded", "image/png"])
