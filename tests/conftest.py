@@ -4,6 +4,8 @@
   nothing to do with the code; every property test runs without one.
 * Served encoders and language models are float32 (``FSMLLM_DTYPE``, ``FSMLLM_LM_DTYPE``), not the default
   ``auto`` whose choice depends on the machine; tests of ``auto`` name it.
+* Certificates issued by the servers tests start (in process or as processes) are stored, with the generated
+  signing key, in a folder of the test session (``FSMLLM_CERT_FOLDER``), not in the user's cache.
 * In CI (``CI`` set to a true value, as .ci/run does), a test skipped because the Fashion-MNIST data set is
   missing is a failure: CI must not report green without running it. Locally the same tests skip, with the
   reason in the summary. (The vLLM test skips in the main environment, where the extra is not installed by
@@ -13,6 +15,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Generator
 
 import pytest
@@ -23,6 +26,7 @@ from hypothesis import settings
 # otherwise. ``--dtype auto``, the default, is tested on its own (tests/test_fastest_dtype.py).
 os.environ.setdefault("FSMLLM_DTYPE", "float32")
 os.environ.setdefault("FSMLLM_LM_DTYPE", "float32")
+os.environ.setdefault("FSMLLM_CERT_FOLDER", tempfile.mkdtemp(prefix="fsmllm-test-certificates-"))
 
 settings.register_profile("fsmllm", deadline=None)
 settings.load_profile("fsmllm")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
 import shutil
 import socket
 import tempfile
@@ -52,7 +53,8 @@ def live_server(
     instead (e.g. a :class:`Controlled` encoder)."""
     settings = settings or Settings(model="none", default_n0=20, default_n=100, batch_size=64, _env_file=None)
     scratch = None
-    if settings.cert_folder is None:  # the store and the keys of this server alone, not the user's cache
+    # the store and the keys of this server alone: not the user's cache nor the session's (tests/conftest.py)
+    if settings.cert_folder in (None, os.environ.get("FSMLLM_CERT_FOLDER")):
         scratch = tempfile.mkdtemp(prefix="fsmllm-certs-")
         settings = settings.model_copy(update={"cert_folder": scratch})
     metrics = Metrics()
