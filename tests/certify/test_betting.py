@@ -76,10 +76,10 @@ def test_the_vote_mixture_certifies_radius_0_2_on_every_tenth_vote_disagreeing()
     at the checkpoints. Radius 0.2 at σ 0.25 needs p̲ ≥ Φ(0.8) = 0.788: the 0.95 cap alone reaches 0.7715 (a
     disagreement keeps 5 % of its capital), the mixture 0.806; with every vote agreeing it needs 352 votes to
     p̲ 0.977 where the 0.95 cap alone needs 320 (0.5 alone: 608)."""
-    from fsmllm.certify.smoothing import is_checkpoint
+    from fsmllm.certify.smoothing import bound_checked_after
 
     def monitored(values: np.ndarray, caps: tuple[float, ...]) -> float:
-        counts = [t for t in range(2, values.size + 1) if is_checkpoint(t)]
+        counts = [t for t in range(2, values.size + 1) if bound_checked_after(t)]
         return max((1 + betting_lower_bound(values[:t], 0.001, truncations=caps)) / 2 for t in counts)
 
     votes = np.where(np.arange(256) % 10 == 5, -1.0, 1.0)

@@ -32,7 +32,7 @@ import torch
 from scipy.stats import binomtest, norm
 
 from fsmllm.certify.bounds import VOTE_TRUNCATIONS, betting_lower_bound
-from fsmllm.certify.smoothing import Encode, SampleRun, is_checkpoint, run_batched
+from fsmllm.certify.smoothing import Encode, SampleRun, bound_checked_after, run_batched
 
 #: characters dropped at the end of an answer before votes are compared ("A cat." and "a cat" agree)
 FINAL_PUNCTUATION = ".!?,;:。！？…\"'”’)"
@@ -158,7 +158,7 @@ class AnswerVoting:
 
     The first ``n0`` answers are the selection votes (they choose Â, the most frequent normalised answer, ties
     to the first seen); the next ones are estimation votes. With a target radius the anytime bound is checked
-    at the checkpoints of :func:`~fsmllm.certify.smoothing.is_checkpoint` (functions of the count only, so the
+    at the counts of :func:`~fsmllm.certify.smoothing.bound_checked_after` (functions of the count only, so the
     result never depends on how the votes were batched) and sampling stops once the target is certified or an
     upper confidence bound shows it never will be; answers past the stop are ignored.
     """
@@ -214,7 +214,7 @@ class AnswerVoting:
             if self.estimated == self.config.n:
                 self._check()
                 self.stopped_by = self.stopped_by or "budget"
-            elif self.config.radius is not None and is_checkpoint(self.estimated):
+            elif self.config.radius is not None and bound_checked_after(self.estimated):
                 self._check()
 
     def _check(self) -> None:

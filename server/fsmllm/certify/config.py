@@ -23,7 +23,7 @@ from fsmllm.certify.bounds import (
 #: Noise is drawn in blocks of this many samples; it fixes the random stream of a seed.
 NOISE_BLOCK = 32
 #: Checkpoints of an anytime bound: every block, and past 20 blocks every ~10 % more samples.
-CHECKPOINT_GROWTH = 1.1
+BOUND_CHECK_GROWTH = 1.1
 
 Encode = Callable[[torch.Tensor], torch.Tensor]
 #: what one certificate bounds: the whole feature flattened and normalised once, or every token on its own
@@ -33,7 +33,7 @@ GRANULARITIES: tuple[Granularity, ...] = ("global", "token")
 DEFAULT_RADII = (0.1, 0.25, 0.5)
 
 
-def is_checkpoint(count: int) -> bool:
+def bound_checked_after(count: int) -> bool:
     """Whether the anytime bound is evaluated after ``count`` estimation samples (a function of the count only,
     so that stopping never depends on batch packing): multiples of NOISE_BLOCK, geometrically spaced past
     20 blocks (about 24 evaluations per tenfold of samples, each O(count))."""
@@ -42,7 +42,7 @@ def is_checkpoint(count: int) -> bool:
     blocks = count // NOISE_BLOCK
     if blocks <= 20:
         return True
-    return math.floor(math.log(blocks, CHECKPOINT_GROWTH)) != math.floor(math.log(blocks - 1, CHECKPOINT_GROWTH))
+    return math.floor(math.log(blocks, BOUND_CHECK_GROWTH)) != math.floor(math.log(blocks - 1, BOUND_CHECK_GROWTH))
 
 
 @dataclass(frozen=True)

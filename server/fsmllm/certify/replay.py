@@ -6,7 +6,8 @@ token) and the certificate's parameters, :func:`score_lower` evaluates the same 
 in the same order, so it returns the served ``score_lower`` bit for bit:
 
 * a fixed-n bound (empirical Bernstein, Hoeffding): the bound of all n samples, at level α_s;
-* the anytime betting bound: the largest of the bounds at every checkpoint ``t ≤ n`` (:func:`is_checkpoint`) and
+* the anytime betting bound: the largest of the bounds at every count ``t ≤ n`` where it is checked
+  (:func:`bound_checked_after`) and
   at the budget when it was spent, each of the first t samples (the intersection of the confidence sequence),
   with the bets tuned for the budget unless a stop rule could end sampling early.
 
@@ -20,13 +21,13 @@ import numpy as np
 from numpy.typing import NDArray
 
 from fsmllm.certify.bounds import ANYTIME_METHODS, BoundMethod, lower_bound
-from fsmllm.certify.config import is_checkpoint
+from fsmllm.certify.config import bound_checked_after
 
 
 def bound_counts(used: int, budget: int) -> list[int]:
     """The sample counts at which a run evaluated its anytime bound: every checkpoint up to ``used``, and the
     budget when it was spent (counts below 2 carry no bound)."""
-    counts = [count for count in range(2, used + 1) if is_checkpoint(count)]
+    counts = [count for count in range(2, used + 1) if bound_checked_after(count)]
     if used == budget and (not counts or counts[-1] != budget):
         counts.append(budget)
     return counts

@@ -14,7 +14,7 @@ encoder's flattened, L2-normalised feature (method.md, "Objects"). The certifica
 4. abstain where these are not positive.
 
 With the ``betting`` bound (anytime-valid) the estimation phase may stop before ``n`` samples: a
-:class:`StopRule` is checked at fixed sample counts (:func:`is_checkpoint`), and the bound at every
+:class:`StopRule` is checked at fixed sample counts (:func:`bound_checked_after`), and the bound at every
 checkpoint is valid, so the certificate takes the best of them and progress reports carry a valid certificate.
 
 A :class:`SmoothingRun` is the streaming state of one certification: it hands out noisy copies of the image
@@ -57,14 +57,14 @@ from fsmllm.certify.config import (
     Granularity,
     SmoothingConfig,
     StopRule,
+    bound_checked_after,
     check_radii,
-    is_checkpoint,
     new_seed,
 )
 from fsmllm.certify.sampling import NoisyCopies, SampleRun, run_batched
 
-#: ``SampleRun``, ``is_checkpoint`` and ``Encode`` are also imported from here (by answers.py)
-__all__ = ["Encode", "SampleRun", "SmoothedEncoder", "SmoothingRun", "is_checkpoint", "run_batched"]
+#: ``SampleRun``, ``bound_checked_after`` and ``Encode`` are also imported from here (by answers.py)
+__all__ = ["Encode", "SampleRun", "SmoothedEncoder", "SmoothingRun", "bound_checked_after", "run_batched"]
 
 
 def _score_estimates(sums: torch.Tensor, count: int) -> np.ndarray:
@@ -223,7 +223,7 @@ class SmoothingRun:
                 (
                     k
                     for k in range(NOISE_BLOCK - start % NOISE_BLOCK, flat.shape[0], NOISE_BLOCK)
-                    if is_checkpoint(start + k)
+                    if bound_checked_after(start + k)
                 ),
                 flat.shape[0],
             )
@@ -233,7 +233,7 @@ class SmoothingRun:
             if self.estimated == self.config.n:
                 self._check()
                 self.stopped_by = self.stopped_by or "budget"
-            elif is_checkpoint(self.estimated):
+            elif bound_checked_after(self.estimated):
                 self._check()
 
     def _accumulate(self, flat: torch.Tensor, rows: torch.Tensor) -> None:

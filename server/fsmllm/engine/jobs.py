@@ -23,7 +23,7 @@ class JobCancelled(Exception):
     """The job was cancelled (client gone, timeout, or shutdown) before all its samples were drawn."""
 
 
-class _Completion:
+class _CancellableJob:
     """Cancellation and completion shared by the job kinds (their fields ``loop``, ``future``, ``_cancelled``)."""
 
     loop: asyncio.AbstractEventLoop
@@ -56,7 +56,7 @@ class _Completion:
 
 
 @dataclass(eq=False)  # jobs are told apart by identity (their fields hold tensors)
-class CertifyJob(_Completion):
+class CertifyJob(_CancellableJob):
     """One request's certification. Created on the event loop, advanced only by the device worker thread.
 
     The worker builds the :class:`SmoothingRun` on its device when it admits the job (so routes never touch
@@ -99,7 +99,7 @@ class CertifyJob(_Completion):
 
 
 @dataclass(eq=False)
-class SampleJob(_Completion):
+class SampleJob(_CancellableJob):
     """The base features of ``count`` noisy copies of one image (``inner`` per vote), for the votes of a certified
     answer: the worker batches their samples with every certification's; the result is [count, D]."""
 

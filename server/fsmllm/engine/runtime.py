@@ -218,7 +218,7 @@ class Runtime:
                 self._account("cancelled", 0)
             raise
 
-    async def pieces(self, stream: TextStream) -> AsyncGenerator[str, None]:
+    async def stream_text(self, stream: TextStream) -> AsyncGenerator[str, None]:
         """The text of ``stream`` as generated, each piece computed on an LM thread, then read
         ``stream.result()``. If the consumer stops early (the client went away) the generation is cancelled
         and its end is accounted on an LM thread. Use it inside ``contextlib.aclosing``, right after

@@ -188,7 +188,7 @@ class AnswerStream:
         """Answer ``choice``'s text as generated; closed early (the client gone), the generation is cancelled."""
         sampling = self._task.choice_sampling(choice)
         stream = self._runtime.stream(self.certified.certificate, self._task.prompt, sampling)
-        async with aclosing(self._runtime.pieces(stream)) as pieces:
+        async with aclosing(self._runtime.stream_text(stream)) as pieces:
             async for piece in pieces:
                 yield piece
         self._generations[choice] = stream.result()
