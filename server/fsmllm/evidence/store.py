@@ -12,9 +12,12 @@ filtered by: its id, the chat completion id it came with, the time it was issued
 
 from __future__ import annotations
 
+import fcntl
 import json
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -79,11 +82,35 @@ def _sqlite_pragmas(connection: Any, _: Any) -> None:
     cursor.close()
 
 
+#: the PostgreSQL advisory lock that replicas take while they migrate (any fixed 64-bit key: b"fsmllm")
+MIGRATION_LOCK_KEY = int.from_bytes(b"fsmllm", "big")
+
+
+@contextmanager
+def _sqlite_migration_lock(engine: Engine) -> Iterator[None]:
+    """Hold an exclusive lock on ``<database>.migration-lock`` (replicas sharing the file on one host); nothing for
+    another database or an in-memory one."""
+    database = engine.url.database if engine.dialect.name == "sqlite" else None
+    if not database or database == ":memory:":
+        yield
+        return
+    with open(f"{database}.migration-lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def migrate(engine: Engine) -> None:
-    """Bring the schema to the newest migration (Alembic ``upgrade head``)."""
+    """Bring the schema to the newest migration (Alembic ``upgrade head``). Replicas that start together migrate
+    one after the other (an advisory lock on PostgreSQL, a lock file beside a SQLite database); the others then
+    find the schema current. Without it the second replica's ``CREATE TABLE`` fails and it does not start."""
     config = Config()
     config.set_main_option("script_location", str(Path(__file__).parent / "migrations"))
-    with engine.begin() as connection:
+    with _sqlite_migration_lock(engine), engine.begin() as connection:
+        if connection.dialect.name == "postgresql":  # released when this transaction ends
+            connection.exec_driver_sql(f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK_KEY})")
         config.attributes["connection"] = connection
         command.upgrade(config, "head")
 
