@@ -295,6 +295,7 @@ def test_the_gateways_upstream_unavailable_is_retried_after_its_retry_after(slee
     server. Both clients send the same POST again after ``Retry-After`` and get the certificate the server gives
     that request directly (same seed); with no retries left the 502 is ``Overloaded`` with the gateway's hint."""
     with live_server() as live:
+        # each issue of the certificate has its own id, time and signature (docs/certificates.md)
         def certificate(result: object) -> dict:
             return certified_content(result.certificate.model_dump())  # type: ignore[attr-defined]
 

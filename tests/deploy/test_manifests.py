@@ -12,11 +12,13 @@ import json
 import re
 import shlex
 import shutil
+import socket
 import subprocess
 from functools import cache
 from pathlib import Path
 from typing import Any
 
+import httpx
 import kubernetes_validate
 import pytest
 import yaml
@@ -210,6 +212,43 @@ def test_nginx_terminates_tls_and_proxies_the_routes() -> None:
     assert "Retry-After" in locations["@unavailable"] and "Retry-After" in locations["@rate_limited"]
 
 
+#: nginx's own errors: the named location of each status, in the native shape and in OpenAI's (under /v1/)
+GATEWAY_ERRORS = {429: "rate_limited", 413: "too_large", 502: "unavailable", 503: "unavailable_503", 504: "timed_out"}
+
+
+def error_body(block: str, status: int) -> dict[str, Any]:
+    """The JSON a named location returns with ``status`` (its request id variable as a placeholder)."""
+    found = re.search(rf"return {status} '([^']*)';", block)
+    assert found, block
+    return json.loads(found.group(1).replace("$fsmllm_request_id", "req-1"))
+
+
+def test_the_gateways_own_errors_are_in_the_server_shape_of_the_route() -> None:
+    """Each error nginx itself answers (body over its limit, rate limit, no replica, timeout) is JSON in the shape
+    of the route: fsmllm's on the native routes, OpenAI's under /v1/ (so that OpenAI's clients raise their own
+    classes), each validated with the server's own models; and every such status is handled in both places."""
+    from fsmllm.api.schemas import ErrorResponse, OpenAIErrorResponse
+
+    text = (DOCKER / "nginx.conf").read_text()
+    locations = nginx_locations(text)
+    server_level = re.sub(r"location\s+[^{]*\{(?:[^{}']|'[^']*')*\}", "", text)  # the server's own directives
+    v1 = locations["/v1/"]
+    for status, name in GATEWAY_ERRORS.items():
+        assert f"error_page {status} = @{name};" in server_level
+        assert f"error_page {status} = @openai_{name};" in v1
+        native = ErrorResponse.model_validate(error_body(locations[f"@{name}"], status)).error
+        openai = OpenAIErrorResponse.model_validate(error_body(locations[f"@openai_{name}"], status)).error
+        assert native.request_id == openai.request_id == "req-1" and native.message == openai.message
+        assert openai.code == native.type and openai.param is None
+        assert openai.type == ("server_error" if status >= 500 else "invalid_request_error")
+        for block in (locations[f"@{name}"], locations[f"@openai_{name}"]):
+            assert "add_header X-Request-ID $fsmllm_request_id always;" in block
+            assert ("add_header Retry-After" in block) == (status in (429, 502, 503))
+    # error_page in a location replaces the server's list there: only /v1/ has its own
+    assert [path for path, block in locations.items() if "error_page" in block] == ["/v1/"]
+    assert set(re.findall(r"error_page (\d+)", v1)) == {str(status) for status in GATEWAY_ERRORS}
+
+
 def test_nginx_body_limit_admits_what_the_server_admits() -> None:
     size = re.search(r"client_max_body_size (\d+)([kKmMgG]?);", (DOCKER / "nginx.conf").read_text())
     assert size is not None
@@ -291,14 +330,94 @@ def test_docker_compose_1_29_reads_the_file() -> None:
     assert result.returncode == 0, result.stderr
 
 
-@pytest.mark.skipif(shutil.which("nginx") is None, reason="nginx is not installed (make test-docker runs it in the gateway image)")
-def test_nginx_accepts_the_configuration(tmp_path: Path) -> None:
+NO_NGINX = pytest.mark.skipif(shutil.which("nginx") is None, reason="nginx is not installed (make test-docker runs it in the gateway image)")
+
+
+def local_nginx_conf(folder: Path, conf: str) -> Path:
+    """``conf`` written to ``folder`` for an nginx run here: a self-signed certificate in ``folder``, and nginx's
+    temporary files there too (not the distribution's compiled-in /var/lib/nginx, which may not exist)."""
+    folder.chmod(0o755)  # the workers (nobody, when the master is root) write the request bodies here
     subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
-                    "-keyout", str(tmp_path / "fsmllm.key"), "-out", str(tmp_path / "fsmllm.crt")], check=True, capture_output=True)
-    conf = (DOCKER / "nginx.conf").read_text().replace("/etc/nginx/certs", str(tmp_path))
-    (tmp_path / "nginx.conf").write_text(conf)
-    result = subprocess.run(["nginx", "-t", "-c", str(tmp_path / "nginx.conf"), "-p", str(tmp_path)], capture_output=True, text=True)
+                    "-keyout", str(folder / "fsmllm.key"), "-out", str(folder / "fsmllm.crt")], check=True, capture_output=True)
+    temp = "".join(f"    {kind}_temp_path {folder / kind};\n" for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+    conf = conf.replace("/etc/nginx/certs", str(folder)).replace("http {\n", "http {\n" + temp, 1)
+    (folder / "nginx.conf").write_text(conf)
+    return folder / "nginx.conf"
+
+
+@NO_NGINX
+def test_nginx_accepts_the_configuration(tmp_path: Path) -> None:
+    conf = local_nginx_conf(tmp_path, (DOCKER / "nginx.conf").read_text())
+    result = subprocess.run(["nginx", "-t", "-e", "stderr", "-c", str(conf), "-p", str(tmp_path)], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@NO_NGINX
+def test_the_gateways_own_errors_come_in_the_shape_of_the_route(tmp_path: Path) -> None:
+    """docker/nginx.conf run by a real nginx on loopback, its replicas a port where nothing listens: a body over
+    its limit is a 413 and a replica that does not answer a 502, in OpenAI's shape under /v1/ (OpenAI's SDK
+    raises its own classes) and in fsmllm's elsewhere; the rate limit's 429 too."""
+    import openai
+
+    port, upstream = free_port(), free_port()  # nothing listens on upstream
+    text = (DOCKER / "nginx.conf").read_text()
+    text = text.replace("listen 443 ssl http2;", f"listen 127.0.0.1:{port} ssl;").replace("listen 80;", f"listen 127.0.0.1:{free_port()};")
+    text = re.sub(r"set \$fsmllm http://\S+;", f"set $fsmllm http://127.0.0.1:{upstream};", text)
+    conf = local_nginx_conf(tmp_path, text)
+    log = (tmp_path / "nginx.log").open("w")
+    nginx = subprocess.Popen(["nginx", "-e", "stderr", "-c", str(conf), "-p", str(tmp_path),
+                              "-g", f"daemon off; pid {tmp_path / 'nginx.pid'};"], stdout=log, stderr=subprocess.STDOUT)
+    try:
+        url = f"https://127.0.0.1:{port}"
+        with httpx.Client(base_url=url, verify=False, timeout=30) as gateway:
+            for _ in range(200):  # until it listens (bounded)
+                try:
+                    gateway.get("/health")
+                    break
+                except httpx.TransportError:
+                    assert nginx.poll() is None, (tmp_path / "nginx.log").read_text()
+                    subprocess.run(["sleep", "0.1"], check=True)
+            big = b"0" * (21 * 1024 * 1024)  # over client_max_body_size 20m
+            chat = gateway.post("/v1/chat/completions", content=big, headers={"content-type": "application/json"})
+            assert chat.status_code == 413 and chat.headers["content-type"] == "application/json", chat.text
+            error = chat.json()["error"]
+            assert (error["type"], error["code"], error["param"]) == ("invalid_request_error", "too_large", None)
+            assert "20 MiB" in error["message"] and error["request_id"] == chat.headers["x-request-id"]
+            native = gateway.post("/certify", content=big, headers={"content-type": "application/json"})
+            assert native.status_code == 413 and set(native.json()["error"]) == {"type", "message", "request_id"}
+            assert native.json()["error"]["type"] == "too_large"
+
+            down = gateway.get("/v1/models", headers={"x-request-id": "down-1"})
+            assert down.status_code == 502 and down.headers["retry-after"] == "2"
+            assert down.json()["error"] == {"message": "no fsmllm replica answered this request; retry it",
+                                            "type": "server_error", "param": None, "code": "upstream_unavailable",
+                                            "request_id": "down-1"}
+            assert gateway.get("/health").json()["error"]["type"] == "upstream_unavailable"
+            # the rate limit (2/s, burst 10 on the work zone): requests until one is refused (bounded)
+            refused = next((r for r in (gateway.get("/v1/models") for _ in range(300)) if r.status_code == 429), None)
+            assert refused is not None and refused.headers["retry-after"] == "1"
+            assert refused.json()["error"]["code"] == "rate_limited" and refused.json()["error"]["param"] is None
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0,
+                               http_client=httpx.Client(verify=False, timeout=30))
+        with pytest.raises((openai.RateLimitError, openai.InternalServerError)) as raised:  # 429 or 502, as it comes
+            client.models.list()
+        assert raised.value.code in ("rate_limited", "upstream_unavailable") and raised.value.body["request_id"]
+        image = "data:image/png;base64," + "A" * (21 * 1024 * 1024)  # nginx checks the length before the rate
+        messages = [{"role": "user", "content": [{"type": "text", "text": "What?"}, {"type": "image_url", "image_url": {"url": image}}]}]
+        with pytest.raises(openai.APIStatusError) as too_large:
+            client.chat.completions.create(model="any", messages=messages)
+        assert too_large.value.status_code == 413 and too_large.value.code == "too_large"
+        assert too_large.value.type == "invalid_request_error" and "20 MiB" in too_large.value.message
+    finally:
+        nginx.terminate()
+        nginx.wait(30)
+        log.close()
 
 
 @pytest.mark.skipif(shutil.which("hadolint") is None, reason="hadolint is not installed")

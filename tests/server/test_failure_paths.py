@@ -182,8 +182,11 @@ def test_stopping_the_worker_without_drain_cancels_waiting_requests_then_refuses
 
 def test_a_failing_vote_inside_an_openai_stream(caplog: pytest.LogCaptureFixture) -> None:
     """The votes of a certified answer fail after the streamed answer has started (the feature certificate came
-    from the cache): the stream ends with an in-band error carrying the request id, logged under it, and no
-    [DONE]; the server goes on."""
+    from the cache): the stream ends with an in-band error in OpenAI's shape carrying the request id, logged
+    under it, and no [DONE], which OpenAI's SDK raises as ``openai.APIError`` with its type and code; the
+    server goes on."""
+    import openai
+
     from fsmllm.lm.models import load_model
 
     encoder = Controlled()
@@ -203,6 +206,25 @@ def test_a_failing_vote_inside_an_openai_stream(caplog: pytest.LogCaptureFixture
                 lines = [line for line in response.iter_lines() if line.startswith("data: ")]
         assert lines[-1] != "data: [DONE]"
         error = json.loads(lines[-1].removeprefix("data: "))["error"]
-        assert error == {"type": "RuntimeError", "message": INTERNAL_ERROR, "request_id": "votes-fail"}
+        assert error == {
+            "message": INTERNAL_ERROR, "type": "server_error", "param": None, "code": "internal_error",
+            "request_id": "votes-fail",
+        }
         assert any("votes-fail" in record.getMessage() and record.exc_info for record in caplog.records), caplog.text
+        # the official SDK: the answer's chunks arrive, then the error is raised as its APIError
+        client = openai.OpenAI(base_url=f"{live.url}/v1", api_key="unused", max_retries=0)
+        encoder.fail_next = 1
+        stream = client.chat.completions.create(
+            model="tiny-test", messages=messages, max_tokens=3, seed=5, stream=True,
+            extra_body={"certify_answer": {"n0": 4, "n": 8}},
+        )
+        received = []
+        with pytest.raises(openai.APIError) as raised:
+            for piece in stream:
+                received.append(piece)
+        assert received and received[0].choices[0].delta.role == "assistant"
+        assert type(raised.value) is openai.APIError  # not a status error: the 200 had been sent
+        assert raised.value.message == INTERNAL_ERROR and raised.value.type == "server_error"
+        assert raised.value.code == "internal_error" and raised.value.param is None
+        assert raised.value.body["request_id"] == stream.response.headers["x-request-id"]
         assert httpx.post(f"{live.url}/v1/chat/completions", json=streamed, timeout=60).status_code == 200

@@ -136,6 +136,10 @@ def test_multipart_without_an_image_file_is_422(server: LiveServer) -> None:
     by_file = post(server, content=as_file, headers={"content-type": file_type})
     assert by_text.status_code == by_file.status_code == 200, by_text.text
     assert by_text.json()["certificate"]["score_lower"] == by_file.json()["certificate"]["score_lower"]
+    as_text, content_type = multipart({"image": base64.b64encode(small_png()).decode()}, {"other": ("x.png", small_png(), "image/png")})
+    # (a file under another name was a 500: an IndexError on its text values)
+    check_error(post(server, content=as_text, headers={"content-type": content_type}), 422, "invalid_request",
+                "other: a file field; only 'image' may be a file")
 
 
 @pytest.mark.parametrize("content_type", ["text/plain", "", "application/x-www-form-urlencoded", "image/png"])

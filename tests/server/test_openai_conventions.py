@@ -218,3 +218,22 @@ def test_langchain_chat_openai_with_an_image_message(server: LiveServer, client:
     with pytest.raises(openai.BadRequestError, match="limit of 64"):
         langchain_openai.ChatOpenAI(base_url=f"{server.url}/v1", api_key="unused", model="tiny-test",
                                     max_tokens=100, max_retries=0).invoke([message])
+
+
+def test_the_certificate_reaches_langchain_through_the_response_header(server: LiveServer, client: openai.OpenAI) -> None:
+    """LangChain's message keeps only OpenAI's fields; with include_response_headers it keeps the headers, and
+    X-Fsmllm-Certificate-Id names the certificate that GET /v1/certificates/{id} serves (docs/certificates.md)."""
+    import langchain_openai
+    from langchain_core.messages import HumanMessage
+
+    chat = langchain_openai.ChatOpenAI(
+        base_url=f"{server.url}/v1", api_key="unused", model="tiny-test", max_tokens=2, seed=3, max_retries=0,
+        include_response_headers=True,
+    )
+    answer = chat.invoke([HumanMessage(content=messages()[0]["content"])])
+    certificate_id = answer.response_metadata["headers"]["x-fsmllm-certificate-id"]
+    served = httpx.get(f"{server.url}/v1/certificates/{certificate_id}")
+    assert served.status_code == 200, served.text
+    assert served.json()["id"] == certificate_id
+    expected = create(client, max_tokens=2)  # the same request through the SDK: the same certificate, issued again
+    assert certified_content(served.json()) == certified_content(expected.model_extra["certificate"])

@@ -77,8 +77,20 @@ def _resolve(schema: dict[str, Any], spec: dict[str, Any]) -> dict[str, Any]:
     return schema
 
 
-def _properties(schema: dict[str, Any], spec: dict[str, Any], where: str, seen: set[str]) -> Iterator[tuple[str, dict[str, Any]]]:
-    """Every property of ``schema`` and of the objects inside it (through $ref, anyOf/oneOf/allOf and items)."""
+def _keys(value: Any) -> set[str]:
+    """The keys of every object inside ``value`` (an example)."""
+    if isinstance(value, dict):
+        return set(value).union(*(_keys(item) for item in value.values()))
+    if isinstance(value, list):
+        return set().union(*(_keys(item) for item in value))
+    return set()
+
+
+def _properties(
+    schema: dict[str, Any], spec: dict[str, Any], where: str, seen: set[str], shown: frozenset[str] = frozenset()
+) -> Iterator[tuple[str, dict[str, Any], bool]]:
+    """Every property of ``schema`` and of the objects inside it (through $ref, anyOf/oneOf/allOf and items), and
+    whether the example of a list holding it shows it (``shown``: the fields those examples' items have)."""
     ref = schema.get("$ref")
     if ref is not None:
         if ref in seen:
@@ -86,13 +98,14 @@ def _properties(schema: dict[str, Any], spec: dict[str, Any], where: str, seen: 
         seen = seen | {ref}
     schema = _resolve(schema, spec)
     for name, prop in schema.get("properties", {}).items():
-        yield f"{where}.{name}", prop
-        yield from _properties(prop, spec, f"{where}.{name}", seen)
+        yield f"{where}.{name}", prop, name in shown
+        yield from _properties(prop, spec, f"{where}.{name}", seen, shown)
+    listed = _keys(schema.get("examples", []))  # what the examples of a list (or of its alternatives) show
     for key in ("anyOf", "oneOf", "allOf"):
         for option in schema.get(key, []):
-            yield from _properties(option, spec, where, seen)
+            yield from _properties(option, spec, where, seen, shown | listed if option.get("type") == "array" else shown)
     if "items" in schema:
-        yield from _properties(schema["items"], spec, f"{where}[]", seen)
+        yield from _properties(schema["items"], spec, f"{where}[]", seen, shown | listed)
 
 
 def test_every_request_field_has_a_description_and_an_example(server: LiveServer) -> None:
@@ -101,9 +114,11 @@ def test_every_request_field_has_a_description_and_an_example(server: LiveServer
     for path, operations in spec["paths"].items():
         for method, operation in operations.items():
             for media, content in operation.get("requestBody", {}).get("content", {}).items():
-                for where, prop in _properties(content["schema"], spec, f"{method.upper()} {path} ({media})", set()):
+                for where, prop, shown in _properties(content["schema"], spec, f"{method.upper()} {path} ({media})", set()):
                     checked.add(where)
                     lacks = [key for key in ("description", "examples") if not prop.get(key) and not prop.get(key[:-1] if key == "examples" else key)]
+                    if shown:  # a content part: its example is in the whole content's (a lone part is refused)
+                        lacks = [key for key in lacks if key != "examples"]
                     if lacks:
                         missing.append(f"{where}: no {' and no '.join(lacks)}")
     assert not missing, "\n".join(missing)

@@ -8,6 +8,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse, PlainTextResponse
@@ -28,6 +29,26 @@ from fsmllm.errors import BodyTooLarge
 from fsmllm.evidence import open_issuer
 
 log = logging.getLogger("fsmllm.api")
+
+#: the largest seed (int64); FastAPI's OpenAPI model writes a bound as a float, and this one becomes 2**63
+INT64_MAX = 2**63 - 1
+
+
+def exact_int64_bounds(node: Any) -> Any:
+    """``node`` (the API schema) with every ``maximum`` that FastAPI rounded from :data:`INT64_MAX` up to the
+    float 2**63 written as that integer again: a schema allowing 2**63 is looser than the server (schemathesis
+    sends 2**63 + 191, the same float, and the server refuses it)."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "maximum" and isinstance(value, float) and value == float(INT64_MAX):
+                node[key] = INT64_MAX
+            else:
+                exact_int64_bounds(value)
+    elif isinstance(node, list):
+        for value in node:
+            exact_int64_bounds(value)
+    return node
+
 
 #: routes that need no API key: probes, scrapers and the API documentation (it describes the API and holds no data,
 #: and a browser cannot send a bearer token to load a page; README, "What the server answers")
@@ -110,7 +131,9 @@ def create_app(runtime: Runtime, settings: Settings, metrics: Metrics | None = N
     app.include_router(certify_router)
     app.include_router(openai_router)
     generated_openapi = app.openapi
-    app.openapi = lambda: document_served_model(generated_openapi(), runtime.model_name)  # type: ignore[method-assign]
+    app.openapi = lambda: exact_int64_bounds(  # type: ignore[method-assign]
+        document_served_model(generated_openapi(), runtime.model_name)
+    )
     app.include_router(certificates_router)
 
     # inside request_context: its receive must reach the route unwrapped, so that the 413 raised while the body is

@@ -5,9 +5,10 @@ their own exception classes: ``{"error": {"message", "type", "param", "code", "r
 and 400 where the native routes answer 422 or 415 (:func:`openai_status`).
 
 :data:`ERROR_TABLE` is the one mapping from an exception to its status and kind, used by plain answers
-(:func:`install_error_handlers`) and by streams whose 200 was already sent (:func:`error_event`). The request
-errors are :mod:`fsmllm.errors`' hierarchy; anything not in the table is a 500 whose message only names the
-request id, under which the server log keeps the error and its traceback.
+(:func:`install_error_handlers`) and by streams whose 200 was already sent (:func:`error_event`; in a chat
+completion stream, OpenAI's shape: :func:`openai_error_event`). The request errors are :mod:`fsmllm.errors`'
+hierarchy; anything not in the table is a 500 whose message only names the request id, under which the server
+log keeps the error and its traceback.
 """
 
 from __future__ import annotations
@@ -172,6 +173,21 @@ def error_event(error: BaseException) -> dict[str, Any]:
     outside a stream) and, for an error in :data:`ERROR_TABLE`, its message; for any other only where to look."""
     told = status_and_kind(error) is not None
     return {"type": type(error).__name__, "message": (str(error) or type(error).__name__) if told else INTERNAL_ERROR}
+
+
+def openai_error_event(error: BaseException) -> dict[str, Any]:
+    """A chat completion stream's in-band error (its 200 already sent), in OpenAI's error shape as the plain
+    answer would have had it: ``message``, ``type`` (``server_error`` for what would have been a 5xx, else
+    ``invalid_request_error``), ``param`` and ``code`` (the kind; ``internal_error`` for an error outside
+    :data:`ERROR_TABLE`, whose message only says where to look). OpenAI's SDK raises it as ``openai.APIError``."""
+    known = status_and_kind(error)
+    status, kind = known or (500, "internal_error")
+    return {
+        "message": _message(error) if known else INTERNAL_ERROR,
+        "type": "invalid_request_error" if openai_status(status) < 500 else "server_error",
+        "param": getattr(error, "param", None),
+        "code": kind,
+    }
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -72,11 +72,10 @@ async def image_and_params(
             image_bytes = decode_base64_image(upload)
         else:
             raise RequestError("image: required as a file field named 'image' (or its data URL as a text field)")
-        payload = {
-            key: _form_value([v for v in form.getlist(key) if isinstance(v, str)], key)
-            for key in form.keys()
-            if key != "image"
-        }
+        files = [key for key, value in form.multi_items() if key != "image" and not isinstance(value, str)]
+        if files:
+            raise RequestError(f"{files[0]}: a file field; only 'image' may be a file (the others are text fields)")
+        payload = {key: _form_value([str(v) for v in form.getlist(key)], key) for key in form.keys() if key != "image"}
     else:
         raise UnsupportedMediaType(
             f"unsupported content type {content_type or '(none)'}: send application/json or multipart/form-data"

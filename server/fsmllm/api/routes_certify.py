@@ -40,7 +40,8 @@ def _body_schema(model: type[BaseModel]) -> dict[str, Any]:
         "field, its base64 or data:image/...;base64, URL",
         "examples": [EXAMPLE_IMAGE],
     }
-    multipart = {**schema, "properties": {**schema["properties"], "image": upload}}
+    fields = {name: _form_field(field) for name, field in schema["properties"].items()}
+    multipart = {**schema, "properties": {**fields, "image": upload}}
     multipart.pop("$defs", None)
     return {
         "requestBody": {
@@ -48,6 +49,23 @@ def _body_schema(model: type[BaseModel]) -> dict[str, Any]:
             "content": {"application/json": {"schema": schema}, "multipart/form-data": {"schema": multipart}},
         }
     }
+
+
+def _form_field(field: dict[str, Any]) -> dict[str, Any]:
+    """A JSON field's schema as a multipart form field: a form field cannot be null (left out, it takes its
+    default), so its null alternative, null default and null examples go."""
+    choices = [choice for choice in field.get("anyOf", ()) if choice != {"type": "null"}]
+    if "anyOf" not in field or len(choices) == len(field["anyOf"]):
+        return field
+    form = {key: value for key, value in field.items() if key != "anyOf"}
+    form.update(choices[0] if len(choices) == 1 else {"anyOf": choices})
+    if form.get("default", 0) is None:
+        del form["default"]
+    if "examples" in form:
+        form["examples"] = [example for example in form["examples"] if example is not None]
+        if not form["examples"]:
+            del form["examples"]
+    return form
 
 
 def _runtime(request: Request) -> Runtime:

@@ -17,7 +17,7 @@ from typing import Any
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import StreamingResponse
 
-from fsmllm.api.errors import OPENAI_ERRORS, error_event
+from fsmllm.api.errors import OPENAI_ERRORS, openai_error_event
 from fsmllm.api.routes_certify import issue
 from fsmllm.api.schemas import (
     AnswerCertificateOut,
@@ -101,7 +101,8 @@ async def _chunks(
     """The OpenAI chat.completion.chunk events of a streamed answer: for each choice its role, its pieces and its
     finish reason; the usage (in the last choice's chunk, or with ``stream_options.include_usage`` in one more
     chunk without choices, as OpenAI sends it) and fsmllm's certificates (the signed ``certificate``) ride in the
-    last chunk (an error in the votes ends the stream in-band)."""
+    last chunk. An error in the votes ends the stream in-band, without [DONE]: one ``data:`` line holding OpenAI's
+    error object (``{"error": {"message", "type", "param", "code", "request_id"}}``), which OpenAI's SDK raises."""
     model = answer.certified.provenance.model
 
     def chunk(choices: list[dict[str, Any]], **extra: Any) -> str:
@@ -131,7 +132,7 @@ async def _chunks(
         try:
             voted = await answer.answer_certificate()
         except Exception as error:
-            body = in_band_error(error, error_event, request_id, "chat completion stream")
+            body = in_band_error(error, openai_error_event, request_id, "chat completion stream")
             yield f"data: {json.dumps({'error': body})}\n\n"
             return
         if voted is not None:

@@ -146,11 +146,35 @@ def test_the_api_key_is_required_behind_the_gateway(stack: Stack, photo: bytes) 
         assert anonymous.get("/ready").status_code == 200  # probes stay open
 
 
-def test_the_gateway_refuses_bodies_over_its_limit(gateway: httpx.Client) -> None:
+def test_the_gateway_refuses_bodies_over_its_limit(stack: Stack, gateway: httpx.Client) -> None:
     body = b"0" * (21 * 1024 * 1024)  # over client_max_body_size 20m
     response = retry_rate_limited(lambda: gateway.post("/certify", content=body, headers={"content-type": "application/json"}))
     assert response.status_code == 413
     assert response.json()["error"]["type"] == "too_large" and response.headers["x-request-id"]
+    # under /v1/ in OpenAI's shape, which the official client raises as its own 413 class
+    chat = retry_rate_limited(lambda: gateway.post("/v1/chat/completions", content=body, headers={"content-type": "application/json"}))
+    assert chat.status_code == 413 and chat.headers["content-type"] == "application/json", chat.text
+    error = chat.json()["error"]
+    assert (error["type"], error["code"], error["param"]) == ("invalid_request_error", "too_large", None)
+    assert error["message"] and error["request_id"] == chat.headers["x-request-id"]
+    import openai
+
+    http = httpx.Client(verify=stack.ssl_context(), timeout=120)
+    client = openai.OpenAI(base_url=stack.url + "/v1", api_key=stack.api_key, http_client=http, max_retries=0)
+    image = "data:image/png;base64," + "A" * (21 * 1024 * 1024)
+    messages = [{"role": "user", "content": [{"type": "text", "text": "What?"}, {"type": "image_url", "image_url": {"url": image}}]}]
+    for _ in range(60):  # the production rate limit applies: wait out its 429s (bounded)
+        try:
+            client.chat.completions.create(model="any", messages=messages)
+        except openai.RateLimitError:
+            time.sleep(1)
+            continue
+        except openai.APIStatusError as refused:
+            assert refused.status_code == 413 and refused.code == "too_large", refused
+            break
+    else:
+        pytest.fail("the gateway kept answering 429")
+    http.close()
 
 
 def test_the_gateway_rate_limits_work_per_client_address(stack: Stack, gateway: httpx.Client) -> None:
@@ -160,7 +184,8 @@ def test_the_gateway_rate_limits_work_per_client_address(stack: Stack, gateway: 
     counts = Counter(a.status_code for a in answers)
     assert set(counts) <= {200, 429} and counts[429] >= 5 and counts[200] >= 1, counts
     refused = next(a for a in answers if a.status_code == 429)
-    assert refused.headers["retry-after"] == "1" and refused.json()["error"]["type"] == "rate_limited"
+    assert refused.headers["retry-after"] == "1" and refused.json()["error"]["code"] == "rate_limited"  # OpenAI's shape
+    assert refused.json()["error"]["type"] == "invalid_request_error" and refused.json()["error"]["param"] is None
     stack.record("rate_limit_burst_of_30", dict(counts))
     time.sleep(6)  # the bucket refills (2/s) before the next test
 

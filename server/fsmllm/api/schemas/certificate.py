@@ -4,9 +4,9 @@ shape of a :class:`~fsmllm.certify.Certificate`, with its timings."""
 from __future__ import annotations
 
 from dataclasses import asdict
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from fsmllm.api.schemas.common import ABSTAIN, NORM_NOTE, STATEMENT, RequestModel
 from fsmllm.certify import BOUND_METHODS, DEFAULT_RADII, Certificate, StopRule
@@ -15,8 +15,43 @@ from fsmllm.engine.serving import Answered, Certified, CertifyTask
 from fsmllm.errors import as_request_error
 
 
+def _given(*names: str, schema: dict[str, Any] | None = None) -> dict[str, Any]:
+    """JSON Schema: an object where each of ``names`` is present and matches ``schema`` (default: a number)."""
+    return {"properties": {name: schema or {"type": "number"} for name in names}, "required": list(names)}
+
+
+def certification_rules(schema: dict[str, Any]) -> None:
+    """The rules between certification fields that the server checks, written into the model's JSON Schema, so
+    that a request valid by the schema is one the server takes (schemathesis checks this): radii non-negative
+    and at least one; per_token only with granularity 'token'; stopping early (stop_at_fcsb, radius_tolerance)
+    only with bound 'betting'; radius_tolerance only with target_cos, and not with stop_at_fcsb. The limits of
+    one deployment (its sigmas, n0 + n) are not here: GET /v1/models gives them."""
+    properties = schema.get("properties", {})
+    for choice in properties.get("radius", {}).get("anyOf", ()):
+        if choice.get("type") == "number":
+            choice["minimum"] = 0
+        elif choice.get("type") == "array":
+            choice["minItems"] = 1
+            choice["items"] = {**choice["items"], "minimum": 0}
+    betting = {"properties": {"bound": {"const": "betting"}}}
+    rules: list[dict[str, Any]] = []
+    if "per_token" in properties:
+        token = {"properties": {"granularity": {"const": "token"}}, "required": ["granularity"]}
+        rules.append({"if": _given("per_token", schema={"const": True}), "then": token})
+    for stop in ("stop_at_fcsb", "radius_tolerance"):
+        if stop in properties:
+            rules.append({"if": _given(stop), "then": betting})
+    if "radius_tolerance" in properties:
+        rules.append({"if": _given("radius_tolerance"), "then": _given("target_cos")})
+        rules.append({"not": _given("stop_at_fcsb", "radius_tolerance")})
+    if rules:
+        schema["allOf"] = rules
+
+
 class CertificationParams(RequestModel):
     """How to certify. Unset fields take the deployment's defaults (see GET /v1/models)."""
+
+    model_config = ConfigDict(json_schema_extra=certification_rules)
 
     radius: float | list[float] | None = Field(
         None,
@@ -75,7 +110,7 @@ class CertificationParams(RequestModel):
         examples=[0.8],
     )
     seed: int | None = Field(
-        None, ge=0, lt=2**63, description="noise seed; a random one is chosen and returned if unset", examples=[7]
+        None, ge=0, le=2**63 - 1, description="noise seed; a random one is chosen and returned if unset", examples=[7]
     )
     stream: bool = Field(
         False, description="answer with a server-sent event stream: progress events, then the result", examples=[False]

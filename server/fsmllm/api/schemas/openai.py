@@ -21,22 +21,21 @@ from fsmllm.errors import RequestError
 from fsmllm.lm.base import Generation
 
 
+# The parts carry no examples of their own: example tools (schemathesis, Swagger UI) would put a lone part in a
+# message (an image and no question, or a question and no image), a request the server refuses; the message's
+# content and the request's messages give the whole, working example.
 class ImageURL(BaseModel):
-    url: str = Field(description="a data:image/...;base64, URL (remote URLs are not fetched)", examples=[EXAMPLE_IMAGE])
+    url: str = Field(description="a data:image/...;base64, URL (remote URLs are not fetched)")
 
 
 class TextPart(BaseModel):
-    type: Literal["text"] = Field(description="a text part", examples=["text"])
-    text: str = Field(
-        description="the text: in the last user message, the question about the image", examples=["What is this?"]
-    )
+    type: Literal["text"] = Field(description="a text part")
+    text: str = Field(description="the text: in the last user message, the question about the image")
 
 
 class ImagePart(BaseModel):
-    type: Literal["image_url"] = Field(
-        description="an image part (exactly one per conversation)", examples=["image_url"]
-    )
-    image_url: ImageURL = Field(description="the image, as a data URL", examples=[{"url": EXAMPLE_IMAGE}])
+    type: Literal["image_url"] = Field(description="an image part (exactly one per conversation)")
+    image_url: ImageURL = Field(description="the image, as a data URL")
 
 
 class ChatMessage(BaseModel):
@@ -174,7 +173,7 @@ class ChatCompletionRequest(AnsweringParams):
     seed: int | None = Field(
         None,
         ge=0,
-        lt=2**63,
+        le=2**63 - 1,  # as an int64, so that the schema states it exactly (2**63 is written as a float)
         description="seeds the noise and the sampling (overrides certification.seed); answer i of n is seeded seed + i",
         examples=[7],
     )
