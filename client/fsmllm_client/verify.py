@@ -11,7 +11,9 @@ The public keys are served as a JWKS (RFC 7517) at ``GET /v1/certificates/keys``
 base64, with their shape and SHA-256; the bound is recomputed from them where the maths is installed
 (:mod:`fsmllm.certify.replay`, with the server package: ``fsmllm verify``).
 
-Everything here needs only joserfc (with cryptography) and rfc8785: no torch, no numpy.
+Everything here needs only joserfc (with cryptography), rfc8785 and httpx (a key set's URL): no torch, no numpy.
+``fsmllm-client verify`` runs these checks; ``fsmllm verify`` runs them too, and adds the ones that need the server
+package (the bound from the samples, the pixels, ``--recompute``).
 """
 
 from __future__ import annotations
@@ -24,8 +26,10 @@ from array import array
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import IntEnum
+from pathlib import Path
 from typing import Any
 
+import httpx
 import rfc8785
 from joserfc import jws
 from joserfc.errors import BadSignatureError, InvalidKeyIdError, JoseError
@@ -123,15 +127,43 @@ def _little_endian(values: array, to_native: bool = False) -> Any:
 
 
 def load_key_set(source: str | dict[str, Any]) -> KeySet:
-    """A JWKS from a dict, a JSON file, or JSON text."""
+    """A JWKS from a dict, a JSON file, JSON text, or a URL (``.../v1/certificates/keys``, fetched);
+    ``ValueError`` (or ``OSError``) saying why when there is none there."""
     if isinstance(source, dict):
-        return KeySet.import_key_set(source)  # type: ignore[arg-type]
-    text = source if source.lstrip().startswith("{") else open(source, encoding="utf-8").read()
-    return KeySet.import_key_set(json.loads(text))
+        data: Any = source
+    elif source.startswith(("http://", "https://")):
+        try:
+            response = httpx.get(source, timeout=30)
+            response.raise_for_status()
+            data = response.json()
+        except (httpx.HTTPError, json.JSONDecodeError) as error:
+            raise ValueError(f"no key set at {source}: {error}") from None
+    else:
+        text = source if source.lstrip().startswith("{") else Path(source).read_text(encoding="utf-8")
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"the key set {source} is not JSON: {error}") from None
+    if not isinstance(data, dict) or not isinstance(data.get("keys"), list):
+        raise ValueError(f"{source if isinstance(source, str) else 'the key set'} is not a JWKS (no 'keys' list)")
+    try:
+        return KeySet.import_key_set(data)  # type: ignore[arg-type]
+    except (JoseError, ValueError, TypeError, KeyError) as error:
+        raise ValueError(f"unreadable key set: {error}") from None
+
+
+def read_document(path: str) -> Any:
+    """The JSON of a certificate file (``ValueError`` when it is not JSON; ``OSError`` when unreadable)."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path} is not JSON: {error}") from None
 
 
 def certificate_of(document: dict[str, Any]) -> dict[str, Any]:
     """The certificate in a response or a stored record (its ``certificate`` object) or the certificate itself."""
+    if not isinstance(document, dict):
+        return {}
     if "signature" not in document and isinstance(document.get("certificate"), dict):
         return document["certificate"]
     return document
@@ -223,3 +255,12 @@ def verify(
 def outcome(checks: list[Check]) -> Failure:
     """The exit status: the first failed check's, or OK."""
     return next((check.failure for check in checks if check.passed is False), Failure.OK)
+
+
+def report(checks: list[Check]) -> int:
+    """Print one line per check (``name: ok|FAILED|skipped (detail)``) and return the exit status."""
+    for check in checks:
+        print(check.line())
+    status = outcome(checks)
+    print("verified" if status == Failure.OK else f"NOT verified: {status.name.lower()} (exit status {int(status)})")
+    return int(status)

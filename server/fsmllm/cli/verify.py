@@ -14,7 +14,6 @@ import math
 from pathlib import Path
 from typing import Any
 
-import httpx
 import numpy as np
 
 from fsmllm.certify.certificate import certified_fcsb, optional_floats
@@ -23,7 +22,7 @@ from fsmllm.cli.common import HelpFormatter
 from fsmllm.evidence import cert_folder
 from fsmllm.evidence.binding import pixels_sha256
 from fsmllm.images import open_image, to_pixels
-from fsmllm_client.verify import Check, Failure, load_key_set, outcome, verify
+from fsmllm_client.verify import Check, Failure, load_key_set, read_document, report, verify
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -75,13 +74,8 @@ def replay(certificate: dict[str, Any], values: list[float]) -> list[Check]:
 
 
 def run(args: argparse.Namespace) -> int:
-    document = json.loads(Path(args.certificate).read_text(encoding="utf-8"))
-    if args.keys is None:
-        keys = load_key_set(json.dumps(_local_jwks()))
-    elif args.keys.startswith(("http://", "https://")):
-        keys = load_key_set(httpx.get(args.keys, timeout=30).raise_for_status().json())
-    else:
-        keys = load_key_set(args.keys)
+    document = read_document(args.certificate)
+    keys = load_key_set(_local_jwks() if args.keys is None else args.keys)
     image = None if args.image is None else Path(args.image).read_bytes()
 
     def pixels(certificate: dict[str, Any]) -> list[Check]:
@@ -93,10 +87,7 @@ def run(args: argparse.Namespace) -> int:
             return [Check("pixels", False, f"SHA-256 {actual} is not the certified {expected}", Failure.PIXELS)]
         return [Check("pixels", True, f"SHA-256 {actual}")]
 
-    checks = verify(document, keys, image, replay, pixels)
-    for check in checks:
-        print(check.line())
-    return int(outcome(checks))
+    return report(verify(document, keys, image, replay, pixels))
 
 
 def _local_jwks() -> dict[str, Any]:
