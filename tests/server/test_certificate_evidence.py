@@ -123,3 +123,16 @@ def test_samples_that_do_not_give_the_bound_fail(issued, tmp_path: Path):
     assert all(check.passed for check in replay(certificate, values))
     values[0] = -1.0
     assert replay(certificate, values)[0].failure == Failure.SAMPLES
+
+
+def test_a_generated_key_is_kept_across_starts(tmp_path: Path):
+    """The key generated on the first start signs again on the next (its private half was written)."""
+    from fsmllm.evidence.keys import Keyring
+    from fsmllm_client.verify import check_signature, signing_input
+
+    first = Keyring(tmp_path / "signing-keys")
+    again = Keyring(tmp_path / "signing-keys")
+    assert again.kid == first.kid and len(again.jwks()["keys"]) == 1
+    certificate = {"score_lower": 0.5}
+    certificate["signature"] = again.sign(signing_input(certificate))
+    assert check_signature(certificate, load_key_set(first.jwks())).passed

@@ -1,9 +1,12 @@
-"""``fsmllm verify CERT.json [--image FILE] [--keys FILE|URL]``: check a signed certificate offline.
+"""``fsmllm verify CERT.json [--image FILE] [--keys FILE|URL] [--recompute]``: check a signed certificate.
 
 Checks, in order, each with its own exit status (:class:`fsmllm_client.verify.Failure`): the signature (by a key of
 the key set: a JWKS file or URL, by default this machine's keys), the image's bytes and the pixels the encoder
 read from it, the recorded samples, the bound recomputed from them bit for bit (:mod:`fsmllm.certify.replay`), and
-the certified FCSB at every radius recomputed from that bound.
+the certified FCSB at every radius recomputed from that bound (from the certified bound when no samples were
+recorded). With --recompute (needs --image): the encoder's and booster's weight files here against the certified
+SHA-256, then the sampling re-run with the certificate's seed and every statistic compared
+(:mod:`fsmllm.evidence.recompute`: bit for bit on the certificate's device type, else within --tolerance).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from fsmllm.certify.replay import score_lower
 from fsmllm.cli.common import HelpFormatter
 from fsmllm.evidence import cert_folder
 from fsmllm.evidence.binding import pixels_sha256
+from fsmllm.evidence.recompute import CROSS_DEVICE_TOLERANCE, Setting, check_recompute, check_weights
 from fsmllm.images import open_image, to_pixels
 from fsmllm_client.verify import Check, Failure, load_key_set, read_document, report, verify
 
@@ -38,6 +42,23 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--keys", default=None, help="JWKS file or URL (.../v1/certificates/keys); default: this machine's keys"
+    )
+    parser.add_argument(
+        "--recompute",
+        action="store_true",
+        help="also re-run the sampling with the certificate's seed on the weights here (checked by SHA-256) and "
+        "compare every statistic; needs --image",
+    )
+    parser.add_argument(
+        "--device", default=None, help="--recompute's torch device (default: the certificate's if here, else cpu)"
+    )
+    parser.add_argument("--batch-size", type=int, default=64, help="--recompute's noisy images per encoder batch")
+    parser.add_argument(
+        "--tolerance",
+        type=float,
+        default=None,
+        help=f"--recompute's largest absolute difference allowed (default: 0 on the certificate's device type, "
+        f"{CROSS_DEVICE_TOLERANCE:g} on another)",
     )
     parser.set_defaults(handler=run)
 
@@ -73,21 +94,43 @@ def replay(certificate: dict[str, Any], values: list[float]) -> list[Check]:
     return [Check("bound", True, f"score_lower {lower!r}, bit for bit"), Check("fcsb", True, f"{len(radii)} radii")]
 
 
+def fcsb_from_bound(certificate: dict[str, Any]) -> Check:
+    """The certified FCSB at every radius from the certified ``score_lower`` (no samples recorded)."""
+    radii = np.asarray([entry["radius"] for entry in certificate["radii"]], dtype=np.float64)
+    recomputed = optional_floats(certified_fcsb(certificate["score_lower"], certificate["sigma"], radii))
+    served = tuple(entry["certified_fcsb"] for entry in certificate["radii"])
+    if recomputed != served:
+        return Check("fcsb", False, f"from score_lower: {recomputed} != {served}", Failure.FCSB)
+    return Check("fcsb", True, f"{len(radii)} radii, from the certified score_lower")
+
+
 def run(args: argparse.Namespace) -> int:
     document = read_document(args.certificate)
     keys = load_key_set(_local_jwks() if args.keys is None else args.keys)
+    if args.recompute and args.image is None:
+        raise ValueError("--recompute needs --image: the sampling is re-run on the image's pixels")
     image = None if args.image is None else Path(args.image).read_bytes()
+    setting = Setting(args.device, args.batch_size, args.tolerance)
 
-    def pixels(certificate: dict[str, Any]) -> list[Check]:
-        if image is None:
-            return []
-        actual = pixels_sha256(to_pixels(open_image(image, math.inf), certificate["input_size"]))  # type: ignore[arg-type]
-        expected = certificate["image"]["pixels_sha256"]
+    def further(certificate: dict[str, Any]) -> list[Check]:
+        checks = [] if certificate.get("samples") is not None else [fcsb_from_bound(certificate)]
+        if image is None or checks and not checks[-1].passed:
+            return checks
+        pixels = to_pixels(open_image(image, math.inf), certificate["input_size"])  # type: ignore[arg-type]
+        actual, expected = pixels_sha256(pixels), certificate["image"]["pixels_sha256"]
         if actual != expected:
-            return [Check("pixels", False, f"SHA-256 {actual} is not the certified {expected}", Failure.PIXELS)]
-        return [Check("pixels", True, f"SHA-256 {actual}")]
+            return [
+                *checks,
+                Check("pixels", False, f"SHA-256 {actual} is not the certified {expected}", Failure.PIXELS),
+            ]
+        checks.append(Check("pixels", True, f"SHA-256 {actual}"))
+        if args.recompute:
+            checks.append(check_weights(certificate))
+            if checks[-1].passed:
+                checks.append(check_recompute(certificate, pixels, setting))
+        return checks
 
-    return report(verify(document, keys, image, replay, pixels))
+    return report(verify(document, keys, image, replay, further))
 
 
 def _local_jwks() -> dict[str, Any]:

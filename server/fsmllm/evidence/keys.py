@@ -70,7 +70,9 @@ class Keyring:
         """Generate a new key in the folder (the newest key signs from the next start on) and return it."""
         key = OKPKey.generate_key("Ed25519")
         _write(
-            self.folder / f"{time.strftime('%Y%m%dT%H%M%S')}-{key.thumbprint()}{PRIVATE_SUFFIX}", key.as_dict(), True
+            self.folder / f"{time.strftime('%Y%m%dT%H%M%S')}-{key.thumbprint()}{PRIVATE_SUFFIX}",
+            key.as_dict(private=True),  # joserfc's as_dict() leaves the private part out unless asked
+            True,
         )
         _write(self.folder / "public" / f"{key.thumbprint()}.json", _public(key), private=False)
         return key
