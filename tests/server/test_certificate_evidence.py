@@ -136,3 +136,8 @@ def test_a_generated_key_is_kept_across_starts(tmp_path: Path):
     certificate = {"score_lower": 0.5}
     certificate["signature"] = again.sign(signing_input(certificate))
     assert check_signature(certificate, load_key_set(first.jwks())).passed
+    # a key file written without its private half (as before this was fixed) is passed over: a new key signs
+    (stale,) = (tmp_path / "signing-keys").glob("*.jwk.json")
+    stale.write_text(json.dumps(first.key.as_dict()))
+    renewed = Keyring(tmp_path / "signing-keys")
+    assert renewed.kid != first.kid and {key["kid"] for key in renewed.jwks()["keys"]} == {first.kid, renewed.kid}
