@@ -141,3 +141,22 @@ def test_a_generated_key_is_kept_across_starts(tmp_path: Path):
     stale.write_text(json.dumps(first.key.as_dict()))
     renewed = Keyring(tmp_path / "signing-keys")
     assert renewed.kid != first.kid and {key["kid"] for key in renewed.jwks()["keys"]} == {first.kid, renewed.kid}
+
+
+def test_samples_are_recorded_in_float32_only_when_that_is_exact(issued):
+    """The c_i are float32 values widened: 4 bytes each hold them bit for bit; anything else stays float64."""
+    import numpy as np
+
+    from fsmllm.evidence.issue import samples_record
+    from fsmllm_client.verify import decode_samples
+
+    assert issued["certificate"]["samples"]["encoding"] == "float32-le-base64"
+    c_i = np.random.default_rng(0).uniform(-1, 1, size=(1000, 2)).astype(np.float32).astype(np.float64)
+    record = samples_record(c_i)
+    assert record["encoding"] == "float32-le-base64" and len(base64.b64decode(record["data"])) == 4 * c_i.size
+    assert np.asarray(decode_samples(record)[1]).reshape(c_i.shape).tobytes() == c_i.tobytes()  # bit for bit
+    wider = c_i.copy()
+    wider[3, 1] = 0.1  # not a float32
+    record = samples_record(wider)
+    assert record["encoding"] == "float64-le-base64" and len(base64.b64decode(record["data"])) == 8 * c_i.size
+    assert np.asarray(decode_samples(record)[1]).reshape(c_i.shape).tobytes() == wider.tobytes()
