@@ -130,3 +130,34 @@ def test_recompute_needs_the_image(issued, capsys) -> None:
         fsmllm_main(["verify", str(cert), "--keys", str(issued["folder"] / "keys.json"), "--recompute"])
     assert refused.value.code == 2
     assert "--recompute needs --image" in capsys.readouterr().err
+
+
+def test_a_llava_checkpoint_is_bound_by_its_folder_and_recomputed_from_it(tmp_path: Path, capsys) -> None:
+    """A server of a LLaVA folder starts (its vision tower's weight files are found by the folder, not by the
+    encoder's short name ``hf:llava``) and binds them; ``--recompute`` finds them with ``--encoder FOLDER``."""
+    from fsmllm.api.settings import Settings
+    from fsmllm.encoders.hf_vision import default_image_size
+    from fsmllm.evidence.binding import sha256_file
+    from fsmllm.lm.models import load_model
+    from tests.lm.tiny_llava import save_tiny_llava
+    from tests.server.live import live_server
+
+    folder = tmp_path / "llava"
+    save_tiny_llava(folder)
+    settings = Settings(model=str(folder), default_n0=20, default_n=100, batch_size=64, _env_file=None)
+    image = png_bytes(9)
+    (tmp_path / "image.png").write_bytes(image)
+    with live_server(settings, load_model(str(folder)), f"hf:{folder}", default_image_size(folder)) as live:
+        body = {"image": base64.b64encode(image).decode(), "seed": 4, "record_samples": True}
+        certificate = httpx.post(f"{live.url}/certify", json=body, timeout=120).json()["certificate"]
+        (tmp_path / "keys.json").write_text(httpx.get(f"{live.url}/v1/certificates/keys").text)
+    assert certificate["encoder"] == "hf:llava"
+    tower = sorted(path for path in folder.iterdir() if path.suffix == ".safetensors")
+    assert certificate["weights"]["encoder"] == [{"name": path.name, "sha256": sha256_file(path)} for path in tower]
+    (tmp_path / "cert.json").write_text(json.dumps(certificate))
+    argv = ["verify", str(tmp_path / "cert.json"), "--keys", str(tmp_path / "keys.json"), "--image",
+            str(tmp_path / "image.png"), "--recompute"]
+    assert fsmllm_main(argv) == Failure.WEIGHTS  # "hf:llava" is no folder here
+    assert "weights: FAILED (encoder: its weights are not here" in capsys.readouterr().out
+    assert fsmllm_main([*argv, "--encoder", str(folder)]) == Failure.OK
+    assert "bit for bit)" in capsys.readouterr().out.splitlines()[-2]

@@ -41,7 +41,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--image", default=None, help="the image it was issued for (checks bytes, pixels; default: none)"
     )
     parser.add_argument(
-        "--keys", default=None, help="JWKS file or URL (.../v1/certificates/keys); default: this machine's keys"
+        "--keys",
+        default=None,
+        help="JWKS file or URL (.../v1/certificates/keys); default: the keys fsmllm serve signs with on this "
+        "machine (FSMLLM_CERT_FOLDER, else <cache>/certificates)",
     )
     parser.add_argument(
         "--recompute",
@@ -53,6 +56,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--device", default=None, help="--recompute's torch device (default: the certificate's if here, else cpu)"
     )
     parser.add_argument("--batch-size", type=int, default=64, help="--recompute's noisy images per encoder batch")
+    parser.add_argument(
+        "--encoder",
+        default=None,
+        help="--recompute's encoder here: a name, or the folder of an hf: vision tower or LLaVA checkpoint (the "
+        "certificate names only the folder's last part); default: the certificate's encoder",
+    )
     parser.add_argument(
         "--tolerance",
         type=float,
@@ -91,7 +100,7 @@ def replay(certificate: dict[str, Any], values: list[float]) -> list[Check]:
             Check("bound", True, f"score_lower {lower!r}"),
             Check("fcsb", False, f"{recomputed} != {served}", Failure.FCSB),
         ]
-    return [Check("bound", True, f"score_lower {lower!r}, bit for bit"), Check("fcsb", True, f"{len(radii)} radii")]
+    return [Check("bound", True, f"score_lower {lower!r}, bit for bit"), Check("fcsb", True, _radii(len(radii)))]
 
 
 def fcsb_from_bound(certificate: dict[str, Any]) -> Check:
@@ -101,7 +110,11 @@ def fcsb_from_bound(certificate: dict[str, Any]) -> Check:
     served = tuple(entry["certified_fcsb"] for entry in certificate["radii"])
     if recomputed != served:
         return Check("fcsb", False, f"from score_lower: {recomputed} != {served}", Failure.FCSB)
-    return Check("fcsb", True, f"{len(radii)} radii, from the certified score_lower")
+    return Check("fcsb", True, f"{_radii(len(radii))}, from the certified score_lower")
+
+
+def _radii(count: int) -> str:
+    return f"{count} radius" if count == 1 else f"{count} radii"
 
 
 def run(args: argparse.Namespace) -> int:
@@ -110,7 +123,7 @@ def run(args: argparse.Namespace) -> int:
     if args.recompute and args.image is None:
         raise ValueError("--recompute needs --image: the sampling is re-run on the image's pixels")
     image = None if args.image is None else Path(args.image).read_bytes()
-    setting = Setting(args.device, args.batch_size, args.tolerance)
+    setting = Setting(args.device, args.batch_size, args.tolerance, args.encoder)
 
     def further(certificate: dict[str, Any]) -> list[Check]:
         checks = [] if certificate.get("samples") is not None else [fcsb_from_bound(certificate)]
@@ -125,7 +138,7 @@ def run(args: argparse.Namespace) -> int:
             ]
         checks.append(Check("pixels", True, f"SHA-256 {actual}"))
         if args.recompute:
-            checks.append(check_weights(certificate))
+            checks.append(check_weights(certificate, setting))
             if checks[-1].passed:
                 checks.append(check_recompute(certificate, pixels, setting))
         return checks
@@ -134,6 +147,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _local_jwks() -> dict[str, Any]:
-    """The public keys that signed on this machine (the default key folder)."""
-    folder = cert_folder(None) / "signing-keys" / "public"
+    """The public keys that signed on this machine: the key folder ``fsmllm serve`` uses here (its
+    ``FSMLLM_CERT_FOLDER``, else ``<cache>/certificates``)."""
+    from fsmllm.api.settings import Settings
+
+    folder = cert_folder(Settings().cert_folder) / "signing-keys" / "public"
     return {"keys": [json.loads(path.read_text(encoding="utf-8")) for path in sorted(folder.glob("*.json"))]}

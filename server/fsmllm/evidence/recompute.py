@@ -4,7 +4,8 @@ Two checks, each with its own exit status (:class:`fsmllm_client.verify.Failure`
 
 * ``weights`` (11): the encoder's and the booster's weight files found here have the names and SHA-256 the
   certificate lists (the projector and the language model play no part in the feature certificate). A weight file
-  that is not here at all fails the same way.
+  that is not here at all fails the same way. The encoder is found by the certificate's name, or where
+  ``--encoder`` says (a vision tower's or LLaVA checkpoint's folder: the certificate names only its last part).
 * ``recompute`` (10): the encoder (in the certificate's ``encoder_dtype``, behind its booster) certifies the image's
   pixels again with the certificate's σ, n0, n budget, α, bound, seed, radii, granularity and stop rule
   (:class:`~fsmllm.certify.smoothing.SmoothedEncoder`: the noise comes from the seed alone, in fixed blocks,
@@ -47,6 +48,11 @@ class Setting:
     device: str | None = None
     batch_size: int = 64
     tolerance: float | None = None
+    #: where the encoder is here (a vision tower's or LLaVA checkpoint's folder); None: the certificate's name
+    encoder: str | None = None
+
+    def encoder_of(self, certificate: dict[str, Any]) -> str:
+        return self.encoder or str(certificate["encoder"])
 
 
 def device_here(certificate: dict[str, Any], asked: str | None) -> str:
@@ -60,13 +66,13 @@ def device_here(certificate: dict[str, Any], asked: str | None) -> str:
     return certified if available else "cpu"
 
 
-def check_weights(certificate: dict[str, Any]) -> Check:
+def check_weights(certificate: dict[str, Any], setting: Setting) -> Check:
     """The encoder's and booster's weight files here against the certificate's names and SHA-256."""
     certified = certificate.get("weights") or {}
     problems = []
     for component in COMPONENTS:
         try:
-            files = encoder_files(certificate["encoder"]) if component == "encoder" else None
+            files = encoder_files(setting.encoder_of(certificate)) if component == "encoder" else None
             files = booster_files(certificate["booster"]) if files is None else files
             here = [weight_entry(path) for path in files]
         except (OSError, ValueError) as error:
@@ -81,7 +87,7 @@ def check_weights(certificate: dict[str, Any]) -> Check:
     return Check(
         "weights",
         True,
-        f"{count} encoder and booster files, SHA-256 as certified"
+        f"{count} weight file{'' if count == 1 else 's'} of the encoder and booster, SHA-256 as certified"
         if count
         else "the encoder and booster have no weight files (seeded)",
     )
@@ -99,7 +105,7 @@ def rerun(certificate: dict[str, Any], pixels: torch.Tensor, setting: Setting) -
     from fsmllm.encoders.precision import set_precision
 
     device = device_here(certificate, setting.device)
-    encoder = load_encoder(certificate["encoder"], image_size=certificate["input_size"], device=device)
+    encoder = load_encoder(setting.encoder_of(certificate), image_size=certificate["input_size"], device=device)
     encoder = set_precision(encoder, certificate.get("encoder_dtype", "float32"))
     encoder = load_booster(certificate["booster"], encoder, sigma=certificate["sigma"])
     config = SmoothingConfig(
