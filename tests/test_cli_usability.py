@@ -91,8 +91,7 @@ def test_one_name_per_field_across_the_api_the_client_and_both_clis() -> None:
         (CertifyRequest, CertifyOptions, "certify"),
         (GenerateRequest, GenerateOptions, "generate"),
     ):
-        # record_samples: a server field, not yet a flag (issue 30)
-        fields = set(request.model_fields) - {"image", "stream", "prompt", "record_samples"}
+        fields = set(request.model_fields) - {"image", "stream", "prompt"}
         assert fields == set(options.__optional_keys__) - {"progress", "vote_progress"}, command
         for parser in (commands[f"fsmllm {command}"], client_commands[f"fsmllm-client {command}"]):
             missing = {name for name in fields if f"--{name.replace('_', '-')}" not in _flags(parser)}

@@ -63,6 +63,8 @@ class CertificationOptions(TypedDict, total=False):
     stop_at_fcsb: float
     granularity: str
     per_token: bool
+    #: put the c_i the bound is computed from into the (signed) certificate, so a verifier recomputes the bound
+    record_samples: bool
     progress: ProgressCallback
 
 

@@ -7,6 +7,7 @@ import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 from fsmllm_client._protocol import DEFAULT_URL
@@ -14,6 +15,7 @@ from fsmllm_client.client import Client
 from fsmllm_client.errors import FsmllmError
 from fsmllm_client.models import AnswerCertificate, Certificate
 from fsmllm_client.plot import PlotUnavailable, plot_certificate, radius_grid, require_matplotlib
+from fsmllm_client.verify import Failure, load_key_set, read_document, report, verify
 
 #: the server's default radii (when a request names none) and its default max_radii per request
 SERVER_DEFAULT_RADII = (0.1, 0.25, 0.5)
@@ -61,6 +63,12 @@ def _add_certification_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--seed", type=int, help="noise seed; the same seed reproduces the certificate (default: random)"
+    )
+    parser.add_argument(
+        "--record-samples",
+        action="store_true",
+        help="put the values the bound is computed from (the c_i) into the signed certificate, so that "
+        "fsmllm verify recomputes the bound from them",
     )
     parser.add_argument("--json", action="store_true", help="print the server's JSON answer (no progress bar)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -127,6 +135,25 @@ def build_parser() -> argparse.ArgumentParser:
         "--plot", metavar="PNG", help="draw the certificate and the certified answer's radius (default: no plot)"
     )
     _add_certification_arguments(generate)
+
+    check = commands.add_parser(
+        "verify",
+        help="check a signed certificate offline: signature, image, recorded samples (no torch)",
+        description="Check a certificate (a JSON file: the certificate, or a response holding one): its signature "
+        "against the server's key set, the image's SHA-256 (--image), and that its recorded samples are the signed "
+        "ones. The exit status names the first failed check: "
+        + ", ".join(f"{failure.value} {failure.name.lower()}" for failure in Failure if failure <= Failure.FCSB)
+        + ". Recomputing the bound and the pixels, and re-running the sampling, need the server package: "
+        "fsmllm verify [--recompute].",
+        formatter_class=HelpFormatter,
+    )
+    check.add_argument("certificate", help="JSON file: a certificate, or a response holding one")
+    check.add_argument("--image", default=None, help="the image it was issued for (checks its bytes; default: none)")
+    check.add_argument(
+        "--keys",
+        default=None,
+        help="JWKS file or URL; default: the server's, GET <--url>/v1/certificates/keys",
+    )
     return parser
 
 
@@ -167,6 +194,9 @@ def _number(value: float | None) -> str:
 
 def _print_certificate(certificate: Certificate, shown: Sequence[float] | None) -> None:
     c = certificate
+    if c.id is not None:
+        recorded = f", samples {c.samples.get('shape')} recorded" if c.samples else ""
+        print(f"certificate {c.id} (issued {c.issued_at}, signed{recorded})")
     print(f"encoder {c.encoder}, booster {c.booster}, input {c.input_size} px")
     budget = f" of {c.n_budget} ({c.stopped_by})" if c.n_budget is not None and c.n_budget != c.n else ""
     print(
@@ -202,7 +232,10 @@ def _print_certificate(certificate: Certificate, shown: Sequence[float] | None) 
 def _certification_options(args: argparse.Namespace) -> dict[str, Any]:
     """The certification flags as the client's keyword options (the server's field names)."""
     names = ("radius", "sigma", "n0", "n", "alpha", "bound", "seed", "stop_at_fcsb", "granularity")
-    return {name: getattr(args, name) for name in names} | {"per_token": args.per_token or None}
+    return {name: getattr(args, name) for name in names} | {
+        "per_token": args.per_token or None,
+        "record_samples": args.record_samples or None,
+    }
 
 
 def _certify(client: Client, args: argparse.Namespace) -> int:
@@ -289,9 +322,22 @@ def _health(client: Client) -> int:
     return 0
 
 
+def _verify(args: argparse.Namespace) -> int:
+    keys = args.keys if args.keys is not None else f"{args.url.rstrip('/')}/v1/certificates/keys"
+    image = None if args.image is None else Path(args.image).read_bytes()
+    return report(verify(read_document(args.certificate), load_key_set(keys), image))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run ``fsmllm-client``; the exit code is 1 with the server's message on stderr when a request fails."""
+    """Run ``fsmllm-client``; the exit code is 1 with the server's message on stderr when a request fails
+    (``verify``: the failed check's status, 2 when its inputs cannot be read)."""
     args = build_parser().parse_args(argv)
+    if args.command == "verify":
+        try:
+            return _verify(args)
+        except (ValueError, OSError) as error:
+            print(f"fsmllm-client verify: error: {error}", file=sys.stderr)
+            return 2
     try:
         with Client(args.url, api_key=args.api_key, timeout=args.timeout) as client:
             if args.command == "certify":

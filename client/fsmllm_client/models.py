@@ -79,6 +79,12 @@ class Certificate(_Model):
     radii: list[RadiusBound]
     certified_radius: CertifiedRadius | None = None
     cached: bool = False
+    #: issued certificates (docs/certificates.md): the id (GET /v1/certificates/{id}), when, the signature, and
+    #: with record_samples the recorded values (fsmllm_client.verify checks them)
+    id: str | None = None
+    issued_at: str | None = None
+    signature: str | None = None
+    samples: dict[str, Any] | None = None
 
 
 class CertifyResult(_Model):

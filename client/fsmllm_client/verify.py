@@ -7,11 +7,14 @@ OKP JWK, RFC 8037) and the key's RFC 7638 thumbprint as ``kid``. The payload is 
 2^63) are written as their decimal text, as RFC 8785 (section 3.2.2.3) advises for numbers a double cannot hold.
 The public keys are served as a JWKS (RFC 7517) at ``GET /v1/certificates/keys``.
 
-``record_samples`` certificates carry ``samples``: the c_i (or an answer's ±1 votes) as little-endian float64,
-base64, with their shape and SHA-256; the bound is recomputed from them where the maths is installed
-(:mod:`fsmllm.certify.replay`, with the server package: ``fsmllm verify``).
+``record_samples`` certificates carry ``samples``: the c_i (or an answer's ±1 votes) as little-endian floats,
+base64, with their shape and SHA-256: ``float32-le-base64`` when every value is a float32 (the c_i are computed in
+float32 and widened, so this is exact: 4 bytes a value), else ``float64-le-base64``; the bound is recomputed from
+them where the maths is installed (:mod:`fsmllm.certify.replay`, with the server package: ``fsmllm verify``).
 
-Everything here needs only joserfc (with cryptography) and rfc8785: no torch, no numpy.
+Everything here needs only joserfc (with cryptography), rfc8785 and httpx (a key set's URL): no torch, no numpy.
+``fsmllm-client verify`` runs these checks; ``fsmllm verify`` runs them too, and adds the ones that need the server
+package (the bound from the samples, the pixels, ``--recompute``).
 """
 
 from __future__ import annotations
@@ -24,8 +27,10 @@ from array import array
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import IntEnum
+from pathlib import Path
 from typing import Any
 
+import httpx
 import rfc8785
 from joserfc import jws
 from joserfc.errors import BadSignatureError, InvalidKeyIdError, JoseError
@@ -88,11 +93,17 @@ def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def encode_samples(values: list[float] | bytes, shape: tuple[int, ...]) -> dict[str, Any]:
-    """The ``samples`` record of recorded values: little-endian float64 bytes, base64, with shape and SHA-256."""
-    data = values if isinstance(values, bytes) else _little_endian(array("d", values))
+#: the encodings of a ``samples`` record: its values as little-endian IEEE floats of this many bytes, base64
+SAMPLE_ENCODINGS = {"float32-le-base64": ("f", 4), "float64-le-base64": ("d", 8)}
+
+
+def encode_samples(data: bytes, shape: tuple[int, ...], encoding: str = "float64-le-base64") -> dict[str, Any]:
+    """The ``samples`` record of recorded values: ``data`` (their little-endian bytes in ``encoding``), base64,
+    with the shape and the bytes' SHA-256."""
+    if encoding not in SAMPLE_ENCODINGS:
+        raise ValueError(f"unknown samples encoding {encoding!r}")
     return {
-        "encoding": "float64-le-base64",
+        "encoding": encoding,
         "shape": list(shape),
         "sha256": sha256_hex(data),
         "data": base64.b64encode(data).decode("ascii"),
@@ -100,38 +111,63 @@ def encode_samples(values: list[float] | bytes, shape: tuple[int, ...]) -> dict[
 
 
 def decode_samples(record: dict[str, Any]) -> tuple[bytes, list[float]]:
-    """(the raw bytes, the values in row-major order) of a ``samples`` record; ``ValueError`` when it is not one."""
-    if record.get("encoding") != "float64-le-base64":
-        raise ValueError(f"unknown samples encoding {record.get('encoding')!r}")
+    """(the raw bytes, the values in row-major order, as Python floats: a float32 value widens exactly) of a
+    ``samples`` record; ``ValueError`` when it is not one."""
+    encoding = record.get("encoding")
+    if encoding not in SAMPLE_ENCODINGS:
+        raise ValueError(f"unknown samples encoding {encoding!r}")
+    code, size = SAMPLE_ENCODINGS[encoding]
     data = base64.b64decode(record.get("data", ""), validate=True)
     count = 1
-    for size in record.get("shape", []):
-        count *= int(size)
-    if len(data) != 8 * count:
-        raise ValueError(f"{len(data)} bytes for shape {record.get('shape')} (8 bytes a value)")
-    values = array("d")
+    for length in record.get("shape", []):
+        count *= int(length)
+    if len(data) != size * count:
+        raise ValueError(f"{len(data)} bytes for shape {record.get('shape')} ({size} bytes a value)")
+    values = array(code)
     values.frombytes(data)
-    return data, list(_little_endian(values, to_native=True) if sys.byteorder != "little" else values)
-
-
-def _little_endian(values: array, to_native: bool = False) -> Any:
-    """Bytes of ``values`` in little-endian order (or, with ``to_native``, the values read from them)."""
     if sys.byteorder != "little":
-        values = array("d", values)
         values.byteswap()
-    return values if to_native else values.tobytes()
+    return data, list(values)
 
 
 def load_key_set(source: str | dict[str, Any]) -> KeySet:
-    """A JWKS from a dict, a JSON file, or JSON text."""
+    """A JWKS from a dict, a JSON file, JSON text, or a URL (``.../v1/certificates/keys``, fetched);
+    ``ValueError`` (or ``OSError``) saying why when there is none there."""
     if isinstance(source, dict):
-        return KeySet.import_key_set(source)  # type: ignore[arg-type]
-    text = source if source.lstrip().startswith("{") else open(source, encoding="utf-8").read()
-    return KeySet.import_key_set(json.loads(text))
+        data: Any = source
+    elif source.startswith(("http://", "https://")):
+        try:
+            response = httpx.get(source, timeout=30)
+            response.raise_for_status()
+            data = response.json()
+        except (httpx.HTTPError, json.JSONDecodeError) as error:
+            raise ValueError(f"no key set at {source}: {error}") from None
+    else:
+        text = source if source.lstrip().startswith("{") else Path(source).read_text(encoding="utf-8")
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"the key set {source} is not JSON: {error}") from None
+    if not isinstance(data, dict) or not isinstance(data.get("keys"), list):
+        raise ValueError(f"{source if isinstance(source, str) else 'the key set'} is not a JWKS (no 'keys' list)")
+    try:
+        return KeySet.import_key_set(data)  # type: ignore[arg-type]
+    except (JoseError, ValueError, TypeError, KeyError) as error:
+        raise ValueError(f"unreadable key set: {error}") from None
+
+
+def read_document(path: str) -> Any:
+    """The JSON of a certificate file (``ValueError`` when it is not JSON; ``OSError`` when unreadable)."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path} is not JSON: {error}") from None
 
 
 def certificate_of(document: dict[str, Any]) -> dict[str, Any]:
     """The certificate in a response or a stored record (its ``certificate`` object) or the certificate itself."""
+    if not isinstance(document, dict):
+        return {}
     if "signature" not in document and isinstance(document.get("certificate"), dict):
         return document["certificate"]
     return document
@@ -223,3 +259,12 @@ def verify(
 def outcome(checks: list[Check]) -> Failure:
     """The exit status: the first failed check's, or OK."""
     return next((check.failure for check in checks if check.passed is False), Failure.OK)
+
+
+def report(checks: list[Check]) -> int:
+    """Print one line per check (``name: ok|FAILED|skipped (detail)``) and return the exit status."""
+    for check in checks:
+        print(check.line())
+    status = outcome(checks)
+    print("verified" if status == Failure.OK else f"NOT verified: {status.name.lower()} (exit status {int(status)})")
+    return int(status)

@@ -26,7 +26,7 @@ def test_the_client_has_its_own_pyproject() -> None:
     client, server = _project(ROOT / "client" / "pyproject.toml"), _project(ROOT / "pyproject.toml")
     assert client["name"] == "fsmllm-client" and client["version"] == server["version"]
     needs = {Requirement(text).name: Requirement(text) for text in client["dependencies"]}
-    # joserfc and rfc8785: verifying a certificate's signature over its canonical JSON (fsmllm_client.verify)
+    # joserfc and rfc8785: fsmllm-client verify (the certificate's Ed25519 JWS over RFC 8785 JSON)
     assert set(needs) == {"httpx", "pydantic", "joserfc", "rfc8785"}
     assert client["scripts"] == {"fsmllm-client": "fsmllm_client.cli:main"}
     # the server package keeps shipping the client (make install: pip install -e ".[dev]") with at least its needs
@@ -43,7 +43,7 @@ def test_the_client_runs_without_torch_or_the_server() -> None:
         "import sys\n"
         "for name in ('torch', 'fsmllm', 'numpy', 'transformers'):\n"
         "    sys.modules[name] = None\n"
-        "import fsmllm_client, fsmllm_client.plot\n"
+        "import fsmllm_client, fsmllm_client.plot, fsmllm_client.verify\n"
         "from fsmllm_client.cli import main\n"
         "sys.exit(main(['--url', sys.argv[1], 'health']))\n"
     )

@@ -125,13 +125,38 @@ def test_samples_that_do_not_give_the_bound_fail(issued, tmp_path: Path):
     assert replay(certificate, values)[0].failure == Failure.SAMPLES
 
 
-def test_a_generated_signing_key_is_kept_whole_and_signs_after_a_restart(tmp_path: Path) -> None:
-    """The key generated on the first start is saved with its private half: the next start signs with it."""
-    from fsmllm.evidence import Keyring
+def test_a_generated_key_is_kept_across_starts(tmp_path: Path):
+    """The key generated on the first start signs again on the next (its private half was written)."""
+    from fsmllm.evidence.keys import Keyring
+    from fsmllm_client.verify import check_signature, signing_input
 
-    first = Keyring(tmp_path)
-    (saved,) = tmp_path.glob("*.jwk.json")
-    assert "d" in json.loads(saved.read_text()) and saved.stat().st_mode & 0o777 == 0o600
-    again = Keyring(tmp_path)
-    assert again.kid == first.kid and again.sign(b"payload") == first.sign(b"payload")  # Ed25519 is deterministic
-    assert [key["kid"] for key in again.jwks()["keys"]] == [first.kid]
+    first = Keyring(tmp_path / "signing-keys")
+    again = Keyring(tmp_path / "signing-keys")
+    assert again.kid == first.kid and len(again.jwks()["keys"]) == 1
+    certificate = {"score_lower": 0.5}
+    certificate["signature"] = again.sign(signing_input(certificate))
+    assert check_signature(certificate, load_key_set(first.jwks())).passed
+    # a key file written without its private half (as before this was fixed) is passed over: a new key signs
+    (stale,) = (tmp_path / "signing-keys").glob("*.jwk.json")
+    stale.write_text(json.dumps(first.key.as_dict()))
+    renewed = Keyring(tmp_path / "signing-keys")
+    assert renewed.kid != first.kid and {key["kid"] for key in renewed.jwks()["keys"]} == {first.kid, renewed.kid}
+
+
+def test_samples_are_recorded_in_float32_only_when_that_is_exact(issued):
+    """The c_i are float32 values widened: 4 bytes each hold them bit for bit; anything else stays float64."""
+    import numpy as np
+
+    from fsmllm.evidence.issue import samples_record
+    from fsmllm_client.verify import decode_samples
+
+    assert issued["certificate"]["samples"]["encoding"] == "float32-le-base64"
+    c_i = np.random.default_rng(0).uniform(-1, 1, size=(1000, 2)).astype(np.float32).astype(np.float64)
+    record = samples_record(c_i)
+    assert record["encoding"] == "float32-le-base64" and len(base64.b64decode(record["data"])) == 4 * c_i.size
+    assert np.asarray(decode_samples(record)[1]).reshape(c_i.shape).tobytes() == c_i.tobytes()  # bit for bit
+    wider = c_i.copy()
+    wider[3, 1] = 0.1  # not a float32
+    record = samples_record(wider)
+    assert record["encoding"] == "float64-le-base64" and len(base64.b64decode(record["data"])) == 8 * c_i.size
+    assert np.asarray(decode_samples(record)[1]).reshape(c_i.shape).tobytes() == wider.tobytes()

@@ -104,3 +104,29 @@ def test_the_client_examples(server: LiveServer, tmp_path: Path, monkeypatch: py
     (python,) = fenced("Client", "python")
     monkeypatch.chdir(tmp_path)
     exec(compile(python.replace("http://127.0.0.1:8000", server.url), "README.md", "exec"), {})
+
+
+def test_the_certificate_example(server: LiveServer, tmp_path: Path) -> None:
+    """Certify, fetch by id, verify: the README's three commands run, and the output it shows has the lines (each
+    check's name and outcome) that the commands print."""
+    assert run("fsmllm sample chelsea > cat.png", server, tmp_path).returncode == 0
+    (block,) = fenced("Certificates as evidence", "console")
+    steps = [line.removeprefix("$ ") for line in block.splitlines() if line.startswith("$ ")]
+    shown = [line for line in block.splitlines() if line and not line.startswith("$ ")]
+    assert len(steps) == 3 and steps[0].startswith("fsmllm-client certify") and "--record-samples" in steps[0]
+    certified = run(steps[0], server, tmp_path)
+    assert certified.returncode == 0, certified.stderr[-2000:]
+    (issued,) = re.findall(r"certificate (cert-[0-9a-f]{32}) ", certified.stdout)
+    fetch = re.sub(r"cert-[0-9a-f]+…?", issued, steps[1])  # the id this server issued
+    assert run(fetch, server, tmp_path).returncode == 0
+    body, _, status = (tmp_path / "cert.json").read_text().rpartition("\n")  # run() has curl add the status
+    assert status == "200" and json.loads(body)["id"] == issued
+    (tmp_path / "cert.json").write_text(body)
+    verify = steps[2] + f" --keys {server.url}/v1/certificates/keys"  # the README's server keeps its keys locally
+    verified = run(verify, server, tmp_path)
+    assert verified.returncode == 0, verified.stdout + verified.stderr[-2000:]
+    printed = verified.stdout.splitlines()
+    assert printed[-1] == "verified" and printed[-2].startswith("recompute: ok (") and "bit for bit" in printed[-2]
+    outcomes = [line.split(" (")[0] for line in printed]
+    assert outcomes == [line.split(" (")[0] for line in shown[-len(printed):]]
+    assert certified.stdout.splitlines()[0].split(" (")[0] == shown[0].split(" (")[0].replace(shown[0].split()[1], issued)

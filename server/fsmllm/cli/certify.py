@@ -7,7 +7,7 @@ import json
 
 from fsmllm.api.schemas import CertificateOut, CertifyParams
 from fsmllm.cli.common import HelpFormatter, boosted_encoder, server_default, validated
-from fsmllm.cli.smoothing import add_smoothing_arguments, smooth
+from fsmllm.cli.smoothing import add_smoothing_arguments, recorded, smooth
 from fsmllm.cli.tables import certificate_table
 
 
@@ -61,6 +61,7 @@ def run(args: argparse.Namespace) -> int:
     out = CertificateOut.from_certificate(
         cert, encoder.name, args.booster, encoder.image_size, args.target_cos, args.per_token, encoder_dtype=args.dtype
     )
+    out.samples = recorded(args, cert)
     if args.json:
         summary = out.model_dump()
         if cert.prediction is not None:  # --classify: the prediction's own certificate beside the feature's
@@ -68,4 +69,6 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(summary, indent=2))
     else:
         print(certificate_table(cert, out, args.per_token))
+        if out.samples is not None:
+            print(f"samples recorded: shape {out.samples.shape} (printed with --json)")
     return 0

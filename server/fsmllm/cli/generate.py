@@ -17,7 +17,7 @@ from fsmllm.cli.common import (
     server_default,
     validated,
 )
-from fsmllm.cli.smoothing import add_smoothing_arguments, smooth
+from fsmllm.cli.smoothing import add_smoothing_arguments, recorded, smooth
 from fsmllm.cli.tables import answer_summary, certificate_table
 from fsmllm.encoders.base import VisionEncoder
 from fsmllm.fastest_dtype import DTYPE_CHOICES
@@ -116,6 +116,7 @@ def run(args: argparse.Namespace) -> int:
     out = CertificateOut.from_certificate(
         cert, spec.encoder, args.booster, encoder.image_size, per_token=args.per_token, encoder_dtype=args.dtype
     )
+    out.samples = recorded(args, cert)
     if args.json:
         answer_certificate = None if voted is None else AnswerCertificateOut.from_certificate(voted).model_dump()
         print(
@@ -133,6 +134,8 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(f"answer: {answer.text}\n")
         print(certificate_table(cert, out, args.per_token))
+        if out.samples is not None:
+            print(f"samples recorded: shape {out.samples.shape} (printed with --json)")
         if voted is not None:
             print(f"\n{answer_summary(voted)}")
     return 0

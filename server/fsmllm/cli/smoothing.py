@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from fsmllm.api.schemas import CertificationParams
+from fsmllm.api.schemas import CertificationParams, SamplesRecord
 from fsmllm.certify import (
     BOUND_METHODS,
     DEFAULT_RADII,
@@ -72,11 +72,26 @@ def add_smoothing_arguments(parser: argparse.ArgumentParser) -> None:
         "this machine runs natively, timed once and cached)",
     )
     parser.add_argument("--compile", action="store_true", help="torch.compile the encoder (compiling takes a while)")
+    parser.add_argument(
+        "--record-samples",
+        action="store_true",
+        help="put the values the bound is computed from (the c_i) into the JSON certificate, as the server's "
+        "record_samples does (here unsigned: the command line issues no certificate)",
+    )
     parser.add_argument("--json", action="store_true", help="print the certificate as JSON (the server's shape)")
     parser.add_argument(
         "--no-progress", action="store_true", help="hide the progress bars (sampling and weight loading)"
     )
     parser.add_argument("--list-encoders", action=ListEncoders)
+
+
+def recorded(args: argparse.Namespace, cert: Certificate) -> SamplesRecord | None:
+    """With ``--record-samples``, the certificate's samples record (the server's ``samples`` field)."""
+    if not args.record_samples or cert.samples is None:
+        return None
+    from fsmllm.evidence.issue import samples_record
+
+    return SamplesRecord.model_validate(samples_record(cert.samples))
 
 
 def smooth(

@@ -1,9 +1,12 @@
-"""``fsmllm verify CERT.json [--image FILE] [--keys FILE|URL]``: check a signed certificate offline.
+"""``fsmllm verify CERT.json [--image FILE] [--keys FILE|URL] [--recompute]``: check a signed certificate.
 
 Checks, in order, each with its own exit status (:class:`fsmllm_client.verify.Failure`): the signature (by a key of
 the key set: a JWKS file or URL, by default this machine's keys), the image's bytes and the pixels the encoder
 read from it, the recorded samples, the bound recomputed from them bit for bit (:mod:`fsmllm.certify.replay`), and
-the certified FCSB at every radius recomputed from that bound.
+the certified FCSB at every radius recomputed from that bound (from the certified bound when no samples were
+recorded). With --recompute (needs --image): the encoder's and booster's weight files here against the certified
+SHA-256, then the sampling re-run with the certificate's seed and every statistic compared
+(:mod:`fsmllm.evidence.recompute`: bit for bit on the certificate's device type, else within --tolerance).
 """
 
 from __future__ import annotations
@@ -14,7 +17,6 @@ import math
 from pathlib import Path
 from typing import Any
 
-import httpx
 import numpy as np
 
 from fsmllm.certify.certificate import certified_fcsb, optional_floats
@@ -22,8 +24,9 @@ from fsmllm.certify.replay import score_lower
 from fsmllm.cli.common import HelpFormatter
 from fsmllm.evidence import cert_folder
 from fsmllm.evidence.binding import pixels_sha256
+from fsmllm.evidence.recompute import CROSS_DEVICE_TOLERANCE, Setting, check_recompute, check_weights
 from fsmllm.images import open_image, to_pixels
-from fsmllm_client.verify import Check, Failure, load_key_set, outcome, verify
+from fsmllm_client.verify import Check, Failure, load_key_set, read_document, report, verify
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -38,7 +41,33 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--image", default=None, help="the image it was issued for (checks bytes, pixels; default: none)"
     )
     parser.add_argument(
-        "--keys", default=None, help="JWKS file or URL (.../v1/certificates/keys); default: this machine's keys"
+        "--keys",
+        default=None,
+        help="JWKS file or URL (.../v1/certificates/keys); default: the keys fsmllm serve signs with on this "
+        "machine (FSMLLM_CERT_FOLDER, else <cache>/certificates)",
+    )
+    parser.add_argument(
+        "--recompute",
+        action="store_true",
+        help="also re-run the sampling with the certificate's seed on the weights here (checked by SHA-256) and "
+        "compare every statistic; needs --image",
+    )
+    parser.add_argument(
+        "--device", default=None, help="--recompute's torch device (default: the certificate's if here, else cpu)"
+    )
+    parser.add_argument("--batch-size", type=int, default=64, help="--recompute's noisy images per encoder batch")
+    parser.add_argument(
+        "--encoder",
+        default=None,
+        help="--recompute's encoder here: a name, or the folder of an hf: vision tower or LLaVA checkpoint (the "
+        "certificate names only the folder's last part); default: the certificate's encoder",
+    )
+    parser.add_argument(
+        "--tolerance",
+        type=float,
+        default=None,
+        help=f"--recompute's largest absolute difference allowed (default: 0 on the certificate's device type, "
+        f"{CROSS_DEVICE_TOLERANCE:g} on another)",
     )
     parser.set_defaults(handler=run)
 
@@ -71,35 +100,56 @@ def replay(certificate: dict[str, Any], values: list[float]) -> list[Check]:
             Check("bound", True, f"score_lower {lower!r}"),
             Check("fcsb", False, f"{recomputed} != {served}", Failure.FCSB),
         ]
-    return [Check("bound", True, f"score_lower {lower!r}, bit for bit"), Check("fcsb", True, f"{len(radii)} radii")]
+    return [Check("bound", True, f"score_lower {lower!r}, bit for bit"), Check("fcsb", True, _radii(len(radii)))]
+
+
+def fcsb_from_bound(certificate: dict[str, Any]) -> Check:
+    """The certified FCSB at every radius from the certified ``score_lower`` (no samples recorded)."""
+    radii = np.asarray([entry["radius"] for entry in certificate["radii"]], dtype=np.float64)
+    recomputed = optional_floats(certified_fcsb(certificate["score_lower"], certificate["sigma"], radii))
+    served = tuple(entry["certified_fcsb"] for entry in certificate["radii"])
+    if recomputed != served:
+        return Check("fcsb", False, f"from score_lower: {recomputed} != {served}", Failure.FCSB)
+    return Check("fcsb", True, f"{_radii(len(radii))}, from the certified score_lower")
+
+
+def _radii(count: int) -> str:
+    return f"{count} radius" if count == 1 else f"{count} radii"
 
 
 def run(args: argparse.Namespace) -> int:
-    document = json.loads(Path(args.certificate).read_text(encoding="utf-8"))
-    if args.keys is None:
-        keys = load_key_set(json.dumps(_local_jwks()))
-    elif args.keys.startswith(("http://", "https://")):
-        keys = load_key_set(httpx.get(args.keys, timeout=30).raise_for_status().json())
-    else:
-        keys = load_key_set(args.keys)
+    document = read_document(args.certificate)
+    keys = load_key_set(_local_jwks() if args.keys is None else args.keys)
+    if args.recompute and args.image is None:
+        raise ValueError("--recompute needs --image: the sampling is re-run on the image's pixels")
     image = None if args.image is None else Path(args.image).read_bytes()
+    setting = Setting(args.device, args.batch_size, args.tolerance, args.encoder)
 
-    def pixels(certificate: dict[str, Any]) -> list[Check]:
-        if image is None:
-            return []
-        actual = pixels_sha256(to_pixels(open_image(image, math.inf), certificate["input_size"]))  # type: ignore[arg-type]
-        expected = certificate["image"]["pixels_sha256"]
+    def further(certificate: dict[str, Any]) -> list[Check]:
+        checks = [] if certificate.get("samples") is not None else [fcsb_from_bound(certificate)]
+        if image is None or checks and not checks[-1].passed:
+            return checks
+        pixels = to_pixels(open_image(image, math.inf), certificate["input_size"])  # type: ignore[arg-type]
+        actual, expected = pixels_sha256(pixels), certificate["image"]["pixels_sha256"]
         if actual != expected:
-            return [Check("pixels", False, f"SHA-256 {actual} is not the certified {expected}", Failure.PIXELS)]
-        return [Check("pixels", True, f"SHA-256 {actual}")]
+            return [
+                *checks,
+                Check("pixels", False, f"SHA-256 {actual} is not the certified {expected}", Failure.PIXELS),
+            ]
+        checks.append(Check("pixels", True, f"SHA-256 {actual}"))
+        if args.recompute:
+            checks.append(check_weights(certificate, setting))
+            if checks[-1].passed:
+                checks.append(check_recompute(certificate, pixels, setting))
+        return checks
 
-    checks = verify(document, keys, image, replay, pixels)
-    for check in checks:
-        print(check.line())
-    return int(outcome(checks))
+    return report(verify(document, keys, image, replay, further))
 
 
 def _local_jwks() -> dict[str, Any]:
-    """The public keys that signed on this machine (the default key folder)."""
-    folder = cert_folder(None) / "signing-keys" / "public"
+    """The public keys that signed on this machine: the key folder ``fsmllm serve`` uses here (its
+    ``FSMLLM_CERT_FOLDER``, else ``<cache>/certificates``)."""
+    from fsmllm.api.settings import Settings
+
+    folder = cert_folder(Settings().cert_folder) / "signing-keys" / "public"
     return {"keys": [json.loads(path.read_text(encoding="utf-8")) for path in sorted(folder.glob("*.json"))]}

@@ -66,11 +66,14 @@ class HFVisionEncoder(VisionEncoder):
         feature_layer: FeatureLayer = None,
         drop_cls: bool = False,
         name: str = "hf",
+        source: str | None = None,
     ) -> None:
         super().__init__()
         if image_size <= 0:
             raise ValueError(f"image_size must be positive, got {image_size}")
         self.name = name
+        #: the folder it was loaded from (``name`` keeps only its last part): where its weight files are
+        self.source = source
         self.image_size = image_size
         self.interpolate = image_size != native_image_size
         self.feature_layers = None if feature_layer is None else _as_layers(feature_layer)
@@ -143,6 +146,7 @@ def load_hf_vision_encoder(
         feature_layer=feature_layer,
         drop_cls=bool(drop_cls),
         name=f"hf:{path.name}",
+        source=str(path.resolve()),
     )
 
 

@@ -35,6 +35,7 @@ def open_issuer(
     root = cert_folder(folder)
     keyring = Keyring(root / "signing-keys", signing_key, signing_key_file)
     certificate_store = CertificateStore(store_url(store, root), retention_days)
-    encoder = getattr(runtime.encoder, "encoder", runtime.encoder).name  # the encoder behind a booster
+    inner = getattr(runtime.encoder, "encoder", runtime.encoder)  # the encoder behind a booster
+    encoder = getattr(inner, "source", None) or inner.name  # a vision tower's folder, not just its last part
     deployment = Deployment.of(encoder, runtime.booster, runtime.model_name, device)
     return Issuer(runtime, keyring, certificate_store, deployment)

@@ -28,9 +28,14 @@ CERTIFICATE_HEADER = "X-Fsmllm-Certificate-Id"
 
 
 def samples_record(samples: np.ndarray) -> dict[str, Any]:
-    """The recorded c_i [n, T] (or votes ±1 [n]) as little-endian float64, base64 (8 bytes a value)."""
+    """The recorded c_i [n, T] (or votes ±1 [n]) as little-endian floats, base64: float32 (4 bytes a value) when
+    that holds every value exactly, as it does for the c_i (computed in float32, then widened), else float64."""
     values = np.ascontiguousarray(samples, dtype="<f8")
-    return encode_samples(values.tobytes(), tuple(int(size) for size in values.shape))
+    shape = tuple(int(size) for size in values.shape)
+    narrow = values.astype("<f4")
+    if np.array_equal(narrow.astype("<f8"), values):  # bit for bit: a float32 widens to exactly this float64
+        return encode_samples(narrow.tobytes(), shape, "float32-le-base64")
+    return encode_samples(values.tobytes(), shape, "float64-le-base64")
 
 
 class Issuer:

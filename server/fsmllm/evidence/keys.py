@@ -11,6 +11,7 @@ key set holds them all. Private keys are written with mode 0600.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from pathlib import Path
@@ -22,6 +23,7 @@ from joserfc.jwk import KeySet, OKPKey
 from fsmllm_client.verify import ALGORITHM
 
 PRIVATE_SUFFIX = ".jwk.json"
+log = logging.getLogger(__name__)
 
 
 def _import(text: str) -> OKPKey:
@@ -63,15 +65,22 @@ class Keyring:
             _write(public, _public(self.key), private=False)
 
     def _newest(self) -> OKPKey | None:
+        """The newest private key of the folder. A key file without its private half (written by fsmllm before
+        it kept it) cannot sign: it is passed over with a warning, and its public key stays published."""
         files = sorted(self.folder.glob(f"*{PRIVATE_SUFFIX}"), key=lambda path: path.stat().st_mtime_ns)
-        return _import(files[-1].read_text(encoding="utf-8")) if files else None
+        for path in reversed(files):
+            try:
+                return _import(path.read_text(encoding="utf-8"))
+            except ValueError:
+                log.warning("%s holds no private key: it cannot sign (its certificates still verify)", path)
+        return None
 
     def rotate(self) -> OKPKey:
         """Generate a new key in the folder (the newest key signs from the next start on) and return it."""
         key = OKPKey.generate_key("Ed25519")
         _write(
             self.folder / f"{time.strftime('%Y%m%dT%H%M%S')}-{key.thumbprint()}{PRIVATE_SUFFIX}",
-            key.as_dict(private=True),
+            key.as_dict(private=True),  # joserfc's as_dict() leaves the private part out unless asked
             True,
         )
         _write(self.folder / "public" / f"{key.thumbprint()}.json", _public(key), private=False)

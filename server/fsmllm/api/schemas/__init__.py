@@ -13,6 +13,7 @@ from fsmllm.api.schemas.certificate import (
     CertificationParams,
     CertifiedRadius,
     RadiusBound,
+    SamplesRecord,
     Timings,
     TokenBound,
 )
@@ -96,6 +97,7 @@ __all__ = [
     "OpenAIError",
     "OpenAIErrorResponse",
     "RadiusBound",
+    "SamplesRecord",
     "RequestModel",
     "refuse_unknown_fields",
     "TextPart",

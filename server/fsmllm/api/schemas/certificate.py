@@ -118,8 +118,8 @@ class CertificationParams(RequestModel):
     record_samples: bool = Field(
         False,
         description="put the per-sample values the bound is computed from into the certificate (samples: the c_i as "
-        "little-endian float64, base64, 8 bytes each per token), so that a verifier recomputes every number: "
-        "fsmllm verify",
+        "little-endian float32, base64, 4 bytes each per token: they are computed in float32, so this is exact), so "
+        "that a verifier recomputes every number: fsmllm verify",
         examples=[False],
     )
 
@@ -228,10 +228,14 @@ class WeightFile(BaseModel):
 
 
 class SamplesRecord(BaseModel):
-    encoding: Literal["float64-le-base64"] = "float64-le-base64"
+    encoding: Literal["float32-le-base64", "float64-le-base64"] = Field(
+        "float64-le-base64",
+        description="float32 when every value is one (the c_i are computed in float32: exact, 4 bytes a value), "
+        "else float64",
+    )
     shape: list[int] = Field(description="[n, T]: n estimation samples, T tokens (1 for global); [n] for votes")
     sha256: str = Field(description="SHA-256 of the decoded bytes")
-    data: str = Field(description="base64 of the little-endian float64 values, row-major")
+    data: str = Field(description="base64 of the little-endian values in that encoding, row-major")
 
 
 class CertificateOut(BaseModel):
