@@ -14,11 +14,10 @@ import httpx
 import pytest
 
 from fsmllm.cli.main import main as fsmllm_main
-from fsmllm.evidence.keys import Keyring
 from fsmllm_client.cli import main as client_main
-from fsmllm_client.verify import Failure, signing_input
+from fsmllm_client.verify import Failure
 
-from ..server.live import LiveServer, png_bytes, tiny_model_server
+from ..server.live import LiveServer, png_bytes, resigned, tiny_model_server
 
 TINY = ["--encoder", "tiny-cnn", "--image-size", "16", "--no-progress"]
 
@@ -47,15 +46,6 @@ def response(served: tuple[LiveServer, Path]) -> dict[str, Any]:
     with Client(live.url) as client:
         return client.certify(folder / "image.png", seed=5, record_samples=True).model_dump()
 
-
-def _resigned(certificate: dict[str, Any], folder: Path, **changes: Any) -> tuple[dict[str, Any], Path]:
-    """``certificate`` with ``changes``, signed again by a new key of ``folder``; and that key's JWKS file."""
-    keyring = Keyring(folder / "signing-keys")
-    changed = {key: value for key, value in certificate.items() if key != "signature"} | changes
-    changed["signature"] = keyring.sign(signing_input(changed))
-    keys = folder / "other-keys.json"
-    keys.write_text(json.dumps(keyring.jwks()))
-    return changed, keys
 
 
 def _both(capsys: pytest.CaptureFixture[str], url: str, argv: list[str]) -> tuple[int, list[str], int, list[str]]:
@@ -101,7 +91,7 @@ def test_both_verifiers_give_the_same_status_and_message(
     unsigned = {key: value for key, value in certificate.items() if key != "signature"}
     data = certificate["samples"]["data"]
     samples = dict(certificate["samples"], data=("B" if data[0] == "A" else "A") + data[1:])
-    other_samples, other_keys = _resigned(certificate, tmp_path, samples=samples)
+    other_samples, other_keys = resigned(certificate, tmp_path, samples=samples)
     cases = [
         (certificate, ["--keys", keys], Failure.OK),
         (tampered, ["--keys", keys], Failure.SIGNATURE),

@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -118,6 +119,20 @@ ISSUANCE_FIELDS = frozenset({"id", "issued_at", "signature", "completion_id", "c
 def certified_content(certificate: dict[str, Any]) -> dict[str, Any]:
     """``certificate`` without its issuance fields: equal for every issue of the same certification."""
     return {key: value for key, value in certificate.items() if key not in ISSUANCE_FIELDS}
+
+
+def resigned(certificate: dict[str, Any], folder: Path, **changes: Any) -> tuple[dict[str, Any], Path]:
+    """``certificate`` with ``changes``, signed again by another key (kept in ``folder``); and that key's JWKS file:
+    a forgery that passes the signature check, for the checks behind it."""
+    from fsmllm.evidence.keys import Keyring
+    from fsmllm_client.verify import signing_input
+
+    keyring = Keyring(folder / "other-key")
+    changed = {key: value for key, value in certificate.items() if key != "signature"} | changes
+    changed["signature"] = keyring.sign(signing_input(changed))
+    keys = folder / "other-keys.json"
+    keys.write_text(json.dumps(keyring.jwks()))
+    return changed, keys
 
 
 def data_url(data: bytes, mime: str = "image/png") -> str:

@@ -16,9 +16,8 @@ import pytest
 
 from fsmllm.certify.certificate import certified_fcsb, optional_floats
 from fsmllm.cli.main import main as fsmllm_main
-from fsmllm.evidence.keys import Keyring
-from fsmllm_client.verify import Failure, signing_input
-from tests.server.live import png_bytes, tiny_model_server
+from fsmllm_client.verify import Failure
+from tests.server.live import png_bytes, resigned, tiny_model_server
 
 
 @pytest.fixture(scope="module")
@@ -59,15 +58,6 @@ def _verify(issued: dict[str, Any], certificate: dict[str, Any], capsys: pytest.
     return status, capsys.readouterr().out.splitlines()
 
 
-def _resigned(certificate: dict[str, Any], folder: Path, **changes: Any) -> tuple[dict[str, Any], Path]:
-    """``certificate`` with ``changes`` and signed again by another key (kept in ``folder``); that key's JWKS."""
-    keyring = Keyring(folder / "other-key")
-    changed = {key: value for key, value in certificate.items() if key != "signature"} | changes
-    changed["signature"] = keyring.sign(signing_input(changed))
-    keys = folder / "other-keys.json"
-    keys.write_text(json.dumps(keyring.jwks()))
-    return changed, keys
-
 
 @pytest.mark.parametrize("kind", ["recorded", "token", "generated"])
 def test_an_honest_certificate_recomputes_bit_for_bit(issued, kind, capsys) -> None:
@@ -89,7 +79,7 @@ def test_an_inflated_score_signed_by_another_key_fails_only_the_recomputation(is
     radii = np.asarray([entry["radius"] for entry in certificate["radii"]])
     fcsb = optional_floats(certified_fcsb(inflated, certificate["sigma"], radii))
     radii_out = [dict(entry, certified_fcsb=value) for entry, value in zip(certificate["radii"], fcsb, strict=True)]
-    forged, keys = _resigned(certificate, issued["folder"], score_lower=inflated, radii=radii_out)
+    forged, keys = resigned(certificate, issued["folder"], score_lower=inflated, radii=radii_out)
     status, lines = _verify(issued, forged, capsys, keys=keys)
     assert status == Failure.OK, lines  # signature, image, FCSB from the bound, pixels: all consistent
     status, lines = _verify(issued, forged, capsys, "--recompute", keys=keys)
@@ -105,7 +95,7 @@ def test_an_inflated_score_signed_by_another_key_fails_only_the_recomputation(is
 def test_another_seed_with_the_same_samples_fails_the_recomputation(issued, capsys) -> None:
     """The recorded samples still give the certified bound; the seed claimed does not give those samples."""
     certificate = issued["recorded"]
-    forged, keys = _resigned(certificate, issued["folder"], seed=certificate["seed"] + 1)
+    forged, keys = resigned(certificate, issued["folder"], seed=certificate["seed"] + 1)
     status, lines = _verify(issued, forged, capsys, "--recompute", keys=keys)
     assert status == Failure.RECOMPUTE, lines
     assert "bound: ok" in "\n".join(lines)  # the samples give the bound: only re-running shows the forgery
@@ -116,7 +106,7 @@ def test_another_seed_with_the_same_samples_fails_the_recomputation(issued, caps
 def test_weights_other_than_the_certified_ones_fail_with_their_own_status(issued, capsys) -> None:
     certificate = issued["recorded"]
     weights = dict(certificate["weights"], encoder=[{"name": "tiny-cnn.safetensors", "sha256": "0" * 64}])
-    forged, keys = _resigned(certificate, issued["folder"], weights=weights)
+    forged, keys = resigned(certificate, issued["folder"], weights=weights)
     status, lines = _verify(issued, forged, capsys, "--recompute", keys=keys)
     assert status == Failure.WEIGHTS, lines
     assert lines[-2] == "weights: FAILED (encoder: here none, the certificate names [tiny-cnn.safetensors 000000000000…])"
