@@ -36,6 +36,7 @@ from fsmllm.api.app import create_app
 from fsmllm.api.metrics import Metrics
 from fsmllm.api.serve import build_runtime
 from fsmllm.api.settings import Settings
+from fsmllm.evidence import Issuance
 from fsmllm.images import load_image
 
 IMAGE = "sample:chelsea"
@@ -44,8 +45,8 @@ IMAGE = "sample:chelsea"
 class PassThrough:
     """An issuer that issues nothing: the certificate goes out as computed (no binding, signature or store)."""
 
-    async def issue(self, certificate: dict[str, Any], *_: Any, **__: Any) -> dict[str, Any]:
-        return certificate
+    async def issue(self, issuance: Issuance) -> dict[str, Any]:
+        return issuance.certificate
 
 
 class Timed:
@@ -55,9 +56,9 @@ class Timed:
         self.inner = inner
         self.seconds: list[float] = []
 
-    async def issue(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+    async def issue(self, issuance: Issuance) -> dict[str, Any]:
         started = time.perf_counter()
-        document = await self.inner.issue(*args, **kwargs)
+        document = await self.inner.issue(issuance)
         self.seconds.append(time.perf_counter() - started)
         return dict(document)
 

@@ -26,7 +26,7 @@ from fsmllm.engine import serving
 from fsmllm.engine.jobs import ProgressCallback, VoteProgressCallback
 from fsmllm.engine.runtime import Runtime
 from fsmllm.engine.serving import Certified
-from fsmllm.evidence import Issuer
+from fsmllm.evidence import Issuance, Issuer
 
 router = APIRouter()
 
@@ -144,7 +144,7 @@ async def issue(
     with ``record_samples`` it carries the samples its bound was computed from."""
     samples = certified.certificate.samples if record_samples else None
     issuer: Issuer = request.app.state.issuer
-    return await issuer.issue(certificate, image, image_sha256, samples, completion_id)
+    return await issuer.issue(Issuance(certificate, image, image_sha256, samples, completion_id))
 
 
 async def respond(request: Request, stream: bool, work: Work) -> Response:

@@ -9,11 +9,11 @@ from pathlib import Path
 from fsmllm.encoders._common import cache_dir
 from fsmllm.engine.runtime import Runtime
 from fsmllm.evidence.binding import Deployment
-from fsmllm.evidence.issue import CERTIFICATE_HEADER, Issuer
+from fsmllm.evidence.issue import CERTIFICATE_HEADER, Issuance, Issuer
 from fsmllm.evidence.keys import Keyring
 from fsmllm.evidence.store import CertificateStore, store_url
 
-__all__ = ["CERTIFICATE_HEADER", "CertificateStore", "Issuer", "Keyring", "cert_folder", "open_issuer"]
+__all__ = ["CERTIFICATE_HEADER", "CertificateStore", "Issuance", "Issuer", "Keyring", "cert_folder", "open_issuer"]
 
 
 def cert_folder(setting: str | None) -> Path:

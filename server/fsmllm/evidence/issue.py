@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -38,6 +39,18 @@ def samples_record(samples: np.ndarray) -> dict[str, Any]:
     return encode_samples(values.tobytes(), shape, "float64-le-base64")
 
 
+@dataclass(frozen=True)
+class Issuance:
+    """What a route hands the issuer: the rendered certificate, the image it is about (and the SHA-256 of its bytes
+    as received), the recorded samples when asked for, and the chat completion it came with."""
+
+    certificate: dict[str, Any]
+    image: Image.Image
+    image_sha256: str
+    samples: np.ndarray | None = None
+    completion_id: str | None = None
+
+
 class Issuer:
     """Binds, signs and stores the certificates of one deployment."""
 
@@ -47,55 +60,34 @@ class Issuer:
         self.store = store
         self.deployment = deployment
 
-    def bind(
-        self,
-        certificate: dict[str, Any],
-        image: Image.Image,
-        image_sha256: str,
-        samples: np.ndarray | None,
-        completion_id: str | None = None,
-    ) -> dict[str, Any]:
+    def bind(self, issuance: Issuance) -> dict[str, Any]:
         """The certificate with its id, time, image, weights, software, device and (when given) samples, signed."""
         document = {
-            **certificate,
+            **issuance.certificate,
             "id": f"cert-{uuid.uuid4().hex}",
             "issued_at": datetime.now(UTC).isoformat(timespec="microseconds"),
             "model": self.runtime.model_name,
-            "completion_id": completion_id,
+            "completion_id": issuance.completion_id,
             "image": {
-                "sha256": image_sha256,
-                "pixels_sha256": pixels_sha256(self.runtime.pixels(image)),
+                "sha256": issuance.image_sha256,
+                "pixels_sha256": pixels_sha256(self.runtime.pixels(issuance.image)),
                 "pixels": PIXELS_LAYOUT,
             },
             "weights": self.deployment.weights,
             "software": self.deployment.software,
             "device": self.deployment.device,
         }
-        if samples is not None:
-            document["samples"] = samples_record(samples)
+        if issuance.samples is not None:
+            document["samples"] = samples_record(issuance.samples)
         document["signature"] = self.keyring.sign(signing_input(document))
         return document
 
-    def issue_now(
-        self,
-        certificate: dict[str, Any],
-        image: Image.Image,
-        image_sha256: str,
-        samples: np.ndarray | None,
-        completion_id: str | None = None,
-    ) -> dict[str, Any]:
+    def issue_now(self, issuance: Issuance) -> dict[str, Any]:
         """Bind, sign and commit (blocking); the signed certificate."""
-        document = self.bind(certificate, image, image_sha256, samples, completion_id)
-        self.store.put(document, completion_id)
+        document = self.bind(issuance)
+        self.store.put(document, issuance.completion_id)
         return document
 
-    async def issue(
-        self,
-        certificate: dict[str, Any],
-        image: Image.Image,
-        image_sha256: str,
-        samples: np.ndarray | None,
-        completion_id: str | None = None,
-    ) -> dict[str, Any]:
+    async def issue(self, issuance: Issuance) -> dict[str, Any]:
         """:meth:`issue_now` on a worker thread: returns once the certificate is committed."""
-        return await asyncio.to_thread(self.issue_now, certificate, image, image_sha256, samples, completion_id)
+        return await asyncio.to_thread(self.issue_now, issuance)
