@@ -54,7 +54,7 @@ def test_each_generation_is_accounted_when_it_starts_and_when_it_ends() -> None:
     async def scenario() -> None:
         certificate = (await runtime.certify(image, config, [0.1], seed=1)).certificate
         stream = runtime.stream(certificate, "what is it?", SamplingParams(max_tokens=4, seed=0))
-        async with aclosing(runtime.pieces(stream)) as pieces:
+        async with aclosing(runtime.stream_text(stream)) as pieces:
             text = "".join([piece async for piece in pieces])
         assert events == [("started", 0), ("completed", 4)]
         # the pieces were decoded on the LM threads (their number bounds the concurrent generations)
@@ -66,7 +66,7 @@ def test_each_generation_is_accounted_when_it_starts_and_when_it_ends() -> None:
         events.clear()
 
         stream = runtime.stream(certificate, "what is it?", SamplingParams(max_tokens=64, seed=0))
-        async with aclosing(runtime.pieces(stream)) as pieces:
+        async with aclosing(runtime.stream_text(stream)) as pieces:
             async for _ in pieces:
                 break  # the reader leaves after the first piece: the generation is cancelled
         wait_until(lambda: len(events) == 2, "the cancelled generation to be accounted")
@@ -194,7 +194,7 @@ def test_a_generation_that_breaks_is_accounted_as_failed_and_the_lm_thread_goes_
 
         received: list[str] = []
         with pytest.raises(RuntimeError, match="^device error while decoding$"):
-            async with aclosing(runtime.pieces(runtime.stream(certificate, "what is it?", params))) as pieces:
+            async with aclosing(runtime.stream_text(runtime.stream(certificate, "what is it?", params))) as pieces:
                 async for piece in pieces:
                     received.append(piece)
         assert len(received) == 2
@@ -209,7 +209,7 @@ def test_a_generation_that_breaks_is_accounted_as_failed_and_the_lm_thread_goes_
         events.clear()
 
         # the LM thread survived every failure: a generation's first pieces still arrive
-        async with aclosing(runtime.pieces(runtime.stream(certificate, "what is it?", params))) as pieces:
+        async with aclosing(runtime.stream_text(runtime.stream(certificate, "what is it?", params))) as pieces:
             first = await anext(pieces)
         assert first and events[0] == ("started", 0)
 
