@@ -99,6 +99,11 @@ def openai_status(status: int) -> int:
     return 400 if status in (415, 422) else status
 
 
+def openai_type(status: int) -> str:
+    """OpenAI's error ``type`` for a status: the client's fault below 500, the server's from 500 on."""
+    return "invalid_request_error" if status < 500 else "server_error"
+
+
 def _validation_code(errors: Sequence[Mapping[str, Any]]) -> tuple[str, str | None]:
     """The OpenAI ``code`` and ``param`` of a validation failure: from its first error's pydantic type and place
     (an unknown or unsupported field names itself in the error's context, relative to that place)."""
@@ -160,7 +165,7 @@ def error_response(
     status = openai_status(status)
     error = {
         "message": message,
-        "type": "invalid_request_error" if status < 500 else "server_error",
+        "type": openai_type(status),
         "param": param,
         "code": code or kind,
         "request_id": request_id,
@@ -184,7 +189,7 @@ def openai_error_event(error: BaseException) -> dict[str, Any]:
     status, kind = known or (500, "internal_error")
     return {
         "message": _message(error) if known else INTERNAL_ERROR,
-        "type": "invalid_request_error" if openai_status(status) < 500 else "server_error",
+        "type": openai_type(openai_status(status)),
         "param": getattr(error, "param", None),
         "code": kind,
     }

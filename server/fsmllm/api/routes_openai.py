@@ -46,10 +46,8 @@ router = APIRouter(prefix="/v1")
 )
 async def chat_completions(request: Request, response: Response, chat: ChatCompletionRequest) -> Any:
     runtime: Runtime = request.app.state.runtime
-    if chat.model is not None and chat.model != runtime.model_name:
-        raise UnknownModel(
-            f"model {chat.model!r} is not served here; GET /v1/models lists {runtime.model_name!r}", param="model"
-        )
+    if chat.model is not None:
+        _refuse_unless_served(runtime, chat.model, param="model")
     runtime.language_model()  # CertificatesOnly (422) before any work
     question, url = chat.question_and_image()
     image_bytes = decode_base64_image(url)
@@ -158,6 +156,14 @@ def document_served_model(openapi: dict[str, Any], model_name: str) -> dict[str,
     return openapi
 
 
+def _refuse_unless_served(runtime: Runtime, model_id: str, param: str | None = None) -> None:
+    """Raise :class:`UnknownModel` (404, naming the served model) unless ``model_id`` is the one served here."""
+    if model_id != runtime.model_name:
+        raise UnknownModel(
+            f"model {model_id!r} is not served here; GET /v1/models lists {runtime.model_name!r}", param=param
+        )
+
+
 def _card(runtime: Runtime) -> ModelCard:
     """The served model's card: its encoder, booster, input size, allowed sigmas and certification defaults."""
     policy = runtime.policy
@@ -191,6 +197,5 @@ async def models(request: Request) -> ModelList:
 )
 async def model(request: Request, model_id: str) -> ModelCard:
     runtime: Runtime = request.app.state.runtime
-    if model_id != runtime.model_name:
-        raise UnknownModel(f"model {model_id!r} is not served here; GET /v1/models lists {runtime.model_name!r}")
+    _refuse_unless_served(runtime, model_id)
     return _card(runtime)
