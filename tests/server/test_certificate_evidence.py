@@ -45,6 +45,15 @@ def issued():
             f"{live.url}/v1/certificates", params={"image_sha256": certificate["image"]["sha256"]}
         ).json()
         missing = httpx.get(f"{live.url}/v1/certificates/cert-nope")
+        at = certificate["issued_at"]
+        ranges = {
+            name: httpx.get(f"{live.url}/v1/certificates", params={"since": since, "until": until})
+            for name, (since, until) in {
+                "around": (at, "2999-01-01T00:00:00Z"),
+                "empty": (at, at),
+                "inverted": ("2999-01-01T00:00:00Z", at),
+            }.items()
+        }
         yield {
             "image": image,
             "certificate": certificate,
@@ -54,6 +63,7 @@ def issued():
             "by_completion": by_completion,
             "listed": listed,
             "missing": missing,
+            "ranges": ranges,
         }
 
 
@@ -65,6 +75,13 @@ def test_a_certificate_verifies_and_is_stored(issued):
     assert [c["id"] for c in issued["listed"]["data"]] and issued["certificate"]["id"] in [
         c["id"] for c in issued["listed"]["data"]
     ]
+
+
+def test_the_list_takes_a_time_range_since_inclusive_until_exclusive(issued):
+    ranges, cert_id = issued["ranges"], issued["certificate"]["id"]
+    assert cert_id in [c["id"] for c in ranges["around"].json()["data"]]
+    assert ranges["empty"].status_code == 200 and ranges["empty"].json()["data"] == []  # since == until: nothing
+    assert ranges["inverted"].status_code == 400 and "swap them" in ranges["inverted"].json()["error"]["message"]
 
 
 def test_the_chat_completion_names_its_certificate(issued):

@@ -12,6 +12,7 @@ import openai
 import pytest
 from PIL import Image
 
+from fsmllm.api.schemas.openai import LONE_IMAGE_QUESTION
 from fsmllm.api.settings import Settings
 
 from .live import LiveServer, certified_content, data_url, live_server, png_bytes, tiny_model_server
@@ -31,10 +32,15 @@ def client(server: LiveServer) -> openai.OpenAI:
 
 
 def messages(seed: int = 1, image: str | None = None) -> list[dict[str, Any]]:
-    return [{"role": "user", "content": [
-        {"type": "text", "text": PROMPT},
-        {"type": "image_url", "image_url": {"url": image or data_url(png_bytes(seed))}},
-    ]}]
+    return [
+        {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": PROMPT},
+                {"type": "image_url", "image_url": {"url": image or data_url(png_bytes(seed))}},
+            ],
+        }
+    ]
 
 
 def _png(image: Image.Image) -> bytes:
@@ -69,8 +75,11 @@ def test_max_completion_tokens_limits_the_answer_and_wins_over_max_tokens(client
         ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools", "tools is not"),
         ({"presence_penalty": 0.5}, "presence_penalty", "presence_penalty is not supported"),
         ({"extra_body": {"max_tokenz": 3}}, "max_tokenz", "unknown field 'max_tokenz' (did you mean 'max_tokens'?)"),
-        ({"extra_body": {"target_cosine": 0.5}}, "target_cosine",
-         "unknown field 'target_cosine' (did you mean 'certification.target_cos'?)"),
+        (
+            {"extra_body": {"target_cosine": 0.5}},
+            "target_cosine",
+            "unknown field 'target_cosine' (did you mean 'certification.target_cos'?)",
+        ),
         ({"n": 9}, "n", "less than or equal to 8"),
     ],
 )
@@ -88,8 +97,17 @@ def test_parameters_the_server_does_not_implement_are_refused_by_name(
 def test_what_clients_send_as_their_defaults_is_accepted(client: openai.OpenAI) -> None:
     plain = create(client, max_tokens=6)
     defaults = create(
-        client, max_tokens=6, n=1, logprobs=False, frequency_penalty=0, presence_penalty=0, user="u-1", store=False,
-        stop=None, temperature=0, top_p=1,
+        client,
+        max_tokens=6,
+        n=1,
+        logprobs=False,
+        frequency_penalty=0,
+        presence_penalty=0,
+        user="u-1",
+        store=False,
+        stop=None,
+        temperature=0,
+        top_p=1,
     )
     assert defaults.choices[0].message.content == plain.choices[0].message.content
 
@@ -110,16 +128,19 @@ def test_n_seed_stop_temperature_and_top_p_are_honoured(client: openai.OpenAI) -
 
     text = create(client, max_tokens=12).choices[0].message.content
     cut = text.index(" ", 2)  # a stop string inside the answer ends it there
-    stopped = create(client, max_tokens=12, stop=[text[cut:cut + 3]])
+    stopped = create(client, max_tokens=12, stop=[text[cut : cut + 3]])
     assert stopped.choices[0].message.content == text[:cut] and stopped.choices[0].finish_reason == "stop"
 
 
 def test_a_streamed_answer_with_include_usage_ends_with_the_usage_and_the_certificate(client: openai.OpenAI) -> None:
     whole = create(client, max_tokens=6, n=2, temperature=1.0)
-    chunks = list(create(client, max_tokens=6, n=2, temperature=1.0, stream=True,
-                         stream_options={"include_usage": True}))
-    texts = ["".join(c.choices[0].delta.content or "" for c in chunks if c.choices and c.choices[0].index == i)
-             for i in range(2)]
+    chunks = list(
+        create(client, max_tokens=6, n=2, temperature=1.0, stream=True, stream_options={"include_usage": True})
+    )
+    texts = [
+        "".join(c.choices[0].delta.content or "" for c in chunks if c.choices and c.choices[0].index == i)
+        for i in range(2)
+    ]
     assert texts == [choice.message.content for choice in whole.choices]
     last = chunks[-1]
     assert last.choices == [] and last.usage.completion_tokens == whole.usage.completion_tokens
@@ -133,6 +154,25 @@ def test_the_developer_role_is_openais_name_for_system(client: openai.OpenAI) ->
     completion = create(client, max_tokens=4, messages=[{"role": "developer", "content": "Be brief."}, *messages()])
     system = create(client, max_tokens=4, messages=[{"role": "system", "content": "Be brief."}, *messages()])
     assert completion.choices[0].message.content == system.choices[0].message.content
+
+
+def test_an_image_alone_is_asked_what_it_shows_and_a_question_alone_is_refused(client: openai.OpenAI) -> None:
+    image = {"type": "image_url", "image_url": {"url": data_url(png_bytes(1))}}
+    lone = create(client, max_tokens=6, messages=[{"role": "user", "content": [image]}])
+    asked = create(
+        client,
+        max_tokens=6,
+        messages=[{"role": "user", "content": [{"type": "text", "text": LONE_IMAGE_QUESTION}, image]}],
+    )
+    other = create(
+        client,
+        max_tokens=6,
+        messages=[{"role": "user", "content": [{"type": "text", "text": "Describe the colours"}, image]}],
+    )
+    assert lone.choices[0].message.content == asked.choices[0].message.content
+    assert other.choices[0].message.content != asked.choices[0].message.content  # the answer hangs on the question
+    with pytest.raises(openai.BadRequestError, match="exactly one image"):
+        create(client, messages=[{"role": "user", "content": [{"type": "text", "text": PROMPT}]}])
 
 
 def test_models_retrieve(server: LiveServer, client: openai.OpenAI) -> None:
@@ -203,7 +243,12 @@ def test_langchain_chat_openai_with_an_image_message(server: LiveServer, client:
     from langchain_core.messages import HumanMessage
 
     chat = langchain_openai.ChatOpenAI(
-        base_url=f"{server.url}/v1", api_key="unused", model="tiny-test", max_tokens=2, seed=3, max_retries=0,
+        base_url=f"{server.url}/v1",
+        api_key="unused",
+        model="tiny-test",
+        max_tokens=2,
+        seed=3,
+        max_retries=0,
         stream_usage=True,
     )
     message = HumanMessage(content=messages()[0]["content"])
@@ -216,18 +261,26 @@ def test_langchain_chat_openai_with_an_image_message(server: LiveServer, client:
         streamed = piece if streamed is None else streamed + piece
     assert streamed.content == answer.content and streamed.usage_metadata["output_tokens"] == 2
     with pytest.raises(openai.BadRequestError, match="limit of 64"):
-        langchain_openai.ChatOpenAI(base_url=f"{server.url}/v1", api_key="unused", model="tiny-test",
-                                    max_tokens=100, max_retries=0).invoke([message])
+        langchain_openai.ChatOpenAI(
+            base_url=f"{server.url}/v1", api_key="unused", model="tiny-test", max_tokens=100, max_retries=0
+        ).invoke([message])
 
 
-def test_the_certificate_reaches_langchain_through_the_response_header(server: LiveServer, client: openai.OpenAI) -> None:
+def test_the_certificate_reaches_langchain_through_the_response_header(
+    server: LiveServer, client: openai.OpenAI
+) -> None:
     """LangChain's message keeps only OpenAI's fields; with include_response_headers it keeps the headers, and
     X-Fsmllm-Certificate-Id names the certificate that GET /v1/certificates/{id} serves (docs/certificates.md)."""
     import langchain_openai
     from langchain_core.messages import HumanMessage
 
     chat = langchain_openai.ChatOpenAI(
-        base_url=f"{server.url}/v1", api_key="unused", model="tiny-test", max_tokens=2, seed=3, max_retries=0,
+        base_url=f"{server.url}/v1",
+        api_key="unused",
+        model="tiny-test",
+        max_tokens=2,
+        seed=3,
+        max_retries=0,
         include_response_headers=True,
     )
     answer = chat.invoke([HumanMessage(content=messages()[0]["content"])])

@@ -48,7 +48,7 @@ async def certificates(
     until: Annotated[datetime | None, Query(description="issued before (ISO 8601; naive = UTC)")] = None,
     limit: Annotated[int, Query(ge=1, le=MAX_LIST, description=f"at most this many (1 to {MAX_LIST})")] = 20,
 ) -> dict[str, Any]:
-    if since is not None and until is not None and until <= since:
-        raise RequestError(f"until ({until.isoformat()}) must come after since ({since.isoformat()})")
+    if since is not None and until is not None and until < since:  # since == until: an empty range, no error
+        raise RequestError(f"until ({until.isoformat()}) comes before since ({since.isoformat()}): swap them")
     found = await asyncio.to_thread(_issuer(request).store.list, image_sha256, model, since, until, limit)
     return {"object": "list", "data": found}

@@ -9,6 +9,7 @@ from dataclasses import replace
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic.json_schema import JsonDict
 from pydantic_core import PydanticCustomError
 
 from fsmllm.api.schemas.certificate import CertificateOut
@@ -20,17 +21,26 @@ from fsmllm.engine.serving import Answered, AnswerTask, Certified
 from fsmllm.errors import RequestError
 from fsmllm.lm.base import Generation
 
+#: the question asked when the last user message has no text (an image alone: OpenAI's models describe it)
+LONE_IMAGE_QUESTION = "What is in this image?"
 
-# The parts carry no examples of their own: example tools (schemathesis, Swagger UI) would put a lone part in a
-# message (an image and no question, or a question and no image), a request the server refuses; the message's
-# content and the request's messages give the whole, working example.
+
+# The text part carries no example of its own: example tools (schemathesis, Swagger UI) would put it alone in a
+# message (a question and no image), a request the server refuses; the message's content gives the whole example.
 class ImageURL(BaseModel):
-    url: str = Field(description="a data:image/...;base64, URL (remote URLs are not fetched)")
+    url: str = Field(
+        description="a data:image/...;base64, URL (remote URLs are not fetched)",
+        examples=[EXAMPLE_IMAGE],
+        json_schema_extra={"pattern": "^data:"},  # checked in question_and_image, with a message that says why
+    )
 
 
 class TextPart(BaseModel):
     type: Literal["text"] = Field(description="a text part")
-    text: str = Field(description="the text: in the last user message, the question about the image")
+    text: str = Field(
+        description="the text: in the last user message, the question about the image (with none, the question "
+        f"is {LONE_IMAGE_QUESTION!r})"
+    )
 
 
 class ImagePart(BaseModel):
@@ -126,6 +136,19 @@ class ChatCertification(CertifyParams):
         return False
 
 
+#: JSON Schema of "a message whose content holds an image part": a conversation must contain one
+ONE_IMAGE_MESSAGE: JsonDict = {
+    "type": "object",
+    "required": ["content"],
+    "properties": {
+        "content": {
+            "type": "array",
+            "contains": {"type": "object", "required": ["type"], "properties": {"type": {"const": "image_url"}}},
+        }
+    },
+}
+
+
 class ChatCompletionRequest(AnsweringParams):
     """An OpenAI chat completion request: the parameters of :data:`HONOURED` are honoured, those of
     :data:`NOT_IMPLEMENTED` accepted only with values that ask for nothing, any other refused naming the one meant."""
@@ -158,6 +181,7 @@ class ChatCompletionRequest(AnsweringParams):
         ...,
         min_length=1,
         description="the conversation; the last user message's text is the question, and it holds one image",
+        json_schema_extra={"contains": ONE_IMAGE_MESSAGE},
         examples=[
             [
                 {
@@ -233,7 +257,8 @@ class ChatCompletionRequest(AnsweringParams):
         return self
 
     def question_and_image(self) -> tuple[str, str]:
-        """The last user message's text, and the one image of the conversation (as a data URL)."""
+        """The last user message's text (:data:`LONE_IMAGE_QUESTION` when it has none), and the one image of the
+        conversation (as a data URL)."""
         images = [
             part.image_url.url
             for message in self.messages
@@ -250,11 +275,9 @@ class ChatCompletionRequest(AnsweringParams):
             raise RequestError("the conversation has no user message")
         content = users[-1].content
         text = content if isinstance(content, str) else " ".join(p.text for p in content if p.type == "text")
-        if not text.strip():
-            raise RequestError("the last user message has no text: ask a question about the image")
         if not images[0].startswith("data:"):
             raise RequestError("image_url must be a data:image/...;base64, URL; this server does not fetch remote URLs")
-        return text.strip(), images[0]
+        return text.strip() or LONE_IMAGE_QUESTION, images[0]
 
     def to_answer(self, policy: Policy, question: str) -> AnswerTask:
         """The certified answers to ``question`` this asks for (the seed overrides ``certification.seed``)."""
