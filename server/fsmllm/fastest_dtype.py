@@ -7,7 +7,10 @@ when it takes at most ``1 / MARGIN`` of float32's time (:func:`choose`): where b
 CPU without AMX or AVX512-BF16) it is no faster, or slower, and the margin keeps timing noise from picking it. The
 choice is cached in ``cache_dir()/fastest-dtype.json`` under a key naming the machine (:func:`machine`: the CPU or
 GPU, the torch version, the threads) and the model, so later starts on the same machine skip the timing and choose
-the same precision (certificates with the same seed stay the same).
+the same precision (certificates with the same seed stay the same). A timing near the margin (a speed-up within
+``NEAR`` times of it either way, as a busy machine gives: one measured 1.49x where the idle machine measures 4x) is
+not trusted: the candidates are timed again, up to ``RETIMES`` times, each keeping the best of all rounds, and a
+timing still that close is used for this start but not cached, so the next start times again.
 
 What a reduced precision means for a certificate is unchanged (docs/method.md, "Reduced precision"): it is for
 the model as computed in that precision; the noise is drawn in float32.
@@ -44,6 +47,11 @@ REPEATS = 3
 #: is at the mercy of a busy machine's scheduler)
 MIN_SECONDS = 0.05
 
+#: a timing is decisive when the best speed-up of a reduced precision is at least MARGIN * NEAR or at most
+#: MARGIN / NEAR; one in between is timed again (up to RETIMES more times) and, if still in between, not cached
+NEAR = 1.25
+RETIMES = 2
+
 #: one timed run of the model in the given precision (a closure over a copy of the model in it and its input)
 Trial = Callable[[], object]
 #: measures every candidate: precision -> seconds of one batch
@@ -66,6 +74,16 @@ def choose(seconds: Mapping[Precision, float], margin: float = MARGIN) -> Precis
         p: s for p, s in seconds.items() if p != "float32" and s * margin <= seconds["float32"]
     }
     return min(fast, key=fast.__getitem__) if fast else "float32"
+
+
+def decisive(seconds: Mapping[Precision, float], margin: float = MARGIN, near: float = NEAR) -> bool:
+    """Whether ``seconds`` settle :func:`choose` beyond timing noise: the best reduced precision's speed-up over
+    float32 is at least ``margin * near`` or at most ``margin / near`` (no reduced candidate: trivially)."""
+    reduced = [s for p, s in seconds.items() if p != "float32"]
+    if not reduced:
+        return True
+    speedup = seconds["float32"] / min(reduced)
+    return speedup >= margin * near or speedup <= margin / near
 
 
 def measure_trials(make_trial: Callable[[Precision], Trial], device: str | torch.device) -> Measure:
@@ -140,9 +158,24 @@ def _read(path: Path) -> dict[str, dict[str, float]]:
     return entries if isinstance(entries, dict) else {}
 
 
+def _store(path: Path, key: str, seconds: Mapping[Precision, float]) -> None:
+    """Cache ``seconds`` under ``key``: the file written whole under another name, then renamed into place (never
+    half a file); a cache that cannot be written is logged, not an error."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        entries = _read(path)
+        entries[key] = {str(p): s for p, s in seconds.items()}
+        staging = path.with_name(f".{path.name}.{os.getpid()}")
+        staging.write_text(json.dumps(entries, indent=1, sort_keys=True))
+        staging.replace(path)
+    except OSError as error:
+        log.warning("could not cache the precision timing in %s: %s", path, error)
+
+
 def fastest(model: str, device: str | torch.device, measure: Measure, path: Path | None = None) -> Choice:
     """The fastest sound precision of ``model`` (a key naming the model and its batch) on ``device``: from the cache
-    if this machine timed it before, else measured now (``measure``) and cached."""
+    if this machine timed it before, else measured now (``measure``; again while not :func:`decisive`) and cached
+    when decisive."""
     path = cache_file() if path is None else path
     key = f"{model} | {machine(device)}"
     stored = _read(path).get(key)
@@ -151,19 +184,25 @@ def fastest(model: str, device: str | torch.device, measure: Measure, path: Path
         isinstance(stored, dict)
         and "float32" in stored
         and all(p in PRECISIONS and isinstance(s, float) for p, s in stored.items())
+        and decisive(cast(dict[Precision, float], stored))  # one cached by an older version near the margin: redone
     ):
         seconds, cached = cast(dict[Precision, float], stored), True
     else:
         seconds, cached = measure(candidates(device)), False
-        try:  # written whole under another name, then renamed into place: never half a file
-            path.parent.mkdir(parents=True, exist_ok=True)
-            entries = _read(path)
-            entries[key] = {str(p): s for p, s in seconds.items()}
-            staging = path.with_name(f".{path.name}.{os.getpid()}")
-            staging.write_text(json.dumps(entries, indent=1, sort_keys=True))
-            staging.replace(path)
-        except OSError as error:
-            log.warning("could not cache the precision timing in %s: %s", path, error)
+        for _ in range(RETIMES):
+            if decisive(seconds):
+                break
+            again = measure(candidates(device))
+            seconds = {p: min(s, again[p]) for p, s in seconds.items()}
+        if decisive(seconds):
+            _store(path, key, seconds)
+        else:
+            log.warning(
+                "%s: the timings %s are too close to the %.1fx margin to keep; the next start times again",
+                model,
+                ", ".join(f"{p} {s * 1e3:.1f} ms" for p, s in seconds.items()),
+                MARGIN,
+            )
     choice = Choice(choose(seconds), seconds, cached)
     timings = ", ".join(f"{p} {s * 1e3:.1f} ms" for p, s in choice.seconds.items())
     log.info(
