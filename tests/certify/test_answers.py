@@ -17,6 +17,7 @@ from fsmllm.certify.answers import (
     needed_probability,
     normalise_answer,
 )
+from fsmllm.certify.replay import answer_p_lower
 
 SIGMA = 0.25
 
@@ -91,7 +92,14 @@ def test_progress_reports_each_phase_and_an_interim_bound_only_when_it_is_valid(
     fixed.add(["b", "a"])
     assert fixed.progress() == {"done": 2, "total": 14, "phase": "selection"}
     fixed.add(["A.", "a", "b", "a"])  # "a" chosen (3 of 4: "A." is shown as first seen), then b, a
-    assert fixed.progress() == {"done": 6, "total": 14, "phase": "estimation", "answer": "a", "agree": 1, "estimated": 2}
+    assert fixed.progress() == {
+        "done": 6,
+        "total": 14,
+        "phase": "estimation",
+        "answer": "a",
+        "agree": 1,
+        "estimated": 2,
+    }
     fixed.add(["a"] * 8)
     assert fixed.progress()["stopped_by"] == "budget" and "p_lower" not in fixed.progress()  # Clopper-Pearson
     anytime = AnswerVoting(AnswerConfig(sigma=SIGMA, n0=2, n=1000, alpha=0.1, radius=0.1), seed=0)
@@ -101,7 +109,11 @@ def test_progress_reports_each_phase_and_an_interim_bound_only_when_it_is_valid(
         anytime.add(["a"] * 16)
     report, certificate = anytime.progress(), anytime.certificate()
     assert report["stopped_by"] == "target_reached" == certificate.stopped_by
-    assert (report["p_lower"], report["radius"], report["estimated"]) == (certificate.p_lower, certificate.radius, certificate.n)
+    assert (report["p_lower"], report["radius"], report["estimated"]) == (
+        certificate.p_lower,
+        certificate.radius,
+        certificate.n,
+    )
 
 
 def test_unfinished_voting_has_no_certificate() -> None:
@@ -291,3 +303,32 @@ def test_the_target_radius_0_2_is_certified_when_every_tenth_vote_disagrees() ->
     certificate = voting.certificate()
     assert certificate.stopped_by == "target_reached" and certificate.n < 256
     assert certificate.p_lower >= needed_probability(0.2, 0.25) and certificate.certified_at(0.2)
+
+
+@pytest.mark.parametrize(
+    ("config", "p"),
+    [
+        (AnswerConfig(sigma=SIGMA, n0=4, n=300, alpha=0.01), 0.9),  # fixed n: Clopper-Pearson
+        (AnswerConfig(sigma=SIGMA, n0=4, n=1000, alpha=0.001, radius=0.25), 1.0),  # stops early: target reached
+        (AnswerConfig(sigma=SIGMA, n0=4, n=2000, alpha=0.001, radius=0.5), 0.6),  # stops early: unreachable
+        (AnswerConfig(sigma=SIGMA, n0=4, n=200, alpha=0.01, radius=0.4), 0.95),  # anytime, budget spent
+    ],
+)
+def test_the_recorded_votes_give_the_certified_p_lower_bit_for_bit(config: AnswerConfig, p: float) -> None:
+    """What a verifier does (``fsmllm verify``): p̲ and the radius from the recorded ±1 votes, exactly as served;
+    one vote flipped moves them."""
+    cert = run(config, p, np.random.default_rng(5)).certificate()
+    assert cert.samples is not None and cert.samples.size == cert.n and int((cert.samples > 0).sum()) == cert.agree
+    anytime = config.radius is not None
+    assert answer_p_lower(cert.samples, config.alpha, config.n, anytime) == cert.p_lower
+    assert answer_radius(answer_p_lower(cert.samples, config.alpha, config.n, anytime), SIGMA) == cert.radius
+    flipped = cert.samples.copy()
+    flipped[-1] = -flipped[-1]
+    assert answer_p_lower(flipped, config.alpha, config.n, anytime) != cert.p_lower
+
+
+def test_values_that_are_not_votes_are_refused() -> None:
+    with pytest.raises(ValueError, match=r"\+1"):
+        answer_p_lower(np.array([1.0, 0.5]), 0.01, 10, False)
+    with pytest.raises(ValueError, match="budget of 1"):
+        answer_p_lower(np.ones(2), 0.01, 1, False)

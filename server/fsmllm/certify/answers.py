@@ -29,6 +29,7 @@ from typing import Literal
 
 import numpy as np
 import torch
+from numpy.typing import NDArray
 from scipy.stats import binomtest, norm
 
 from fsmllm.certify.bounds import VOTE_TRUNCATIONS, betting_lower_bound
@@ -109,6 +110,8 @@ class AnswerCertificate:
     With probability ≥ 1 − α: ``p_lower`` ≤ P(h(x + δ) = answer), hence, unless ``abstain``, the smoothed
     model answers ``answer`` (in normalised form) for every x′ with ``‖x′ − x‖₂ < radius``. ``votes`` are
     the most frequent answers among the ``n`` estimation votes (display text, normalised form, count).
+    ``samples`` are the estimation votes in order, +1 where a vote agreed with ``answer`` and −1 where not
+    (float64 [n]), from which :func:`~fsmllm.certify.replay.answer_p_lower` recomputes ``p_lower`` bit for bit.
     """
 
     answer: str
@@ -121,6 +124,7 @@ class AnswerCertificate:
     agree: int
     stopped_by: AnswerStop
     votes: tuple[tuple[str, str, int], ...] = field(default=())
+    samples: NDArray[np.float64] | None = field(default=None, repr=False, compare=False)
 
     @property
     def abstain(self) -> bool:
@@ -279,6 +283,7 @@ class AnswerVoting:
             agree=int((self._agreements > 0).sum()),
             stopped_by=self.stopped_by,
             votes=tuple((self._display[key], key, count) for key, count in self._counts.most_common(LISTED_VOTES)),
+            samples=self._agreements.copy(),
         )
 
 

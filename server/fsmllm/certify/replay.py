@@ -13,6 +13,11 @@ in the same order, so it returns the served ``score_lower`` bit for bit:
 
 α_s is α per token (Bonferroni over the T tokens of a token-level certificate). The FCSB at each radius then
 follows from ``score_lower`` by the closed form (:func:`~fsmllm.certify.certificate.certified_fcsb`).
+
+A certified answer's p̲ is recomputed the same way from its estimation votes (±1: agreed with the answer or not;
+:func:`answer_p_lower`): Clopper–Pearson on their count at a fixed n, or the best betting bound (vote caps) over
+the same checkpoints with a target radius; its radius then follows by
+:func:`~fsmllm.certify.answers.answer_radius`.
 """
 
 from __future__ import annotations
@@ -20,7 +25,8 @@ from __future__ import annotations
 import numpy as np
 from numpy.typing import NDArray
 
-from fsmllm.certify.bounds import ANYTIME_METHODS, BoundMethod, lower_bound
+from fsmllm.certify.answers import clopper_pearson_lower
+from fsmllm.certify.bounds import ANYTIME_METHODS, VOTE_TRUNCATIONS, BoundMethod, betting_lower_bound, lower_bound
 from fsmllm.certify.config import bound_checked_after
 
 
@@ -52,3 +58,23 @@ def score_lower(
     if not counts:
         raise ValueError(f"an anytime bound stopped after {used} samples, at no checkpoint")
     return np.array([max(lower_bound(column[:count], alpha, bound, horizon) for count in counts) for column in columns])
+
+
+def answer_p_lower(votes: NDArray[np.float64], alpha: float, budget: int, anytime: bool) -> float:
+    """The p̲ a certified answer gave from its estimation ``votes`` (±1, in order) at level ``alpha``, with
+    ``budget`` the votes it was allowed and ``anytime`` whether it ran to a target radius (the betting bound,
+    evaluated where :class:`~fsmllm.certify.answers.AnswerVoting` evaluates it) or not (Clopper–Pearson)."""
+    values = np.asarray(votes, dtype=np.float64)
+    if values.ndim != 1 or not np.isin(values, (-1.0, 1.0)).all():
+        raise ValueError("the votes of an answer are a list of +1 (agreed with the answer) and -1")
+    if not 1 <= values.size <= budget:
+        raise ValueError(f"{values.size} recorded votes for a budget of {budget}")
+    if not anytime:
+        return clopper_pearson_lower(int((values > 0).sum()), values.size, alpha)
+    counts = bound_counts(values.size, budget)
+    if not counts:
+        raise ValueError(f"an anytime bound stopped after {values.size} votes, at no checkpoint")
+    bounds = (
+        (1.0 + betting_lower_bound(values[:count], alpha, truncations=VOTE_TRUNCATIONS)) / 2.0 for count in counts
+    )
+    return max(0.0, *bounds)
