@@ -17,6 +17,17 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="allow")
 
 
+class _Issued(_Model):
+    """What an issued certificate, feature or answer, has of its own (docs/certificates.md): the id
+    (GET /v1/certificates/{id}), when, the signature, and with record_samples the recorded values
+    (fsmllm_client.verify checks them); the rest of the binding is kept as extra fields."""
+
+    id: str | None = None
+    issued_at: str | None = None
+    signature: str | None = None
+    samples: dict[str, Any] | None = None
+
+
 class RadiusBound(_Model):
     """The bounds at one l2 radius. ``certified_fcsb`` is the certificate on the smoothed encoder F,
     ``served_fcsb`` the same for the features the language model read; ``None`` means nothing certified."""
@@ -53,7 +64,7 @@ class Timings(_Model):
     total_ms: float = 0.0
 
 
-class Certificate(_Model):
+class Certificate(_Issued):
     """A complete certificate: every number can be reproduced from these fields and the image."""
 
     encoder: str
@@ -79,12 +90,6 @@ class Certificate(_Model):
     radii: list[RadiusBound]
     certified_radius: CertifiedRadius | None = None
     cached: bool = False
-    #: issued certificates (docs/certificates.md): the id (GET /v1/certificates/{id}), when, the signature, and
-    #: with record_samples the recorded values (fsmllm_client.verify checks them)
-    id: str | None = None
-    issued_at: str | None = None
-    signature: str | None = None
-    samples: dict[str, Any] | None = None
 
 
 class CertifyResult(_Model):
@@ -101,7 +106,7 @@ class AnswerVote(_Model):
     count: int
 
 
-class AnswerCertificate(_Model):
+class AnswerCertificate(_Issued):
     """The certified answer: unless ``abstain``, the smoothed model answers ``answer`` for every image within
     l2 distance ``radius`` (probability ≥ 1 − ``alpha``)."""
 

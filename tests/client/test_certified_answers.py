@@ -16,7 +16,7 @@ from fsmllm.lm.models import load_model
 from fsmllm_client import AnswerCertificate, Client
 from fsmllm_client.cli import main
 
-from ..server.live import LiveServer, data_url, live_server, png_bytes
+from ..server.live import LiveServer, certified_content, data_url, live_server, png_bytes
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +34,8 @@ def test_client_sends_certify_answer_and_types_the_result(server: LiveServer) ->
         "image": data_url(png_bytes(2)), "prompt": "What?", "seed": 8, "max_tokens": 3, "certify_answer": {"n0": 8, "n": 64},
     }, timeout=60).json()
     assert isinstance(result.answer_certificate, AnswerCertificate)
-    assert result.answer_certificate.model_dump() == raw["answer_certificate"]
+    assert certified_content(result.answer_certificate.model_dump()) == certified_content(raw["answer_certificate"])
+    assert result.answer_certificate.id and result.answer_certificate.feature_certificate_id == result.certificate.id
     assert plain.answer_certificate is None
 
 

@@ -113,7 +113,7 @@ def png_bytes(seed: int = 0, size: tuple[int, int] = (24, 20)) -> bytes:
 
 #: what each issue of a certificate has of its own (docs/certificates.md): two issues of one certification differ
 #: only in these
-ISSUANCE_FIELDS = frozenset({"id", "issued_at", "signature", "completion_id", "cached"})
+ISSUANCE_FIELDS = frozenset({"id", "issued_at", "signature", "completion_id", "cached", "feature_certificate_id"})
 
 
 def certified_content(certificate: dict[str, Any]) -> dict[str, Any]:

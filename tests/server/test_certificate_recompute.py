@@ -14,6 +14,7 @@ import httpx
 import numpy as np
 import pytest
 
+from fsmllm.certify.answers import answer_radius
 from fsmllm.certify.certificate import certified_fcsb, optional_floats
 from fsmllm.cli.main import main as fsmllm_main
 from fsmllm_client.verify import Failure
@@ -37,6 +38,15 @@ def issued(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]
         generated = httpx.post(
             f"{live.url}/generate", json={"image": encoded, "prompt": "what?", "max_tokens": 2}, timeout=120
         )
+
+        def answer(**certify_answer: Any) -> dict[str, Any]:
+            body = {"image": encoded, "prompt": "what?", "max_tokens": 2, "seed": 5, "n": 50, "record_samples": True}
+            response = httpx.post(f"{live.url}/generate", json={**body, "certify_answer": certify_answer}, timeout=300)
+            assert response.status_code == 200, response.text
+            answered = response.json()
+            stored = httpx.get(f"{live.url}/v1/certificates/{answered['answer_certificate']['id']}").json()
+            return {**answered, "stored": stored}
+
         yield {
             "folder": folder,
             "recorded": certify(seed=21, record_samples=True),
@@ -45,6 +55,8 @@ def issued(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]
                 target_cos=0.9,
             ),
             "generated": generated.json()["certificate"],
+            "answered": answer(n0=8, n=64, alpha=0.01),  # fixed n: Clopper-Pearson
+            "answered_anytime": answer(n0=8, n=96, alpha=0.01, radius=0.01),  # the betting bound, may stop early
         }
 
 
@@ -151,3 +163,37 @@ def test_a_llava_checkpoint_is_bound_by_its_folder_and_recomputed_from_it(tmp_pa
     assert "weights: FAILED (encoder: its weights are not here" in capsys.readouterr().out
     assert fsmllm_main([*argv, "--encoder", str(folder)]) == Failure.OK
     assert "bit for bit)" in capsys.readouterr().out.splitlines()[-2]
+
+
+@pytest.mark.parametrize("kind", ["answered", "answered_anytime"])
+def test_a_certified_answer_is_issued_on_its_own_and_its_votes_recompute_p_lower(issued, kind, capsys) -> None:
+    """The answer certificate is bound, signed and stored like the feature certificate issued with it, which it
+    names; ``fsmllm verify`` recomputes p_lower from its recorded votes bit for bit, then the radius."""
+    answered = issued[kind]
+    answer, feature = answered["answer_certificate"], answered["certificate"]
+    assert answer["id"] != feature["id"] and answer["feature_certificate_id"] == feature["id"]
+    assert answered["stored"] == answer
+    assert answer["image"] == feature["image"] and answer["weights"] == feature["weights"]
+    assert (answer["encoder"], answer["input_size"]) == (feature["encoder"], feature["input_size"])
+    assert answer["samples"]["shape"] == [answer["n"]]
+    status, lines = _verify(issued, answer, capsys, "--recompute")
+    assert status == Failure.OK, lines
+    assert any(line.startswith("bound: ok (p_lower ") and line.endswith("bit for bit)") for line in lines), lines
+    assert any(line.startswith("radius: ok") for line in lines) and any(line.startswith("pixels: ok") for line in lines)
+    assert any(line.startswith("recompute: skipped (not for a certified answer") for line in lines), lines
+
+
+def test_a_forged_answer_fails_on_its_votes_or_on_its_radius(issued, capsys) -> None:
+    """p_lower raised (radius recomputed from it) and signed by another key: the recorded votes give it away; without
+    the votes, a radius that p_lower does not give fails; a field changed after signing fails the signature."""
+    answer = issued["answered"]["answer_certificate"]
+    raised = min(answer["p_lower"] + 0.05, 0.999)
+    radius = answer_radius(raised, answer["sigma"], answer["inner"])
+    forged, keys = resigned(answer, issued["folder"], p_lower=raised, radius=radius)
+    status, lines = _verify(issued, forged, capsys, keys=keys)
+    assert status == Failure.SAMPLES and any(line.startswith("bound: FAILED (recomputed p_lower") for line in lines)
+    unrecorded = {key: value for key, value in answer.items() if key != "samples"}
+    stretched, keys = resigned(unrecorded, issued["folder"], radius=(answer["radius"] or 0.1) * 2)
+    status, lines = _verify(issued, stretched, capsys, keys=keys)
+    assert status == Failure.FCSB and any(line.startswith("radius: FAILED (from p_lower") for line in lines), lines
+    assert _verify(issued, {**answer, "agree": answer["agree"] + 1}, capsys)[0] == Failure.SIGNATURE

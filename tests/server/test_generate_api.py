@@ -21,7 +21,7 @@ from fsmllm.images import to_pixels
 from fsmllm.lm.base import SamplingParams
 from fsmllm.lm.models import load_model
 
-from .live import LiveServer, data_url, live_server, png_bytes, sse_events
+from .live import LiveServer, certified_content, data_url, live_server, png_bytes, sse_events
 
 PROMPT = "What is this?"
 
@@ -144,12 +144,15 @@ def test_certified_answer_over_json_multipart_and_the_openai_route(server: LiveS
     reference = asyncio.run(
         server.runtime.certify_answer(Image.open(io.BytesIO(image)), PROMPT, config, SamplingParams(max_tokens=4), 4)
     )
-    assert {k: v for k, v in voted.items() if k != "statement"} == reference.to_dict()
+    expected = reference.to_dict()
+    assert {key: voted[key] for key in expected} == expected
+    assert (voted["encoder"], voted["input_size"]) == ("tiny-cnn", server.runtime.encoder.image_size)
+    assert voted["feature_certificate_id"] == body["certificate"]["id"] and voted["signature"]
 
     form = {"prompt": PROMPT, "seed": "4", "max_tokens": "4", "n": "50", "certify_answer": '{"n0": 8, "n": 64, "alpha": 0.01}'}
     multipart = httpx.post(f"{server.url}/generate", files={"image": ("x.png", image, "image/png")}, data=form, timeout=60)
     assert multipart.status_code == 200, multipart.text
-    assert multipart.json()["answer_certificate"] == voted
+    assert certified_content(multipart.json()["answer_certificate"]) == certified_content(voted)
 
     client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
     messages = [{"role": "user", "content": [
@@ -157,11 +160,11 @@ def test_certified_answer_over_json_multipart_and_the_openai_route(server: LiveS
     ]}]
     extra = {"certify_answer": {"n0": 8, "n": 64, "alpha": 0.01}, "certification": {"n": 50}}
     completion = client.chat.completions.create(model="tiny-test", messages=messages, max_tokens=4, seed=4, extra_body=extra)
-    assert completion.model_extra["answer_certificate"] == voted
+    assert certified_content(completion.model_extra["answer_certificate"]) == certified_content(voted)
     chunks = list(client.chat.completions.create(
         model="tiny-test", messages=messages, max_tokens=4, seed=4, extra_body=extra, stream=True
     ))
-    assert chunks[-1].model_extra["answer_certificate"] == voted
+    assert certified_content(chunks[-1].model_extra["answer_certificate"]) == certified_content(voted)
 
 
 def test_streamed_generate_carries_the_answer_certificate_in_its_result(server: LiveServer) -> None:
@@ -171,7 +174,8 @@ def test_streamed_generate_carries_the_answer_certificate_in_its_result(server: 
         name, result = list(sse_events(response.iter_lines()))[-1]
     assert name == "result"
     plain = generate(server, **{k: v for k, v in body.items() if k not in ("image", "stream")}).json()
-    assert result["answer_certificate"] == plain["answer_certificate"] and result["answer"] == plain["answer"]
+    assert certified_content(result["answer_certificate"]) == certified_content(plain["answer_certificate"])
+    assert result["answer"] == plain["answer"]
 
 
 @pytest.mark.parametrize("answer", [{"n0": 8, "n": 40}, {"n0": 8, "n": 2000, "radius": 0.05}])

@@ -14,6 +14,7 @@ from fsmllm.api.errors import ERRORS, error_event
 from fsmllm.api.inputs import image_and_params
 from fsmllm.api.schemas import (
     EXAMPLE_IMAGE,
+    AnswerCertificateOut,
     CertifyParams,
     CertifyRequest,
     CertifyResponse,
@@ -22,6 +23,7 @@ from fsmllm.api.schemas import (
     GenerateResponse,
 )
 from fsmllm.api.streaming import STREAMED, Work, progress_stream, unless_disconnected
+from fsmllm.certify.answers import AnswerCertificate
 from fsmllm.engine import serving
 from fsmllm.engine.jobs import ProgressCallback, VoteProgressCallback
 from fsmllm.engine.runtime import Runtime
@@ -126,6 +128,16 @@ async def generate(request: Request) -> Any:
         response["certificate"] = await issue(
             request, response["certificate"], answered.certified, image, image_sha256, params.record_samples
         )
+        if answered.answer_certificate is not None:
+            response["answer_certificate"] = await issue_answer(
+                request,
+                answered.answer_certificate,
+                answered.certified,
+                image,
+                image_sha256,
+                params.record_samples,
+                response["certificate"]["id"],
+            )
         return response
 
     return await respond(request, params.stream, work)
@@ -145,6 +157,25 @@ async def issue(
     samples = certified.certificate.samples if record_samples else None
     issuer: Issuer = request.app.state.issuer
     return await issuer.issue(Issuance(certificate, image, image_sha256, samples, completion_id))
+
+
+async def issue_answer(
+    request: Request,
+    voted: AnswerCertificate,
+    certified: Certified,
+    image: Image.Image,
+    image_sha256: str,
+    record_samples: bool,
+    feature_certificate_id: str,
+) -> dict[str, Any]:
+    """The certified answer issued on its own (bound, signed, committed), naming the feature certificate issued
+    with it; with ``record_samples`` it carries its estimation votes (±1). The chat completion id stays the
+    feature certificate's key in the store."""
+    rendered = AnswerCertificateOut.from_certificate(voted, certified.provenance).model_dump()
+    rendered["feature_certificate_id"] = feature_certificate_id
+    samples = voted.samples if record_samples else None
+    issuer: Issuer = request.app.state.issuer
+    return await issuer.issue(Issuance(rendered, image, image_sha256, samples))
 
 
 async def respond(request: Request, stream: bool, work: Work) -> Response:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
 from typing import Any
 
@@ -18,7 +18,7 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import StreamingResponse
 
 from fsmllm.api.errors import OPENAI_ERRORS, openai_error_event
-from fsmllm.api.routes_certify import issue
+from fsmllm.api.routes_certify import issue, issue_answer
 from fsmllm.api.schemas import (
     AnswerCertificateOut,
     CertificateOut,
@@ -29,6 +29,7 @@ from fsmllm.api.schemas import (
     Usage,
 )
 from fsmllm.api.streaming import STREAMED, in_band_error, unless_disconnected
+from fsmllm.certify.answers import AnswerCertificate
 from fsmllm.engine import serving
 from fsmllm.engine.runtime import Runtime
 from fsmllm.errors import UnknownModel
@@ -69,6 +70,18 @@ async def chat_completions(request: Request, response: Response, chat: ChatCompl
             completion_id,
         )
         completion.certificate = CertificateOut.model_validate(signed)
+        if answered.answer_certificate is not None:
+            completion.answer_certificate = AnswerCertificateOut.model_validate(
+                await issue_answer(
+                    request,
+                    answered.answer_certificate,
+                    answered.certified,
+                    image,
+                    image_sha256,
+                    record_samples,
+                    signed["id"],
+                )
+            )
         response.headers[CERTIFICATE_HEADER] = signed["id"]
         return completion
     answer = await unless_disconnected(request, serving.open_answer_stream(runtime, image, task))
@@ -81,8 +94,12 @@ async def chat_completions(request: Request, response: Response, chat: ChatCompl
         record_samples,
         completion_id,
     )
+
+    async def issue_votes(voted: AnswerCertificate) -> dict[str, Any]:
+        return await issue_answer(request, voted, answer.certified, image, image_sha256, record_samples, signed["id"])
+
     return StreamingResponse(
-        _chunks(answer, completion_id, created, chat, signed, request.state.request_id),
+        _chunks(answer, completion_id, created, chat, signed, issue_votes, request.state.request_id),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", CERTIFICATE_HEADER: signed["id"]},
     )
@@ -94,6 +111,7 @@ async def _chunks(
     created: int,
     chat: ChatCompletionRequest,
     certificate: dict[str, Any],
+    issue_votes: Callable[[AnswerCertificate], Awaitable[dict[str, Any]]],
     request_id: str,
 ) -> AsyncIterator[str]:
     """The OpenAI chat.completion.chunk events of a streamed answer: for each choice its role, its pieces and its
@@ -129,12 +147,12 @@ async def _chunks(
         extra: dict[str, Any] = {"certificate": certificate}
         try:
             voted = await answer.answer_certificate()
+            if voted is not None:
+                extra["answer_certificate"] = await issue_votes(voted)
         except Exception as error:
             body = in_band_error(error, openai_error_event, request_id, "chat completion stream")
             yield f"data: {json.dumps({'error': body})}\n\n"
             return
-        if voted is not None:
-            extra["answer_certificate"] = AnswerCertificateOut.from_certificate(voted).model_dump()
         usage = Usage.of(answer.generations).model_dump()
         last = delta(answer.choices - 1, {}, answer.generations[-1].finish_reason)
         if chat.include_usage:

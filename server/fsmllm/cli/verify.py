@@ -19,8 +19,9 @@ from typing import Any
 
 import numpy as np
 
+from fsmllm.certify.answers import answer_radius
 from fsmllm.certify.certificate import certified_fcsb, optional_floats
-from fsmllm.certify.replay import score_lower
+from fsmllm.certify.replay import answer_p_lower, score_lower
 from fsmllm.cli.common import HelpFormatter
 from fsmllm.evidence import cert_folder
 from fsmllm.evidence.binding import pixels_sha256
@@ -73,7 +74,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def replay(certificate: dict[str, Any], values: list[float]) -> list[Check]:
-    """The bound from the recorded c_i, then the FCSB at each radius from the bound: both exactly as served."""
+    """The bound from the recorded c_i, then the FCSB at each radius from the bound: both exactly as served (for a
+    certified answer, p_lower from its votes and the radius from p_lower: :func:`replay_answer`)."""
+    if is_answer(certificate):
+        return replay_answer(certificate, values)
     shape = certificate["samples"]["shape"]
     samples = np.asarray(values, dtype=np.float64).reshape(shape)
     tokens = 1 if samples.ndim == 1 else samples.shape[1]
@@ -103,6 +107,41 @@ def replay(certificate: dict[str, Any], values: list[float]) -> list[Check]:
     return [Check("bound", True, f"score_lower {lower!r}, bit for bit"), Check("fcsb", True, _radii(len(radii)))]
 
 
+def is_answer(certificate: dict[str, Any]) -> bool:
+    """A certified answer's certificate (``p_lower`` and a radius) rather than a feature certificate."""
+    return "p_lower" in certificate
+
+
+def replay_answer(certificate: dict[str, Any], values: list[float]) -> list[Check]:
+    """A certified answer's p_lower from its recorded votes (±1), bit for bit, then its radius from p_lower."""
+    try:
+        lower = answer_p_lower(
+            np.asarray(values, dtype=np.float64),
+            certificate["alpha"],
+            certificate["n_budget"],
+            certificate["target_radius"] is not None,
+        )
+    except ValueError as error:
+        return [Check("bound", False, str(error), Failure.SAMPLES)]
+    agree = sum(value > 0 for value in values)
+    if (lower, agree, len(values)) != (certificate["p_lower"], certificate["agree"], certificate["n"]):
+        found = f"p_lower {lower!r} from {agree} of {len(values)} votes"
+        certified = f"{certificate['p_lower']!r} from {certificate['agree']} of {certificate['n']}"
+        return [Check("bound", False, f"recomputed {found}, certified {certified}", Failure.SAMPLES)]
+    return [
+        Check("bound", True, f"p_lower {lower!r} from {agree} of {len(values)} votes, bit for bit"),
+        radius_from_bound(certificate),
+    ]
+
+
+def radius_from_bound(certificate: dict[str, Any]) -> Check:
+    """A certified answer's radius from its certified ``p_lower``: σ/√inner · Φ⁻¹(p_lower), none at p_lower ≤ ½."""
+    radius = answer_radius(certificate["p_lower"], certificate["sigma"], certificate["inner"])
+    if radius != certificate["radius"]:
+        return Check("radius", False, f"from p_lower: {radius!r} != {certificate['radius']!r}", Failure.FCSB)
+    return Check("radius", True, "abstains, as p_lower ≤ 1/2" if radius is None else f"{radius!r}, from p_lower")
+
+
 def fcsb_from_bound(certificate: dict[str, Any]) -> Check:
     """The certified FCSB at every radius from the certified ``score_lower`` (no samples recorded)."""
     radii = np.asarray([entry["radius"] for entry in certificate["radii"]], dtype=np.float64)
@@ -126,7 +165,8 @@ def run(args: argparse.Namespace) -> int:
     setting = Setting(args.device, args.batch_size, args.tolerance, args.encoder)
 
     def further(certificate: dict[str, Any]) -> list[Check]:
-        checks = [] if certificate.get("samples") is not None else [fcsb_from_bound(certificate)]
+        from_bound = radius_from_bound if is_answer(certificate) else fcsb_from_bound
+        checks = [] if certificate.get("samples") is not None else [from_bound(certificate)]
         if image is None or checks and not checks[-1].passed:
             return checks
         pixels = to_pixels(open_image(image, math.inf), certificate["input_size"])  # type: ignore[arg-type]
@@ -137,7 +177,9 @@ def run(args: argparse.Namespace) -> int:
                 Check("pixels", False, f"SHA-256 {actual} is not the certified {expected}", Failure.PIXELS),
             ]
         checks.append(Check("pixels", True, f"SHA-256 {actual}"))
-        if args.recompute:
+        if args.recompute and is_answer(certificate):
+            checks.append(Check("recompute", None, "not for a certified answer (its votes need the language model)"))
+        elif args.recompute:
             checks.append(check_weights(certificate, setting))
             if checks[-1].passed:
                 checks.append(check_recompute(certificate, pixels, setting))

@@ -238,7 +238,30 @@ class SamplesRecord(BaseModel):
     data: str = Field(description="base64 of the little-endian values in that encoding, row-major")
 
 
-class CertificateOut(BaseModel):
+class Issued(BaseModel):
+    """The binding and the signature every issued certificate carries, feature or answer (docs/certificates.md)."""
+
+    id: str | None = Field(None, description="the certificate's id: GET /v1/certificates/{id}")
+    issued_at: str | None = Field(None, description="when it was issued (ISO 8601, UTC)")
+    model: str | None = Field(None, description="the served model")
+    completion_id: str | None = Field(None, description="the chat completion it was issued with, if any")
+    image: ImageBinding | None = None
+    weights: dict[str, list[WeightFile]] | None = Field(
+        None, description="every weight file in play by component (encoder, booster, projector, language_model)"
+    )
+    software: dict[str, str] | None = Field(None, description="versions of fsmllm, torch, transformers, python")
+    device: str | None = Field(None, description="the device the encoder ran on")
+    samples: SamplesRecord | None = Field(
+        None, description="with record_samples: the values the bound is from (the c_i, or an answer's ±1 votes)"
+    )
+    signature: str | None = Field(
+        None,
+        description="JWS (RFC 7515, compact, detached payload), Ed25519, over the RFC 8785 canonical JSON of this "
+        "object without 'signature'; keys: GET /v1/certificates/keys",
+    )
+
+
+class CertificateOut(Issued):
     """A complete certificate: every number can be reproduced from the fields of this object and the image."""
 
     encoder: str
@@ -282,23 +305,6 @@ class CertificateOut(BaseModel):
     )
     cached: bool = Field(False, description="served from the certificate cache (same image, parameters and seed)")
     stop: StopOut | None = Field(None, description="the early-stopping rule sampling ran under; null: none")
-    # the binding and the signature (issued certificates; docs/certificates.md)
-    id: str | None = Field(None, description="the certificate's id: GET /v1/certificates/{id}")
-    issued_at: str | None = Field(None, description="when it was issued (ISO 8601, UTC)")
-    model: str | None = Field(None, description="the served model")
-    completion_id: str | None = Field(None, description="the chat completion it was issued with, if any")
-    image: ImageBinding | None = None
-    weights: dict[str, list[WeightFile]] | None = Field(
-        None, description="every weight file in play by component (encoder, booster, projector, language_model)"
-    )
-    software: dict[str, str] | None = Field(None, description="versions of fsmllm, torch, transformers, python")
-    device: str | None = Field(None, description="the device the encoder ran on")
-    samples: SamplesRecord | None = Field(None, description="with record_samples: the values the bound is from")
-    signature: str | None = Field(
-        None,
-        description="JWS (RFC 7515, compact, detached payload), Ed25519, over the RFC 8785 canonical JSON of this "
-        "object without 'signature'; keys: GET /v1/certificates/keys",
-    )
 
     @classmethod
     def from_certificate(

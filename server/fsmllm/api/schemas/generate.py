@@ -8,11 +8,11 @@ from typing import Literal
 
 from pydantic import BaseModel, Field, field_validator
 
-from fsmllm.api.schemas.certificate import CertificateOut, CertificationParams, Timings
+from fsmllm.api.schemas.certificate import CertificateOut, CertificationParams, Issued, Timings
 from fsmllm.api.schemas.common import EXAMPLE_IMAGE, RequestModel
 from fsmllm.certify.answers import AnswerCertificate, AnswerConfig
 from fsmllm.engine.runtime import Policy
-from fsmllm.engine.serving import Answered, AnswerTask, CertifyTask
+from fsmllm.engine.serving import Answered, AnswerTask, CertifyTask, Provenance
 from fsmllm.errors import PolicyError
 from fsmllm.lm.base import SamplingParams
 
@@ -150,9 +150,10 @@ class AnswerVote(BaseModel):
     count: int = Field(description="estimation votes for it")
 
 
-class AnswerCertificateOut(BaseModel):
+class AnswerCertificateOut(Issued):
     """The certified answer (method.md, "Certified answers"); it may differ from the streamed ``answer``, which
-    the model generates once from the smoothed features."""
+    the model generates once from the smoothed features. Issued (bound, signed, stored) on its own, naming the
+    feature certificate of the same response and the encoder its votes read."""
 
     statement: str = Field(ANSWER_STATEMENT, description="what the answer certificate states")
     answer: str = Field(description="the certified answer (the selection votes' most frequent one)")
@@ -172,11 +173,30 @@ class AnswerCertificateOut(BaseModel):
     bound: Literal["clopper-pearson", "betting"]
     target_radius: float | None
     seed: int
+    # what the votes read (issued answer certificates; the language model is named by the weights)
+    feature_certificate_id: str | None = Field(None, description="the feature certificate issued with it")
+    encoder: str | None = None
+    booster: str | None = None
+    input_size: int | None = Field(None, description="the side of the pixels the encoder read")
+    encoder_dtype: str | None = None
 
     @classmethod
-    def from_certificate(cls, certificate: AnswerCertificate) -> AnswerCertificateOut:
-        """The JSON of a certified answer, the same from the server and from ``fsmllm generate --json``."""
-        return cls.model_validate(certificate.to_dict())
+    def from_certificate(
+        cls, certificate: AnswerCertificate, provenance: Provenance | None = None
+    ) -> AnswerCertificateOut:
+        """The JSON of a certified answer, the same from the server and from ``fsmllm generate --json``; with the
+        ``provenance`` of the votes (the encoder) when it is to be issued."""
+        served_by = (
+            {}
+            if provenance is None
+            else {
+                "encoder": provenance.encoder,
+                "booster": provenance.booster,
+                "input_size": provenance.input_size,
+                "encoder_dtype": provenance.encoder_dtype,
+            }
+        )
+        return cls.model_validate({**certificate.to_dict(), **served_by})
 
 
 class GenerateResponse(BaseModel):
