@@ -7,14 +7,13 @@ from typing import Any
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
-from PIL import Image
 from pydantic import BaseModel
 
 from fsmllm.api.errors import ERRORS, error_event
 from fsmllm.api.inputs import image_and_params
+from fsmllm.api.issuing import Issuing
 from fsmllm.api.schemas import (
     EXAMPLE_IMAGE,
-    AnswerCertificateOut,
     CertifyParams,
     CertifyRequest,
     CertifyResponse,
@@ -23,12 +22,9 @@ from fsmllm.api.schemas import (
     GenerateResponse,
 )
 from fsmllm.api.streaming import STREAMED, Work, progress_stream, unless_disconnected
-from fsmllm.certify.answers import AnswerCertificate
 from fsmllm.engine import serving
 from fsmllm.engine.jobs import ProgressCallback, VoteProgressCallback
 from fsmllm.engine.runtime import Runtime
-from fsmllm.engine.serving import Certified
-from fsmllm.evidence import Issuance, Issuer
 
 router = APIRouter()
 
@@ -93,13 +89,12 @@ async def certify(request: Request) -> Any:
     image, params, image_sha256 = await image_and_params(request, CertifyParams, *_limits(request))
     task = params.to_task(runtime.policy)
     request_id = request.state.request_id
+    issuing = Issuing(request, image, image_sha256, params.record_samples)
 
     async def work(on_progress: ProgressCallback | None, _: VoteProgressCallback | None) -> dict[str, Any]:
         certified = await serving.certify(runtime, image, task, on_progress)
         response = CertifyResponse.of(request_id, certified, params.target_cos, params.per_token).model_dump()
-        response["certificate"] = await issue(
-            request, response["certificate"], certified, image, image_sha256, params.record_samples
-        )
+        response["certificate"] = await issuing.certificate(response["certificate"], certified)
         return response
 
     return await respond(request, params.stream, work)
@@ -121,61 +116,17 @@ async def generate(request: Request) -> Any:
     task = params.to_answer(runtime.policy, request.app.state.settings.max_prompt_chars)
     runtime.language_model()  # CertificatesOnly (422) before any work
     request_id = request.state.request_id
+    issuing = Issuing(request, image, image_sha256, params.record_samples)
 
     async def work(on_progress: ProgressCallback | None, on_votes: VoteProgressCallback | None) -> dict[str, Any]:
         answered = await serving.answer(runtime, image, task, on_progress, on_votes)
         response = GenerateResponse.of(request_id, answered, params.per_token).model_dump()
-        response["certificate"] = await issue(
-            request, response["certificate"], answered.certified, image, image_sha256, params.record_samples
+        response["certificate"], response["answer_certificate"] = await issuing.both(
+            response["certificate"], answered.certified, answered.answer_certificate
         )
-        if answered.answer_certificate is not None:
-            response["answer_certificate"] = await issue_answer(
-                request,
-                answered.answer_certificate,
-                answered.certified,
-                image,
-                image_sha256,
-                params.record_samples,
-                response["certificate"]["id"],
-            )
         return response
 
     return await respond(request, params.stream, work)
-
-
-async def issue(
-    request: Request,
-    certificate: dict[str, Any],
-    certified: Certified,
-    image: Image.Image,
-    image_sha256: str,
-    record_samples: bool,
-    completion_id: str | None = None,
-) -> dict[str, Any]:
-    """The rendered certificate of ``image`` bound, signed and committed to the store (returns once committed);
-    with ``record_samples`` it carries the samples its bound was computed from."""
-    samples = certified.certificate.samples if record_samples else None
-    issuer: Issuer = request.app.state.issuer
-    return await issuer.issue(Issuance(certificate, image, image_sha256, samples, completion_id))
-
-
-async def issue_answer(
-    request: Request,
-    voted: AnswerCertificate,
-    certified: Certified,
-    image: Image.Image,
-    image_sha256: str,
-    record_samples: bool,
-    feature_certificate_id: str,
-) -> dict[str, Any]:
-    """The certified answer issued on its own (bound, signed, committed), naming the feature certificate issued
-    with it; with ``record_samples`` it carries its estimation votes (±1). The chat completion id stays the
-    feature certificate's key in the store."""
-    rendered = AnswerCertificateOut.from_certificate(voted, certified.provenance).model_dump()
-    rendered["feature_certificate_id"] = feature_certificate_id
-    samples = voted.samples if record_samples else None
-    issuer: Issuer = request.app.state.issuer
-    return await issuer.issue(Issuance(rendered, image, image_sha256, samples))
 
 
 async def respond(request: Request, stream: bool, work: Work) -> Response:

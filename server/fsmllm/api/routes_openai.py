@@ -18,7 +18,7 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import StreamingResponse
 
 from fsmllm.api.errors import OPENAI_ERRORS, openai_error_event
-from fsmllm.api.routes_certify import issue, issue_answer
+from fsmllm.api.issuing import Issuing
 from fsmllm.api.schemas import (
     AnswerCertificateOut,
     CertificateOut,
@@ -56,47 +56,22 @@ async def chat_completions(request: Request, response: Response, chat: ChatCompl
     task = chat.to_answer(runtime.policy, question)
     completion_id, created = f"chatcmpl-{request.state.request_id}", int(time.time())
     record_samples = chat.certification is not None and chat.certification.record_samples
-    image_sha256 = hashlib.sha256(image_bytes).hexdigest()
+    issuing = Issuing(request, image, hashlib.sha256(image_bytes).hexdigest(), record_samples, completion_id)
     if not chat.stream:
         answered = await unless_disconnected(request, serving.answer(runtime, image, task))
         completion = ChatCompletionResponse.of(completion_id, created, answered, chat.certificate(answered.certified))
-        signed = await issue(
-            request,
-            completion.certificate.model_dump(),
-            answered.certified,
-            image,
-            image_sha256,
-            record_samples,
-            completion_id,
+        signed, voted = await issuing.both(
+            completion.certificate.model_dump(), answered.certified, answered.answer_certificate
         )
         completion.certificate = CertificateOut.model_validate(signed)
-        if answered.answer_certificate is not None:
-            completion.answer_certificate = AnswerCertificateOut.model_validate(
-                await issue_answer(
-                    request,
-                    answered.answer_certificate,
-                    answered.certified,
-                    image,
-                    image_sha256,
-                    record_samples,
-                    signed["id"],
-                )
-            )
+        completion.answer_certificate = None if voted is None else AnswerCertificateOut.model_validate(voted)
         response.headers[CERTIFICATE_HEADER] = signed["id"]
         return completion
     answer = await unless_disconnected(request, serving.open_answer_stream(runtime, image, task))
-    signed = await issue(
-        request,
-        chat.certificate(answer.certified).model_dump(),
-        answer.certified,
-        image,
-        image_sha256,
-        record_samples,
-        completion_id,
-    )
+    signed = await issuing.certificate(chat.certificate(answer.certified).model_dump(), answer.certified)
 
     async def issue_votes(voted: AnswerCertificate) -> dict[str, Any]:
-        return await issue_answer(request, voted, answer.certified, image, image_sha256, record_samples, signed["id"])
+        return await issuing.answer(voted, answer.certified, signed["id"])
 
     return StreamingResponse(
         _chunks(answer, completion_id, created, chat, signed, issue_votes, request.state.request_id),
