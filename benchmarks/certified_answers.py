@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from common import machine
+from fsmllm.api.schemas import AnswerCertificateOut
 from fsmllm.booster import load_booster
 from fsmllm.certify.answers import AnswerConfig, AnswerVoting, chunk_seed, vote_chunks
 from fsmllm.certify.sampling import SampleRun, run_batched
@@ -96,10 +97,11 @@ for sigma, inner in itertools.product(args.sigma, args.inner):
             # time per certified answer at this n: the budget's time scaled to the votes this n uses
             share = (args.n0 + n) / (args.n0 + budget) / len(pixels)
             seconds = ((encode_s + generate_s) * share, encode_s * share, generate_s * share)
+            answers = [AnswerCertificateOut.from_certificate(c).model_dump(exclude={"statement"}) for c in certificates]
             result["runs"][f"{booster}@{sigma}/n={n}/inner={inner}"] = {  # type: ignore[index]
                 "booster": booster, "sigma": sigma, "n": n, "inner": inner, "radii": args.radii, "certified_accuracy": accuracy,
                 "abstain": abstain, "seconds_per_answer": seconds[0], "encoder_seconds": seconds[1],
-                "generation_seconds": seconds[2], "answers": [c.to_dict() for c in certificates], "phrases": phrases,
+                "generation_seconds": seconds[2], "answers": answers, "phrases": phrases,
             }
             print(
                 f"{booster:<22} {sigma:>5g} {n:>5} {inner:>2}  " + " ".join(f"{a:<7.2f}" for a in accuracy)

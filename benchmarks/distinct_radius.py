@@ -19,7 +19,7 @@ import torch
 from common import load_encoder, load_image, to_pixels  # sets HF_HUB_OFFLINE
 from fsmllm.attacks import smoothed_feature
 from fsmllm.booster import load_booster
-from fsmllm.certify import SmoothedEncoder
+from fsmllm.certify import SmoothedEncoder, SmoothingConfig
 from fsmllm.certify.meaning import distinct_radius, reference_cosines
 
 PHOTOS = ("astronaut", "coffee", "rocket", "chelsea")
@@ -43,8 +43,8 @@ def main() -> None:
                 smoothed = {p: smoothed_feature(encoder, x, sigma, args.copies, 1, args.copies) for p, x in pixels.items()}
             rows = {}
             for photo, x in pixels.items():
-                cert = SmoothedEncoder(encoder, sigma, batch_size=50).certify(
-                    x, n0=100, n=args.n, radii=[args.radius], seed=0
+                cert = SmoothedEncoder(encoder, batch_size=50).certify(
+                    x, SmoothingConfig(sigma, n0=100, n=args.n), [args.radius], seed=0
                 )
                 others = torch.stack([smoothed[p] for p in PHOTOS if p != photo])
                 highest = float(reference_cosines(smoothed[photo], others).max())

@@ -15,7 +15,7 @@ import statistics
 
 from common import arguments, machine, setup, timed
 
-from fsmllm.certify import SmoothedEncoder, StopRule
+from fsmllm.certify import SmoothedEncoder, SmoothingConfig, StopRule
 from fsmllm.images import SAMPLE_IMAGES, load_image, to_pixels
 
 
@@ -31,8 +31,9 @@ def main() -> None:
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     encoder = setup(args)[0]
-    smoothed = SmoothedEncoder(encoder, args.sigma, batch_size=args.batch_size, device=args.device)
+    smoothed = SmoothedEncoder(encoder, batch_size=args.batch_size, device=args.device)
     rule = StopRule(fcsb=args.stop_at_fcsb, radii=(args.radius,))
+    config = SmoothingConfig(args.sigma, n0=args.n0, n=args.n, alpha=args.alpha)
     print(f"device: {machine(args.device)}; encoder {encoder.name} @ {encoder.image_size}px, σ={args.sigma}, "
           f"n0={args.n0}, budget n={args.n}, α={args.alpha}; stop at certified FCSB ≥ {args.stop_at_fcsb} at ε={args.radius}")
     print(f"{'photo':>18} {'n used':>7} {'stopped by':>19} {'certified':>9} {'seconds':>8}"
@@ -41,7 +42,7 @@ def main() -> None:
     for name in SAMPLE_IMAGES:
         pixels = to_pixels(load_image(f"sample:{name}"), encoder.image_size)
         result: dict = {}
-        common = dict(n0=args.n0, n=args.n, alpha=args.alpha, radii=[args.radius], seed=0)
+        common = dict(config=config, radii=[args.radius], seed=0)
         seconds = timed(lambda: result.__setitem__("stopped", smoothed.certify(pixels, stop=rule, **common)), args.device)
         cert = result["stopped"]
         row = {"photo": name, "n": cert.n, "stopped_by": cert.stopped_by, "certified_fcsb": cert.certified_fcsb[0],

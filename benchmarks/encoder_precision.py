@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from common import arguments, machine, setup
 
-from fsmllm.certify import SmoothedEncoder
+from fsmllm.certify import SmoothedEncoder, SmoothingConfig
 from fsmllm.encoders import VisionEncoder
 from fsmllm.encoders.precision import PRECISIONS, compiled, set_precision
 
@@ -82,8 +82,9 @@ def packing_drift(
 ) -> tuple[dict[str, float], torch.Tensor]:
     """Certify ``pixels`` (seed 0, σ = 0.25) once per encoder batch size: the largest differences from the first,
     and the first's smoothed feature F̂."""
+    config = SmoothingConfig(0.25, n0=n0, n=n)
     certificates = [
-        SmoothedEncoder(encode, 0.25, batch_size=size, device=device).certify(pixels, n0=n0, n=n, radii=[radius], seed=0)
+        SmoothedEncoder(encode, batch_size=size, device=device).certify(pixels, config, [radius], seed=0)
         for size in batch_sizes
     ]
     first = certificates[0]

@@ -21,15 +21,15 @@ def child(args) -> None:
     import torch
     from common import setup
 
-    from fsmllm.certify import SmoothedEncoder
+    from fsmllm.certify import SmoothedEncoder, SmoothingConfig
 
     encoder, pixels = setup(args)
-    smoothed = SmoothedEncoder(encoder, 0.25, batch_size=args.batch_size, device=args.device)
-    smoothed.certify(pixels, n0=args.batch_size, n=args.batch_size, alpha=0.001, radii=[0.25], seed=0)  # warm-up
+    smoothed = SmoothedEncoder(encoder, batch_size=args.batch_size, device=args.device)
+    smoothed.certify(pixels, SmoothingConfig(0.25, n0=args.batch_size, n=args.batch_size), [0.25], seed=0)  # warm-up
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
-    smoothed.certify(pixels, n0=100, n=args.child, alpha=0.001, radii=[0.25], seed=1)
+    smoothed.certify(pixels, SmoothingConfig(0.25, n0=100, n=args.child), [0.25], seed=1)
     if args.device.startswith("cuda"):
         growth = torch.cuda.max_memory_allocated() / 2**20
     else:

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from scipy.stats import binomtest, ttest_rel
 
-from fsmllm.certify import SmoothedEncoder
+from fsmllm.certify import SmoothedEncoder, SmoothingConfig
 from fsmllm.encoders import load_encoder
 from fsmllm.encoders.precision import set_precision
 from fsmllm.images import SAMPLE_IMAGES, load_image, to_pixels
@@ -53,8 +53,8 @@ def certificates(args: argparse.Namespace) -> dict[str, object]:
     encoders = {p: set_precision(copy.deepcopy(base), p) for p in PRECISIONS}
     rows: dict[str, dict[str, object]] = {}
     for name, pixels in list(images(base.image_size, args.fmnist).items())[: args.images]:
-        certs = {p: SmoothedEncoder(e, args.sigma, batch_size=32).certify(pixels, n0=args.n0, n=args.n,
-                                                                            radii=args.radii, seed=args.seed)
+        config = SmoothingConfig(args.sigma, n0=args.n0, n=args.n)
+        certs = {p: SmoothedEncoder(e, batch_size=32).certify(pixels, config, args.radii, seed=args.seed)
                  for p, e in encoders.items()}
         a, b = certs["float32"], certs["bfloat16"]
         rows[name] = {p: {"score_lower": c.score_lower, "certified_fcsb": list(c.certified_fcsb)}

@@ -18,7 +18,7 @@ from fsmllm.booster import BoostedEncoder, available_boosters, load_booster
 from fsmllm.booster.conditioned import ConditionedBooster, ConditionedBoosterConfig
 from fsmllm.booster.modules import STEM
 from fsmllm.booster.training import BoosterTrainConfig, feature_losses, pairwise_agreement, train_booster
-from fsmllm.certify import SmoothedEncoder
+from fsmllm.certify import SmoothedEncoder, SmoothingConfig
 from fsmllm.certify.meaning import clean_agreement
 from fsmllm.cli import main
 from fsmllm.encoders import load_encoder
@@ -240,7 +240,7 @@ def test_pgd_cannot_push_the_boosted_cosine_below_the_certificate(encoder: torch
     """The booster is part of the base function, so its certificate must survive white-box PGD through it."""
     x, sigma, radii = cat(), 0.25, [0.1, 0.25]
     boosted = load_booster(str(trained), encoder, sigma=sigma)
-    cert = SmoothedEncoder(boosted, sigma, batch_size=500).certify(x, n0=100, n=2000, radii=radii, seed=0)
+    cert = SmoothedEncoder(boosted, batch_size=500).certify(x, SmoothingConfig(sigma, n0=100, n=2000), radii, seed=0)
     clean = smoothed_feature(boosted, x, sigma, n=4000, seed=1, batch_size=1000)
     for eps, certified in zip(radii, cert.certified_fcsb):
         attacked = feature_attack(boosted, x, eps, sigma=sigma, samples=32, steps=20, seed=2)

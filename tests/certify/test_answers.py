@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from scipy.stats import binom, norm
 
+from fsmllm.api.schemas import ANSWER_STATEMENT, AnswerCertificateOut
 from fsmllm.certify.answers import (
     AnswerConfig,
     AnswerVoting,
@@ -192,7 +193,8 @@ def test_checkpoints_make_the_result_independent_of_chunking() -> None:
 def test_abstains_below_one_half() -> None:
     certificate = run(AnswerConfig(sigma=SIGMA, n0=4, n=300, alpha=0.01), 0.45, np.random.default_rng(5)).certificate()
     assert certificate.abstain and certificate.radius is None and not certificate.certified_at(0.0)
-    assert certificate.to_dict()["radius"] is None and certificate.to_dict()["abstain"] is True
+    rendered = AnswerCertificateOut.from_certificate(certificate)
+    assert rendered.radius is None and rendered.abstain is True
     assert math.isfinite(certificate.p_lower)
 
 
@@ -246,12 +248,14 @@ def test_the_smallest_valid_config_and_the_defaults() -> None:
 
 
 def test_the_certificate_as_json_names_every_figure() -> None:
-    """to_dict is what the API returns: every field, with the budget (n_budget) apart from the votes used (n)."""
+    """What the API returns (rendered by its schema): every field, with the budget (n_budget) apart from the votes
+    used (n)."""
     voting = AnswerVoting(AnswerConfig(sigma=0.5, n0=2, n=100, alpha=0.01, inner=3, radius=0.1), seed=11)
     voting.add(["A cat.", "a cat"] + ["a cat"] * 100)
     certificate = voting.certificate()
     assert certificate.stopped_by == "target_reached" and certificate.n < 100
-    assert certificate.to_dict() == {
+    assert AnswerCertificateOut.from_certificate(certificate).model_dump() == {
+        "statement": ANSWER_STATEMENT,
         "answer": "A cat.",
         "normalised": "a cat",
         "p_lower": certificate.p_lower,

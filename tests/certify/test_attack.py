@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from fsmllm.attacks import feature_attack, smoothed_feature
-from fsmllm.certify import SmoothedEncoder
+from fsmllm.certify import SmoothedEncoder, SmoothingConfig
 
 from .analytic import RotationEncoder
 
@@ -39,7 +39,8 @@ def test_pgd_cannot_push_the_smoothed_cosine_below_the_certificate() -> None:
     net = sensitive_net()
     x = torch.rand(3, 16, 16, generator=torch.Generator().manual_seed(1))
     sigma, radii = 0.25, [0.1, 0.25]
-    cert = SmoothedEncoder(net, sigma, batch_size=500).certify(x, n0=100, n=2000, alpha=0.001, radii=radii, seed=0)
+    config = SmoothingConfig(sigma, n0=100, n=2000, alpha=0.001)
+    cert = SmoothedEncoder(net, batch_size=500).certify(x, config, radii, seed=0)
     clean = smoothed_feature(net, x, sigma, n=4000, seed=1, batch_size=1000)
     for eps, certified in zip(radii, cert.certified_fcsb):
         assert certified is not None
@@ -60,7 +61,7 @@ def test_the_attack_finds_the_known_worst_case() -> None:
     encoder = RotationEncoder(w, a=2.0)
     x = (0.5 + 0.1 * torch.randn(3, 16, 16, generator=torch.Generator().manual_seed(1))).clamp(0, 1)
     sigma, radii = 0.25, [0.05, 0.1, 0.2]
-    cert = SmoothedEncoder(encoder, sigma, batch_size=2000).certify(x, n0=100, n=4000, radii=radii, seed=0)
+    cert = SmoothedEncoder(encoder, batch_size=2000).certify(x, SmoothingConfig(sigma, n0=100, n=4000), radii, seed=0)
     clean = smoothed_feature(encoder, x, sigma, n=20000, seed=1, batch_size=5000)
     for eps, certified in zip(radii, cert.certified_fcsb):
         attacked = feature_attack(encoder, x, eps, sigma=sigma, samples=64, steps=30, seed=2)

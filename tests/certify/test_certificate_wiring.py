@@ -21,7 +21,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fsmllm.certify import CosineClassifier, SmoothedEncoder
+from fsmllm.certify import CosineClassifier, SmoothedEncoder, SmoothingConfig
 from fsmllm.certify.bounds import lower_bound, mean_lower_bound, mean_upper_bound, prediction_radius, upper_bound
 from fsmllm.certify.classify import certify_prediction
 
@@ -56,9 +56,9 @@ def image(seed: int = 0) -> torch.Tensor:
 
 
 def certify(recorder: Recorder, pixels: torch.Tensor, seed: int, bound: str, **kwargs: object):
-    return SmoothedEncoder(recorder, SIGMA, batch_size=7).certify(
-        pixels, n0=N0, n=N, alpha=0.01, radii=[0.1], seed=seed, bound=bound, **kwargs  # type: ignore[arg-type]
-    )
+    config = SmoothingConfig(SIGMA, n0=N0, n=N, alpha=0.01, bound=bound)  # type: ignore[arg-type]
+    smoother = SmoothedEncoder(recorder, batch_size=7)
+    return smoother.certify(pixels, config, [0.1], seed=seed, **kwargs)  # type: ignore[arg-type]
 
 
 def test_selection_and_estimation_samples_carry_independent_noise() -> None:

@@ -15,7 +15,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fsmllm.certify import SmoothedEncoder, fcsb
+from fsmllm.certify import SmoothedEncoder, SmoothingConfig, fcsb
 
 from .analytic import RotationEncoder, TwoValueEncoder, cosine, point_at, unit_direction
 
@@ -69,8 +69,8 @@ def test_monte_carlo_certificates_are_below_the_true_worst_case(
     encoder = TwoValueEncoder(w, b=0.0, theta=theta)
     z = offset * sigma
     radii = [0.0, 0.25 * sigma, 0.5 * sigma, sigma, 2 * sigma]
-    cert = SmoothedEncoder(encoder, sigma, batch_size=256).certify(
-        point_at(w, z), n0=64, n=1000, alpha=0.001, radii=radii, seed=seed
+    cert = SmoothedEncoder(encoder, batch_size=256).certify(
+        point_at(w, z), SmoothingConfig(sigma, n0=64, n=1000, alpha=0.001), radii, seed=seed
     )
     u = cert.direction.double().numpy()
     truth_direction = float(encoder.smoothed(z, sigma) @ u)
@@ -97,8 +97,8 @@ def test_direct_bound_is_tight_where_the_lemma_is(z_over_sigma: float) -> None:
     encoder = TwoValueEncoder(w, b=0.0, theta=math.pi)
     z = z_over_sigma * sigma
     radii = [0.05, 0.1, 0.2]
-    cert = SmoothedEncoder(encoder, sigma, batch_size=4096).certify(
-        point_at(w, z), n0=100, n=20000, alpha=0.001, radii=radii, seed=7
+    cert = SmoothedEncoder(encoder, batch_size=4096).certify(
+        point_at(w, z), SmoothingConfig(sigma, n0=100, n=20000, alpha=0.001), radii, seed=7
     )
     u = cert.direction.double().numpy()
     for eps, direction in zip(radii, cert.certified_fcsb):
@@ -113,8 +113,8 @@ def test_rotation_encoder_certificate_is_sound_and_its_score_estimate_accurate()
     encoder = RotationEncoder(w, a=2.0)
     sigma = 0.25
     radii = [0.05, 0.1, 0.2, 0.3]
-    cert = SmoothedEncoder(encoder, sigma, batch_size=2048).certify(
-        point_at(w, 0.4), n0=100, n=10000, alpha=0.001, radii=radii, seed=11
+    cert = SmoothedEncoder(encoder, batch_size=2048).certify(
+        point_at(w, 0.4), SmoothingConfig(sigma, n0=100, n=10000, alpha=0.001), radii, seed=11
     )
     assert cert.score_estimate == pytest.approx(encoder.score(sigma), abs=0.01)
     assert cert.score_lower <= encoder.score(sigma)
@@ -127,8 +127,8 @@ def test_rotation_encoder_certificate_is_sound_and_its_score_estimate_accurate()
 def test_abstains_when_noise_scatters_the_features() -> None:
     """A fast-rotating encoder has S ≈ 0: no certificate, not a made-up number."""
     w = unit_direction(6)
-    cert = SmoothedEncoder(RotationEncoder(w, a=40.0), 0.25, batch_size=512).certify(
-        point_at(w, 0.1), n0=50, n=500, alpha=0.001, radii=[0.0, 0.1], seed=3
+    cert = SmoothedEncoder(RotationEncoder(w, a=40.0), batch_size=512).certify(
+        point_at(w, 0.1), SmoothingConfig(0.25, n0=50, n=500, alpha=0.001), [0.0, 0.1], seed=3
     )
     assert cert.abstain
     assert cert.certified_fcsb == (None, None) and cert.served_fcsb == (None, None)
@@ -138,11 +138,12 @@ def test_abstains_when_noise_scatters_the_features() -> None:
 def test_certified_radius_of_a_certificate_inverts_its_certified_fcsb() -> None:
     w = unit_direction(7)
     encoder = RotationEncoder(w, a=1.0)
-    smoother = SmoothedEncoder(encoder, 0.5, batch_size=1024)
-    cert = smoother.certify(point_at(w, 0.2), n0=100, n=5000, radii=[0.0], seed=5)
+    smoother = SmoothedEncoder(encoder, batch_size=1024)
+    config = SmoothingConfig(0.5, n0=100, n=5000)
+    cert = smoother.certify(point_at(w, 0.2), config, [0.0], seed=5)
     radius = cert.certified_radius(0.4)
     assert radius is not None and radius > 0
-    at_radius = smoother.certify(point_at(w, 0.2), n0=100, n=5000, radii=[radius, radius * 1.01], seed=5)
+    at_radius = smoother.certify(point_at(w, 0.2), config, [radius, radius * 1.01], seed=5)
     assert at_radius.certified_fcsb[0] == pytest.approx(0.4, abs=1e-6)
     assert at_radius.certified_fcsb[1] < 0.4
     assert cert.certified_radius(cert.score_lower + 0.01) is None

@@ -13,9 +13,11 @@ from scipy.stats import norm
 import torch
 import torch.nn.functional as F
 
+from fsmllm.api.schemas import CertificateOut, InterimCertificateOut, PredictionOut
 from fsmllm.certify import (
     NOISE_BLOCK,
     CosineClassifier,
+    InterimCertificate,
     SmoothedEncoder,
     SmoothingConfig,
     SmoothingRun,
@@ -41,8 +43,8 @@ def small_net(seed: int = 0) -> torch.nn.Module:
 
 def certify(batch_size: int, seed: int = 1, **kw):
     image = torch.rand(3, 4, 4, generator=torch.Generator().manual_seed(0))
-    return SmoothedEncoder(small_net(), 0.25, batch_size=batch_size).certify(
-        image, n0=50, n=300, radii=[0.05, 0.1], seed=seed, **kw
+    return SmoothedEncoder(small_net(), batch_size=batch_size).certify(
+        image, SmoothingConfig(0.25, n0=50, n=300), [0.05, 0.1], seed=seed, **kw
     )
 
 
@@ -151,11 +153,11 @@ def test_config_validation(kwargs: dict, message: str) -> None:
 
 
 def test_bad_inputs_to_certify() -> None:
-    smoother = SmoothedEncoder(small_net(), 0.25)
+    smoother = SmoothedEncoder(small_net())
     with pytest.raises(ValueError, match="radii"):
-        smoother.certify(torch.rand(3, 4, 4), radii=[-0.1], n0=10, n=10)
+        smoother.certify(torch.rand(3, 4, 4), SmoothingConfig(0.25, n0=10, n=10), [-0.1])
     with pytest.raises(ValueError, match="one image"):
-        smoother.certify(torch.rand(2, 3, 4, 4), n0=10, n=10)
+        smoother.certify(torch.rand(2, 3, 4, 4), SmoothingConfig(0.25, n0=10, n=10))
 
 
 def test_random_seed_is_reported_and_reproduces_the_certificate() -> None:
@@ -170,15 +172,15 @@ def test_prediction_certificate_on_a_two_label_step() -> None:
     encoder = TwoValueEncoder(w, b=0.0, theta=math.pi / 2)
     classifier = CosineClassifier.from_rows(["beyond", "before"], torch.eye(2))
     sigma, z = 0.25, 0.4
-    cert = SmoothedEncoder(encoder, sigma, batch_size=2048).certify(
-        point_at(w, z), n0=100, n=10000, radii=[0.0], seed=0, classifier=classifier
+    cert = SmoothedEncoder(encoder, batch_size=2048).certify(
+        point_at(w, z), SmoothingConfig(sigma, n0=100, n=10000), [0.0], seed=0, classifier=classifier
     )
     prediction = cert.prediction
     assert prediction is not None and prediction.label == "beyond" and prediction.runner_up_index == 1
     assert prediction.radius is not None and 0 < prediction.radius <= z
     assert prediction.certified_at(prediction.radius * 0.99) and not prediction.certified_at(prediction.radius)
-    far = SmoothedEncoder(encoder, sigma, batch_size=2048).certify(
-        point_at(w, -0.01), n0=100, n=2000, radii=[0.0], seed=0, classifier=classifier
+    far = SmoothedEncoder(encoder, batch_size=2048).certify(
+        point_at(w, -0.01), SmoothingConfig(sigma, n0=100, n=2000), [0.0], seed=0, classifier=classifier
     )
     assert far.prediction is not None and far.prediction.abstain  # on the boundary: nothing to certify
 
@@ -192,8 +194,10 @@ def test_classifier_validation() -> None:
     torch.testing.assert_close(classifier.weights.norm(dim=1), torch.ones(2))
     w = unit_direction(3)
     with pytest.raises(ValueError, match="dimension"):
-        SmoothedEncoder(RotationEncoder(w, 1.0), 0.25).certify(
-            point_at(w, 0.1), n0=10, n=10, classifier=CosineClassifier.from_rows(["a", "b"], torch.eye(3)[:2])
+        SmoothedEncoder(RotationEncoder(w, 1.0)).certify(
+            point_at(w, 0.1),
+            SmoothingConfig(0.25, n0=10, n=10),
+            classifier=CosineClassifier.from_rows(["a", "b"], torch.eye(3)[:2]),
         )
 
 
@@ -203,11 +207,10 @@ def test_the_paper_score_relative_to_the_clean_feature_is_reported_when_asked() 
     w = unit_direction(9)
     encoder = RotationEncoder(w, a=2.0)
     x = point_at(w, 0.2)
-    cert = SmoothedEncoder(encoder, 0.25, batch_size=512).certify(
-        x, n0=100, n=4000, radii=[0.1], seed=1, reference=encoder(x[None])[0]
+    cert = SmoothedEncoder(encoder, batch_size=512).certify(
+        x, SmoothingConfig(0.25, n0=100, n=4000), [0.1], seed=1, reference=encoder(x[None])[0]
     )
     assert cert.clean_score == pytest.approx((1 + encoder.score(0.25)) / 2, abs=0.005)
-    assert cert.to_dict()["clean_score"] == cert.clean_score
     assert certify(batch_size=64).clean_score is None
 
 
@@ -221,13 +224,13 @@ def test_interim_certificates_exist_only_for_anytime_bounds_and_only_after_a_che
         interim = run.interim([0.1])
         assert (interim is not None) is expected
         if interim is not None:
-            assert interim["n"] == NOISE_BLOCK and interim["radii"][0]["radius"] == 0.1
+            assert interim.n == NOISE_BLOCK and interim.radii == (0.1,)
 
 
 def test_interim_is_the_certificate_of_the_last_checkpoint_and_is_computed_once_per_checkpoint() -> None:
     """The interim certificate (a progress event's) states the best anytime lower bound p̲ over the checkpoints so
     far, at n = the last checkpoint's sample count, and FCSB(p̲, σ, ε) at each asked radius; it is computed once
-    per checkpoint and radii (the same object until either changes)."""
+    per checkpoint and radii (the same object until either changes). Its JSON is the progress event's."""
     w = unit_direction(11)
     encoder = RotationEncoder(w, 1.0)
     sigma, radii = 0.25, [0.05, 0.2]
@@ -241,27 +244,33 @@ def test_interim_is_the_certificate_of_the_last_checkpoint_and_is_computed_once_
         lower = float(run._best_lower.min())
         values = [None if math.isnan(v) else float(v) for v in certified_fcsb(lower, sigma, np.array(radii))]
         assert values[0] is not None  # (the other radius abstains: None, as in a certificate)
-        assert interim == {
+        assert interim == InterimCertificate(run.estimated, lower, tuple(radii), tuple(values))
+        assert json.loads(json.dumps(InterimCertificateOut.of(interim).model_dump())) == {
             "n": run.estimated,
             "score_lower": lower,
             "radii": [{"radius": r, "certified_fcsb": v} for r, v in zip(radii, values)],
         }
         seen.append(run.interim(radii[:1]))
-    assert [s["n"] for s in seen] == [NOISE_BLOCK, 2 * NOISE_BLOCK]  # a new checkpoint: a new certificate
+    assert [s.n for s in seen] == [NOISE_BLOCK, 2 * NOISE_BLOCK]  # a new checkpoint: a new certificate
 
 
 @pytest.mark.parametrize("granularity", ["global", "token"])
-def test_to_dict_states_every_number_of_the_certificate_under_its_documented_name(granularity: str) -> None:
-    """The JSON summary (the CLI's output): plain JSON, every number of the certificate and what reproduces it;
-    the optional parts (worst token, per-token values, stop rule, clean score) exactly when they exist."""
+def test_the_json_states_every_number_of_the_certificate_under_its_documented_name(granularity: str) -> None:
+    """The certificate's JSON (the server's and the CLI's, rendered by the API schema): plain JSON, every number of
+    the certificate and what reproduces it; the optional parts (worst token, per-token values, stop rule) exactly
+    when they exist."""
     encoder = TokenRotationEncoder(unit_direction(12), rates=(0.5, 2.0), scales=(1.0, 1.0))
     x = point_at(encoder.w, 0.2)
     stop = StopRule(fcsb=0.1, radii=(0.05,))
-    cert = SmoothedEncoder(encoder, 0.25, batch_size=256).certify(
-        x, n0=20, n=3 * NOISE_BLOCK, alpha=0.01, radii=[0.05, 0.5], seed=5, granularity=granularity, stop=stop,
-        reference=encoder(x[None])[0] if granularity == "global" else None,
+    cert = SmoothedEncoder(encoder, batch_size=256).certify(
+        x, SmoothingConfig(0.25, n0=20, n=3 * NOISE_BLOCK, alpha=0.01, granularity=granularity), [0.05, 0.5], seed=5,
+        stop=stop, reference=encoder(x[None])[0] if granularity == "global" else None,
     )
-    summary = json.loads(json.dumps(cert.to_dict(per_token=True)))  # plain JSON (no tensors, no NaN)
+    def rendered(per_token: bool) -> dict[str, object]:
+        out = CertificateOut.from_certificate(cert, "rotation", "none", 4, per_token=per_token).model_dump()
+        return json.loads(json.dumps(out, allow_nan=False))  # plain JSON (no tensors, no NaN)
+
+    summary = rendered(per_token=True)
     expected: dict[str, object] = {
         "granularity": granularity, "sigma": 0.25, "n0": 20, "n": cert.n, "n_budget": 3 * NOISE_BLOCK,
         "stopped_by": cert.stopped_by, "alpha": 0.01, "bound": "betting", "seed": 5,
@@ -282,24 +291,32 @@ def test_to_dict_states_every_number_of_the_certificate_under_its_documented_nam
              "served_angle": cert.tokens.served_angle[t], "certified_fcsb": per_token[t]}
             for t in range(2)
         ]
-        assert "tokens" not in cert.to_dict() and cert.to_dict()["worst_token"] == cert.worst_token
+        assert rendered(per_token=False)["tokens"] is None and rendered(per_token=False)["worst_token"] == cert.worst_token
     else:
-        expected["clean_score"] = cert.clean_score
+        expected |= {"worst_token": None, "tokens": None}
         message = "per-token values exist only for a token-level certificate (granularity 'token')"
         with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
             cert.token_certified_fcsb()
-    assert summary == expected
+    assert {name: summary[name] for name in expected} == expected
 
 
-def test_to_dict_carries_the_prediction_certificate() -> None:
+def test_the_prediction_certificate_renders_every_field() -> None:
     w = unit_direction(13)
     classifier = CosineClassifier.from_rows(["beyond", "before"], torch.eye(2))
-    cert = SmoothedEncoder(TwoValueEncoder(w, b=0.0, theta=math.pi / 2), 0.25, batch_size=512).certify(
-        point_at(w, 0.4), n0=50, n=500, radii=[0.0], seed=0, classifier=classifier
+    cert = SmoothedEncoder(TwoValueEncoder(w, b=0.0, theta=math.pi / 2), batch_size=512).certify(
+        point_at(w, 0.4), SmoothingConfig(0.25, n0=50, n=500), [0.0], seed=0, classifier=classifier
     )
-    assert cert.prediction is not None
-    assert cert.to_dict()["prediction"] == dataclasses.asdict(cert.prediction)
-    assert json.loads(json.dumps(cert.to_dict()))["prediction"]["label"] == "beyond"
+    prediction = cert.prediction
+    assert prediction is not None and prediction.radius is not None
+    assert json.loads(json.dumps(PredictionOut.of(prediction).model_dump())) == {
+        "label_index": 0,
+        "label": "beyond",
+        "top_lower": prediction.top_lower,
+        "runner_up_index": 1,
+        "runner_up_upper": prediction.runner_up_upper,
+        "radius": prediction.radius,
+        "alpha": 0.0005,
+    }
 
 
 def test_a_drawn_seed_is_one_a_request_may_send_back() -> None:
@@ -327,7 +344,7 @@ def test_certify_defaults() -> None:
     """Unset, a certification draws n0 = 100 selection and n = 1000 estimation samples at α = 0.001 with the
     betting bound, for the radii 0.1, 0.25 and 0.5."""
     w = unit_direction(14)
-    cert = SmoothedEncoder(RotationEncoder(w, 1.0), 0.25).certify(point_at(w, 0.1), seed=0)
+    cert = SmoothedEncoder(RotationEncoder(w, 1.0)).certify(point_at(w, 0.1), SmoothingConfig(0.25), seed=0)
     config = cert.config
     assert (config.n0, config.n, config.alpha, config.bound, config.granularity) == (100, 1000, 0.001, "betting", "global")
     assert cert.radii == (0.1, 0.25, 0.5) and cert.n == 1000
@@ -401,8 +418,8 @@ def test_a_checkpoint_on_the_first_sample_of_a_batch_is_not_skipped() -> None:
     image = torch.rand(3, 4, 4, generator=torch.Generator().manual_seed(0))
     rule = StopRule(fcsb=0.5, radii=(0.01,))
     for batch_size in (1, 63):
-        certificate = SmoothedEncoder(small_net(), 0.25, batch_size=batch_size).certify(
-            image, n0=10, n=1000, radii=[0.01], seed=3, stop=rule
+        certificate = SmoothedEncoder(small_net(), batch_size=batch_size).certify(
+            image, SmoothingConfig(0.25, n0=10, n=1000), [0.01], seed=3, stop=rule
         )
         assert (certificate.n, certificate.stopped_by) == (2 * NOISE_BLOCK, "target_reached")
 
@@ -423,8 +440,11 @@ def test_the_feature_sums_are_accumulated_in_float64(granularity: str) -> None:
         batches.append(torch.where(pick[:, None], u, v)[:, None, :].repeat(1, 2, 1))
         return batches[-1]
 
-    certificate = SmoothedEncoder(encode, 0.25, batch_size=64).certify(
-        torch.full((3, 4, 4), 0.5), n0=100, n=3900, radii=[0.1], seed=0, bound="hoeffding", granularity=granularity
+    certificate = SmoothedEncoder(encode, batch_size=64).certify(
+        torch.full((3, 4, 4), 0.5),
+        SmoothingConfig(0.25, n0=100, n=3900, bound="hoeffding", granularity=granularity),
+        [0.1],
+        seed=0,
     )
     features = torch.cat(batches)
     m, a = features.shape[0], int((features[:, 0, 0] > 0).sum())
@@ -491,8 +511,8 @@ def test_a_constant_encoder_is_certified_with_score_one() -> None:
     is 1 + 2e-7 (the estimate is clipped to [0, 1], so the certificate does not fail on a score above 1)."""
     feature = torch.randn(8, generator=torch.Generator().manual_seed(0))
     assert float(F.normalize(feature, dim=0).double().square().sum()) > 1.0
-    certificate = SmoothedEncoder(lambda x: feature.expand(x.shape[0], 8), 0.25).certify(
-        torch.rand(3, 4, 4), n0=10, n=100, radii=[0.1], seed=0
+    certificate = SmoothedEncoder(lambda x: feature.expand(x.shape[0], 8)).certify(
+        torch.rand(3, 4, 4), SmoothingConfig(0.25, n0=10, n=100), [0.1], seed=0
     )
     assert certificate.score_estimate == 1.0 and certificate.estimated_fcsb[0] <= 1.0
     assert certificate.stopped_by == "budget"  # no stop rule: all n estimation samples
@@ -516,8 +536,12 @@ def test_the_label_sums_are_accumulated_in_float64() -> None:
     feature = torch.zeros(8)
     feature[0] = 1.0
     classifier = CosineClassifier(("near", "far"), torch.stack([feature + 0.3, -feature]))
-    certificate = SmoothedEncoder(lambda x: feature.expand(x.shape[0], 8), 0.25, batch_size=64).certify(
-        torch.rand(3, 4, 4), n0=100, n=4000, radii=[0.1], seed=0, bound="hoeffding", classifier=classifier
+    certificate = SmoothedEncoder(lambda x: feature.expand(x.shape[0], 8), batch_size=64).certify(
+        torch.rand(3, 4, 4),
+        SmoothingConfig(0.25, n0=100, n=4000, bound="hoeffding"),
+        [0.1],
+        seed=0,
+        classifier=classifier,
     )
     prediction = certificate.prediction
     assert prediction is not None and prediction.label == "near"

@@ -9,6 +9,7 @@ import pytest
 import torch
 from scipy.stats import binom
 
+from fsmllm.api.schemas import CertificateOut
 from fsmllm.certify import SmoothedEncoder, SmoothingConfig, SmoothingRun, StopRule, run_batched, run_shared
 
 from .analytic import RotationEncoder, TokenRotationEncoder, point_at, unit_direction
@@ -49,10 +50,10 @@ def test_every_tokens_certificate_stays_below_its_true_worst_case_with_confidenc
 def test_a_fragile_token_hides_in_the_global_certificate_but_not_in_the_token_one() -> None:
     encoder = fragile_encoder()
     x = point_at(encoder.w, 0.1)
-    smoothed = SmoothedEncoder(encoder, SIGMA, batch_size=1024)
+    smoothed = SmoothedEncoder(encoder, batch_size=1024)
     radii = [0.05, 0.1, 0.2]
-    whole = smoothed.certify(x, n0=100, n=2000, radii=radii, seed=1)
-    tokens = smoothed.certify(x, n0=100, n=2000, radii=radii, seed=1, granularity="token")
+    whole = smoothed.certify(x, SmoothingConfig(SIGMA, n0=100, n=2000), radii, seed=1)
+    tokens = smoothed.certify(x, SmoothingConfig(SIGMA, n0=100, n=2000, granularity="token"), radii, seed=1)
     assert tokens.worst_token == 3
     assert tokens.tokens is not None
     for t in range(4):
@@ -66,9 +67,9 @@ def test_a_fragile_token_hides_in_the_global_certificate_but_not_in_the_token_on
         assert (fragile or 0.0) < whole.certified_fcsb[i] - 0.3
     per_token = tokens.token_certified_fcsb()
     assert all(row[0] is not None and row[0] > 0.97 for row in per_token[:3])
-    summary = tokens.to_dict(per_token=True)
-    assert summary["granularity"] == "token" and summary["worst_token"] == 3 and len(summary["tokens"]) == 4
-    assert "tokens" not in tokens.to_dict()
+    summary = CertificateOut.from_certificate(tokens, "tokens", "none", 8, per_token=True)
+    assert summary.granularity == "token" and summary.worst_token == 3 and len(summary.tokens or []) == 4
+    assert CertificateOut.from_certificate(tokens, "tokens", "none", 8).tokens is None
 
 
 def test_both_granularities_from_one_encoder_pass_equal_each_run_alone() -> None:
@@ -109,11 +110,9 @@ def test_both_granularities_coincide_for_a_single_vector() -> None:
     w = unit_direction(32)
     rotation = RotationEncoder(w, a=2.0)
     for encoder in (rotation, lambda x: rotation(x)[:, None, :]):
-        smoothed = SmoothedEncoder(encoder, SIGMA, batch_size=256)
-        certificates = [
-            smoothed.certify(point_at(w, 0.2), n0=50, n=500, radii=[0.05, 0.1], seed=3, granularity=granularity)
-            for granularity in ("global", "token")
-        ]
+        smoothed = SmoothedEncoder(encoder, batch_size=256)
+        configs = [SmoothingConfig(SIGMA, n0=50, n=500, granularity=granularity) for granularity in ("global", "token")]
+        certificates = [smoothed.certify(point_at(w, 0.2), config, [0.05, 0.1], seed=3) for config in configs]
         whole, token = certificates
         # the two paths normalise the same float32 features by different calls ([B, D] rows, [B, 1, D] tokens),
         # which may round an ulp apart on some kernels: equal to float32 precision, not bit for bit
@@ -133,7 +132,8 @@ def test_served_token_features_are_each_tokens_mean_direction_at_the_global_mean
         recorded.append(encoder(inputs))
         return recorded[-1]
 
-    cert = SmoothedEncoder(encode, SIGMA, batch_size=64).certify(x, n0=32, n=320, radii=[0.1], seed=2, granularity="token")
+    config = SmoothingConfig(SIGMA, n0=32, n=320, granularity="token")
+    cert = SmoothedEncoder(encode, batch_size=64).certify(x, config, [0.1], seed=2)
     features = torch.cat(recorded).double()
     flat = torch.nn.functional.normalize(features.reshape(len(features), -1), dim=1).mean(0).reshape(4, 2)
     directions = torch.nn.functional.normalize(torch.nn.functional.normalize(features, dim=2).mean(0), dim=1)
@@ -147,17 +147,17 @@ def test_served_token_features_are_each_tokens_mean_direction_at_the_global_mean
 
 def test_early_stopping_watches_the_worst_token() -> None:
     stable = TokenRotationEncoder(unit_direction(33), rates=(0.2, 0.5, 1.0), scales=(1.0, 1.0, 1.0))
-    reached = SmoothedEncoder(stable, SIGMA, batch_size=256).certify(
-        point_at(stable.w, 0.1), n0=64, n=20_000, radii=[0.0], seed=4, granularity="token",
-        stop=StopRule(fcsb=0.6, radii=(0.0,)),
+    config = SmoothingConfig(SIGMA, n0=64, n=20_000, granularity="token")
+    reached = SmoothedEncoder(stable, batch_size=256).certify(
+        point_at(stable.w, 0.1), config, [0.0], seed=4, stop=StopRule(fcsb=0.6, radii=(0.0,))
     )
     assert reached.stopped_by == "target_reached" and reached.n < 20_000 and reached.certified_fcsb[0] >= 0.6
     assert reached.tokens is not None and min(reached.tokens.score_lower) == reached.score_lower >= 0.6
     # the fragile encoder's token 3 has score e^{-2} ≈ 0.135: a certified 0.5 is out of reach for it alone
     encoder = fragile_encoder()
     x = point_at(encoder.w, 0.1)
-    smoothed = SmoothedEncoder(encoder, SIGMA, batch_size=256)
-    hopeless = smoothed.certify(x, n0=64, n=20_000, radii=[0.0], seed=4, granularity="token", stop=StopRule(fcsb=0.5, radii=(0.0,)))
+    smoothed = SmoothedEncoder(encoder, batch_size=256)
+    hopeless = smoothed.certify(x, config, [0.0], seed=4, stop=StopRule(fcsb=0.5, radii=(0.0,)))
     assert hopeless.stopped_by == "target_unreachable" and hopeless.n < 20_000
 
 

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from fsmllm.attacks import feature_attack, smoothed_feature, unit_features
-from fsmllm.certify import SmoothedEncoder
+from fsmllm.certify import SmoothedEncoder, SmoothingConfig
 from fsmllm.encoders.dinov2_imgfocus import Dinov2Encoder
 
 from .photos import photo
@@ -52,7 +52,8 @@ def test_the_attack_breaks_the_base_encoder(encoder, cat) -> None:
 
 @pytest.mark.slow
 def test_pgd_cannot_push_smoothed_dinov2_below_its_certificate(encoder, cat) -> None:
-    cert = SmoothedEncoder(encoder, SIGMA, batch_size=64).certify(cat, n0=50, n=500, alpha=0.001, radii=RADII, seed=0)
+    config = SmoothingConfig(SIGMA, n0=50, n=500, alpha=0.001)
+    cert = SmoothedEncoder(encoder, batch_size=64).certify(cat, config, RADII, seed=0)
     assert None not in cert.certified_fcsb, cert  # the comparison below is not vacuous
     clean = smoothed_feature(encoder, cat, SIGMA, n=256, seed=1)
     served = cert.smoothed_feature

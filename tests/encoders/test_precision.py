@@ -50,7 +50,7 @@ def test_the_noise_is_float32_whatever_the_encoder_dtype() -> None:
         encoder = set_precision(load_encoder("tiny-cnn"), precision)
         inputs = seen.setdefault(precision, [])
         record = lambda x, e=encoder, inputs=inputs: (inputs.append(x.clone()), e(x))[1]  # noqa: E731
-        SmoothedEncoder(record, 0.25, batch_size=16).certify(cat(32), n0=16, n=32, seed=3, radii=[0.1])
+        SmoothedEncoder(record, batch_size=16).certify(cat(32), SmoothingConfig(0.25, n0=16, n=32), [0.1], seed=3)
     assert all(x.dtype == torch.float32 for x in seen["bfloat16"])
     torch.testing.assert_close(torch.cat(seen["bfloat16"]), torch.cat(seen["float32"]), atol=0, rtol=0)
 
@@ -67,7 +67,7 @@ def test_batch_packing_moves_a_certificate_at_most_the_stated_tolerance(precisio
     docs/method.md states."""
     encoder = set_precision(load_encoder("tiny-vit"), precision)
     certificates = [
-        SmoothedEncoder(encoder, 0.25, batch_size=size).certify(cat(32), n0=32, n=160, seed=5, radii=[0.05, 0.1])
+        SmoothedEncoder(encoder, batch_size=size).certify(cat(32), SmoothingConfig(0.25, 32, 160), [0.05, 0.1], seed=5)
         for size in (64, 7, 1)
     ]
     first = certificates[0]
@@ -91,7 +91,7 @@ def test_a_compiled_encoder_stands_in_for_the_encoder() -> None:
     encoder = load_encoder("tiny-vit")
     fast = compiled(encoder, backend="eager")
     assert (fast.name, fast.image_size, fast.num_tokens, fast.token_dim) == ("tiny-vit", 32, 17, 16)
-    plain = SmoothedEncoder(encoder, 0.25, batch_size=24).certify(cat(32), n0=20, n=70, seed=1, radii=[0.1])
-    again = SmoothedEncoder(fast, 0.25, batch_size=24).certify(cat(32), n0=20, n=70, seed=1, radii=[0.1])
+    plain = SmoothedEncoder(encoder, batch_size=24).certify(cat(32), SmoothingConfig(0.25, n0=20, n=70), [0.1], seed=1)
+    again = SmoothedEncoder(fast, batch_size=24).certify(cat(32), SmoothingConfig(0.25, n0=20, n=70), [0.1], seed=1)
     assert again.score_lower == pytest.approx(plain.score_lower, abs=1e-6)
     torch.testing.assert_close(again.smoothed_feature, plain.smoothed_feature, atol=1e-6, rtol=0)

@@ -20,7 +20,7 @@ from PIL import Image
 from fsmllm.api.serve import policy_from
 from fsmllm.api.settings import Settings
 from fsmllm.encoders import load_encoder
-from fsmllm.certify import SmoothedEncoder, StopRule
+from fsmllm.certify import SmoothedEncoder, SmoothingConfig, StopRule
 from fsmllm.engine.runtime import Runtime
 from fsmllm.errors import CertificatesOnly
 from fsmllm.lm.base import SamplingParams
@@ -112,7 +112,7 @@ def test_each_generation_is_accounted_when_it_starts_and_when_it_ends() -> None:
 def test_a_runtime_without_a_language_model_refuses_to_generate() -> None:
     encoder = load_encoder("tiny-cnn", image_size=16)
     runtime = Runtime(encoder, policy_from(Settings(model="none", _env_file=None)))
-    certificate = SmoothedEncoder(encoder, 0.25).certify(torch.rand(3, 16, 16), n0=10, n=20, seed=0)
+    certificate = SmoothedEncoder(encoder).certify(torch.rand(3, 16, 16), SmoothingConfig(0.25, n0=10, n=20), seed=0)
     message = "this deployment serves certificates only (model 'none'); use POST /certify"
     with pytest.raises(CertificatesOnly, match=f"^{re.escape(message)}$"):
         runtime.stream(certificate, "what is it?", SamplingParams())

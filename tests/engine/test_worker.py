@@ -17,7 +17,7 @@ import torch
 
 from fsmllm.api.serve import policy_from
 from fsmllm.api.settings import Settings
-from fsmllm.certify import Certificate, SmoothingConfig
+from fsmllm.certify import Certificate, InterimCertificate, SmoothingConfig
 from fsmllm.engine.jobs import CertifyJob, JobCancelled
 from fsmllm.engine.runtime import Runtime
 from fsmllm.engine.worker import DeviceWorker, QueueFull, WorkerStopped
@@ -341,7 +341,7 @@ def test_each_batch_reports_a_jobs_progress_with_its_interim_certificate(loop: a
     assert [(done, total) for done, total, _ in reports] == [(8, 72), (24, 72), (40, 72), (56, 72), (72, 72)]
     assert reports[0][2] is None and reports[1][2] is None  # 0 and 16 estimation samples: no checkpoint yet
     interim = reports[3][2]  # 48 estimation samples: the certificate of the checkpoint at 32
-    assert isinstance(interim, dict) and interim["n"] == 32
+    assert isinstance(interim, InterimCertificate) and interim.n == 32
     worker.stop()
 
 

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from fsmllm.api.settings import Settings
-from fsmllm.certify import SmoothedEncoder, StopRule
+from fsmllm.certify import SmoothedEncoder, SmoothingConfig, StopRule
 from fsmllm.images import to_pixels
 
 from .live import Controlled, LiveServer, data_url, live_server, png_bytes, sse_events, wait_until
@@ -33,7 +33,8 @@ def certify(server: LiveServer, **body) -> httpx.Response:
 def reference(server: LiveServer, image: bytes, seed: int, radii: list[float], n0: int = 20, n: int = 100, sigma: float = 0.25):
     """The same certification run directly through the core, sequentially."""
     pixels = to_pixels(Image.open(io.BytesIO(image)), server.runtime.input_size)
-    return SmoothedEncoder(server.runtime.encoder, sigma, batch_size=7).certify(pixels, n0=n0, n=n, radii=radii, seed=seed)
+    config = SmoothingConfig(sigma, n0=n0, n=n)
+    return SmoothedEncoder(server.runtime.encoder, batch_size=7).certify(pixels, config, radii, seed=seed)
 
 
 def test_health_ready_models(server: LiveServer) -> None:
@@ -131,8 +132,8 @@ def test_early_stopping_spends_fewer_samples_reproducibly_and_frees_the_worker(s
     assert used < cert["n0"] + cert["n"] + server.settings.batch_size and server.runtime.worker.depth == 0
     # the same certificate from the core, whatever the batch packing (the stop is checked at fixed counts)
     pixels = to_pixels(Image.open(io.BytesIO(image)), server.runtime.input_size)
-    expected = SmoothedEncoder(server.runtime.encoder, 0.25, batch_size=5).certify(
-        pixels, n0=20, n=20_000, radii=[0.05, 0.1], seed=9, stop=StopRule(fcsb=0.8, radii=(0.05, 0.1))
+    expected = SmoothedEncoder(server.runtime.encoder, batch_size=5).certify(
+        pixels, SmoothingConfig(0.25, n0=20, n=20_000), [0.05, 0.1], seed=9, stop=StopRule(fcsb=0.8, radii=(0.05, 0.1))
     )
     assert (cert["n"], cert["score_lower"]) == (expected.n, pytest.approx(expected.score_lower, abs=1e-6))
     unreachable = certify(server, image=data_url(image), seed=9, n=20_000, radius=[1.0], stop_at_fcsb=0.99).json()

@@ -15,7 +15,7 @@ from pydantic import ValidationError
 from fsmllm.api.metrics import Metrics
 from fsmllm.api.serve import build_runtime
 from fsmllm.api.settings import Settings, add_arguments, settings_from_args
-from fsmllm.certify import SmoothedEncoder
+from fsmllm.certify import SmoothedEncoder, SmoothingConfig
 from fsmllm.encoders import load_encoder
 from fsmllm.encoders.precision import set_precision
 from fsmllm.images import to_pixels
@@ -60,6 +60,6 @@ def test_a_bfloat16_encoder_serves_certificates_that_name_its_precision() -> Non
         assert cert["encoder_dtype"] == "bfloat16"
         assert httpx.get(f"{server.url}/v1/models").json()["data"][0]["encoder_dtype"] == "bfloat16"
         pixels = to_pixels(Image.open(io.BytesIO(image)), 16)
-        core = SmoothedEncoder(encoder, 0.25, batch_size=7).certify(pixels, n0=20, n=100, radii=[0.05], seed=9)
+        core = SmoothedEncoder(encoder, batch_size=7).certify(pixels, SmoothingConfig(0.25, 20, 100), [0.05], seed=9)
         # the same samples, packed differently: within the bfloat16 packing tolerance of docs/method.md
         assert cert["score_lower"] == pytest.approx(core.score_lower, abs=1e-4)

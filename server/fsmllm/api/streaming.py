@@ -12,6 +12,8 @@ from typing import Any, TypeVar
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 
+from fsmllm.api.schemas.certificate import InterimCertificateOut
+from fsmllm.certify import InterimCertificate
 from fsmllm.engine.jobs import ProgressCallback, VoteProgressCallback
 
 #: a request's work, told where its sample progress and its votes' progress go (None: nowhere)
@@ -94,8 +96,9 @@ def progress_stream(
     def emit(event: str, data: dict[str, Any]) -> None:
         loop.call_soon_threadsafe(updates.put_nowait, sse(event, data))
 
-    def on_progress(done: int, total: int, interim: dict[str, Any] | None) -> None:
-        emit("progress", {"done": done, "total": total, **({"certificate": interim} if interim else {})})
+    def on_progress(done: int, total: int, interim: InterimCertificate | None) -> None:
+        certificate = {} if interim is None else {"certificate": InterimCertificateOut.of(interim).model_dump()}
+        emit("progress", {"done": done, "total": total, **certificate})
 
     def on_votes(votes: dict[str, Any]) -> None:
         emit("votes", votes)

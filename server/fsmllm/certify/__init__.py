@@ -22,7 +22,7 @@ from fsmllm.certify.bounds import (
     prediction_radius,
     upper_bound,
 )
-from fsmllm.certify.certificate import Certificate, TokenBounds, per_token_features
+from fsmllm.certify.certificate import Certificate, InterimCertificate, TokenBounds, per_token_features
 from fsmllm.certify.classify import CosineClassifier, PredictionCertificate
 from fsmllm.certify.config import (
     DEFAULT_RADII,
@@ -31,6 +31,7 @@ from fsmllm.certify.config import (
     Encode,
     Granularity,
     SmoothingConfig,
+    StopReason,
     StopRule,
     check_radii,
     new_seed,
@@ -50,11 +51,13 @@ __all__ = [
     "Encode",
     "Granularity",
     "CosineClassifier",
+    "InterimCertificate",
     "PredictionCertificate",
     "SampleRun",
     "SmoothedEncoder",
     "SmoothingConfig",
     "SmoothingRun",
+    "StopReason",
     "StopRule",
     "TokenBounds",
     "betting_lower_bound",

@@ -134,28 +134,6 @@ class AnswerCertificate:
         """True when the answer provably stays the same for every perturbation of l2 norm < ``radius``."""
         return self.radius is not None and radius < self.radius
 
-    def to_dict(self) -> dict[str, object]:
-        cfg = self.config
-        return {
-            "answer": self.answer,
-            "normalised": self.normalised,
-            "p_lower": self.p_lower,
-            "radius": self.radius,
-            "abstain": self.abstain,
-            "votes": [{"answer": text, "normalised": key, "count": count} for text, key, count in self.votes],
-            "agree": self.agree,
-            "n0": cfg.n0,
-            "n": self.n,
-            "n_budget": cfg.n,
-            "stopped_by": self.stopped_by,
-            "alpha": cfg.alpha,
-            "sigma": cfg.sigma,
-            "inner": cfg.inner,
-            "bound": cfg.bound,
-            "target_radius": cfg.radius,
-            "seed": self.seed,
-        }
-
 
 class AnswerVoting:
     """The streaming state of one certified answer: feed it the answers of the votes, in order (:meth:`add`).

@@ -4,7 +4,7 @@ score's lower confidence bound (method.md, "Estimating it soundly", steps 3 and 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -18,6 +18,7 @@ from fsmllm.certify.bounds import (
 from fsmllm.certify.classify import PredictionCertificate
 from fsmllm.certify.config import (
     SmoothingConfig,
+    StopReason,
     StopRule,
 )
 
@@ -50,6 +51,18 @@ class TokenBounds:
 
 
 @dataclass(frozen=True)
+class InterimCertificate:
+    """The certificate valid so far while an anytime-valid bound samples on (a progress report's): after ``n``
+    estimation samples, the best lower bound ``score_lower`` over the checkpoints passed (the worst token's for
+    token granularity) and the certified FCSB it gives at each of ``radii`` (None: nothing certified there)."""
+
+    n: int
+    score_lower: float
+    radii: tuple[float, ...]
+    certified_fcsb: tuple[float | None, ...]
+
+
+@dataclass(frozen=True)
 class Certificate:
     """Everything one certification established, reproducible from ``(image, config, stop rule, seed)``.
 
@@ -79,7 +92,7 @@ class Certificate:
     seed: int
     radii: tuple[float, ...]
     n: int
-    stopped_by: str
+    stopped_by: StopReason
     score_estimate: float
     score_lower: float
     certified_fcsb: tuple[float | None, ...]
@@ -118,51 +131,6 @@ class Certificate:
         return [
             list(optional_floats(certified_fcsb(lower, self.config.sigma, radii))) for lower in self.tokens.score_lower
         ]
-
-    def to_dict(self, per_token: bool = False) -> dict[str, object]:
-        """A JSON-ready summary (no tensors): every number plus what is needed to reproduce it; ``per_token``
-        adds each token's values to a token-level certificate."""
-        cfg = self.config
-        summary: dict[str, object] = {
-            "granularity": cfg.granularity,
-            "sigma": cfg.sigma,
-            "n0": cfg.n0,
-            "n": self.n,
-            "n_budget": cfg.n,
-            "stopped_by": self.stopped_by,
-            "alpha": cfg.alpha,
-            "bound": cfg.bound,
-            "seed": self.seed,
-            "score_estimate": self.score_estimate,
-            "score_lower": self.score_lower,
-            "abstain": self.abstain,
-            "served_angle": self.served_angle,
-            "radii": [
-                {"radius": r, "certified_fcsb": c, "served_fcsb": v, "estimated_fcsb": e}
-                for r, c, v, e in zip(self.radii, self.certified_fcsb, self.served_fcsb, self.estimated_fcsb)
-            ],
-        }
-        if self.worst_token is not None:
-            summary["worst_token"] = self.worst_token
-        if per_token and self.tokens is not None:
-            summary["tokens"] = [
-                {"token": t, "score_estimate": e, "score_lower": p, "served_angle": a, "certified_fcsb": c}
-                for t, (e, p, a, c) in enumerate(
-                    zip(
-                        self.tokens.score_estimate,
-                        self.tokens.score_lower,
-                        self.tokens.served_angle,
-                        self.token_certified_fcsb(),
-                    )
-                )
-            ]
-        if self.stop is not None:
-            summary["stop"] = asdict(self.stop)
-        if self.prediction is not None:
-            summary["prediction"] = asdict(self.prediction)
-        if self.clean_score is not None:
-            summary["clean_score"] = self.clean_score
-        return summary
 
     def certified_radius(self, target_cos: float) -> float | None:
         """Largest ε at which the certified FCSB is still ≥ ``target_cos``: ``σ (Φ⁻¹((1+p̲)/2) − Φ⁻¹((1+c)/2))``

@@ -31,6 +31,8 @@ Granularity = Literal["global", "token"]
 GRANULARITIES: tuple[Granularity, ...] = ("global", "token")
 #: the radii (l2, pixels in [0, 1]) certified when a request or a command names none
 DEFAULT_RADII = (0.1, 0.25, 0.5)
+#: why sampling ended: the budget was spent, or what a :class:`StopRule` decided
+StopReason = Literal["budget", "target_reached", "target_unreachable", "radius_converged"]
 
 
 def bound_checked_after(count: int) -> bool:
@@ -100,7 +102,7 @@ class StopRule:
             raise ValueError("stop_at_fcsb needs at least one radius")
         return cls(fcsb=stop_at_fcsb, radii=tuple(radii))
 
-    def decide(self, lower: float, upper_bound: Callable[[], float], sigma: float) -> str | None:
+    def decide(self, lower: float, upper_bound: Callable[[], float], sigma: float) -> StopReason | None:
         """The reason to stop given the score's lower confidence bound and its upper one (computed only when the
         rule needs it), or None to go on."""
         if self.fcsb is not None:

@@ -37,13 +37,13 @@ import torch.nn.functional as F
 
 from fsmllm.certify.bounds import (
     ANYTIME_METHODS,
-    BoundMethod,
     fcsb,
     lower_bound,
     upper_bound,
 )
 from fsmllm.certify.certificate import (
     Certificate,
+    InterimCertificate,
     TokenBounds,
     certified_fcsb,
     optional_floats,
@@ -52,10 +52,11 @@ from fsmllm.certify.certificate import (
 )
 from fsmllm.certify.classify import CosineClassifier, certify_prediction
 from fsmllm.certify.config import (
+    DEFAULT_RADII,
     NOISE_BLOCK,
     Encode,
-    Granularity,
     SmoothingConfig,
+    StopReason,
     StopRule,
     bound_checked_after,
     check_radii,
@@ -127,7 +128,7 @@ class SmoothingRun:
         self.stop = stop
         self.issued = 0
         self.consumed = 0
-        self.stopped_by: str | None = None
+        self.stopped_by: StopReason | None = None
         self._noise = NoisyCopies(pixels, config.sigma, seed)
         self._feature_sum: torch.Tensor | None = None  # Σ of the flattened unit features [D] (the global mean)
         self._token_sum: torch.Tensor | None = None  # Σ of the unit rows [T, W] (token granularity)
@@ -143,7 +144,7 @@ class SmoothingRun:
         self._selected_label: int | None = None
         self._best_lower: np.ndarray | None = None  # per token: the anytime bound, best over the checkpoints
         self._checked = 0
-        self._interim: tuple[tuple[int, tuple[float, ...]], dict[str, object]] | None = None
+        self._interim: InterimCertificate | None = None
 
     @property
     def total(self) -> int:
@@ -326,27 +327,17 @@ class SmoothingRun:
                 float(self._best_lower.min()), lambda: float(self._bounds(count, upper_bound).min()), self.config.sigma
             )
 
-    def interim(self, radii: Sequence[float]) -> dict[str, object] | None:
-        """The certificate valid so far (anytime bound, at the last checkpoint): {n, score_lower, radii} (the
-        worst token's for token granularity); None before the first checkpoint or with a fixed-n bound."""
+    def interim(self, radii: Sequence[float]) -> InterimCertificate | None:
+        """The certificate valid so far (anytime bound, at the last checkpoint; the worst token's for token
+        granularity); None before the first checkpoint or with a fixed-n bound."""
         if self.config.bound not in ANYTIME_METHODS or self._best_lower is None:
             return None
-        key = (self._checked, tuple(radii))
-        if self._interim is None or self._interim[0] != key:  # computed once per checkpoint, not per batch
-            lowest = float(self._best_lower.min())
-            radii_array = np.asarray(list(radii), dtype=np.float64)
-            values = certified_fcsb(lowest, self.config.sigma, radii_array)
-            self._interim = (
-                key,
-                {
-                    "n": self._checked,
-                    "score_lower": lowest,
-                    "radii": [
-                        {"radius": float(r), "certified_fcsb": c} for r, c in zip(radii_array, optional_floats(values))
-                    ],
-                },
-            )
-        return self._interim[1]
+        asked = tuple(float(radius) for radius in radii)
+        if self._interim is None or (self._interim.n, self._interim.radii) != (self._checked, asked):
+            lowest = float(self._best_lower.min())  # computed once per checkpoint (and radii), not per batch
+            certified = certified_fcsb(lowest, self.config.sigma, np.asarray(asked, dtype=np.float64))
+            self._interim = InterimCertificate(self._checked, lowest, asked, optional_floats(certified))
+        return self._interim
 
     def _served(self, count: int) -> torch.Tensor:
         """The features handed to the language model [D]: the mean of the flattened unit features (global); for
@@ -425,33 +416,29 @@ class SmoothedEncoder:
 
     ``base`` is any callable mapping an image batch [B, C, H, W] with pixels in [0, 1] to features [B, ...]
     (a :class:`~fsmllm.encoders.base.VisionEncoder`, or a booster followed by one: the lemma applies to any
-    base function). Same seed ⇒ same certificate, whatever ``batch_size``.
+    base function). σ and the other statistical parameters are the :class:`SmoothingConfig` of each
+    :meth:`certify`. Same seed ⇒ same certificate, whatever ``batch_size``.
     """
 
-    def __init__(self, base: Encode, sigma: float, *, batch_size: int = 64, device: str | torch.device = "cpu") -> None:
+    def __init__(self, base: Encode, *, batch_size: int = 64, device: str | torch.device = "cpu") -> None:
         self.base = base
-        self.sigma = sigma
         self.batch_size = batch_size
         self.device = torch.device(device)
 
     def certify(
         self,
         pixels: torch.Tensor,
+        config: SmoothingConfig,
+        radii: Sequence[float] = DEFAULT_RADII,
         *,
-        n0: int = 100,
-        n: int = 1000,
-        alpha: float = 0.001,
-        radii: Sequence[float] = (0.1, 0.25, 0.5),
         seed: int | None = None,
-        bound: BoundMethod = "betting",
-        granularity: Granularity = "global",
         classifier: CosineClassifier | None = None,
         stop: StopRule | None = None,
         reference: torch.Tensor | None = None,
         progress: Callable[[int], None] | None = None,
     ) -> Certificate:
-        """Certify one image [C, H, W] (method.md steps 1–4); ``stop`` may end sampling before ``n``."""
-        config = SmoothingConfig(sigma=self.sigma, n0=n0, n=n, alpha=alpha, bound=bound, granularity=granularity)
+        """Certify one image [C, H, W] under ``config`` at ``radii`` (method.md steps 1–4); ``stop`` may end
+        sampling before ``config.n``."""
         check_radii(radii)
         run = SmoothingRun(
             pixels.to(self.device), config, new_seed() if seed is None else seed, classifier, stop, reference

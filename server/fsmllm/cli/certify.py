@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from fsmllm.api.schemas import CertificateOut, CertifyParams
+from fsmllm.api.schemas import CertificateOut, CertifyParams, PredictionOut
 from fsmllm.cli.common import HelpFormatter, boosted_encoder, server_default, validated
 from fsmllm.cli.smoothing import add_smoothing_arguments, recorded, smooth
 from fsmllm.cli.tables import certificate_table
@@ -65,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         summary = out.model_dump()
         if cert.prediction is not None:  # --classify: the prediction's own certificate beside the feature's
-            summary["prediction"] = cert.to_dict()["prediction"]
+            summary["prediction"] = PredictionOut.of(cert.prediction).model_dump()
         print(json.dumps(summary, indent=2))
     else:
         print(certificate_table(cert, out, args.per_token))

@@ -115,18 +115,8 @@ def smooth(
         getattr(params, "radius_tolerance", None),
     )
     pixels = to_pixels(load_image(args.image, server_default("max_image_pixels")), encoder.image_size)
-    smoother = SmoothedEncoder(encoder, args.sigma, batch_size=args.batch_size, device=args.device)
+    smoother = SmoothedEncoder(encoder, batch_size=args.batch_size, device=args.device)
     with tqdm(total=args.n0 + args.n, unit="sample", desc="sampling", disable=args.no_progress, file=sys.stderr) as bar:
         return smoother.certify(
-            pixels,
-            n0=config.n0,
-            n=config.n,
-            alpha=config.alpha,
-            radii=radii,
-            seed=args.seed,
-            bound=config.bound,
-            classifier=classifier,
-            granularity=config.granularity,
-            stop=stop,
-            progress=bar.update,
+            pixels, config, radii, seed=args.seed, classifier=classifier, stop=stop, progress=bar.update
         )

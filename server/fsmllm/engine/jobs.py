@@ -11,10 +11,18 @@ from dataclasses import dataclass, field
 
 import torch
 
-from fsmllm.certify import Certificate, CosineClassifier, SampleRun, SmoothingConfig, SmoothingRun, StopRule
+from fsmllm.certify import (
+    Certificate,
+    CosineClassifier,
+    InterimCertificate,
+    SampleRun,
+    SmoothingConfig,
+    SmoothingRun,
+    StopRule,
+)
 
 #: ``on_progress(done, total, interim)``: samples done, the budget, and the certificate valid so far (or None)
-ProgressCallback = Callable[[int, int, "dict[str, object] | None"], None]
+ProgressCallback = Callable[[int, int, InterimCertificate | None], None]
 #: the votes of a certified answer so far (:meth:`~fsmllm.certify.answers.AnswerVoting.progress`), after each chunk
 VoteProgressCallback = Callable[["dict[str, object]"], None]
 

@@ -119,18 +119,8 @@ def rerun(certificate: dict[str, Any], pixels: torch.Tensor, setting: Setting) -
     stop = certificate.get("stop")
     rule = None if stop is None else StopRule(stop["fcsb"], tuple(stop["radii"]), stop["target_cos"], stop["tolerance"])
     radii = [entry["radius"] for entry in certificate["radii"]]
-    smoother = SmoothedEncoder(encoder, config.sigma, batch_size=setting.batch_size, device=device)
-    cert = smoother.certify(
-        pixels,
-        n0=config.n0,
-        n=config.n,
-        alpha=config.alpha,
-        radii=radii,
-        seed=int(certificate["seed"]),
-        bound=config.bound,
-        granularity=config.granularity,
-        stop=rule,
-    )
+    smoother = SmoothedEncoder(encoder, batch_size=setting.batch_size, device=device)
+    cert = smoother.certify(pixels, config, radii, seed=int(certificate["seed"]), stop=rule)
     target = (certificate.get("certified_radius") or {}).get("target_cos")
     out = CertificateOut.from_certificate(
         cert,

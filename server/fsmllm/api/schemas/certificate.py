@@ -1,5 +1,6 @@
 """The certification: its request fields (every endpoint has them) and the served certificate, the one JSON
-shape of a :class:`~fsmllm.certify.Certificate`, with its timings."""
+shape of a :class:`~fsmllm.certify.Certificate`, with its timings; the interim certificate of a progress event;
+the certified prediction of ``fsmllm certify --classify``."""
 
 from __future__ import annotations
 
@@ -9,7 +10,16 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from fsmllm.api.schemas.common import ABSTAIN, NORM_NOTE, STATEMENT, RequestModel
-from fsmllm.certify import BOUND_METHODS, DEFAULT_RADII, Certificate, StopRule
+from fsmllm.certify import (
+    DEFAULT_RADII,
+    BoundMethod,
+    Certificate,
+    Granularity,
+    InterimCertificate,
+    PredictionCertificate,
+    StopReason,
+    StopRule,
+)
 from fsmllm.engine.runtime import Policy
 from fsmllm.engine.serving import Answered, Certified, CertifyTask
 from fsmllm.errors import as_request_error
@@ -85,13 +95,13 @@ class CertificationParams(RequestModel):
         "best of several certificates weakens it); default: the deployment's",
         examples=[0.001],
     )
-    bound: Literal["betting", "empirical-bernstein", "hoeffding"] = Field(
+    bound: BoundMethod = Field(
         "betting",
         description="confidence bound on the score: 'betting' (Waudby-Smith & Ramdas 2023; follows the variance, "
         "anytime-valid, so sampling may stop early) or the fixed-n 'empirical-bernstein' / 'hoeffding'",
         examples=["betting"],
     )
-    granularity: Literal["global", "token"] = Field(
+    granularity: Granularity = Field(
         "global",
         description="'global': one certificate for the whole feature (all tokens flattened, normalised once); "
         "'token': every visual token normalised and certified on its own, for all tokens at once (the headline "
@@ -158,15 +168,34 @@ class CertificationParams(RequestModel):
         return None, None
 
 
-assert set(BOUND_METHODS) == {"betting", "empirical-bernstein", "hoeffding"}  # keep the Literal above in step
-
-
-class RadiusBound(BaseModel):
+class CertifiedAt(BaseModel):
     radius: float
     certified_fcsb: float | None = Field(
         description="with probability >= 1 - alpha, cos(F(x), F(x')) >= this for all ||x' - x|| <= radius, F the "
         "smoothed encoder (the direct bound FCSB(score_lower, sigma, radius)); null = nothing certified here"
     )
+
+
+class InterimCertificateOut(BaseModel):
+    """A progress event's ``certificate``: the certificate valid so far under an anytime-valid bound."""
+
+    n: int = Field(description="estimation samples it is computed from (the last checkpoint passed)")
+    score_lower: float = Field(description="the best lower confidence bound on the score over the checkpoints")
+    radii: list[CertifiedAt]
+
+    @classmethod
+    def of(cls, interim: InterimCertificate) -> InterimCertificateOut:
+        return cls(
+            n=interim.n,
+            score_lower=interim.score_lower,
+            radii=[
+                CertifiedAt(radius=radius, certified_fcsb=certified)
+                for radius, certified in zip(interim.radii, interim.certified_fcsb)
+            ],
+        )
+
+
+class RadiusBound(CertifiedAt):
     served_fcsb: float | None = Field(
         description="with the same probability, cos(features handed to the language model, F(x')) >= this for the "
         "same x'; null = nothing certified here"
@@ -273,7 +302,7 @@ class CertificateOut(Issued):
     )
     norm: str = NORM_NOTE
     statement: str = Field(STATEMENT, description="what the certificate states, and about which vectors")
-    granularity: Literal["global", "token"] = Field(
+    granularity: Granularity = Field(
         "global", description="'token': F, F_hat and the bounds are per token, and the numbers below the worst token's"
     )
     worst_token: int | None = Field(None, description="granularity 'token': the token with the lowest certified score")
@@ -284,9 +313,7 @@ class CertificateOut(Issued):
     n0: int
     n: int = Field(description="estimation samples used (fewer than n_budget when sampling stopped early)")
     n_budget: int = Field(description="estimation samples allowed (the request's n)")
-    stopped_by: Literal["budget", "target_reached", "target_unreachable", "radius_converged"] = Field(
-        description="why sampling ended: the budget was spent, or an early-stopping rule"
-    )
+    stopped_by: StopReason = Field(description="why sampling ended: the budget was spent, or an early-stopping rule")
     alpha: float = Field(description="failure probability of all the certificate's statements together")
     bound: str
     seed: int
@@ -320,11 +347,23 @@ class CertificateOut(Issued):
     ) -> CertificateOut:
         """The certificate's one JSON shape, printed alike by the server and by ``fsmllm certify --json``."""
         cfg = cert.config
-        summary = cert.to_dict(per_token=per_token)
+        tokens = None
+        if per_token and cert.tokens is not None:
+            tokens = [
+                TokenBound(token=t, score_estimate=e, score_lower=p, served_angle=a, certified_fcsb=c)
+                for t, (e, p, a, c) in enumerate(
+                    zip(
+                        cert.tokens.score_estimate,
+                        cert.tokens.score_lower,
+                        cert.tokens.served_angle,
+                        cert.token_certified_fcsb(),
+                    )
+                )
+            ]
         return cls(
             granularity=cfg.granularity,
             worst_token=cert.worst_token,
-            tokens=summary.get("tokens"),
+            tokens=tokens,
             encoder=encoder,
             booster=booster,
             input_size=input_size,
@@ -341,7 +380,10 @@ class CertificateOut(Issued):
             score_lower=cert.score_lower,
             served_angle=cert.served_angle,
             abstain=cert.abstain,
-            radii=summary["radii"],
+            radii=[
+                RadiusBound(radius=r, certified_fcsb=c, served_fcsb=v, estimated_fcsb=e)
+                for r, c, v, e in zip(cert.radii, cert.certified_fcsb, cert.served_fcsb, cert.estimated_fcsb)
+            ],
             certified_radius=None
             if target_cos is None
             else CertifiedRadius(target_cos=target_cos, radius=cert.certified_radius(target_cos)),
@@ -363,3 +405,20 @@ class CertificateOut(Issued):
             certified.cached,
             served_by.encoder_dtype,
         )
+
+
+class PredictionOut(BaseModel):
+    """The cosine classifier's certified prediction (``fsmllm certify --classify --json``; the server does not
+    serve one): unless ``radius`` is null, the smoothed classifier answers ``label`` within that l2 radius."""
+
+    label_index: int
+    label: str
+    top_lower: float = Field(description="lower confidence bound on <F(x), w_label>, w the label's unit embedding")
+    runner_up_index: int
+    runner_up_upper: float = Field(description="upper confidence bound on the runner-up's <F(x), w>")
+    radius: float | None = Field(description="the certified l2 radius; null: abstain")
+    alpha: float = Field(description="failure probability of the prediction's statement (half the certificate's)")
+
+    @classmethod
+    def of(cls, prediction: PredictionCertificate) -> PredictionOut:
+        return cls(**asdict(prediction))

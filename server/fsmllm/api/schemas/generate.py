@@ -4,13 +4,12 @@ the response."""
 from __future__ import annotations
 
 import json
-from typing import Literal
 
 from pydantic import BaseModel, Field, field_validator
 
 from fsmllm.api.schemas.certificate import CertificateOut, CertificationParams, Issued, Timings
 from fsmllm.api.schemas.common import EXAMPLE_IMAGE, RequestModel
-from fsmllm.certify.answers import AnswerCertificate, AnswerConfig
+from fsmllm.certify.answers import AnswerBound, AnswerCertificate, AnswerConfig, AnswerStop
 from fsmllm.engine.runtime import Policy
 from fsmllm.engine.serving import Answered, AnswerTask, CertifyTask, Provenance
 from fsmllm.errors import PolicyError
@@ -166,11 +165,11 @@ class AnswerCertificateOut(Issued):
     n0: int
     n: int = Field(description="estimation votes used (fewer than n_budget when voting stopped early)")
     n_budget: int
-    stopped_by: Literal["budget", "target_reached", "target_unreachable"]
+    stopped_by: AnswerStop
     alpha: float
     sigma: float
     inner: int
-    bound: Literal["clopper-pearson", "betting"]
+    bound: AnswerBound
     target_radius: float | None
     seed: int
     # what the votes read (issued answer certificates; the language model is named by the weights)
@@ -196,7 +195,27 @@ class AnswerCertificateOut(Issued):
                 "encoder_dtype": provenance.encoder_dtype,
             }
         )
-        return cls.model_validate({**certificate.to_dict(), **served_by})
+        cfg = certificate.config
+        return cls(
+            answer=certificate.answer,
+            normalised=certificate.normalised,
+            p_lower=certificate.p_lower,
+            radius=certificate.radius,
+            abstain=certificate.abstain,
+            votes=[AnswerVote(answer=text, normalised=key, count=count) for text, key, count in certificate.votes],
+            agree=certificate.agree,
+            n0=cfg.n0,
+            n=certificate.n,
+            n_budget=cfg.n,
+            stopped_by=certificate.stopped_by,
+            alpha=cfg.alpha,
+            sigma=cfg.sigma,
+            inner=cfg.inner,
+            bound=cfg.bound,
+            target_radius=cfg.radius,
+            seed=certificate.seed,
+            **served_by,
+        )
 
 
 class GenerateResponse(BaseModel):
