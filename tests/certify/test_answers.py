@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 from scipy.stats import binom, norm
 
-from fsmllm.api.schemas import ANSWER_STATEMENT, AnswerCertificateOut
+from fsmllm.api.schemas import ANSWER_STATEMENT, AnswerCertificateOut, VotesEvent
 from fsmllm.certify.answers import (
     AnswerConfig,
     AnswerVoting,
+    VoteProgress,
     answer_radius,
     clopper_pearson_lower,
     needed_probability,
@@ -89,11 +90,13 @@ def test_votes_wanted_per_phase_and_ties_go_to_the_first_answer_seen() -> None:
 
 
 def test_progress_reports_each_phase_and_an_interim_bound_only_when_it_is_valid() -> None:
+    """The votes so far, and their JSON (a votes event's, rendered by the API schema): the fields that apply."""
     fixed = AnswerVoting(AnswerConfig(sigma=SIGMA, n0=4, n=10, alpha=0.1), seed=0)
     fixed.add(["b", "a"])
-    assert fixed.progress() == {"done": 2, "total": 14, "phase": "selection"}
+    assert fixed.progress() == VoteProgress(2, 14) and fixed.progress().phase == "selection"
+    assert VotesEvent.render(fixed.progress()) == {"done": 2, "total": 14, "phase": "selection"}
     fixed.add(["A.", "a", "b", "a"])  # "a" chosen (3 of 4: "A." is shown as first seen), then b, a
-    assert fixed.progress() == {
+    assert VotesEvent.render(fixed.progress()) == {
         "done": 6,
         "total": 14,
         "phase": "estimation",
@@ -102,19 +105,18 @@ def test_progress_reports_each_phase_and_an_interim_bound_only_when_it_is_valid(
         "estimated": 2,
     }
     fixed.add(["a"] * 8)
-    assert fixed.progress()["stopped_by"] == "budget" and "p_lower" not in fixed.progress()  # Clopper-Pearson
+    report = VotesEvent.render(fixed.progress())
+    assert report["stopped_by"] == "budget" and "p_lower" not in report and "radius" not in report  # Clopper-Pearson
     anytime = AnswerVoting(AnswerConfig(sigma=SIGMA, n0=2, n=1000, alpha=0.1, radius=0.1), seed=0)
     anytime.add(["a"] * 2)
-    assert (anytime.progress()["p_lower"], anytime.progress()["radius"]) == (0.0, None)
+    report = VotesEvent.render(anytime.progress())
+    assert (report["p_lower"], report["radius"]) == (0.0, None) and "stopped_by" not in report
     while not anytime.done:
         anytime.add(["a"] * 16)
-    report, certificate = anytime.progress(), anytime.certificate()
-    assert report["stopped_by"] == "target_reached" == certificate.stopped_by
-    assert (report["p_lower"], report["radius"], report["estimated"]) == (
-        certificate.p_lower,
-        certificate.radius,
-        certificate.n,
-    )
+    progress, certificate = anytime.progress(), anytime.certificate()
+    assert progress.stopped_by == "target_reached" == certificate.stopped_by
+    assert (progress.p_lower, progress.radius) == (certificate.p_lower, certificate.radius)
+    assert progress.estimated == certificate.n
 
 
 def test_unfinished_voting_has_no_certificate() -> None:

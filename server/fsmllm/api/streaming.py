@@ -13,7 +13,9 @@ from fastapi import Request
 from fastapi.responses import StreamingResponse
 
 from fsmllm.api.schemas.certificate import InterimCertificateOut
+from fsmllm.api.schemas.generate import VotesEvent
 from fsmllm.certify import InterimCertificate
+from fsmllm.certify.answers import VoteProgress
 from fsmllm.engine.jobs import ProgressCallback, VoteProgressCallback
 
 #: a request's work, told where its sample progress and its votes' progress go (None: nowhere)
@@ -81,7 +83,7 @@ def progress_stream(
 
     A ``progress`` event is ``{done, total}`` (samples drawn, the budget) plus, with an anytime-valid bound,
     ``certificate``: the certificate valid so far ({n, score_lower, radii}). A ``votes`` event (a certified
-    answer) is :meth:`~fsmllm.certify.answers.AnswerVoting.progress` after each chunk of votes. The callbacks may
+    answer) is :class:`~fsmllm.api.schemas.generate.VotesEvent`: the votes so far, after each chunk. The callbacks may
     be called from any thread; the worker reports a batch's progress before it resolves the job, so every event
     arrives before the result. If the client goes away, the work is cancelled (which cancels the job's
     remaining samples on the device worker and the votes still to come).
@@ -100,8 +102,8 @@ def progress_stream(
         certificate = {} if interim is None else {"certificate": InterimCertificateOut.of(interim).model_dump()}
         emit("progress", {"done": done, "total": total, **certificate})
 
-    def on_votes(votes: dict[str, Any]) -> None:
-        emit("votes", votes)
+    def on_votes(votes: VoteProgress) -> None:
+        emit("votes", VotesEvent.render(votes))
 
     async def events() -> AsyncIterator[str]:
         task = asyncio.ensure_future(work(on_progress, on_votes))

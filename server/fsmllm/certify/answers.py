@@ -135,6 +135,29 @@ class AnswerCertificate:
         return self.radius is not None and radius < self.radius
 
 
+@dataclass(frozen=True)
+class VoteProgress:
+    """The votes so far (:meth:`AnswerVoting.progress`, a progress report's): ``done`` of ``total`` (= n0 + n) votes
+    counted; once the selection votes chose the answer (the estimation phase), its display text ``answer`` and its
+    ``agree``-ing estimation votes of ``estimated``; with a target radius (the anytime-valid betting bound) the bound
+    valid so far, ``p_lower`` (the best over the checkpoints passed) and its ``radius`` (None: abstain), valid
+    whenever the voting stops (at a fixed n, Clopper-Pearson, no interim bound is valid: ``p_lower`` is None);
+    ``stopped_by`` once the voting has ended."""
+
+    done: int
+    total: int
+    answer: str | None = None
+    agree: int | None = None
+    estimated: int | None = None
+    p_lower: float | None = None
+    radius: float | None = None
+    stopped_by: AnswerStop | None = None
+
+    @property
+    def phase(self) -> Literal["selection", "estimation"]:
+        return "selection" if self.answer is None else "estimation"
+
+
 class AnswerVoting:
     """The streaming state of one certified answer: feed it the answers of the votes, in order (:meth:`add`).
 
@@ -221,30 +244,23 @@ class AnswerVoting:
         agree = int((self._agreements > 0).sum())
         return clopper_pearson_lower(agree, self.estimated, self.config.alpha)
 
-    def progress(self) -> dict[str, object]:
-        """The votes so far, for a progress event: ``done`` of ``total`` (= n0 + n) votes counted, the ``phase``,
-        then (estimation) the chosen ``answer`` and its ``agree``-ing estimation votes of ``estimated``, and
-        ``stopped_by`` once voting has ended. With a target radius (the anytime-valid betting bound) also the
-        bound valid so far, ``p_lower`` (the best over the checkpoints passed) and its ``radius``, valid whenever
-        the voting stops; at a fixed n (Clopper-Pearson) no interim bound is valid, so none is given."""
+    def progress(self) -> VoteProgress:
+        """The votes so far (:class:`VoteProgress`), for a progress event."""
         config = self.config
-        report: dict[str, object] = {
-            "done": len(self._selection) + self.estimated,
-            "total": config.n0 + config.n,
-            "phase": "selection" if self._chosen is None else "estimation",
-        }
-        if self._chosen is not None:
-            report |= {
-                "answer": self._display[self._chosen],
-                "agree": int((self._agreements > 0).sum()),
-                "estimated": self.estimated,
-            }
-            if config.radius is not None:
-                radius = answer_radius(self._best_lower, config.sigma, config.inner)
-                report |= {"p_lower": self._best_lower, "radius": radius}
-        if self.stopped_by is not None:
-            report["stopped_by"] = self.stopped_by
-        return report
+        done, total = len(self._selection) + self.estimated, config.n0 + config.n
+        if self._chosen is None:
+            return VoteProgress(done, total)  # the selection phase
+        anytime = config.radius is not None
+        return VoteProgress(
+            done,
+            total,
+            answer=self._display[self._chosen],
+            agree=int((self._agreements > 0).sum()),
+            estimated=self.estimated,
+            p_lower=self._best_lower if anytime else None,
+            radius=answer_radius(self._best_lower, config.sigma, config.inner) if anytime else None,
+            stopped_by=self.stopped_by,
+        )
 
     def certificate(self) -> AnswerCertificate:
         if self.stopped_by is None or self._chosen is None:

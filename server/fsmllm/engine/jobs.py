@@ -20,11 +20,12 @@ from fsmllm.certify import (
     SmoothingRun,
     StopRule,
 )
+from fsmllm.certify.answers import VoteProgress
 
 #: ``on_progress(done, total, interim)``: samples done, the budget, and the certificate valid so far (or None)
 ProgressCallback = Callable[[int, int, InterimCertificate | None], None]
 #: the votes of a certified answer so far (:meth:`~fsmllm.certify.answers.AnswerVoting.progress`), after each chunk
-VoteProgressCallback = Callable[["dict[str, object]"], None]
+VoteProgressCallback = Callable[[VoteProgress], None]
 
 
 class JobCancelled(Exception):

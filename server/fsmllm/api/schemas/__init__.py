@@ -45,6 +45,7 @@ from fsmllm.api.schemas.generate import (
     GenerateRequest,
     GenerateResponse,
     GenerationParams,
+    VotesEvent,
 )
 from fsmllm.api.schemas.openai import (
     ChatChoice,
@@ -110,6 +111,7 @@ __all__ = [
     "Timings",
     "TokenBound",
     "Usage",
+    "VotesEvent",
     "suggestion",
     "validation_message",
 ]

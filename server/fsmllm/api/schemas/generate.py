@@ -4,12 +4,13 @@ the response."""
 from __future__ import annotations
 
 import json
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field, field_validator
 
 from fsmllm.api.schemas.certificate import CertificateOut, CertificationParams, Issued, Timings
 from fsmllm.api.schemas.common import EXAMPLE_IMAGE, RequestModel
-from fsmllm.certify.answers import AnswerBound, AnswerCertificate, AnswerConfig, AnswerStop
+from fsmllm.certify.answers import AnswerBound, AnswerCertificate, AnswerConfig, AnswerStop, VoteProgress
 from fsmllm.engine.runtime import Policy
 from fsmllm.engine.serving import Answered, AnswerTask, CertifyTask, Provenance
 from fsmllm.errors import PolicyError
@@ -216,6 +217,34 @@ class AnswerCertificateOut(Issued):
             seed=certificate.seed,
             **served_by,
         )
+
+
+class VotesEvent(BaseModel):
+    """A ``votes`` event of a streamed certified answer: the votes so far, after each chunk of votes. The chosen
+    answer's fields come once the selection votes are in, ``p_lower`` and ``radius`` only with a target radius
+    (at a fixed n no interim bound is valid), ``stopped_by`` once the voting has ended."""
+
+    done: int = Field(description="votes counted (selection and estimation)")
+    total: int = Field(description="n0 + n: the votes allowed")
+    phase: Literal["selection", "estimation"]
+    answer: str | None = Field(None, description="the answer chosen by the selection votes (as first generated)")
+    agree: int | None = Field(None, description="estimation votes for it so far")
+    estimated: int | None = Field(None, description="estimation votes counted")
+    p_lower: float | None = Field(None, description="the lower confidence bound valid so far (anytime-valid)")
+    radius: float | None = Field(None, description="the radius it certifies; null: abstain")
+    stopped_by: AnswerStop | None = None
+
+    @classmethod
+    def render(cls, progress: VoteProgress) -> dict[str, Any]:
+        """The event's JSON: only the fields that apply in the voting's state."""
+        fields: dict[str, Any] = {"done": progress.done, "total": progress.total, "phase": progress.phase}
+        if progress.answer is not None:
+            fields |= {"answer": progress.answer, "agree": progress.agree, "estimated": progress.estimated}
+        if progress.p_lower is not None:
+            fields |= {"p_lower": progress.p_lower, "radius": progress.radius}
+        if progress.stopped_by is not None:
+            fields["stopped_by"] = progress.stopped_by
+        return cls(**fields).model_dump(exclude_unset=True)
 
 
 class GenerateResponse(BaseModel):
