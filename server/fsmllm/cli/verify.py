@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from fsmllm.certify import Certificate
 from fsmllm.certify.answers import answer_radius
 from fsmllm.certify.certificate import certified_fcsb, optional_floats
 from fsmllm.certify.replay import answer_p_lower, score_lower
@@ -182,10 +183,27 @@ def run(args: argparse.Namespace) -> int:
         elif args.recompute:
             checks.append(check_weights(certificate, setting))
             if checks[-1].passed:
-                checks.append(check_recompute(certificate, pixels, setting))
+                checks.append(check_recompute(certificate, pixels, setting, served))
         return checks
 
     return report(verify(document, keys, image, replay, further))
+
+
+def served(recomputed: Certificate, certificate: dict[str, Any]) -> dict[str, Any]:
+    """The recomputed certificate as the server serves it, presented as ``certificate`` (the one it recomputes) is:
+    its encoder, booster and input size, its target cosine, its per-token values."""
+    from fsmllm.api.schemas import CertificateOut
+
+    target = (certificate.get("certified_radius") or {}).get("target_cos")
+    return CertificateOut.from_certificate(
+        recomputed,
+        certificate["encoder"],
+        certificate["booster"],
+        certificate["input_size"],
+        target,
+        certificate.get("tokens") is not None,
+        encoder_dtype=certificate.get("encoder_dtype", "float32"),
+    ).model_dump()
 
 
 def _local_jwks() -> dict[str, Any]:

@@ -24,13 +24,14 @@ nothing of consequence. ``--tolerance`` sets it either way.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
-from fsmllm.certify import SmoothedEncoder, SmoothingConfig, StopRule
+from fsmllm.certify import Certificate, SmoothedEncoder, SmoothingConfig, StopRule
 from fsmllm.evidence.binding import booster_files, encoder_files, weight_entry
 from fsmllm_client.verify import Check, Failure, decode_samples
 
@@ -38,6 +39,9 @@ from fsmllm_client.verify import Check, Failure, decode_samples
 CROSS_DEVICE_TOLERANCE = 1e-4
 #: the components a feature certificate depends on (the answer's language model does not move its numbers)
 COMPONENTS = ("encoder", "booster")
+#: the recomputed certificate as served JSON, presented as the certificate it recomputes is (its names, target
+#: cosine, per-token values): the API schema's rendering, handed in by the caller (the core makes no JSON)
+Render = Callable[[Certificate, dict[str, Any]], dict[str, Any]]
 
 
 @dataclass(frozen=True)
@@ -97,9 +101,8 @@ def _files(entries: list[dict[str, str]]) -> str:
     return "[" + ", ".join(f"{entry['name']} {entry['sha256'][:12]}…" for entry in entries) + "]" if entries else "none"
 
 
-def rerun(certificate: dict[str, Any], pixels: torch.Tensor, setting: Setting) -> dict[str, Any]:
+def rerun(certificate: dict[str, Any], pixels: torch.Tensor, setting: Setting, render: Render) -> dict[str, Any]:
     """The certificate's statistics computed again here (the served JSON's fields), and the c_i [n, T]."""
-    from fsmllm.api.schemas import CertificateOut
     from fsmllm.booster import load_booster
     from fsmllm.encoders import load_encoder
     from fsmllm.encoders.precision import set_precision
@@ -121,16 +124,7 @@ def rerun(certificate: dict[str, Any], pixels: torch.Tensor, setting: Setting) -
     radii = [entry["radius"] for entry in certificate["radii"]]
     smoother = SmoothedEncoder(encoder, batch_size=setting.batch_size, device=device)
     cert = smoother.certify(pixels, config, radii, seed=int(certificate["seed"]), stop=rule)
-    target = (certificate.get("certified_radius") or {}).get("target_cos")
-    out = CertificateOut.from_certificate(
-        cert,
-        certificate["encoder"],
-        certificate["booster"],
-        certificate["input_size"],
-        target,
-        certificate.get("tokens") is not None,
-        encoder_dtype=certificate.get("encoder_dtype", "float32"),
-    ).model_dump()
+    out = render(cert, certificate)
     out["c_i"] = None if cert.samples is None else np.asarray(cert.samples, dtype=np.float64)
     return out
 
@@ -193,12 +187,13 @@ def differences(certificate: dict[str, Any], again: dict[str, Any], tolerance: f
     return found, largest
 
 
-def check_recompute(certificate: dict[str, Any], pixels: torch.Tensor, setting: Setting) -> Check:
-    """Re-run the sampling and compare (see the module's docstring for what and how closely)."""
+def check_recompute(certificate: dict[str, Any], pixels: torch.Tensor, setting: Setting, render: Render) -> Check:
+    """Re-run the sampling and compare (see the module's docstring for what and how closely); ``render`` makes the
+    recomputed certificate's JSON."""
     device = device_here(certificate, setting.device)
     same_kind = torch.device(device).type == torch.device(str(certificate.get("device") or "cpu")).type
     tolerance = setting.tolerance if setting.tolerance is not None else (0.0 if same_kind else CROSS_DEVICE_TOLERANCE)
-    again = rerun(certificate, pixels, setting)
+    again = rerun(certificate, pixels, setting, render)
     found, largest = differences(certificate, again, tolerance)
     where = f"on {device}, {certificate.get('encoder_dtype', 'float32')}, seed {certificate['seed']}"
     if found:
