@@ -45,6 +45,8 @@ VOTE_CHUNK = 64
 
 AnswerBound = Literal["clopper-pearson", "betting"]
 AnswerStop = Literal["budget", "target_reached", "target_unreachable"]
+#: the selection votes choose the answer, the estimation votes bound its probability
+VotePhase = Literal["selection", "estimation"]
 
 
 def normalise_answer(text: str) -> str:
@@ -154,7 +156,7 @@ class VoteProgress:
     stopped_by: AnswerStop | None = None
 
     @property
-    def phase(self) -> Literal["selection", "estimation"]:
+    def phase(self) -> VotePhase:
         return "selection" if self.answer is None else "estimation"
 
 

@@ -4,13 +4,20 @@ the response."""
 from __future__ import annotations
 
 import json
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, Field, field_validator
 
 from fsmllm.api.schemas.certificate import CertificateOut, CertificationParams, Issued, Timings
 from fsmllm.api.schemas.common import EXAMPLE_IMAGE, RequestModel
-from fsmllm.certify.answers import AnswerBound, AnswerCertificate, AnswerConfig, AnswerStop, VoteProgress
+from fsmllm.certify.answers import (
+    AnswerBound,
+    AnswerCertificate,
+    AnswerConfig,
+    AnswerStop,
+    VotePhase,
+    VoteProgress,
+)
 from fsmllm.engine.runtime import Policy
 from fsmllm.engine.serving import Answered, AnswerTask, CertifyTask, Provenance
 from fsmllm.errors import PolicyError
@@ -226,7 +233,7 @@ class VotesEvent(BaseModel):
 
     done: int = Field(description="votes counted (selection and estimation)")
     total: int = Field(description="n0 + n: the votes allowed")
-    phase: Literal["selection", "estimation"]
+    phase: VotePhase
     answer: str | None = Field(None, description="the answer chosen by the selection votes (as first generated)")
     agree: int | None = Field(None, description="estimation votes for it so far")
     estimated: int | None = Field(None, description="estimation votes counted")
