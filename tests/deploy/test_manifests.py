@@ -12,7 +12,6 @@ import json
 import re
 import shlex
 import shutil
-import socket
 import subprocess
 from functools import cache
 from pathlib import Path
@@ -30,6 +29,7 @@ from fsmllm.api.settings import Settings
 from fsmllm.cli import build_parser
 from fsmllm.encoders import load_encoder
 from fsmllm.engine.runtime import Runtime
+from tests.server.live import free_port
 
 DOCKER = Path(__file__).resolve().parents[2] / "docker"
 DOCKERFILES = sorted(path for path in DOCKER.glob("Dockerfile.*") if path.suffix != ".dockerignore")
@@ -350,12 +350,6 @@ def test_nginx_accepts_the_configuration(tmp_path: Path) -> None:
     conf = local_nginx_conf(tmp_path, (DOCKER / "nginx.conf").read_text())
     result = subprocess.run(["nginx", "-t", "-e", "stderr", "-c", str(conf), "-p", str(tmp_path)], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 @NO_NGINX
