@@ -101,22 +101,34 @@ def _as_owner(folder: Path) -> tuple[str, ...]:
 
 
 @contextmanager
-def postgres_cluster() -> Iterator[Cluster]:
-    """initdb and start a cluster (no fsync: a crash of this machine is not under test); stop and delete it."""
+def new_cluster() -> Iterator[Cluster]:
+    """A cluster to be: an empty folder its owner may write (not under pytest's tmp_path, whose parents only the
+    user running the tests may enter), a free port, the binaries. Stopped (if it runs) and deleted afterwards."""
     bin_dir = binaries()
     assert bin_dir is not None, MISSING
-    # not under pytest's tmp_path, whose parents only the user running the tests may enter, not `postgres`
     folder = Path(tempfile.mkdtemp(prefix="fsmllm-postgres-"))
     try:
         cluster = Cluster(folder, free_port(), bin_dir, _as_owner(folder))
-        (folder / "password").write_text(PASSWORD)
+        try:
+            yield cluster
+        finally:
+            cluster.stop(check=False)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@contextmanager
+def postgres_cluster() -> Iterator[Cluster]:
+    """initdb and start a cluster (no fsync: a crash of this machine is not under test); stop and delete it."""
+    with new_cluster() as cluster:
+        (cluster.folder / "password").write_text(PASSWORD)
         cluster.run(
             "initdb",
             "-D",
-            str(folder / "data"),
+            str(cluster.folder / "data"),
             "-U",
             USER,
-            f"--pwfile={folder / 'password'}",
+            f"--pwfile={cluster.folder / 'password'}",
             "--no-sync",
             "--auth-local=trust",
             "--auth-host=scram-sha-256",
@@ -124,9 +136,4 @@ def postgres_cluster() -> Iterator[Cluster]:
             "--locale=C",
         )
         cluster.start()
-        try:
-            yield cluster
-        finally:
-            cluster.stop(check=False)
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
+        yield cluster
