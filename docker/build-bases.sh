@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # Base images made from Debian's own packages, for hosts that cannot pull from the public image registry.
 #
-#   docker/build-bases.sh            # builds both (skips an image that already exists; FORCE=1 rebuilds)
+#   docker/build-bases.sh            # builds all three (skips an image that already exists; FORCE=1 rebuilds)
 #
 # fsmllm-base/python:bookworm  - stands in for python:3.11-slim: Debian bookworm (minbase) with python3 3.11 in a
 #                                venv at /opt/venv that is first on PATH (so `python` and `pip` work as in the
 #                                public image); build with --build-arg BASE=fsmllm-base/python:bookworm
 # fsmllm-base/nginx:bookworm   - stands in for nginx:*-alpine: Debian's nginx, logging to the container's stdout
 #                                and stderr, `nginx -g 'daemon off;'` as its command
+# fsmllm-base/debian:bookworm  - stands in for debian:bookworm-slim: Debian bookworm (minbase), the base of
+#                                docker/Dockerfile.postgres (which apt-get installs postgresql)
 #
 # Needs root, debootstrap (apt-get install debootstrap) and a Debian mirror (MIRROR, default deb.debian.org).
 set -euo pipefail
@@ -16,6 +18,7 @@ MIRROR=${MIRROR:-http://deb.debian.org/debian}
 SUITE=${SUITE:-bookworm}
 PYTHON_IMAGE=${PYTHON_IMAGE:-fsmllm-base/python:$SUITE}
 NGINX_IMAGE=${NGINX_IMAGE:-fsmllm-base/nginx:$SUITE}
+DEBIAN_IMAGE=${DEBIAN_IMAGE:-fsmllm-base/debian:$SUITE}
 PATH_DEFAULT=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 
 command -v debootstrap >/dev/null || { echo "debootstrap is missing: apt-get install debootstrap" >&2; exit 1; }
@@ -68,4 +71,14 @@ else
     -c "ENV PATH=$PATH_DEFAULT" -c 'EXPOSE 80' -c 'CMD ["nginx", "-g", "daemon off;"]' \
     -m "Debian $SUITE minbase + nginx (fsmllm docker/build-bases.sh)" - "$NGINX_IMAGE" >/dev/null
   echo "$NGINX_IMAGE built in $(( $(date +%s) - started )) s"
+fi
+
+if exists "$DEBIAN_IMAGE"; then
+  echo "$DEBIAN_IMAGE exists"
+else
+  started=$(date +%s)
+  rootfs "$work/debian" ca-certificates
+  tar -C "$work/debian" -c . | docker import -c "ENV PATH=$PATH_DEFAULT" -c 'CMD ["bash"]' \
+    -m "Debian $SUITE minbase (fsmllm docker/build-bases.sh)" - "$DEBIAN_IMAGE" >/dev/null
+  echo "$DEBIAN_IMAGE built in $(( $(date +%s) - started )) s"
 fi

@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
-# make test-docker: build the CPU image and the gateway, start the compose stack (REPLICAS fsmllm replicas behind
-# the nginx TLS gateway) and run tests/deploy/docker through it; everything is torn down whatever happens.
+# make test-docker: build the CPU image, the gateway and the PostgreSQL image, start the compose stack (REPLICAS
+# fsmllm replicas behind the nginx TLS gateway, sharing the certificate store in PostgreSQL) and run
+# tests/deploy/docker through it; everything is torn down whatever happens.
 #
 # Needs root on Debian: installs docker.io, docker-compose, debootstrap, chromium and openssl when missing, and
 # starts dockerd (vfs storage) when none answers (and stops it again at the end).
 # Environment:
 #   REPLICAS=2            fsmllm replicas (1 = the reduced form: the failover test is skipped)
-#   FSMLLM_BASE_IMAGE / FSMLLM_GATEWAY_BASE_IMAGE   base images; by default the public ones when they can be
-#                         pulled, otherwise fsmllm-base/{python,nginx}:bookworm made by docker/build-bases.sh
+#   FSMLLM_BASE_IMAGE / FSMLLM_GATEWAY_BASE_IMAGE / FSMLLM_POSTGRES_BASE_IMAGE   base images; by default the
+#                         public ones when they can be pulled, otherwise fsmllm-base/{python,nginx,debian}:bookworm
+#                         made by docker/build-bases.sh
 #   PYTEST_ARGS           extra pytest arguments (e.g. -k failover)
 #   KEEP_STACK=1          leave the stack running after the tests (for debugging; tear down with
 #                         docker-compose -p fsmllm-test -f docker/docker-compose.yml down -v)
@@ -100,10 +102,11 @@ compose down --volumes --remove-orphans --timeout 10 >/dev/null 2>&1 || true
 
 # --- base images: the public ones when the registry answers, otherwise made from Debian packages
 pullable() { docker image inspect "$1" >/dev/null 2>&1 || timeout 60 docker pull -q "$1" >/dev/null 2>&1; }
-if [ -z "${FSMLLM_BASE_IMAGE:-}" ] || [ -z "${FSMLLM_GATEWAY_BASE_IMAGE:-}" ]; then
-  if pullable python:3.11-slim && pullable nginx:1.27-alpine; then
+if [ -z "${FSMLLM_BASE_IMAGE:-}" ] || [ -z "${FSMLLM_GATEWAY_BASE_IMAGE:-}" ] || [ -z "${FSMLLM_POSTGRES_BASE_IMAGE:-}" ]; then
+  if pullable python:3.11-slim && pullable nginx:1.27-alpine && pullable debian:bookworm-slim; then
     FSMLLM_BASE_IMAGE=${FSMLLM_BASE_IMAGE:-python:3.11-slim}
     FSMLLM_GATEWAY_BASE_IMAGE=${FSMLLM_GATEWAY_BASE_IMAGE:-nginx:1.27-alpine}
+    FSMLLM_POSTGRES_BASE_IMAGE=${FSMLLM_POSTGRES_BASE_IMAGE:-debian:bookworm-slim}
   else
     log "the public registry cannot be reached: base images from Debian packages (docker/build-bases.sh)"
     started=$(now)
@@ -111,11 +114,13 @@ if [ -z "${FSMLLM_BASE_IMAGE:-}" ] || [ -z "${FSMLLM_GATEWAY_BASE_IMAGE:-}" ]; t
     figure bases_build_s "$(since "$started")"
     FSMLLM_BASE_IMAGE=${FSMLLM_BASE_IMAGE:-fsmllm-base/python:bookworm}
     FSMLLM_GATEWAY_BASE_IMAGE=${FSMLLM_GATEWAY_BASE_IMAGE:-fsmllm-base/nginx:bookworm}
+    FSMLLM_POSTGRES_BASE_IMAGE=${FSMLLM_POSTGRES_BASE_IMAGE:-fsmllm-base/debian:bookworm}
   fi
 fi
-export FSMLLM_BASE_IMAGE FSMLLM_GATEWAY_BASE_IMAGE
+export FSMLLM_BASE_IMAGE FSMLLM_GATEWAY_BASE_IMAGE FSMLLM_POSTGRES_BASE_IMAGE
 figure base_image "\"$FSMLLM_BASE_IMAGE\""
 figure gateway_base_image "\"$FSMLLM_GATEWAY_BASE_IMAGE\""
+figure postgres_base_image "\"$FSMLLM_POSTGRES_BASE_IMAGE\""
 
 # --- images. This host's pip settings go into the build stage only (docker/pip-local/, ignored by git).
 docker/pip-local.sh "$ROOT/.venv/bin/pip" >/dev/null
@@ -137,15 +142,21 @@ started=$(now)
 nice -n 10 docker build --force-rm -f docker/Dockerfile.gateway --build-arg "BASE=$FSMLLM_GATEWAY_BASE_IMAGE" \
   -t fsmllm-gateway . >"$OUT/build-gateway.log" 2>&1 || { tail -40 "$OUT/build-gateway.log"; exit 1; }
 figure gateway_build_s "$(since "$started")"
+started=$(now)
+# Debian's postgresql from the base's own apt sources (the build reaches the mirror as the host does)
+nice -n 10 docker build --force-rm -f docker/Dockerfile.postgres --build-arg "BASE=$FSMLLM_POSTGRES_BASE_IMAGE" \
+  -t fsmllm-postgres . >"$OUT/build-postgres.log" 2>&1 || { tail -40 "$OUT/build-postgres.log"; exit 1; }
+figure postgres_build_s "$(since "$started")"
 figure cpu_image_bytes "$(docker image inspect -f '{{.Size}}' fsmllm:cpu)"
 figure gateway_image_bytes "$(docker image inspect -f '{{.Size}}' fsmllm-gateway)"
+figure postgres_image_bytes "$(docker image inspect -f '{{.Size}}' fsmllm-postgres)"
 
 # --- certificate (self-signed, for this run only) and the stack
 openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj "/CN=localhost" \
   -addext "subjectAltName=DNS:localhost,IP:127.0.0.1" \
   -keyout "$CERTS/fsmllm.key" -out "$CERTS/fsmllm.crt" >/dev/null 2>&1
 chmod 644 "$CERTS/fsmllm.key"   # read by nginx's master (root) only, but the folder is mounted read-only as is
-log "starting the stack: $REPLICAS replicas behind the gateway"
+log "starting the stack: $REPLICAS replicas behind the gateway, sharing PostgreSQL"
 started=$(now)
 compose up -d --no-build --scale "fsmllm=$REPLICAS" >"$OUT/up.log" 2>&1 || { cat "$OUT/up.log"; compose logs --tail 50; exit 1; }
 figure stack_up_s "$(since "$started")"

@@ -6,8 +6,9 @@
   ``auto`` whose choice depends on the machine; tests of ``auto`` name it.
 * Certificates issued by the servers tests start (in process or as processes) are stored, with the generated
   signing key, in a folder of the test session (``FSMLLM_CERT_FOLDER``), not in the user's cache.
-* In CI (``CI`` set to a true value, as .ci/run does), a test skipped because the Fashion-MNIST data set is
-  missing is a failure: CI must not report green without running it. Locally the same tests skip, with the
+* In CI (``CI`` set to a true value, as .ci/run does), a test skipped because the Fashion-MNIST data set or
+  PostgreSQL's server (the certificate store's tests) is missing is a failure: CI must not report green without
+  running it. Locally the same tests skip, with the
   reason in the summary. (The vLLM test skips in the main environment, where the extra is not installed by
   design; ``make test-vllm`` fails before pytest if vLLM cannot be imported in its own environment.)
 """
@@ -32,7 +33,7 @@ settings.register_profile("fsmllm", deadline=None)
 settings.load_profile("fsmllm")
 
 #: skip reasons that name something CI must provide (matched case-insensitively)
-REQUIRED_IN_CI = ("fashion-mnist",)
+REQUIRED_IN_CI = ("fashion-mnist", "postgresql")
 
 
 def in_ci() -> bool:

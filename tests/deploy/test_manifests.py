@@ -12,8 +12,8 @@ import json
 import re
 import shlex
 import shutil
-import socket
 import subprocess
+import time
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -22,6 +22,8 @@ import httpx
 import kubernetes_validate
 import pytest
 import yaml
+from sqlalchemy import create_engine, exc
+from sqlalchemy.engine import make_url
 
 from fsmllm.api.app import create_app
 from fsmllm.api.metrics import Metrics
@@ -30,10 +32,13 @@ from fsmllm.api.settings import Settings
 from fsmllm.cli import build_parser
 from fsmllm.encoders import load_encoder
 from fsmllm.engine.runtime import Runtime
+from fsmllm.evidence.store import CertificateStore, store_url
+from tests.server.live import free_port
+from tests.server.postgres import MISSING, PASSWORD, USER, binaries, new_cluster
 
 DOCKER = Path(__file__).resolve().parents[2] / "docker"
 DOCKERFILES = sorted(path for path in DOCKER.glob("Dockerfile.*") if path.suffix != ".dockerignore")
-SERVER_DOCKERFILES = [path for path in DOCKERFILES if path.name != "Dockerfile.gateway"]
+SERVER_DOCKERFILES = [path for path in DOCKERFILES if path.name in ("Dockerfile.cpu", "Dockerfile.cuda")]
 K8S = sorted((DOCKER / "k8s").glob("*.yaml"))
 PORT = 8000
 #: environment variables read outside Settings (the weight cache: fsmllm/encoders/_common.py) or by libraries
@@ -102,7 +107,8 @@ def stages(instructions: list[tuple[str, str]]) -> list[list[tuple[str, str]]]:
 
 
 def test_the_files_exist() -> None:
-    assert [p.name for p in DOCKERFILES] == ["Dockerfile.cpu", "Dockerfile.cuda", "Dockerfile.gateway"]
+    names = ["Dockerfile.cpu", "Dockerfile.cuda", "Dockerfile.gateway", "Dockerfile.postgres"]
+    assert [p.name for p in DOCKERFILES] == names
     assert {p.name for p in K8S} >= {"deployment.yaml", "service.yaml", "hpa.yaml", "configmap.yaml"}
 
 
@@ -110,7 +116,7 @@ def test_the_files_exist() -> None:
 def test_dockerfile_base_is_a_build_argument_defaulting_to_the_public_image(path: Path) -> None:
     instructions = dockerfile(path)
     public = {"Dockerfile.cpu": "python:3.11-slim", "Dockerfile.cuda": "nvidia/cuda:12.8.1-runtime-ubuntu24.04",
-              "Dockerfile.gateway": "nginx:1.27-alpine"}[path.name]
+              "Dockerfile.gateway": "nginx:1.27-alpine", "Dockerfile.postgres": "debian:bookworm-slim"}[path.name]
     assert instructions[0] == ("ARG", f"BASE={public}")
     assert all(args.split()[0] in ("${BASE}", "scratch") for kind, args in instructions if kind == "FROM")
 
@@ -179,6 +185,99 @@ def test_compose_wires_the_gateway_to_the_unpublished_server() -> None:
     mounts = {volume.rsplit(":", 2)[1]: volume.rsplit(":", 2)[0] for volume in gateway["volumes"]}
     assert mounts["/etc/nginx/certs"] == "${FSMLLM_CERTS_DIR:-./certs}"
     assert server["deploy"]["replicas"] == 2 and server["restart"] == "unless-stopped"
+
+
+def compose_defaults(text: str, names: bool = False) -> str:
+    """``text`` as compose reads it with no variable set (``${NAME:-default}`` -> default), or with ``names``
+    each such variable replaced by its name."""
+    return re.sub(r"\$\{(\w+):-([^}]*)\}", r"\1" if names else r"\2", text)
+
+
+def test_compose_replicas_share_one_postgresql_certificate_store() -> None:
+    compose = yaml.safe_load((DOCKER / "docker-compose.yml").read_text())
+    server, database = compose["services"]["fsmllm"], compose["services"]["postgres"]
+    assert database["build"]["dockerfile"] == "docker/Dockerfile.postgres"
+    assert database["build"]["args"]["BASE"] == "${FSMLLM_POSTGRES_BASE_IMAGE:-debian:bookworm-slim}"
+    assert "ports" not in database and database["expose"] == ["5432"] and database["restart"] == "unless-stopped"
+    volume, target = database["volumes"][0].split(":")
+    assert volume in compose["volumes"] and target == dict(dockerfile(DOCKER / "Dockerfile.postgres"))["ENV"].split(
+        "PGDATA=")[1].split()[0]
+    assert "pg_isready" in " ".join(database["healthcheck"]["test"])
+    assert server["depends_on"]["postgres"]["condition"] == "service_healthy"
+    # the replicas' URL names the service, and the user, password and database the database is made with: the same
+    # variables, the same defaults
+    setting = server["environment"]["FSMLLM_CERT_STORE"]
+    env = database["environment"]
+    for variables in (False, True):
+        url = make_url(store_url(compose_defaults(setting, variables), Path("unused")))
+        made = {key: compose_defaults(value, variables) for key, value in env.items()}
+        assert url.drivername == "postgresql+psycopg" and (url.host, url.port) == ("postgres", 5432)
+        assert (url.username, url.password, url.database) == (made["POSTGRES_USER"], made["POSTGRES_PASSWORD"],
+                                                              made["POSTGRES_DB"])
+    assert set(env) <= set(re.findall(r"\bPOSTGRES_\w+", (DOCKER / "postgres-entrypoint.sh").read_text()))
+
+
+def test_the_postgres_image_runs_its_entry_point_as_postgres() -> None:
+    instructions = stages(dockerfile(DOCKER / "Dockerfile.postgres"))[-1]
+    kinds = [kind for kind, _ in instructions]
+    assert [args for kind, args in instructions if kind == "USER"] == ["postgres"]
+    assert kinds.index("USER") < kinds.index("ENTRYPOINT")
+    entrypoint = json.loads(next(args for kind, args in instructions if kind == "ENTRYPOINT"))
+    assert ("COPY", f"docker/postgres-entrypoint.sh {entrypoint[0]}") in instructions
+    assert "pg_isready" in next(args for kind, args in instructions if kind == "HEALTHCHECK")
+    assert ("STOPSIGNAL", "SIGINT") in instructions and ("EXPOSE", "5432") in instructions
+    runs = " ".join(args for kind, args in instructions if kind == "RUN")
+    assert "apt-get install" in runs and "postgresql-15" in runs and "/usr/lib/postgresql/15/bin" in str(instructions)
+    for context_filter in (DOCKER.parent / ".dockerignore", DOCKER / "Dockerfile.postgres.dockerignore"):
+        assert "!docker/postgres-entrypoint.sh" in context_filter.read_text().splitlines()
+    assert subprocess.run(["sh", "-n", str(DOCKER / "postgres-entrypoint.sh")]).returncode == 0
+
+
+def test_the_postgres_entry_point_makes_a_cluster_the_store_opens_and_keeps_it() -> None:
+    """docker/postgres-entrypoint.sh run here on Debian's binaries, as in the image: the first start makes the
+    cluster with the user, password and database of the environment; the store migrates and writes through the
+    URL the replicas use; a wrong password is refused; a second start keeps the data."""
+    if binaries() is None:
+        pytest.skip(MISSING)
+    with new_cluster() as cluster:
+        script = cluster.folder / "entrypoint.sh"
+        shutil.copy(DOCKER / "postgres-entrypoint.sh", script)
+        env = [f"PATH={cluster.bin_dir}:/usr/bin:/bin", f"PGDATA={cluster.folder / 'data'}",
+               f"POSTGRES_USER={USER}", f"POSTGRES_PASSWORD={PASSWORD}", "POSTGRES_DB=fsmllm"]
+        flags = ["-p", str(cluster.port), "-k", str(cluster.folder), "-c", "listen_addresses=127.0.0.1"]
+        url = store_url(cluster.url("fsmllm"), Path("unused"))
+        logs = []
+        for start in range(2):
+            log = (cluster.folder / f"start-{start}.log").open("w+")
+            server = subprocess.Popen([*cluster.prefix, "env", *env, "sh", str(script), *flags], stdout=log,
+                                      stderr=subprocess.STDOUT)
+            try:
+                store = open_when_up(url, server, log)
+                if start == 0:
+                    store.put({"id": "cert-1", "issued_at": "2026-01-01T00:00:00+00:00", "image": {"sha256": "a"}})
+                assert store.get("cert-1") is not None
+                store.close()
+                with pytest.raises(exc.OperationalError, match="password authentication failed"):
+                    create_engine(url.replace(PASSWORD, "wrong")).connect()
+            finally:
+                cluster.run("pg_ctl", "-D", str(cluster.folder / "data"), "-m", "fast", "stop", check=False)
+                server.wait(60)
+            log.seek(0)
+            logs.append(log.read())
+        assert "cluster made" in logs[0] and "cluster made" not in logs[1], logs
+
+
+def open_when_up(url: str, server: subprocess.Popen[bytes], log: Any) -> CertificateStore:
+    """The store on ``url`` once the database accepts connections (bounded; fails early if the server exits)."""
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            return CertificateStore(url)
+        except exc.OperationalError:
+            if server.poll() is not None or time.monotonic() > deadline:
+                log.seek(0)
+                pytest.fail(f"the entry point did not bring PostgreSQL up: {log.read()[-2000:]}")
+            time.sleep(0.2)
 
 
 def nginx_locations(text: str) -> dict[str, str]:
@@ -282,6 +381,22 @@ def test_kubernetes_probes_ports_env_and_gpu(monkeypatch: pytest.MonkeyPatch) ->
     assert claim == k8s("PersistentVolumeClaim")["metadata"]["name"]
 
 
+def test_kubernetes_takes_the_certificate_store_and_the_signing_key_from_secrets() -> None:
+    """The database URL holds a password: a Secret (required: pods that do not share a store would each keep their
+    certificates to themselves), never the ConfigMap; the signing key likewise (optional: generated on the shared
+    cache volume otherwise). docs/deploy.md shows how to make both."""
+    container = k8s("Deployment")["spec"]["template"]["spec"]["containers"][0]
+    env = {item["name"]: item for item in container["env"]}
+    assert env["FSMLLM_CERT_STORE"]["valueFrom"]["secretKeyRef"] == {"name": "fsmllm-cert-store", "key": "url"}
+    signing = env["FSMLLM_SIGNING_KEY"]["valueFrom"]["secretKeyRef"]
+    assert signing["name"] == "fsmllm-signing-key" and signing["optional"] is True
+    assert not {"FSMLLM_CERT_STORE", "FSMLLM_SIGNING_KEY"} & set(k8s("ConfigMap")["data"])
+    assert not any("postgresql://" in json.dumps(doc) for _, doc in k8s_documents())  # no URL (password) in a value
+    guide = (DOCKER.parent / "docs" / "deploy.md").read_text()
+    assert "kubectl create secret generic fsmllm-cert-store --from-literal=url=postgresql://" in guide
+    assert "kubectl create secret generic fsmllm-signing-key --from-file=key=" in guide
+
+
 def test_the_autoscaler_uses_a_metric_the_server_exports() -> None:
     hpa, deployment = k8s("HorizontalPodAutoscaler"), k8s("Deployment")
     assert hpa["apiVersion"] == "autoscaling/v2"
@@ -350,12 +465,6 @@ def test_nginx_accepts_the_configuration(tmp_path: Path) -> None:
     conf = local_nginx_conf(tmp_path, (DOCKER / "nginx.conf").read_text())
     result = subprocess.run(["nginx", "-t", "-e", "stderr", "-c", str(conf), "-p", str(tmp_path)], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 @NO_NGINX

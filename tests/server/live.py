@@ -8,6 +8,8 @@ import json
 import os
 import shutil
 import socket
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -17,10 +19,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 import torch
 import uvicorn
 from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
 
 from fsmllm.api.app import create_app
 from fsmllm.api.metrics import Metrics
@@ -99,9 +103,71 @@ def tiny_model_server() -> Iterator[LiveServer]:
     16 px, n0 20 and n 100 by default, max_tokens up to 64)."""
     from fsmllm.lm.models import load_model
 
-    settings = Settings(model="tiny-test", default_n0=20, default_n=100, batch_size=64, max_tokens_limit=64, _env_file=None)
+    settings = Settings(
+        model="tiny-test", default_n0=20, default_n=100, batch_size=64, max_tokens_limit=64, _env_file=None
+    )
     with live_server(settings, model=load_model("tiny-test")) as live:
         yield live
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (for a process that must be told its port)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+#: ``fsmllm serve`` certifying only, with the tiny encoder at 16 px
+SERVE = [
+    sys.executable,
+    "-m",
+    "fsmllm.cli",
+    "serve",
+    "--model",
+    "none",
+    "--encoder",
+    "tiny-cnn",
+    "--image-size",
+    "16",
+    "--batch-size",
+    "32",
+]
+
+
+def serve_process(port: int, *flags: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    """The real ``fsmllm serve`` (:data:`SERVE` and ``flags``) as a process on 127.0.0.1:``port``, returned once
+    /ready answers 200; ``env`` is added to this process's environment."""
+    command = [*SERVE, "--port", str(port), *flags]
+    # the log goes to a file: a pipe nobody reads would fill up and stall the server's event loop
+    log = tempfile.TemporaryFile()
+    server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=1).status_code == 200:
+                return server
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline or server.poll() is not None:
+            server.kill()
+            server.wait()
+            log.seek(0)
+            raise RuntimeError(f"fsmllm serve did not start: {log.read().decode()[-2000:]}")
+        time.sleep(0.2)
+
+
+def metric(url: str, name: str, **labels: str) -> float:
+    """A sample of the server's /metrics (0 when the series does not exist yet)."""
+    return metric_in(httpx.get(f"{url}/metrics", timeout=10).text, name, **labels)
+
+
+def metric_in(text: str, name: str, **labels: str) -> float:
+    """A sample of a /metrics answer's ``text`` (0 when the series does not exist)."""
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return sample.value
+    return 0.0
 
 
 def png_bytes(seed: int = 0, size: tuple[int, int] = (24, 20)) -> bytes:
@@ -175,11 +241,16 @@ def open_request(url: str, path: str, body: bytes, content_type: str = "applicat
     (the server sees the client go away: its job is cancelled)."""
     host, port = url.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port))) as connection:
-        connection.sendall(
-            f"POST {path} HTTP/1.1\r\nhost: {host}\r\ncontent-type: {content_type}\r\n"
-            f"content-length: {len(body)}\r\n\r\n".encode() + body
-        )
+        connection.sendall(raw_post(host, path, body, content_type))
         yield connection
+
+
+def raw_post(host: str, path: str, body: bytes, content_type: str = "application/json") -> bytes:
+    """An HTTP/1.1 POST of ``body`` as bytes on the wire."""
+    head = (
+        f"POST {path} HTTP/1.1\r\nhost: {host}\r\ncontent-type: {content_type}\r\ncontent-length: {len(body)}\r\n\r\n"
+    )
+    return head.encode() + body
 
 
 class Controlled(VisionEncoder):

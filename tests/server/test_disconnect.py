@@ -13,13 +13,12 @@ from urllib.parse import urlsplit
 
 import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from fsmllm.api.settings import Settings
 from fsmllm.engine.jobs import CertifyJob
 from fsmllm.lm.models import load_model
 
-from .live import LiveServer, data_url, live_server, png_bytes, sse_events
+from .live import LiveServer, data_url, live_server, metric, png_bytes, sse_events
 
 MAX_TOKENS = 512
 
@@ -32,15 +31,6 @@ def server() -> LiveServer:
     )
     with live_server(settings, model=load_model("tiny-test")) as live:
         yield live
-
-
-def metric(server: LiveServer, name: str, **labels: str) -> float:
-    """A sample of the server's /metrics (0 when the series does not exist yet)."""
-    for family in text_string_to_metric_families(httpx.get(f"{server.url}/metrics", timeout=10).text):
-        for sample in family.samples:
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                return sample.value
-    return 0.0
 
 
 def wait_for(condition: Callable[[], bool], what: str, seconds: float = 30) -> None:
@@ -76,36 +66,36 @@ def chat_body(stream: bool) -> dict:
 
 
 def test_a_streaming_client_that_leaves_stops_its_generation(server: LiveServer) -> None:
-    cancelled = metric(server, "fsmllm_generations_total", outcome="cancelled")
-    tokens = metric(server, "fsmllm_generated_tokens_total")
+    cancelled = metric(server.url, "fsmllm_generations_total", outcome="cancelled")
+    tokens = metric(server.url, "fsmllm_generated_tokens_total")
     with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=chat_body(True), timeout=60) as response:
         assert response.status_code == 200
         for _, chunk in sse_events(response.iter_lines()):
             if chunk["choices"][0]["delta"].get("content"):
                 break  # past the role chunk, at the first content chunk
     # the connection is closed: the generation stops at its next token instead of decoding all 512
-    wait_for(lambda: metric(server, "fsmllm_generations_total", outcome="cancelled") == cancelled + 1,
+    wait_for(lambda: metric(server.url, "fsmllm_generations_total", outcome="cancelled") == cancelled + 1,
              "the generation is cancelled")
-    assert metric(server, "fsmllm_generations_running") == 0
-    assert metric(server, "fsmllm_generated_tokens_total") - tokens < MAX_TOKENS / 2
+    assert metric(server.url, "fsmllm_generations_running") == 0
+    assert metric(server.url, "fsmllm_generated_tokens_total") - tokens < MAX_TOKENS / 2
 
     whole = httpx.post(f"{server.url}/v1/chat/completions", json={**chat_body(False), "max_tokens": 8}, timeout=60)
     assert whole.status_code == 200 and whole.json()["usage"]["completion_tokens"] == 8  # the LM serves on
 
 
 def test_a_client_that_leaves_during_generation_stops_it(server: LiveServer) -> None:
-    cancelled = metric(server, "fsmllm_generations_total", outcome="cancelled")
-    tokens = metric(server, "fsmllm_generated_tokens_total")
+    cancelled = metric(server.url, "fsmllm_generations_total", outcome="cancelled")
+    tokens = metric(server.url, "fsmllm_generated_tokens_total")
     body = {"image": data_url(png_bytes(2)), "prompt": "What is this?", "max_tokens": MAX_TOKENS, "seed": 2}
     sock = open_request(server, "/generate", body)
     try:
-        wait_for(lambda: metric(server, "fsmllm_generations_running") == 1, "the generation starts")
+        wait_for(lambda: metric(server.url, "fsmllm_generations_running") == 1, "the generation starts")
     finally:
         sock.close()
-    wait_for(lambda: metric(server, "fsmllm_generations_total", outcome="cancelled") == cancelled + 1,
+    wait_for(lambda: metric(server.url, "fsmllm_generations_total", outcome="cancelled") == cancelled + 1,
              "the generation is cancelled")
-    assert metric(server, "fsmllm_generations_running") == 0
-    assert metric(server, "fsmllm_generated_tokens_total") - tokens < MAX_TOKENS / 2
+    assert metric(server.url, "fsmllm_generations_running") == 0
+    assert metric(server.url, "fsmllm_generated_tokens_total") - tokens < MAX_TOKENS / 2
 
     answer = httpx.post(f"{server.url}/generate", json={**body, "max_tokens": 8}, timeout=60)
     assert answer.status_code == 200 and answer.json()["completion_tokens"] == 8
@@ -131,8 +121,8 @@ def test_many_clients_that_leave_leave_nothing_behind(server: LiveServer) -> Non
             sock.close()
     wait_for(lambda: worker.depth == 0, "the worker drops every abandoned job")
     assert worker.stats.samples - samples < 1_000_000  # none ran its 5 million samples
-    assert metric(server, "fsmllm_generations_running") == 0
-    assert metric(server, "fsmllm_queue_depth") == 0
+    assert metric(server.url, "fsmllm_generations_running") == 0
+    assert metric(server.url, "fsmllm_queue_depth") == 0
 
     def jobs_alive() -> int:
         gc.collect()

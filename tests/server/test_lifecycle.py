@@ -2,45 +2,18 @@
 
 from __future__ import annotations
 
-import os
 import signal
-import socket
 import subprocess
-import sys
-import tempfile
 import threading
 import time
 
 import httpx
 
-from tests.server.live import data_url, png_bytes, sse_events, wait_until
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from tests.server.live import data_url, free_port, png_bytes, serve_process, sse_events, wait_until
 
 
 def _start(port: int) -> subprocess.Popen[bytes]:
-    command = [sys.executable, "-m", "fsmllm.cli", "serve", "--model", "none", "--encoder", "tiny-cnn",
-               "--image-size", "16", "--port", str(port), "--batch-size", "32", "--max-n", "1000000"]
-    # the log goes to a file: a pipe nobody reads would fill up and stall the server's event loop
-    log = tempfile.TemporaryFile()
-    server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ})
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=1).status_code == 200:
-                return server
-        except httpx.TransportError:
-            pass
-        if time.monotonic() > deadline or server.poll() is not None:
-            server.kill()
-            server.wait()
-            log.seek(0)
-            raise RuntimeError(f"fsmllm serve did not start: {log.read().decode()[-2000:]}")
-        time.sleep(0.2)
+    return serve_process(port, "--max-n", "1000000")
 
 
 def _refuses_connections(url: str) -> bool:
@@ -57,7 +30,7 @@ def test_sigterm_finishes_accepted_requests_then_a_restart_serves_again() -> Non
     """SIGTERM while a certification runs: the server stops taking connections, yet the running request gets
     its whole certificate. The order of events is checked, not their timing: the refusal of a new connection
     must be seen before the certificate arrives (otherwise nothing was drained and the test says so)."""
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     server = _start(port)
     events: list[str] = []
@@ -103,7 +76,7 @@ def test_sigterm_finishes_accepted_requests_then_a_restart_serves_again() -> Non
 def test_sigkill_mid_request_fails_the_client_at_once_and_a_restart_starts_clean() -> None:
     """A crash (SIGKILL: no graceful shutdown) while a certification runs: the waiting client gets a transport
     error at once, not a hang until its timeout, and a restarted server starts with an empty queue and serves."""
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     server = _start(port)
     outcome: list[httpx.Response | httpx.HTTPError] = []

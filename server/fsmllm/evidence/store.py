@@ -120,7 +120,10 @@ class CertificateStore:
 
     def __init__(self, url: str, retention_days: float | None = None) -> None:
         self.url = url
-        self.engine = create_engine(url, connect_args={"timeout": 30} if url.startswith("sqlite") else {})
+        # pre-ping: a pooled connection the database dropped (a restart, a failover) is replaced, not used and failed
+        self.engine = create_engine(
+            url, connect_args={"timeout": 30} if url.startswith("sqlite") else {}, pool_pre_ping=True
+        )
         if url.startswith("sqlite"):
             event.listen(self.engine, "connect", _sqlite_pragmas)
         migrate(self.engine)
@@ -134,7 +137,7 @@ class CertificateStore:
         row = {
             "id": document["id"],
             "completion_id": completion_id,
-            "issued_at": datetime.fromisoformat(document["issued_at"]),
+            "issued_at": _utc(datetime.fromisoformat(document["issued_at"])),  # SQLite keeps no offset: all in UTC
             "model": document.get("model", ""),
             "image_sha256": document["image"]["sha256"],
             "document": json.dumps(document, separators=(",", ":")),

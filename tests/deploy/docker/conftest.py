@@ -90,6 +90,18 @@ def replicas(stack: Stack) -> list[str]:
     return [line.split()[1] for line in sorted(out.splitlines())]
 
 
+def database_container(stack: Stack) -> str:
+    """The PostgreSQL container that holds the replicas' certificate store."""
+    return docker("ps", "-aq", "--filter", f"label=com.docker.compose.project={stack.project}",
+                  "--filter", "label=com.docker.compose.service=postgres")
+
+
+def psql(stack: Stack, sql: str) -> str:
+    """The answer of ``sql`` from the store's database, unaligned (``psql -tA`` in its container, as its owner)."""
+    return docker("exec", database_container(stack), "sh", "-c", 'psql -U "$POSTGRES_USER" -d "$POSTGRES_DB" -tAc "$0"',
+                  sql)
+
+
 def gateway_container(stack: Stack) -> str:
     return docker("ps", "-q", "--filter", f"label=com.docker.compose.project={stack.project}",
                   "--filter", "label=com.docker.compose.service=gateway")

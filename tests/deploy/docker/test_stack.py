@@ -23,11 +23,13 @@ from ...server.live import data_url, sse_events
 from .conftest import (
     Stack,
     address,
+    database_container,
     direct,
     docker,
     gateway_container,
     health,
     inspect,
+    psql,
     replicas,
     retry_rate_limited,
     wait_healthy,
@@ -216,6 +218,77 @@ def test_the_api_docs_render_offline_in_a_browser(stack: Stack, page: str) -> No
         else:
             assert "redoc-wrap" in dom or "api-content" in dom
         time.sleep(1)  # the documentation zone allows 20/s; keep well inside
+
+
+def issue(client: httpx.Client, photo: bytes, seed: int) -> dict:
+    """A certificate of the photo (a small n), issued by the replica or gateway ``client`` talks to."""
+    answer = retry_rate_limited(lambda: client.post("/certify", json={"image": data_url(photo), "n0": 4, "n": 12,
+                                                                      "seed": seed}))
+    assert answer.status_code == 200, answer.text
+    return answer.json()["certificate"]
+
+
+def fetched(client: httpx.Client, certificate: dict) -> dict | None:
+    answer = retry_rate_limited(lambda: client.get(f"/v1/certificates/{certificate['id']}"))
+    return answer.json() if answer.status_code == 200 else None
+
+
+def test_a_certificate_issued_through_one_replica_is_fetched_through_the_other(stack: Stack, photo: bytes) -> None:
+    """The replicas share the store (PostgreSQL) and the signing keys (the cache volume): what one issued, the
+    other serves, by id and in the list, and its key set verifies it; the gateway finds it whichever replica
+    answers; it is a row of the database."""
+    from fsmllm_client.verify import Failure, load_key_set, outcome, verify
+
+    if stack.replicas < 2:
+        pytest.skip("one replica (REPLICAS=1): no other replica to fetch from")
+    first, second = replicas(stack)[:2]
+    with direct(first, stack.api_key) as one, direct(second, stack.api_key) as other:
+        certificate = issue(one, photo, 31)
+        assert fetched(other, certificate) == certificate
+        listed = other.get("/v1/certificates", params={"image_sha256": certificate["image"]["sha256"], "limit": 100})
+        assert certificate["id"] in [item["id"] for item in listed.json()["data"]]
+        keys = other.get("/v1/certificates/keys").json()
+    assert outcome(verify(certificate, load_key_set(keys), photo)) == Failure.OK
+    with stack.client() as gateway:
+        for _ in range(4):  # whichever replica each one reaches
+            assert fetched(gateway, certificate) == certificate
+    assert psql(stack, f"SELECT count(*) FROM certificates WHERE id = '{certificate['id']}'") == "1"
+
+
+def test_certificates_outlive_a_crash_of_the_database(stack: Stack, photo: bytes) -> None:
+    """The database is killed (SIGKILL) and started again: the committed certificates are there (its WAL), and
+    every replica, whose pooled connections died with it, reads and writes again."""
+    database = database_container(stack)
+    with direct(replicas(stack)[0], stack.api_key) as client:
+        certificate = issue(client, photo, 32)
+    docker("kill", database)
+    started = time.monotonic()
+    docker("start", database, check=False)  # (the restart policy may have started it already)
+    wait_healthy(database)
+    stack.record("database_killed_to_healthy_s", round(time.monotonic() - started, 1))
+    for number, container in enumerate(replicas(stack)):
+        with direct(container, stack.api_key) as client:
+            assert fetched(client, certificate) == certificate
+            assert fetched(client, issue(client, photo, 40 + number)) is not None
+
+
+def test_a_certificate_issued_just_before_a_replica_is_killed_is_still_there(stack: Stack, photo: bytes) -> None:
+    """Committed before it was sent: the answer received, the replica killed at once (SIGKILL), the other replica
+    serves the certificate; so does the killed one once it is back."""
+    if stack.replicas < 2:
+        pytest.skip("one replica (REPLICAS=1): no other replica to fetch from")
+    victim, survivor = replicas(stack)[:2]
+    with direct(victim, stack.api_key) as client:
+        certificate = issue(client, photo, 33)
+    docker("kill", victim)
+    try:
+        with direct(survivor, stack.api_key) as client:
+            assert fetched(client, certificate) == certificate
+    finally:
+        docker("start", victim, check=False)  # (the restart policy may have started it already)
+        wait_healthy(victim)
+    with direct(victim, stack.api_key) as client:
+        assert fetched(client, certificate) == certificate
 
 
 def test_ready_gates_traffic_to_a_starting_replica(stack: Stack) -> None:

@@ -1,0 +1,25 @@
+"""Fixtures of the server tests: a throwaway PostgreSQL cluster (tests/server/postgres.py) for the store's tests."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from tests.server.postgres import MISSING, Cluster, binaries, postgres_cluster
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[Cluster]:
+    """One cluster for the session (about 2 s to make); skips, naming the package, without PostgreSQL's binaries."""
+    if binaries() is None:
+        pytest.skip(MISSING)
+    with postgres_cluster() as cluster:
+        yield cluster
+
+
+@pytest.fixture()
+def postgres_url(postgres: Cluster) -> Iterator[str]:
+    """A new, empty database of that cluster for one test: its ``postgresql://`` URL."""
+    with postgres.database() as url:
+        yield url
