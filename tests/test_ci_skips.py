@@ -22,7 +22,7 @@ def test_optional_tool():
 
 @pytest.fixture()
 def database():
-    pytest.skip("PostgreSQL server binaries not found (apt-get install postgresql)")  # tests/server/postgres.py
+    pytest.skip("PostgreSQL server binaries not found (apt-get install postgresql)")  # tests/evidence/postgres.py
 
 
 def test_needs_a_database(database):

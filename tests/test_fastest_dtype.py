@@ -31,7 +31,7 @@ from fsmllm.fastest_dtype import (
     resolve,
 )
 
-from .server.live import data_url, live_server, png_bytes
+from .api.live import data_url, live_server, png_bytes
 
 
 @pytest.mark.parametrize(

@@ -21,7 +21,7 @@ from fsmllm.lm.base import SamplingParams
 from fsmllm.lm.models import load_model
 from fsmllm.lm.training import answer_loss
 
-from ..server.live import png_bytes
+from ..api.live import png_bytes
 
 SIGMA = 0.25
 PROMPT = "What is this?"

@@ -16,7 +16,7 @@ from fsmllm.lm.models import load_model
 from fsmllm_client import AnswerCertificate, Client
 from fsmllm_client.cli import main
 
-from ..server.live import LiveServer, certified_content, data_url, live_server, png_bytes
+from ..api.live import LiveServer, certified_content, data_url, live_server, png_bytes
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,7 @@ from fsmllm_client import AsyncClient, AuthError, BadRequest, CertifyResult, Cli
 from fsmllm_client.cli import main
 from fsmllm_client.plot import DPI, FIGSIZE
 
-from ..server.live import LiveServer, certified_content, data_url, live_server, open_request, png_bytes, tiny_model_server, wait_until
+from ..api.live import LiveServer, certified_content, data_url, live_server, open_request, png_bytes, tiny_model_server, wait_until
 
 PROMPT = "What is this?"
 
@@ -39,7 +39,7 @@ def server() -> Iterator[LiveServer]:
 
 @pytest.fixture(scope="module")
 def lm_server() -> Iterator[LiveServer]:
-    """The tiny test model, as tests/server/test_generate_api.py serves it."""
+    """The tiny test model, as tests/api/test_generate_api.py serves it."""
     with tiny_model_server() as live:
         yield live
 

@@ -14,7 +14,7 @@ from fsmllm.lm.models import load_model
 from fsmllm_client import Client
 from fsmllm_client.cli import main
 
-from ..server.live import LiveServer, data_url, live_server, png_bytes
+from ..api.live import LiveServer, data_url, live_server, png_bytes
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ import pytest
 from fsmllm.api.settings import Settings
 from fsmllm_client import AsyncClient, Client, Overloaded, ServerError, Unreachable
 
-from ..server.live import certified_content, data_url, live_server, open_request, png_bytes, wait_until
+from ..api.live import certified_content, data_url, live_server, open_request, png_bytes, wait_until
 
 OVERLOADED = {"error": {"type": "overloaded", "message": "busy", "request_id": "r1"}}
 

@@ -17,7 +17,7 @@ from fsmllm.cli.main import main as fsmllm_main
 from fsmllm_client.cli import main as client_main
 from fsmllm_client.verify import Failure
 
-from ..server.live import LiveServer, png_bytes, resigned, tiny_model_server
+from ..api.live import LiveServer, png_bytes, resigned, tiny_model_server
 
 TINY = ["--encoder", "tiny-cnn", "--image-size", "16", "--no-progress"]
 

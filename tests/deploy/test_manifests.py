@@ -33,8 +33,8 @@ from fsmllm.cli import build_parser
 from fsmllm.encoders import load_encoder
 from fsmllm.engine.runtime import Runtime
 from fsmllm.evidence.store import CertificateStore, store_url
-from tests.server.live import free_port
-from tests.server.postgres import MISSING, PASSWORD, USER, binaries, new_cluster
+from tests.api.live import free_port
+from tests.evidence.postgres import MISSING, PASSWORD, USER, binaries, new_cluster
 
 DOCKER = Path(__file__).resolve().parents[2] / "docker"
 DOCKERFILES = sorted(path for path in DOCKER.glob("Dockerfile.*") if path.suffix != ".dockerignore")
@@ -48,7 +48,7 @@ OTHER_ENV = {"FSMLLM_CACHE", "HF_HUB_OFFLINE", "PYTHONDONTWRITEBYTECODE", "PYTHO
 
 @cache
 def routes() -> frozenset[str]:
-    """The paths the real application serves: its OpenAPI paths (app built like tests/server/live.py, never started)."""
+    """The paths the real application serves: its OpenAPI paths (app built like tests/api/live.py, never started)."""
     settings = Settings(model="none", _env_file=None)
     runtime = Runtime(load_encoder("tiny-cnn", image_size=16), policy_from(settings))
     return frozenset(create_app(runtime, settings).openapi()["paths"])

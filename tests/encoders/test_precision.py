@@ -87,7 +87,7 @@ def test_a_booster_in_front_of_a_bfloat16_encoder_reads_float32_tokens() -> None
 
 def test_a_compiled_encoder_stands_in_for_the_encoder() -> None:
     """The dynamo path with every batch size the smoothing code produces (the eager backend: no code generation
-    here; `fsmllm certify --compile` runs the real inductor in tests/test_cli.py)."""
+    here; `fsmllm certify --compile` runs the real inductor in tests/cli/test_cli.py)."""
     encoder = load_encoder("tiny-vit")
     fast = compiled(encoder, backend="eager")
     assert (fast.name, fast.image_size, fast.num_tokens, fast.token_dim) == ("tiny-vit", 32, 17, 16)

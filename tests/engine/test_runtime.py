@@ -26,7 +26,7 @@ from fsmllm.errors import CertificatesOnly
 from fsmllm.lm.base import SamplingParams
 from fsmllm.lm.models import load_model
 
-from ..server.live import png_bytes, wait_until
+from ..api.live import png_bytes, wait_until
 
 
 def tiny_runtime(settings: Settings | None = None, **options: object) -> Runtime:

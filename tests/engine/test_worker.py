@@ -22,7 +22,7 @@ from fsmllm.engine.jobs import CertifyJob, JobCancelled
 from fsmllm.engine.runtime import Runtime
 from fsmllm.engine.worker import DeviceWorker, QueueFull, WorkerStopped
 
-from ..server.live import Controlled, wait_until
+from ..api.live import Controlled, wait_until
 
 
 class Encoder:

@@ -182,7 +182,7 @@ def test_a_server_on_the_vllm_backend_answers_concurrent_streaming_requests() ->
     from fsmllm.images import sample_image
     from fsmllm.lm.models import load_model
 
-    from ..server.live import live_server
+    from ..api.live import live_server
 
     model = load_model("fsmllm-demo", backend="vllm", vllm_options=OPTIONS)
     assert model.max_concurrency > 1

@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.server.live import LiveServer, tiny_model_server
+from tests.api.live import LiveServer, tiny_model_server
 
 SCHEMATHESIS = shutil.which("schemathesis", path=str(Path(sys.executable).parent)) or shutil.which("schemathesis")
 CONFORMANCE = "not_a_server_error,response_schema_conformance,content_type_conformance"

@@ -13,7 +13,7 @@ from joserfc.jwk import KeySet, OKPKey
 
 from fsmllm.cli.main import main as fsmllm_main
 from fsmllm_client.verify import Failure, load_key_set, outcome, verify
-from tests.server.live import png_bytes, tiny_model_server
+from tests.api.live import png_bytes, tiny_model_server
 
 
 @pytest.fixture(scope="module")

@@ -30,7 +30,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.server.live import (
+from tests.api.live import (
     data_url,
     free_port,
     metric,

@@ -23,7 +23,7 @@ from pathlib import Path
 from sqlalchemy import create_engine, text
 from sqlalchemy.pool import NullPool
 
-from tests.server.live import free_port
+from tests.api.live import free_port
 
 #: the skip reason when the binaries are missing (matched by tests/conftest.py's REQUIRED_IN_CI)
 MISSING = "PostgreSQL server binaries not found (apt-get install postgresql)"

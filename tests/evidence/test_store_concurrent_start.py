@@ -1,7 +1,7 @@
 """Replicas that share one certificate store start together (the compose stack's two replicas share a PostgreSQL
 database; replicas on one host may share a SQLite file): every one of them opens the store, the schema is migrated
 once. Serialised by a lock file beside SQLite, by ``pg_advisory_xact_lock`` on PostgreSQL (a real one:
-tests/server/postgres.py)."""
+tests/evidence/postgres.py)."""
 
 from __future__ import annotations
 

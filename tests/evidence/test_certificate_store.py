@@ -1,4 +1,4 @@
-"""The certificate store on both of its databases: SQLite (a file) and a real PostgreSQL (tests/server/postgres.py,
+"""The certificate store on both of its databases: SQLite (a file) and a real PostgreSQL (tests/evidence/postgres.py,
 skipped without its binaries except in CI). Migrations, put and get, the filtered list, retention; on PostgreSQL
 also a database restart under a running store, and a real server configured by ``FSMLLM_CERT_STORE``."""
 
@@ -16,8 +16,8 @@ from sqlalchemy import create_engine, exc, inspect, text
 
 from fsmllm.api.settings import Settings
 from fsmllm.evidence.store import CertificateStore, store_url
-from tests.server.live import data_url, live_server, png_bytes
-from tests.server.postgres import Cluster
+from tests.api.live import data_url, live_server, png_bytes
+from tests.evidence.postgres import Cluster
 
 MIGRATIONS = Path(__file__).resolve().parents[2] / "server" / "fsmllm" / "evidence" / "migrations"
 NOW = datetime.now(UTC).replace(microsecond=0)

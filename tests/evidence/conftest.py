@@ -1,4 +1,4 @@
-"""Fixtures of the server tests: a throwaway PostgreSQL cluster (tests/server/postgres.py) for the store's tests."""
+"""Fixtures of the certificate store tests: a throwaway PostgreSQL cluster (tests/evidence/postgres.py)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.server.postgres import MISSING, Cluster, binaries, postgres_cluster
+from tests.evidence.postgres import MISSING, Cluster, binaries, postgres_cluster
 
 
 @pytest.fixture(scope="session")

@@ -25,7 +25,7 @@ from fsmllm.cli.common import HelpFormatter
 from fsmllm_client.cli import HelpFormatter as ClientHelpFormatter
 from fsmllm_client.cli import build_parser as build_client_parser
 
-from .server.live import LiveServer, live_server, png_bytes
+from tests.api.live import LiveServer, live_server, png_bytes
 
 TINY = ["--encoder", "tiny-cnn", "--image-size", "16", "--no-progress"]
 

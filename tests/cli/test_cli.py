@@ -19,7 +19,7 @@ from scipy.stats import norm
 
 from fsmllm.cli import main
 
-from .encoders.photos import CAT_CLASSES
+from tests.encoders.photos import CAT_CLASSES
 
 RADII = [0.0, 0.05, 0.1, 0.2, 0.5, 1.0]
 
@@ -182,7 +182,7 @@ def test_generate_certify_answer_prints_the_servers_answer_certificate(capsys, t
     from fsmllm.api.settings import Settings
     from fsmllm.lm.models import load_model
 
-    from .server.live import live_server, png_bytes
+    from tests.api.live import live_server, png_bytes
 
     image = tmp_path / "x.png"
     image.write_bytes(png_bytes(5))

@@ -9,7 +9,7 @@ import time
 
 import httpx
 
-from tests.server.live import data_url, free_port, png_bytes, serve_process, sse_events, wait_until
+from tests.api.live import data_url, free_port, png_bytes, serve_process, sse_events, wait_until
 
 
 def _start(port: int) -> subprocess.Popen[bytes]:

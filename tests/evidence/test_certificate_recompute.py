@@ -18,7 +18,7 @@ from fsmllm.certify.answers import answer_radius
 from fsmllm.certify.certificate import certified_fcsb, optional_floats
 from fsmllm.cli.main import main as fsmllm_main
 from fsmllm_client.verify import Failure
-from tests.server.live import png_bytes, resigned, tiny_model_server
+from tests.api.live import png_bytes, resigned, tiny_model_server
 
 
 @pytest.fixture(scope="module")
@@ -142,7 +142,7 @@ def test_a_llava_checkpoint_is_bound_by_its_folder_and_recomputed_from_it(tmp_pa
     from fsmllm.evidence.binding import sha256_file
     from fsmllm.lm.models import load_model
     from tests.lm.tiny_llava import save_tiny_llava
-    from tests.server.live import live_server
+    from tests.api.live import live_server
 
     folder = tmp_path / "llava"
     save_tiny_llava(folder)
