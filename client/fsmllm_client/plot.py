@@ -21,7 +21,7 @@ class PlotUnavailable(RuntimeError):
 def require_matplotlib() -> None:
     """Fail early, before any certification runs, when the plot cannot be drawn."""
     try:
-        import matplotlib  # noqa: F401  # pylint: disable=unused-import  # only: is it installed?
+        import matplotlib  # noqa: F401  # only: is it installed?
     except ImportError:
         raise PlotUnavailable(INSTALL_HINT) from None
 

@@ -236,21 +236,22 @@ def test_the_certification_object_takes_the_certify_fields(server: LiveServer, c
     assert (refused.value.param, refused.value.code) == ("certification.stream", "unsupported_value")
 
 
+def langchain_chat(server: LiveServer, **options: Any) -> Any:
+    """LangChain's ChatOpenAI on this server (2 tokens, seed 3, no retries) with ``options``."""
+    import langchain_openai  # a dev dependency, as openai is
+
+    return langchain_openai.ChatOpenAI(
+        base_url=f"{server.url}/v1", api_key="unused", model="tiny-test", max_tokens=2, seed=3, max_retries=0, **options
+    )
+
+
 def test_langchain_chat_openai_with_an_image_message(server: LiveServer, client: openai.OpenAI) -> None:
     """LangChain sends max_completion_tokens (its max_tokens), stream_options with stream_usage, and the image as
     an image_url part: the limit applies, the answer is the SDK's, usage is counted once."""
     import langchain_openai  # a dev dependency, as openai is
     from langchain_core.messages import HumanMessage
 
-    chat = langchain_openai.ChatOpenAI(
-        base_url=f"{server.url}/v1",
-        api_key="unused",
-        model="tiny-test",
-        max_tokens=2,
-        seed=3,
-        max_retries=0,
-        stream_usage=True,
-    )
+    chat = langchain_chat(server, stream_usage=True)
     message = HumanMessage(content=messages()[0]["content"])
     answer = chat.invoke([message])
     expected = create(client, max_tokens=2)
@@ -271,18 +272,9 @@ def test_the_certificate_reaches_langchain_through_the_response_header(
 ) -> None:
     """LangChain's message keeps only OpenAI's fields; with include_response_headers it keeps the headers, and
     X-Fsmllm-Certificate-Id names the certificate that GET /v1/certificates/{id} serves (docs/certificates.md)."""
-    import langchain_openai
     from langchain_core.messages import HumanMessage
 
-    chat = langchain_openai.ChatOpenAI(
-        base_url=f"{server.url}/v1",
-        api_key="unused",
-        model="tiny-test",
-        max_tokens=2,
-        seed=3,
-        max_retries=0,
-        include_response_headers=True,
-    )
+    chat = langchain_chat(server, include_response_headers=True)
     answer = chat.invoke([HumanMessage(content=messages()[0]["content"])])
     certificate_id = answer.response_metadata["headers"]["x-fsmllm-certificate-id"]
     served = httpx.get(f"{server.url}/v1/certificates/{certificate_id}")

@@ -22,6 +22,8 @@ from PIL import Image
 
 from fsmllm.certify import Certificate, SmoothingConfig, StopRule, new_seed
 from fsmllm.certify.answers import AnswerCertificate, AnswerConfig, AnswerVoting, chunk_seed, vote_chunks
+from fsmllm.certify.bounds import BoundMethod
+from fsmllm.certify.config import Granularity
 from fsmllm.encoders.base import VisionEncoder
 from fsmllm.encoders.precision import compiled, precision_of
 from fsmllm.engine.certifier import Certifier, CertifyOutcome
@@ -68,8 +70,8 @@ class Policy:
         n0: int | None,
         n: int | None,
         alpha: float | None,
-        bound: str,
-        granularity: str = "global",
+        bound: BoundMethod,
+        granularity: Granularity = "global",
     ) -> SmoothingConfig:
         sigma = self.default_sigma if sigma is None else sigma
         if not any(math.isclose(sigma, allowed) for allowed in self.allowed_sigmas):
@@ -82,7 +84,7 @@ class Policy:
             raise PolicyError(f"n0 + n = {n0 + n} samples exceeds this deployment's maximum of {self.max_n}")
         alpha = self.default_alpha if alpha is None else alpha
         with as_request_error():
-            return SmoothingConfig(sigma=sigma, n0=n0, n=n, alpha=alpha, bound=bound, granularity=granularity)  # type: ignore[arg-type]
+            return SmoothingConfig(sigma=sigma, n0=n0, n=n, alpha=alpha, bound=bound, granularity=granularity)
 
     def answer_config(
         self, sigma: float, n0: int, n: int, alpha: float, inner: int = 1, radius: float | None = None
