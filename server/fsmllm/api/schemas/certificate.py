@@ -315,7 +315,7 @@ class CertificateOut(Issued):
     n_budget: int = Field(description="estimation samples allowed (the request's n)")
     stopped_by: StopReason = Field(description="why sampling ended: the budget was spent, or an early-stopping rule")
     alpha: float = Field(description="failure probability of all the certificate's statements together")
-    bound: str
+    bound: BoundMethod = Field(description="the confidence bound on the score (the request's bound)")
     seed: int
     score_estimate: float = Field(description="estimate of the Gaussian robustness score S = ||F(x)||")
     score_lower: float = Field(
