@@ -28,7 +28,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from fsmllm.api.app import create_app
 from fsmllm.api.metrics import Metrics
-from fsmllm.api.serve import policy_from
+from fsmllm.api.serve import runtime_of
 from fsmllm.api.settings import Settings
 from fsmllm.booster import load_booster
 from fsmllm.encoders import load_encoder
@@ -65,19 +65,7 @@ def live_server(
     metrics = Metrics()
     if encoder is None:
         encoder = load_booster(booster, load_encoder(encoder_name, image_size=image_size))
-    runtime = Runtime(
-        encoder,
-        policy_from(settings),
-        model=model,
-        model_name=getattr(model, "name", "none"),
-        booster=booster,
-        batch_size=settings.batch_size,
-        queue_capacity=settings.queue_capacity,
-        timeout_s=settings.request_timeout_s,
-        cache_size=settings.cache_size,
-        on_batch=metrics.record_batch,
-        on_generation=metrics.record_generation,
-    )
+    runtime = runtime_of(encoder, settings, metrics, model, getattr(model, "name", "none"), booster)
     app = create_app(runtime, settings, metrics)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on"))
     thread = threading.Thread(target=server.run, daemon=True)

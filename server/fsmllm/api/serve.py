@@ -9,7 +9,8 @@ import uvicorn
 from fsmllm.api.app import create_app
 from fsmllm.api.metrics import Metrics
 from fsmllm.api.settings import Settings
-from fsmllm.engine.runtime import Policy, Runtime
+from fsmllm.encoders.base import VisionEncoder
+from fsmllm.engine.runtime import Policy, Runtime, VisionLanguageModel
 from fsmllm.lm.vllm_backend import VllmOptions
 
 log = logging.getLogger("fsmllm.serve")
@@ -66,12 +67,25 @@ def build_runtime(settings: Settings, metrics: Metrics) -> Runtime:
     precision = encoder_precision(encoder, settings.dtype, settings.device, settings.batch_size)
     # a noise-conditioned booster is bound to the default sigma; load_booster warns when it was not trained there
     encoder = load_booster(settings.booster, set_precision(encoder, precision), sigma=settings.default_sigma)
+    return runtime_of(encoder, settings, metrics, model, settings.model, settings.booster)
+
+
+def runtime_of(
+    encoder: VisionEncoder,
+    settings: Settings,
+    metrics: Metrics,
+    model: VisionLanguageModel | None,
+    model_name: str,
+    booster: str,
+) -> Runtime:
+    """The runtime serving ``encoder`` (already behind ``booster``, which names it) and ``model`` under
+    ``settings``' policy, device and limits, its batches and generations counted in ``metrics``."""
     return Runtime(
         encoder,
         policy_from(settings),
         model=model,
-        model_name=settings.model,
-        booster=settings.booster,
+        model_name=model_name,
+        booster=booster,
         device=settings.device,
         compile=settings.compile,
         batch_size=settings.batch_size,
