@@ -19,7 +19,7 @@ from collections import Counter
 import httpx
 import pytest
 
-from ...server.live import data_url, sse_events
+from ...api.live import data_url, sse_events
 from .conftest import (
     Stack,
     address,
