@@ -19,6 +19,7 @@ from fsmllm.certify.answers import (
     needed_probability,
     normalise_answer,
 )
+from fsmllm.certify.bounds import VOTE_TRUNCATIONS, betting_lower_bound
 from fsmllm.certify.replay import answer_p_lower
 
 SIGMA = 0.25
@@ -338,3 +339,16 @@ def test_values_that_are_not_votes_are_refused() -> None:
         answer_p_lower(np.array([1.0, 0.5]), 0.01, 10, False)
     with pytest.raises(ValueError, match="budget of 1"):
         answer_p_lower(np.ones(2), 0.01, 1, False)
+
+
+def test_the_replayed_anytime_bound_is_the_best_checkpoint_not_the_last() -> None:
+    """Votes that agree, then disagree: voting stops as unreachable, and its p̲ is the bound of an earlier
+    checkpoint (the anytime bound keeps the best), which the replay must find too."""
+    config = AnswerConfig(sigma=SIGMA, n0=4, n=300, alpha=0.01, radius=0.644)  # needs p̲ ≥ 0.995: never reached
+    voting = AnswerVoting(config, seed=0)
+    voting.add(["a"] * 204 + ["b"] * 100)
+    cert = voting.certificate()
+    assert cert.stopped_by == "target_unreachable" and cert.samples is not None
+    last = (1 + betting_lower_bound(cert.samples, config.alpha, truncations=VOTE_TRUNCATIONS)) / 2
+    assert cert.p_lower > last  # the best checkpoint came before the disagreements
+    assert answer_p_lower(cert.samples, config.alpha, config.n, anytime=True) == cert.p_lower
