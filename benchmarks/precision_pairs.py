@@ -7,9 +7,14 @@
 * answers (``--answers N``): the demo model's answer accuracy from smoothed features on N Fashion-MNIST test images
   (benchmarks/booster_answers.py's measure, the same images and noise draws) with the encoder in float32 and in
   bfloat16, and with both encoder and language model in bfloat16; images gained / lost against float32 (McNemar).
+* certified answers (``--certified K``): ``certify_answer`` (n0 32, ``--answer-n`` votes, σ, no booster) of the
+  demo model on K Fashion-MNIST test images, with encoder and language model in float32 and in what ``auto``
+  chooses on this machine (timed afresh, as ``fsmllm serve`` does), one image at a time alternating, the same seeds
+  and so the same noise: seconds per certified answer, the answers, p̲ and radii side by side.
 
     python benchmarks/precision_pairs.py --fmnist 6 --n 1000 --answers 100
     python benchmarks/precision_pairs.py --images 0 --answers 60      # the answers only
+    python benchmarks/precision_pairs.py --images 0 --certified 4     # certified answers only
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from scipy.stats import binomtest, ttest_rel
 
 from fsmllm.certify import SmoothedEncoder, SmoothingConfig
 from fsmllm.encoders import load_encoder
-from fsmllm.encoders.precision import set_precision
+from fsmllm.encoders.precision import precision_of, set_precision
 from fsmllm.images import SAMPLE_IMAGES, load_image, to_pixels
 from fsmllm.lm.data import grey_to_pixels, load_fashion_mnist
 from fsmllm.lm.training import evaluate_projector
@@ -103,6 +108,49 @@ def answers(args: argparse.Namespace) -> dict[str, object]:
     return out
 
 
+def certified(args: argparse.Namespace) -> dict[str, object]:
+    import os
+    import tempfile
+    import time
+
+    from fsmllm.certify.answers import AnswerConfig, certify_answer
+    from fsmllm.fastest_dtype import encoder_precision
+    from fsmllm.lm.base import SamplingParams
+    from fsmllm.lm.data import QUESTION
+    from fsmllm.lm.models import load_model
+
+    base = load_encoder("dinov2-s", image_size=112).requires_grad_(False)
+    with tempfile.TemporaryDirectory() as folder:
+        os.environ["FSMLLM_CACHE"] = folder  # a fresh timing, not this machine's cached one
+        chosen = {"float32": ("float32", "float32"), "auto": (encoder_precision(base, "auto", "cpu", 32), "auto")}
+        setups = {label: (set_precision(copy.deepcopy(base), enc), load_model("fsmllm-demo", lm_dtype=lm))
+                  for label, (enc, lm) in chosen.items()}
+    test, _ = load_fashion_mnist("test")
+    picked = np.random.default_rng(1).choice(len(test), size=args.certified, replace=False)
+    config = AnswerConfig(args.sigma, n0=32, n=args.answer_n, alpha=0.001)
+    greedy = SamplingParams(max_tokens=12)
+    rows: dict[str, dict[str, object]] = {}
+    for index, pixels in zip(picked, grey_to_pixels(test[picked], base.image_size)):
+        row: dict[str, object] = {}
+        for label, (encoder, model) in setups.items():
+            def answer(features: torch.Tensor, model=model) -> list[str]:
+                tokens = features.reshape(features.shape[0], base.num_tokens, base.token_dim)
+                return [g.text for g in model.generate_batch(tokens, QUESTION, greedy)]
+
+            started = time.perf_counter()
+            cert = certify_answer(pixels, encoder, answer, config, seed=args.seed + int(index), batch_size=32)
+            row[label] = {"seconds": time.perf_counter() - started, "answer": cert.answer, "p_lower": cert.p_lower,
+                          "radius": cert.radius, "agree": cert.agree, "n": cert.n,
+                          "encoder_dtype": precision_of(encoder),
+                          "lm_dtype": str(next(model.backend.model.parameters()).dtype)}
+        rows[f"fmnist-{index}"] = row
+        print(f"fmnist-{index}: {json.dumps(row)}", file=sys.stderr, flush=True)
+    seconds = {label: [row[label]["seconds"] for row in rows.values()] for label in setups}  # type: ignore[index]
+    return {"images": rows, "chosen": {label: list(pair) for label, pair in chosen.items()},
+            "seconds_mean": {label: float(np.mean(s)) for label, s in seconds.items()},
+            "auto_over_float32_time": float(np.mean(seconds["auto"]) / np.mean(seconds["float32"]))}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--fmnist", type=int, default=6, help="Fashion-MNIST test images besides the photos")
@@ -114,10 +162,14 @@ def main() -> None:
     parser.add_argument("--radii", type=float, nargs="+", default=[0.1, 0.25])
     parser.add_argument("--answers", type=int, default=0, help="Fashion-MNIST images for the answer accuracy (0: none)")
     parser.add_argument("--copies", type=int, default=32)
+    parser.add_argument("--certified", type=int, default=0, help="Fashion-MNIST images for certified answers (0: none)")
+    parser.add_argument("--answer-n", type=int, default=100, help="estimation votes of each certified answer")
     args = parser.parse_args()
     out: dict[str, object] = {"certificates": certificates(args)} if args.images != 0 else {}
     if args.answers:
         out["answers"] = answers(args)
+    if args.certified:
+        out["certified_answers"] = certified(args)
     print(json.dumps(out, indent=2))
 
 

@@ -58,7 +58,9 @@ def test_a_fragile_token_hides_in_the_global_certificate_but_not_in_the_token_on
     assert tokens.tokens is not None
     for t in range(4):
         assert tokens.tokens.score_lower[t] <= encoder.score(t, SIGMA)
-        assert tokens.tokens.score_estimate[t] == pytest.approx(encoder.score(t, SIGMA), abs=0.03)
+        # S² is estimated to about ±0.004 (one standard deviation at n0 + n = 2100), so a small S (token 3: 0.135)
+        # to about ±0.015 and a large one to ±0.002: 0.06 is four of the small one's
+        assert tokens.tokens.score_estimate[t] == pytest.approx(encoder.score(t, SIGMA), abs=0.06 if t == 3 else 0.01)
     for i, eps in enumerate(radii):
         # the global certificate is high although token 3 can turn by 8ε radians; the token one says so
         assert whole.certified_fcsb[i] > 0.9

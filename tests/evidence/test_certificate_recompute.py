@@ -115,6 +115,19 @@ def test_another_seed_with_the_same_samples_fails_the_recomputation(issued, caps
     assert "score_lower: recomputed" in lines[-2] and lines[-2].endswith("more)")
 
 
+def test_a_certificate_from_another_device_type_is_not_compared_with_other_noise(issued, capsys) -> None:
+    """A cuda certificate's noise came from cuda's generator: on a CPU the seed draws other numbers, so the
+    recomputation is skipped with the reason rather than failed (or passed with a wide tolerance)."""
+    forged, keys = resigned(issued["recorded"], issued["folder"], device="cuda:0")
+    for flags in ((), ("--device", "cpu", "--tolerance", "1")):
+        status, lines = _verify(issued, forged, capsys, "--recompute", *flags, keys=keys)
+        assert status == Failure.OK, lines
+        assert lines[-2] == (
+            "recompute: skipped (not on cpu: the certificate's noise was drawn by cuda's generator, which draws other "
+            "numbers for the same seed; recompute it on a cuda device (--device cuda))"
+        )
+
+
 def test_weights_other_than_the_certified_ones_fail_with_their_own_status(issued, capsys) -> None:
     certificate = issued["recorded"]
     weights = dict(certificate["weights"], encoder=[{"name": "tiny-cnn.safetensors", "sha256": "0" * 64}])

@@ -6,7 +6,8 @@ read from it, the recorded samples, the bound recomputed from them bit for bit (
 the certified FCSB at every radius recomputed from that bound (from the certified bound when no samples were
 recorded). With --recompute (needs --image): the encoder's and booster's weight files here against the certified
 SHA-256, then the sampling re-run with the certificate's seed and every statistic compared
-(:mod:`fsmllm.evidence.recompute`: bit for bit on the certificate's device type, else within --tolerance).
+(:mod:`fsmllm.evidence.recompute`: bit for bit, or within --tolerance; only on the certificate's device type, whose
+generators drew its noise).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from fsmllm.certify.replay import answer_p_lower, score_lower
 from fsmllm.cli.common import HelpFormatter
 from fsmllm.evidence import cert_folder
 from fsmllm.evidence.binding import pixels_sha256
-from fsmllm.evidence.recompute import CROSS_DEVICE_TOLERANCE, Setting, check_recompute, check_weights
+from fsmllm.evidence.recompute import Setting, check_recompute, check_weights
 from fsmllm.images import open_image, to_pixels
 from fsmllm_client.verify import Check, Failure, load_key_set, read_document, report, verify
 
@@ -68,8 +69,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--tolerance",
         type=float,
         default=None,
-        help=f"--recompute's largest absolute difference allowed (default: 0 on the certificate's device type, "
-        f"{CROSS_DEVICE_TOLERANCE:g} on another)",
+        help="--recompute's largest absolute difference allowed (default 0: bit for bit, as on the certificate's "
+        "device type with the same software; another device type draws other noise and is not compared)",
     )
     parser.set_defaults(handler=run)
 

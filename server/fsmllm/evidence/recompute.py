@@ -14,11 +14,11 @@ Two checks, each with its own exit status (:class:`fsmllm_client.verify.Failure`
   estimated FCSB at every radius, the certified radius, every token's values and, when recorded, every c_i within
   the tolerance.
 
-The tolerance is 0 (bit for bit) when the recomputation runs on the certificate's device type (``cpu``,
-``cuda``...): the same seed, weights, dtype and code give the same floats. On another device type the encoder's
-floating-point sums are rounded in another order, so the c_i differ in their last bits; the default tolerance
-there, :data:`CROSS_DEVICE_TOLERANCE` (absolute, on every score, cosine, angle and c_i), allows that rounding and
-nothing of consequence. ``--tolerance`` sets it either way.
+The recomputation runs on the certificate's device type (``cpu``, ``cuda``...), where the same seed, weights, dtype
+and code give the same floats: the tolerance is 0 (bit for bit) unless ``--tolerance`` sets one (another torch
+version may round differently). On another device type it is not run: the noise is drawn by the device's own
+generator (docs/method.md, "Reduced precision and compilation", last point), so the same seed gives other samples
+there, and comparing them would say nothing about the certificate.
 """
 
 from __future__ import annotations
@@ -35,8 +35,6 @@ from fsmllm.certify import Certificate, SmoothedEncoder, SmoothingConfig, StopRu
 from fsmllm.evidence.binding import booster_files, encoder_files, weight_entry
 from fsmllm_client.verify import Check, Failure, decode_samples
 
-#: the default tolerance when the recomputation runs on another device type than the certificate's
-CROSS_DEVICE_TOLERANCE = 1e-4
 #: the components a feature certificate depends on (the answer's language model does not move its numbers)
 COMPONENTS = ("encoder", "booster")
 #: the recomputed certificate as served JSON, presented as the certificate it recomputes is (its names, target
@@ -47,7 +45,7 @@ Render = Callable[[Certificate, dict[str, Any]], dict[str, Any]]
 @dataclass(frozen=True)
 class Setting:
     """Where to recompute: the torch device (None: the certificate's, or cpu where that is not here), noisy images
-    per batch, and the tolerance (None: 0 on the certificate's device type, else :data:`CROSS_DEVICE_TOLERANCE`)."""
+    per batch, and the largest absolute difference allowed (None: 0)."""
 
     device: str | None = None
     batch_size: int = 64
@@ -191,11 +189,18 @@ def check_recompute(certificate: dict[str, Any], pixels: torch.Tensor, setting: 
     """Re-run the sampling and compare (see the module's docstring for what and how closely); ``render`` makes the
     recomputed certificate's JSON."""
     device = device_here(certificate, setting.device)
-    same_kind = torch.device(device).type == torch.device(str(certificate.get("device") or "cpu")).type
-    tolerance = setting.tolerance if setting.tolerance is not None else (0.0 if same_kind else CROSS_DEVICE_TOLERANCE)
+    certified = torch.device(str(certificate.get("device") or "cpu")).type
+    if torch.device(device).type != certified:
+        return Check(
+            "recompute",
+            None,
+            f"not on {device}: the certificate's noise was drawn by {certified}'s generator, which draws other numbers "
+            f"for the same seed; recompute it on a {certified} device (--device {certified})",
+        )
+    tolerance = 0.0 if setting.tolerance is None else setting.tolerance
+    where = f"on {device}, {certificate.get('encoder_dtype', 'float32')}, seed {certificate['seed']}"
     again = rerun(certificate, pixels, setting, render)
     found, largest = differences(certificate, again, tolerance)
-    where = f"on {device}, {certificate.get('encoder_dtype', 'float32')}, seed {certificate['seed']}"
     if found:
         shown = "; ".join(found[:4]) + (f"; and {len(found) - 4} more" if len(found) > 4 else "")
         return Check("recompute", False, f"{where}: {shown}", Failure.RECOMPUTE)
