@@ -21,7 +21,9 @@ from fsmllm.fastest_dtype import (
     MARGIN,
     NEAR,
     RETIMES,
+    TRIALS,
     cache_file,
+    cache_key,
     candidates,
     choose,
     decisive,
@@ -81,9 +83,12 @@ def test_the_choice_is_measured_once_per_machine_and_model_then_read_from_the_ca
     other = fastest("encoder y", "cpu", counting({"float32": 1.0, "bfloat16": 0.9})[1], path)
     assert other.precision == "float32" and not other.cached  # another model is timed on its own
     entries = json.loads(path.read_text())
-    assert set(entries) == {f"encoder x | {machine('cpu')}", f"encoder y | {machine('cpu')}"}
+    assert set(entries) == {cache_key("encoder x", "cpu"), cache_key("encoder y", "cpu")}
+    stale = f"encoder x | {machine('cpu')} | trials {TRIALS - 1}"  # cached by an earlier version of the trials
+    path.write_text(json.dumps({stale: {"float32": 1.0, "bfloat16": 2.0}}))
+    assert fastest("encoder x", "cpu", measure, path).precision == "bfloat16" and len(calls) == 2  # timed again
     path.write_text("{not json")  # a damaged cache is timed again, not an error
-    assert not fastest("encoder x", "cpu", measure, path).cached and len(calls) == 2
+    assert not fastest("encoder x", "cpu", measure, path).cached and len(calls) == 3
 
 
 def test_a_named_precision_is_not_timed(tmp_path: Path) -> None:
@@ -162,10 +167,10 @@ def test_a_timing_near_the_margin_is_timed_again_and_cached_only_when_decisive(t
     with caplog.at_level(logging.WARNING, logger="fsmllm.dtype"):
         near = fastest("encoder y", "cpu", always_near, path)
     assert near.precision == "bfloat16" and len(calls) == 1 + RETIMES and "too close" in caplog.text
-    assert f"encoder y | {machine('cpu')}" not in json.loads(path.read_text())  # not cached: timed at the next start
+    assert cache_key("encoder y", "cpu") not in json.loads(path.read_text())  # not cached: timed at the next start
     assert not fastest("encoder y", "cpu", always_near, path).cached
     entries = json.loads(path.read_text())
-    path.write_text(json.dumps({**entries, f"encoder y | {machine('cpu')}": {"float32": 1.0, "bfloat16": 0.67}}))
+    path.write_text(json.dumps({**entries, cache_key("encoder y", "cpu"): {"float32": 1.0, "bfloat16": 0.67}}))
     assert not fastest("encoder y", "cpu", always_near, path).cached  # a near one cached by an older version too
 
 

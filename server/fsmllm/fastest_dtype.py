@@ -6,11 +6,12 @@ model repeats the batch for ``MIN_SECONDS``); the best round of each counts. A r
 when it takes at most ``1 / MARGIN`` of float32's time (:func:`choose`): where bfloat16 is emulated in software (a
 CPU without AMX or AVX512-BF16) it is no faster, or slower, and the margin keeps timing noise from picking it. The
 choice is cached in ``cache_dir()/fastest-dtype.json`` under a key naming the machine (:func:`machine`: the CPU or
-GPU, the torch version, the threads) and the model, so later starts on the same machine skip the timing and choose
-the same precision (certificates with the same seed stay the same). A timing near the margin (a speed-up within
-``NEAR`` times of it either way, as a busy machine gives: one measured 1.49x where the idle machine measures 4x) is
-not trusted: the candidates are timed again, up to ``RETIMES`` times, each keeping the best of all rounds, and a
-timing still that close is used for this start but not cached, so the next start times again.
+GPU, the torch version, the threads), the model and the version of the trials (``TRIALS``), so later starts on the
+same machine skip the timing and choose the same precision (certificates with the same seed stay the same). A
+timing near the margin (a speed-up within ``NEAR`` times of it either way, as a busy machine gives: one measured
+1.49x where the idle machine measures 4x) is not trusted: the candidates are timed again, up to ``RETIMES``
+times, each keeping the best of all rounds, and a timing still that close is used for this start but not cached,
+so the next start times again.
 
 What a reduced precision means for a certificate is unchanged (docs/method.md, "Reduced precision"): it is for
 the model as computed in that precision; the noise is drawn in float32.
@@ -41,6 +42,9 @@ DtypeChoice = Literal["auto", "float32", "bfloat16", "float16"]
 DTYPE_CHOICES: tuple[DtypeChoice, ...] = get_args(DtypeChoice)
 #: a reduced precision must be at least this many times faster than float32 to be chosen
 MARGIN = 1.5
+#: the version of what is timed, part of the cache key: timings cached by an earlier version are redone (2: the
+#: language model's output head takes a contiguous input, which made its bfloat16 pass 4x faster on AMX CPUs)
+TRIALS = 2
 #: timed rounds per candidate (after one warm-up run each), interleaved; the best counts
 REPEATS = 3
 #: a round of a candidate repeats its run for at least this long and counts the mean (one call of a small model
@@ -136,6 +140,11 @@ def machine(device: str | torch.device) -> str:
     return f"{device.type}: {chip}; torch {torch.__version__}; {torch.get_num_threads()} threads"
 
 
+def cache_key(model: str, device: str | torch.device) -> str:
+    """The cache's key for ``model`` on ``device``: the model, the :func:`machine` and the version of the trials."""
+    return f"{model} | {machine(device)} | trials {TRIALS}"
+
+
 @dataclass(frozen=True)
 class Choice:
     """The chosen precision, the timings it was chosen from (seconds of one batch), and whether they came from
@@ -177,7 +186,7 @@ def fastest(model: str, device: str | torch.device, measure: Measure, path: Path
     if this machine timed it before, else measured now (``measure``; again while not :func:`decisive`) and cached
     when decisive."""
     path = cache_file() if path is None else path
-    key = f"{model} | {machine(device)}"
+    key = cache_key(model, device)
     stored = _read(path).get(key)
     seconds: dict[Precision, float]
     if (

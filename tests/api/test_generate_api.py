@@ -148,6 +148,7 @@ def test_certified_answer_over_json_multipart_and_the_openai_route(server: LiveS
     expected = AnswerCertificateOut.from_certificate(reference).model_dump(exclude_unset=True)  # the core's figures
     assert {key: voted[key] for key in expected} == expected
     assert (voted["encoder"], voted["input_size"]) == ("tiny-cnn", server.runtime.encoder.image_size)
+    assert voted["lm_dtype"] == "float32"  # the votes' language model, as computed
     assert voted["feature_certificate_id"] == body["certificate"]["id"] and voted["signature"]
 
     form = {"prompt": PROMPT, "seed": "4", "max_tokens": "4", "n": "50", "certify_answer": '{"n0": 8, "n": 64, "alpha": 0.01}'}

@@ -19,6 +19,7 @@ from fsmllm.certify import SmoothedEncoder, SmoothingConfig
 from fsmllm.encoders import load_encoder
 from fsmllm.encoders.precision import set_precision
 from fsmllm.images import to_pixels
+from fsmllm.lm.models import load_model
 
 from .live import data_url, live_server, png_bytes
 
@@ -47,6 +48,21 @@ def test_a_bad_dtype_is_refused_naming_the_valid_ones(monkeypatch: pytest.Monkey
     monkeypatch.delenv("FSMLLM_DTYPE")
     assert settings_from_args(parser.parse_args(["--dtype", "float16", "--compile"])).model_dump(
         include={"dtype", "compile"}) == {"dtype": "float16", "compile": True}
+
+
+def test_a_bfloat16_language_model_is_named_in_the_certified_answers() -> None:
+    """``--lm-dtype bfloat16`` (or ``auto`` choosing it): the answer certificate, issued or not, and the model card
+    say in which precision the votes were computed."""
+    settings = Settings(model="tiny-test", default_n0=20, default_n=100, batch_size=64, _env_file=None)
+    with live_server(settings, model=load_model("tiny-test", lm_dtype="bfloat16")) as server:
+        body = {"image": data_url(png_bytes(3)), "prompt": "What?", "seed": 2, "max_tokens": 3, "n": 50,
+                "certify_answer": {"n0": 8, "n": 32}}
+        response = httpx.post(f"{server.url}/generate", json=body, timeout=60)
+        assert response.status_code == 200, response.text
+        assert response.json()["answer_certificate"]["lm_dtype"] == "bfloat16"
+        assert httpx.get(f"{server.url}/v1/models").json()["data"][0]["lm_dtype"] == "bfloat16"
+    with live_server() as certificates_only:  # no language model: nothing to name
+        assert httpx.get(f"{certificates_only.url}/v1/models").json()["data"][0]["lm_dtype"] is None
 
 
 def test_a_bfloat16_encoder_serves_certificates_that_name_its_precision() -> None:

@@ -47,6 +47,7 @@ class SideModel:
 
     name = "side"
     max_concurrency = 1
+    precision = "float32"
 
     def generate_batch(self, visual_tokens: torch.Tensor, prompt: str, params: SamplingParams) -> list[Generation]:
         return [Generation("Left." if v > 0 else "right", (), "stop", 1) for v in visual_tokens[:, 0, 0].tolist()]

@@ -140,6 +140,7 @@ class BreakingModel:
 
     name = "tiny-test-breaking"
     max_concurrency = 1
+    precision = "float32"
 
     def __init__(self) -> None:
         self.model = load_model("tiny-test")

@@ -53,6 +53,7 @@ def prompts(backend: TransformersBackend, count: int) -> list[torch.Tensor]:
 def test_greedy_tokens_equal_the_transformers_backend(backends: tuple[TransformersBackend, VllmBackend]) -> None:
     reference, vllm = backends
     assert vllm.hidden_size == reference.hidden_size
+    assert vllm.precision == reference.precision == "float32"  # the engine's dtype, named in certified answers
     ids = torch.arange(100)
     assert torch.allclose(vllm.embed_tokens(ids), reference.embed_tokens(ids))
     params = SamplingParams(max_tokens=24)

@@ -166,6 +166,7 @@ def _card(runtime: Runtime) -> ModelCard:
         booster=runtime.booster,
         input_size=runtime.input_size,
         encoder_dtype=runtime.encoder_dtype,
+        lm_dtype=runtime.lm_dtype,
         allowed_sigmas=list(policy.allowed_sigmas),
         defaults={
             "sigma": policy.default_sigma,

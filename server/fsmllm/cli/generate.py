@@ -118,7 +118,11 @@ def run(args: argparse.Namespace) -> int:
     )
     out.samples = recorded(args, cert)
     if args.json:
-        answer_certificate = None if voted is None else AnswerCertificateOut.from_certificate(voted).model_dump()
+        answer_certificate = (
+            None
+            if voted is None
+            else AnswerCertificateOut.from_certificate(voted, lm_dtype=model.backend.precision).model_dump()
+        )
         print(
             json.dumps(
                 {

@@ -44,6 +44,11 @@ class VisionLanguageModel(Protocol):
         """Generations run at once (1 for the transformers backend; vLLM batches many)."""
         ...
 
+    @property
+    def precision(self) -> str:
+        """The precision the language model computes in; a certified answer is for it as computed so."""
+        ...
+
     def generate(self, visual_tokens: torch.Tensor, prompt: str, params: SamplingParams) -> Generation: ...
 
     def stream(self, visual_tokens: torch.Tensor, prompt: str, params: SamplingParams) -> TextStream: ...
@@ -176,6 +181,12 @@ class Runtime:
     def encoder_dtype(self) -> str:
         """The precision the encoder computes in (its certificates are for it as computed in that precision)."""
         return precision_of(self.encoder)
+
+    @property
+    def lm_dtype(self) -> str | None:
+        """The precision the language model computes in (certified answers are for it as computed in that
+        precision); None without one."""
+        return None if self.model is None else self.model.precision
 
     def pixels(self, image: Image.Image) -> torch.Tensor:
         """The certified input space: the image resized and cropped to the encoder's input (CPU tensor)."""

@@ -60,6 +60,7 @@ class Provenance:
     input_size: int
     encoder_dtype: str
     model: str
+    lm_dtype: str | None = None
 
 
 @dataclass(frozen=True)
@@ -94,7 +95,12 @@ class Answered:
 
 def provenance(runtime: Runtime) -> Provenance:
     return Provenance(
-        runtime.encoder.name, runtime.booster, runtime.input_size, runtime.encoder_dtype, runtime.model_name
+        runtime.encoder.name,
+        runtime.booster,
+        runtime.input_size,
+        runtime.encoder_dtype,
+        runtime.model_name,
+        runtime.lm_dtype,
     )
 
 

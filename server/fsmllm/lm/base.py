@@ -113,6 +113,12 @@ class LanguageBackend(Protocol):
         """H, the width of the input embeddings."""
         ...
 
+    @property
+    def precision(self) -> str:
+        """The precision the model computes in (``float32``, ``bfloat16`` or ``float16``): a certified answer is
+        for the model as computed in it."""
+        ...
+
     def embed_tokens(self, token_ids: torch.Tensor) -> torch.Tensor:
         """The model's input embeddings of ``token_ids`` [L] -> [L, H] (float32, on the backend's device)."""
         ...

@@ -129,6 +129,15 @@ def _held_back(text: str, stops: tuple[str, ...]) -> int:
     return hold
 
 
+def _contiguous_inputs(module: torch.nn.Module, args: tuple[object, ...]) -> tuple[object, ...]:
+    """A forward pre-hook for the output head: its input made contiguous. transformers cuts the last position out
+    of the hidden states (``logits_to_keep``) as a strided [B, 1, H] view, and torch's CPU matmul of such a view by
+    the [V, H] head copies the weight once per row instead of folding the rows into one product (pytorch#151934):
+    for 32 rows of SmolLM2 (V = 49 152) 3 s instead of 5 ms in bfloat16, 86 instead of 12 ms in float32. The
+    logits are the same numbers."""
+    return tuple(a.contiguous() if isinstance(a, torch.Tensor) else a for a in args)
+
+
 class TransformersBackend:
     """A frozen transformers causal LM behind the :class:`~fsmllm.lm.base.LanguageBackend` protocol."""
 
@@ -143,6 +152,9 @@ class TransformersBackend:
         if tokenizer.eos_token_id is not None:
             eos_ids.add(tokenizer.eos_token_id)
         self.eos_token_ids = frozenset(eos_ids)
+        head = model.get_output_embeddings()
+        if head is not None:
+            head.register_forward_pre_hook(_contiguous_inputs)
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu") -> TransformersBackend:
@@ -179,6 +191,10 @@ class TransformersBackend:
     @property
     def hidden_size(self) -> int:
         return int(self.model.config.hidden_size)
+
+    @property
+    def precision(self) -> str:
+        return str(self.model.get_input_embeddings().weight.dtype).removeprefix("torch.")
 
     @property
     def device(self) -> torch.device:
@@ -224,7 +240,7 @@ class TransformersBackend:
         shared = int(differs.nonzero()[0]) if bool(differs.any()) else embeds.shape[1] - 1
         cache = None
         if shared > 0 and rows > 1:
-            cache = self.model(inputs_embeds=embeds[:1, :shared], use_cache=True).past_key_values
+            cache = self.model(inputs_embeds=embeds[:1, :shared], use_cache=True, logits_to_keep=1).past_key_values
             cache.batch_repeat_interleave(rows)
         else:
             shared = 0

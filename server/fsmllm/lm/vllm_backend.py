@@ -243,6 +243,11 @@ class VllmBackend:
     def hidden_size(self) -> int:
         return int(self.embeddings.shape[1])
 
+    @property
+    def precision(self) -> str:
+        """The engine's resolved weight dtype (``--vllm-dtype auto`` takes the checkpoint's)."""
+        return str(self.llm.llm_engine.model_config.dtype).removeprefix("torch.")
+
     def embed_tokens(self, token_ids: torch.Tensor) -> torch.Tensor:
         return self.embeddings[token_ids.cpu()]
 

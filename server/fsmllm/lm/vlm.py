@@ -54,6 +54,11 @@ class ProjectedVLM:
         return self.backend.max_concurrency
 
     @property
+    def precision(self) -> str:
+        """The language model's precision (the projector stays float32)."""
+        return self.backend.precision
+
+    @property
     def num_tokens(self) -> int:
         return self.projector.config.num_tokens
 

@@ -186,21 +186,27 @@ class AnswerCertificateOut(Issued):
     booster: str | None = None
     input_size: int | None = Field(None, description="the side of the pixels the encoder read")
     encoder_dtype: str | None = None
+    lm_dtype: str | None = Field(
+        None, description="the precision the language model computed the votes in (the certificate is for it so)"
+    )
 
     @classmethod
     def from_certificate(
-        cls, certificate: AnswerCertificate, provenance: Provenance | None = None
+        cls, certificate: AnswerCertificate, provenance: Provenance | None = None, lm_dtype: str | None = None
     ) -> AnswerCertificateOut:
         """The JSON of a certified answer, the same from the server and from ``fsmllm generate --json``; with the
-        ``provenance`` of the votes (the encoder) when it is to be issued."""
+        ``provenance`` of the votes (the encoder and the language model's precision) when it is to be issued,
+        else the language model's precision ``lm_dtype`` alone (the encoder is named by the feature certificate
+        beside it)."""
         served_by = (
-            {}
+            ({} if lm_dtype is None else {"lm_dtype": lm_dtype})
             if provenance is None
             else {
                 "encoder": provenance.encoder,
                 "booster": provenance.booster,
                 "input_size": provenance.input_size,
                 "encoder_dtype": provenance.encoder_dtype,
+                "lm_dtype": provenance.lm_dtype,
             }
         )
         cfg = certificate.config
@@ -278,6 +284,8 @@ class GenerateResponse(BaseModel):
             prompt_tokens=generation.prompt_tokens,
             completion_tokens=generation.completion_tokens,
             certificate=CertificateOut.of(answered.certified, per_token=per_token),
-            answer_certificate=None if voted is None else AnswerCertificateOut.from_certificate(voted),
+            answer_certificate=None
+            if voted is None
+            else AnswerCertificateOut.from_certificate(voted, lm_dtype=answered.certified.provenance.lm_dtype),
             timings=Timings.of(answered.certified, answered),
         )

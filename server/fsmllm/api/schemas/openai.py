@@ -350,7 +350,9 @@ class ChatCompletionResponse(BaseModel):
             ],
             usage=Usage.of(answered.generations),
             certificate=certificate,
-            answer_certificate=None if voted is None else AnswerCertificateOut.from_certificate(voted),
+            answer_certificate=None
+            if voted is None
+            else AnswerCertificateOut.from_certificate(voted, lm_dtype=answered.certified.provenance.lm_dtype),
         )
 
 
@@ -380,6 +382,7 @@ class ModelCard(BaseModel):
     booster: str
     input_size: int
     encoder_dtype: str = "float32"
+    lm_dtype: str | None = None
     allowed_sigmas: list[float]
     defaults: dict[str, Any]
 
