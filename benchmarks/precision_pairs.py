@@ -108,11 +108,6 @@ def answers(args: argparse.Namespace) -> dict[str, object]:
     return out
 
 
-def lm_precision(model) -> str:
-    """The precision the language model's weights are in (``auto`` resolved)."""
-    return str(next(model.backend.model.parameters()).dtype).removeprefix("torch.")
-
-
 def certified(args: argparse.Namespace) -> dict[str, object]:
     import os
     import tempfile
@@ -147,11 +142,11 @@ def certified(args: argparse.Namespace) -> dict[str, object]:
             row[label] = {"seconds": time.perf_counter() - started, "answer": cert.answer, "p_lower": cert.p_lower,
                           "radius": cert.radius, "agree": cert.agree, "n": cert.n,
                           "encoder_dtype": precision_of(encoder),
-                          "lm_dtype": lm_precision(model)}
+                          "lm_dtype": model.precision}
         rows[f"fmnist-{index}"] = row
         print(f"fmnist-{index}: {json.dumps(row)}", file=sys.stderr, flush=True)
     seconds = {label: [row[label]["seconds"] for row in rows.values()] for label in setups}  # type: ignore[index]
-    resolved = {label: [precision_of(encoder), lm_precision(model)] for label, (encoder, model) in setups.items()}
+    resolved = {label: [precision_of(encoder), model.precision] for label, (encoder, model) in setups.items()}
     return {"images": rows, "chosen": resolved,
             "seconds_mean": {label: float(np.mean(s)) for label, s in seconds.items()},
             "auto_over_float32_time": float(np.mean(seconds["auto"]) / np.mean(seconds["float32"]))}

@@ -51,7 +51,7 @@ def test_a_bad_dtype_is_refused_naming_the_valid_ones(monkeypatch: pytest.Monkey
 
 
 def test_a_bfloat16_language_model_is_named_in_the_certified_answers() -> None:
-    """``--lm-dtype bfloat16`` (or ``auto`` choosing it): the answer certificate, issued or not, and the model card
+    """``--lm-dtype bfloat16`` (or ``auto`` choosing it): the issued answer certificate and the model card
     say in which precision the votes were computed."""
     settings = Settings(model="tiny-test", default_n0=20, default_n=100, batch_size=64, _env_file=None)
     with live_server(settings, model=load_model("tiny-test", lm_dtype="bfloat16")) as server:

@@ -199,3 +199,4 @@ def test_generate_certify_answer_prints_the_servers_answer_certificate(capsys, t
     numbers = {key: value for key, value in printed.items() if value is not None}  # the CLI issues nothing
     assert numbers == {key: served[key] for key in numbers} and printed["n_budget"] == 48 and printed["statement"]
     assert printed["id"] is None and served["id"] and set(printed) == set(served)
+    assert printed["lm_dtype"] == served["lm_dtype"] == "float32"  # both name the votes' precision

@@ -121,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
         answer_certificate = (
             None
             if voted is None
-            else AnswerCertificateOut.from_certificate(voted, lm_dtype=model.backend.precision).model_dump()
+            else AnswerCertificateOut.from_certificate(voted, lm_dtype=model.precision).model_dump()
         )
         print(
             json.dumps(

@@ -49,6 +49,12 @@ def set_precision(encoder: VisionEncoder, precision: str) -> VisionEncoder:
     return encoder
 
 
+def precision_name(dtype: torch.dtype) -> Precision:
+    """The precision named by ``dtype`` (float32 for a dtype that is none of them)."""
+    name = str(dtype).removeprefix("torch.")
+    return name if name in PRECISIONS else "float32"
+
+
 def precision_of(encoder: torch.nn.Module) -> Precision:
     """The precision ``encoder`` computes in: that of its (first) :class:`PixelNormalize`'s output, else of its
     first floating-point parameter (float32 for an encoder with neither)."""
@@ -57,8 +63,7 @@ def precision_of(encoder: torch.nn.Module) -> Precision:
         dtype = normalize.output_dtype
     else:
         dtype = next((p.dtype for p in encoder.parameters() if p.is_floating_point()), torch.float32)
-    name = str(dtype).removeprefix("torch.")
-    return name if name in PRECISIONS else "float32"
+    return precision_name(dtype)
 
 
 def timing_trial(encoder: VisionEncoder, batch_size: int) -> Callable[[Precision], Callable[[], object]]:

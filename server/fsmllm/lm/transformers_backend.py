@@ -18,7 +18,7 @@ from typing import cast
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from fsmllm.encoders.precision import Precision, torch_dtype
+from fsmllm.encoders.precision import Precision, precision_of, torch_dtype
 from fsmllm.lm.base import FinishReason, Generation, GenerationCancelled, SamplingParams, TextStream
 from fsmllm.lm.llm_loader import load_causal_lm
 
@@ -194,7 +194,7 @@ class TransformersBackend:
 
     @property
     def precision(self) -> str:
-        return str(self.model.get_input_embeddings().weight.dtype).removeprefix("torch.")
+        return precision_of(self.model)
 
     @property
     def device(self) -> torch.device:

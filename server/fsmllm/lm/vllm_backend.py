@@ -25,6 +25,7 @@ import torch
 from safetensors import safe_open
 from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
 
+from fsmllm.encoders.precision import precision_name
 from fsmllm.lm.base import FinishReason, Generation, GenerationCancelled, SamplingParams
 
 log = logging.getLogger(__name__)
@@ -246,7 +247,7 @@ class VllmBackend:
     @property
     def precision(self) -> str:
         """The engine's resolved weight dtype (``--vllm-dtype auto`` takes the checkpoint's)."""
-        return str(self.llm.llm_engine.model_config.dtype).removeprefix("torch.")
+        return precision_name(self.llm.llm_engine.model_config.dtype)
 
     def embed_tokens(self, token_ids: torch.Tensor) -> torch.Tensor:
         return self.embeddings[token_ids.cpu()]

@@ -195,9 +195,8 @@ class AnswerCertificateOut(Issued):
         cls, certificate: AnswerCertificate, provenance: Provenance | None = None, lm_dtype: str | None = None
     ) -> AnswerCertificateOut:
         """The JSON of a certified answer, the same from the server and from ``fsmllm generate --json``; with the
-        ``provenance`` of the votes (the encoder and the language model's precision) when it is to be issued,
-        else the language model's precision ``lm_dtype`` alone (the encoder is named by the feature certificate
-        beside it)."""
+        ``provenance`` of the votes (the encoder and the language model's precision) when it is to be issued;
+        ``fsmllm generate``, which issues nothing, names the language model's precision alone (``lm_dtype``)."""
         served_by = (
             ({} if lm_dtype is None else {"lm_dtype": lm_dtype})
             if provenance is None
@@ -284,8 +283,6 @@ class GenerateResponse(BaseModel):
             prompt_tokens=generation.prompt_tokens,
             completion_tokens=generation.completion_tokens,
             certificate=CertificateOut.of(answered.certified, per_token=per_token),
-            answer_certificate=None
-            if voted is None
-            else AnswerCertificateOut.from_certificate(voted, lm_dtype=answered.certified.provenance.lm_dtype),
+            answer_certificate=None if voted is None else AnswerCertificateOut.from_certificate(voted),
             timings=Timings.of(answered.certified, answered),
         )

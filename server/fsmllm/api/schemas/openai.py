@@ -350,9 +350,7 @@ class ChatCompletionResponse(BaseModel):
             ],
             usage=Usage.of(answered.generations),
             certificate=certificate,
-            answer_certificate=None
-            if voted is None
-            else AnswerCertificateOut.from_certificate(voted, lm_dtype=answered.certified.provenance.lm_dtype),
+            answer_certificate=None if voted is None else AnswerCertificateOut.from_certificate(voted),
         )
 
 
