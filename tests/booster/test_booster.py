@@ -234,6 +234,8 @@ def test_the_config_refuses_what_cannot_train(photos: Path) -> None:
         tiny_config(photos, sigmas=(0.25, 0))
     with pytest.raises(ValueError, match="weight_utility needs --model"):
         tiny_config(photos, weight_utility=0.1)
+    with pytest.raises(ValueError, match=r"jitter must be in \[0, 1\], got 1.5"):
+        tiny_config(photos, jitter=1.5)
 
 
 def test_pgd_cannot_push_the_boosted_cosine_below_the_certificate(encoder: torch.nn.Module, trained: Path) -> None:

@@ -1,5 +1,6 @@
 """Folders of training photos (fsmllm train-booster --images): nested folders, mixed formats, a corrupt file
-skipped with a warning, the evaluation photos refused, one photo at two sizes kept once, random crops."""
+skipped with a warning, the evaluation photos refused, one photo at two sizes kept once, random crops and their
+colour jitter."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from fsmllm.booster.photos import image_files, random_crop, read_photos
+from fsmllm.booster.photos import colour_jitter, image_files, random_crop, read_photos
 from fsmllm.images import sample_image
 from tests.booster.photo_folder import NON_EVALUATION, training_photo_folder
 
@@ -69,3 +70,26 @@ def test_random_crops_are_seeded_squares_of_the_photo(folder: Path) -> None:
     assert crops[0].shape == (3, 32, 32) and torch.equal(crops[0], crops[1])
     other = random_crop(photo, 32, np.random.default_rng(4))
     assert not torch.equal(crops[0], other) and 0 <= float(other.min()) and float(other.max()) <= 1
+
+
+def test_colour_jitter_scales_brightness_contrast_and_saturation_within_its_strength() -> None:
+    flat = torch.full((3, 8, 8), 0.4)  # one grey: contrast and saturation leave it, brightness scales it
+    values = {round(float(colour_jitter(flat, 0.3, np.random.default_rng(seed)).mean()), 4) for seed in range(20)}
+    assert len(values) > 10 and min(values) >= 0.4 * np.exp(-0.3) - 1e-6 and max(values) <= 0.4 * np.exp(0.3) + 1e-6
+    colourful = torch.rand((3, 16, 16), generator=torch.Generator().manual_seed(0))
+    jittered = colour_jitter(colourful, 1.0, np.random.default_rng(1))
+    assert jittered.shape == colourful.shape and 0 <= float(jittered.min()) and float(jittered.max()) <= 1
+    assert float((jittered - colourful).abs().max()) > 0.05
+    assert torch.equal(jittered, colour_jitter(colourful, 1.0, np.random.default_rng(1)))
+
+
+def test_a_jittered_crop_is_the_same_crop_then_the_jitter_and_without_jitter_nothing_more_is_drawn(
+    folder: Path,
+) -> None:
+    photo = read_photos([folder])[0]
+    plain = np.random.default_rng(5)
+    first = random_crop(photo, 32, plain)
+    varied = random_crop(photo, 32, np.random.default_rng(5), jitter=0.3)
+    assert not torch.equal(first, varied)
+    # ``plain`` stands where the crop left it: the jitter's draws come next, and none were taken without jitter
+    assert torch.equal(varied, colour_jitter(first, 0.3, plain))

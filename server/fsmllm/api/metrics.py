@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterable
 
+import torch
 from prometheus_client import (
     GC_COLLECTOR,
     PLATFORM_COLLECTOR,
@@ -79,6 +80,10 @@ class Metrics:
         self.generations_running = Gauge(
             "fsmllm_generations_running", "language-model generations in progress", registry=self.registry
         )
+        self.torch_threads = Gauge(
+            "fsmllm_torch_threads", "torch CPU threads of this process (FSMLLM_THREADS)", registry=self.registry
+        )
+        self.torch_threads.set_function(torch.get_num_threads)
 
     def record_generation(self, event: str, tokens: int) -> None:
         """Called by the runtime when a generation starts ("started") and when it ends (its outcome)."""

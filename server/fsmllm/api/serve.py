@@ -12,6 +12,7 @@ from fsmllm.api.settings import Settings
 from fsmllm.encoders.base import VisionEncoder
 from fsmllm.engine.runtime import Policy, Runtime, VisionLanguageModel
 from fsmllm.lm.vllm_backend import VllmOptions
+from fsmllm.threads import set_threads
 
 log = logging.getLogger("fsmllm.serve")
 
@@ -99,6 +100,7 @@ def runtime_of(
 
 def serve(settings: Settings) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    set_threads(settings.threads)  # before the worker's and the language model's threads start
     metrics = Metrics()
     runtime = build_runtime(settings, metrics)
     app = create_app(runtime, settings, metrics)

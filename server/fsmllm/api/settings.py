@@ -63,6 +63,12 @@ class Settings(BaseSettings):
 
     # the device worker
     batch_size: int = Field(32, ge=1, description="noisy images per encoder batch (set by device memory)")
+    threads: int | None = Field(
+        None,
+        ge=1,
+        description="torch CPU threads of this process; default: the CPUs it may use (its affinity and container "
+        "CPU limit), not the host's cores; replicas sharing a host: cores / replicas each",
+    )
     queue_capacity: int = Field(32, ge=1, description="jobs queued or running before new ones get 503")
     request_timeout_s: float = Field(600.0, gt=0, description="a certification still running after this is cancelled")
     cache_size: int = Field(256, ge=0, description="certificates kept for identical (image, parameters, seed)")

@@ -7,7 +7,8 @@ it is judged on. The same photo at several resolutions (wallpaper packages ship 
 two images are one photo when the 8 x 8 average hashes of their central squares differ in at most 4 of 64 bits.
 Photos are kept in memory with the shorter side at most ``max_side`` pixels; each training
 example is a random square crop of one of them (10-100 % of the shorter side, log-uniform, maybe mirrored)
-resized to the encoder's input size.
+resized to the encoder's input size, and with ``jitter`` > 0 its colours varied (:func:`colour_jitter`): a few
+dozen photos then give many more distinct training images.
 """
 
 from __future__ import annotations
@@ -101,9 +102,26 @@ def read_photos(folders: Iterable[str | Path], max_side: int = 512) -> list[Imag
     return [image for _, image in photos.values()]
 
 
-def random_crop(image: Image.Image, size: int, rng: np.random.Generator, smallest: float = 0.1) -> torch.Tensor:
+def colour_jitter(pixels: torch.Tensor, strength: float, rng: np.random.Generator) -> torch.Tensor:
+    """``pixels`` [3, H, W] in [0, 1] with brightness, contrast and saturation each scaled by a factor
+    exp(U(−strength, strength)) (contrast about the mean grey, saturation about each pixel's grey), clipped to [0, 1].
+    """
+    brightness, contrast, saturation = np.exp(rng.uniform(-strength, strength, size=3))
+    luma = torch.tensor([0.299, 0.587, 0.114], dtype=pixels.dtype)
+    out = pixels * float(brightness)
+    grey = (out * luma[:, None, None]).sum(0, keepdim=True)
+    out = grey.mean() + (out - grey.mean()) * float(contrast)
+    grey = (out * luma[:, None, None]).sum(0, keepdim=True)
+    out = grey + (out - grey) * float(saturation)
+    return out.clamp(0, 1)
+
+
+def random_crop(
+    image: Image.Image, size: int, rng: np.random.Generator, smallest: float = 0.1, jitter: float = 0.0
+) -> torch.Tensor:
     """A random square crop of ``image`` (side log-uniform in [smallest, 1] of the shorter side, at least
-    ``size // 2`` pixels), mirrored half of the time, as pixels [3, size, size] in [0, 1]."""
+    ``size // 2`` pixels), mirrored half of the time, as pixels [3, size, size] in [0, 1]; with ``jitter`` > 0
+    its colours varied by :func:`colour_jitter` of that strength (no random draw for it otherwise)."""
     short = min(image.size)
     low = min(short, max(size // 2, int(short * smallest)))
     side = int(round(math.exp(rng.uniform(math.log(low), math.log(short)))))
@@ -112,4 +130,5 @@ def random_crop(image: Image.Image, size: int, rng: np.random.Generator, smalles
     crop = image.crop((left, top, left + side, top + side))
     if rng.random() < 0.5:
         crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    return to_pixels(crop, size)
+    pixels = to_pixels(crop, size)
+    return colour_jitter(pixels, jitter, rng) if jitter > 0 else pixels

@@ -21,7 +21,7 @@ Two phases in one resumable loop (method.md, "The Gaussian Smoothness Booster"):
      for the labelled (Fashion-MNIST) images of the batch.
 
 Images: random crops of any folders of photos (``images``, :mod:`fsmllm.booster.photos`; the evaluation photos
-are refused) and, with ``fashion_share`` > 0, Fashion-MNIST *train* images.
+are refused; ``jitter`` varies their colours) and, with ``fashion_share`` > 0, Fashion-MNIST *train* images.
 """
 
 from __future__ import annotations
@@ -63,6 +63,7 @@ class BoosterTrainConfig:
     image_size: int = 112
     sigmas: tuple[float, ...] = (0.25, 0.5)
     images: tuple[str, ...] = WALLPAPER_FOLDERS
+    jitter: float = 0.0
     fashion_share: float = 0.2
     fashion_images: int = 5000
     model: str = "none"
@@ -95,6 +96,8 @@ class BoosterTrainConfig:
         "image_size": "encoder input size in pixels",
         "sigmas": "noise levels to train for (one booster serves them all; certificates hold at any sigma)",
         "images": "folders of training photos, searched recursively (the evaluation photos are refused)",
+        "jitter": "colour jitter of the photo crops: brightness, contrast and saturation each scaled by "
+        "exp(U(-j, j)) (0: none; more distinct images from a few photos)",
         "fashion_share": "share of each batch from Fashion-MNIST train images (0: none; else apt-get install "
         "dataset-fashion-mnist)",
         "fashion_images": "Fashion-MNIST train images in the pool that share draws from",
@@ -131,6 +134,8 @@ class BoosterTrainConfig:
             raise ValueError("copies must be at least 2 (the smoothness term compares pairs of noisy features)")
         if not self.sigmas or not all(s > 0 for s in self.sigmas):
             raise ValueError(f"sigmas must be positive, got {list(self.sigmas)}")
+        if not 0 <= self.jitter <= 1:
+            raise ValueError(f"jitter must be in [0, 1], got {self.jitter}")
         if not 0 <= self.fashion_share <= 1:
             raise ValueError(f"fashion_share must be in [0, 1], got {self.fashion_share}")
         if self.fashion_share < 1 and not self.images:
@@ -175,7 +180,7 @@ class BatchSource:
                 answers.append(self.answers[k])
             else:
                 photo = self.photos[int(self.rng.integers(len(self.photos)))]
-                pixels.append(random_crop(photo, config.image_size, self.rng))
+                pixels.append(random_crop(photo, config.image_size, self.rng, jitter=config.jitter))
                 answers.append(None)
         x = torch.stack(pixels)
         pick = torch.randint(len(config.sigmas), (config.batch_size,), generator=self.generator)
