@@ -1,10 +1,11 @@
 """How many CPU threads torch uses in a server process: the CPUs the process may run on, not the host's cores.
 
-torch starts one intra-op thread per core of the host. A process that gets fewer CPUs than that (a container's
-CPU limit: Docker ``cpus``, Kubernetes ``resources.limits.cpu``; a CPU affinity; or replicas sharing a host)
-then runs more threads than it has CPUs, and every parallel region waits for threads that are not running: on a
-2-core machine, two processes certifying at once with 2 threads each encode 3.7–4.3× fewer samples together than
-with 1 thread each in bfloat16, 1.6× in float32 (docs/benchmarks.md, "Threads per process").
+torch starts one intra-op thread per CPU of its affinity, which in a container is every core of the host. A
+process that gets fewer CPUs than that (a container's CPU limit: Docker ``cpus``, Kubernetes
+``resources.limits.cpu``; or replicas sharing a host) then runs more threads than it has CPUs, and every parallel
+region waits for threads that are not running: on a 2-core machine, two processes certifying at once with 2
+threads each encode 3.7–4.3× fewer samples together than with 1 thread each in bfloat16, 1.6× in float32
+(docs/benchmarks.md, "Threads per process").
 """
 
 from __future__ import annotations

@@ -76,11 +76,26 @@ def test_colour_jitter_scales_brightness_contrast_and_saturation_within_its_stre
     flat = torch.full((3, 8, 8), 0.4)  # one grey: contrast and saturation leave it, brightness scales it
     values = {round(float(colour_jitter(flat, 0.3, np.random.default_rng(seed)).mean()), 4) for seed in range(20)}
     assert len(values) > 10 and min(values) >= 0.4 * np.exp(-0.3) - 1e-6 and max(values) <= 0.4 * np.exp(0.3) + 1e-6
+    # each factor where it belongs (no clipping at these levels): the three draws are brightness, contrast, saturation
+    b, c, s = np.exp(np.random.default_rng(2).uniform(-0.3, 0.3, size=3))
+    grey = torch.tensor([0.3, 0.5]).repeat_interleave(32).reshape(1, 8, 8).expand(3, 8, 8)  # two greys, no colour
+    out = colour_jitter(grey, 0.3, np.random.default_rng(2))
+    assert float(out.mean()) == pytest.approx(b * 0.4, rel=1e-5)
+    assert float(out.std()) == pytest.approx(b * c * float(grey.std()), rel=1e-5)
+    tinted = grey + torch.tensor([0.05, -0.03, 0.01])[:, None, None]
+    out = colour_jitter(tinted, 0.3, np.random.default_rng(2))
+    # each pixel's colour about its own grey is scaled by all three factors (brightness, contrast, saturation)
+    assert torch.allclose(_chroma(out), float(b * c * s) * _chroma(tinted), atol=1e-6)
     colourful = torch.rand((3, 16, 16), generator=torch.Generator().manual_seed(0))
     jittered = colour_jitter(colourful, 1.0, np.random.default_rng(1))
     assert jittered.shape == colourful.shape and 0 <= float(jittered.min()) and float(jittered.max()) <= 1
     assert float((jittered - colourful).abs().max()) > 0.05
     assert torch.equal(jittered, colour_jitter(colourful, 1.0, np.random.default_rng(1)))
+
+
+def _chroma(pixels: torch.Tensor) -> torch.Tensor:
+    """Each pixel's colour about its grey (ITU-R BT.601 luma)."""
+    return pixels - (pixels * torch.tensor([0.299, 0.587, 0.114])[:, None, None]).sum(0, keepdim=True)
 
 
 def test_a_jittered_crop_is_the_same_crop_then_the_jitter_and_without_jitter_nothing_more_is_drawn(
